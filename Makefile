@@ -1,0 +1,41 @@
+# `make demo` and `make test` set up everything they need on a fresh Debian 12
+# machine (as root), and do nothing when it is already there.
+
+VENV         := .venv
+PY           := $(VENV)/bin/python
+STRATA       := $(VENV)/bin/strata
+# Debian's python3: other users can run it (pyenv's under /root they cannot)
+SYSTEM_PY    := /usr/bin/python3
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config libcap-dev busybox-static \
+                python3 python3-venv python3-dev gcc zstd
+STAMP        := $(VENV)/.installed
+
+.PHONY: all deps system-packages demo test clean
+
+all: test
+
+system-packages:
+	@missing=""; for p in $(APT_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q 'install ok installed' || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+
+$(STAMP): pyproject.toml | system-packages
+	test -x $(PY) || $(SYSTEM_PY) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+deps: system-packages $(STAMP)
+
+demo: deps
+	STRATA=$(STRATA) sh runner/demo.sh
+
+test: deps
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis

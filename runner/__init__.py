@@ -1,0 +1,1 @@
+"""strata's command line and container lifecycle. Imports `unionfs` and `store`."""

@@ -1,0 +1,301 @@
+"""The `strata` command line. Every command is a client of the store; no daemon.
+
+Errors print one line, `strata: error: ...`, and exit 125, Docker's status for
+the tool's own failures (bad flags included: argparse's exit 2 is not used).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from store import Store, StoreError
+
+from . import fmt
+
+
+class UsageError(Exception):
+    pass
+
+
+class CliParser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line and 125, not argparse's usage dump and 2
+        raise UsageError(message)
+
+
+def short_id(image_id: str) -> str:
+    return image_id.removeprefix("sha256:")[:12]
+
+
+# -- images ------------------------------------------------------------------
+
+def image_rows(store: Store, show_all: bool, reference: str | None):
+    """(info, repo, tag) rows as `docker images` lists them, newest first."""
+    from store.store import parse_reference
+    infos = store.list_images()
+    parents = {i.parent for i in infos if i.parent}
+    wanted = None
+    if reference:
+        wanted = parse_reference(reference) if ":" in reference.rpartition("/")[2] else reference
+    rows = []
+    for info in sorted(infos, key=lambda i: (i.created, i.id), reverse=True):
+        if info.tags:
+            for t in info.tags:
+                repo, _, tag = t.rpartition(":")
+                if wanted is None or wanted in (t, repo):
+                    rows.append((info, repo, tag))
+        elif wanted is None and (show_all or info.id not in parents):
+            rows.append((info, "<none>", "<none>"))
+    return rows
+
+
+def image_object(info, repo: str, tag: str, full_id: bool) -> dict:
+    return {"Containers": "N/A", "CreatedAt": fmt.docker_time(info.created),
+            "CreatedSince": fmt.since(info.created), "Digest": "<none>",
+            "ID": info.id if full_id else short_id(info.id), "Repository": repo,
+            "SharedSize": "N/A", "Size": fmt.human_size(info.size), "Tag": tag,
+            "UniqueSize": "N/A", "VirtualSize": fmt.human_size(info.size)}
+
+
+def print_image_tree(store: Store, out) -> None:
+    infos = {i.id: i for i in store.list_images()}
+    children: dict[str | None, list] = {}
+    for info in infos.values():
+        children.setdefault(info.parent, []).append(info)
+
+    def walk(parent, prefix: str) -> None:
+        kids = sorted(children.get(parent, []), key=lambda i: (i.created, i.id))
+        for n, info in enumerate(kids):
+            last = n == len(kids) - 1
+            branch = "└─ " if last else "├─ "
+            tags = ", ".join(info.tags) if info.tags else "<none>"
+            out.write(f"{prefix}{branch}{short_id(info.id)} {tags} "
+                      f"({fmt.human_size(info.size)}, {fmt.since(info.created)})\n")
+            walk(info.id, prefix + ("   " if last else "│  "))
+
+    walk(None, "")
+
+
+def cmd_images(args, store: Store) -> int:
+    if args.tree:
+        print_image_tree(store, sys.stdout)
+        return 0
+    rows = image_rows(store, args.all, args.reference)
+    if args.quiet:
+        seen = []
+        for info, _, _ in rows:
+            ident = info.id if args.no_trunc else short_id(info.id)
+            if ident not in seen:
+                seen.append(ident)
+        sys.stdout.write("".join(i + "\n" for i in seen))
+        return 0
+    objects = [image_object(info, repo, tag, args.no_trunc) for info, repo, tag in rows]
+    if args.format:
+        fmt.print_formatted(args.format, objects, sys.stdout)
+        return 0
+    fmt.print_table(["REPOSITORY", "TAG", "IMAGE ID", "CREATED", "SIZE"],
+                    [[o["Repository"], o["Tag"], o["ID"], o["CreatedSince"], o["Size"]] for o in objects],
+                    sys.stdout)
+    return 0
+
+
+def history_rows(store: Store, image_id: str) -> list[dict]:
+    """Newest first; each entry carries the id of the chain image it ends, else <missing>."""
+    config = store.image_config(image_id)
+    history = config.get("history", [])
+    owner_at: dict[int, str] = {}
+    current: str | None = image_id
+    while current is not None:
+        length = len(store.image_config(current).get("history", []))
+        owner_at.setdefault(length - 1, current)
+        current = store.image_parent(current)
+    diff_ids = iter(config["rootfs"]["diff_ids"])
+    rows = []
+    for n, h in enumerate(history):
+        size = 0
+        if not h.get("empty_layer"):
+            diff_id = next(diff_ids, None)
+            size = store.layer_size(diff_id) if diff_id else 0
+        rows.append({"ID": owner_at.get(n, "<missing>"), "Created": h.get("created", ""),
+                     "CreatedBy": h.get("created_by", ""), "Size": size,
+                     "Comment": h.get("comment", "")})
+    return rows[::-1]
+
+
+def cmd_history(args, store: Store) -> int:
+    image_id = store.resolve_image(args.image)
+    rows = history_rows(store, image_id)
+    if args.quiet:
+        sys.stdout.write("".join((r["ID"] if args.no_trunc or r["ID"] == "<missing>"
+                                  else short_id(r["ID"])) + "\n" for r in rows))
+        return 0
+    objects = []
+    for r in rows:
+        created_by = r["CreatedBy"]
+        if not args.no_trunc and len(created_by) > 45:
+            created_by = created_by[:44] + "…"
+        ident = r["ID"] if args.no_trunc or r["ID"] == "<missing>" else short_id(r["ID"])
+        objects.append({"ID": ident, "CreatedAt": fmt.docker_time(r["Created"]),
+                        "CreatedSince": fmt.since(r["Created"]), "CreatedBy": created_by,
+                        "Size": fmt.human_size(r["Size"]), "Comment": r["Comment"]})
+    if args.format:
+        fmt.print_formatted(args.format, objects, sys.stdout)
+        return 0
+    fmt.print_table(["IMAGE", "CREATED", "CREATED BY", "SIZE", "COMMENT"],
+                    [[o["ID"], o["CreatedSince"], o["CreatedBy"], o["Size"], o["Comment"]] for o in objects],
+                    sys.stdout)
+    return 0
+
+
+def cmd_import(args, store: Store) -> int:
+    from store.imports import import_image
+    image_id = import_image(store, args.source, args.reference, args.change, args.message or "")
+    print(image_id)
+    return 0
+
+
+def cmd_tag(args, store: Store) -> int:
+    store.tag(args.source, args.target)
+    return 0
+
+
+def cmd_rmi(args, store: Store) -> int:
+    status = 0
+    for ref in args.images:
+        try:
+            for line in store.remove_image(ref, args.force):
+                print(line)
+        except StoreError as e:
+            print(f"strata: error: {e}", file=sys.stderr)
+            status = 125
+    return status
+
+
+def inspect_image(store: Store, image_id: str) -> dict:
+    info = store.image_info(image_id)
+    config = info.config
+    history = config.get("history", [])
+    return {"Id": image_id, "RepoTags": info.tags, "RepoDigests": [],
+            "Parent": info.parent or "", "Comment": history[-1].get("comment", "") if history else "",
+            "Created": info.created, "Author": config.get("author", ""),
+            "Config": config.get("config", {}), "Architecture": config.get("architecture", ""),
+            "Os": config.get("os", ""), "Size": info.size,
+            "RootFS": {"Type": "layers", "Layers": config["rootfs"]["diff_ids"]},
+            "History": history}
+
+
+def cmd_inspect(args, store: Store) -> int:
+    objects = []
+    status = 0
+    for ref in args.objects:
+        try:
+            objects.append(inspect_image(store, store.resolve_image(ref)))
+        except StoreError as e:
+            print(f"strata: error: {e}", file=sys.stderr)
+            status = 125
+    if args.format:
+        fmt.print_formatted(args.format, objects, sys.stdout)
+    else:
+        print(json.dumps(objects, indent=4))
+    return status
+
+
+def cmd_base(args, store: Store) -> int:
+    from store.busybox import build_busybox_image
+    print(build_busybox_image(store, args.tag))
+    return 0
+
+
+# -- the parser ------------------------------------------------------------
+
+def build_parser() -> CliParser:
+    parser = CliParser(prog="strata", description="Daemonless, rootless containers on strata's "
+                       "own FUSE union filesystem. Store: $STRATA_ROOT, /var/lib/strata for root, "
+                       "else $XDG_DATA_HOME/strata.")
+    parser.add_argument("--root", help="store root (overrides $STRATA_ROOT)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=CliParser)
+
+    p = sub.add_parser("import", help="create an image from a rootfs tarball or directory",
+                       description="Import a rootfs tarball (plain, gzip, zstd, bzip2, xz), a "
+                       "directory, or - (stdin) as a one-layer image and print its id. Entries that "
+                       "would escape the layer are rejected; owners, modes, devices and xattrs are "
+                       "kept as metadata.")
+    p.add_argument("source", metavar="FILE|DIR|-")
+    p.add_argument("reference", metavar="NAME[:TAG]", nargs="?")
+    p.add_argument("-c", "--change", action="append", default=[], metavar="INSTRUCTION",
+                   help="apply a Dockerfile instruction (CMD, ENTRYPOINT, ENV, WORKDIR, USER, LABEL, ...)")
+    p.add_argument("-m", "--message", help="commit message for the history entry")
+    p.set_defaults(func=cmd_import)
+
+    p = sub.add_parser("images", help="list images",
+                       description="List images: REPOSITORY TAG IMAGE ID CREATED SIZE.")
+    p.add_argument("reference", metavar="REPOSITORY[:TAG]", nargs="?")
+    p.add_argument("-a", "--all", action="store_true", help="show intermediate images too")
+    p.add_argument("-q", "--quiet", action="store_true", help="only show image ids")
+    p.add_argument("--no-trunc", action="store_true", help="show full ids")
+    p.add_argument("--format", metavar="json|TEMPLATE", help="json, or a Go-style template such as '{{.Repository}}:{{.Tag}}'")
+    p.add_argument("--tree", action="store_true", help="draw all images as a tree of parent chains")
+    p.set_defaults(func=cmd_images)
+
+    p = sub.add_parser("history", help="show the history of an image",
+                       description="Show an image's history, newest first: IMAGE CREATED CREATED BY SIZE COMMENT.")
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("-q", "--quiet", action="store_true", help="only show image ids")
+    p.add_argument("--no-trunc", action="store_true", help="do not truncate output")
+    p.add_argument("--format", metavar="json|TEMPLATE")
+    p.set_defaults(func=cmd_history)
+
+    p = sub.add_parser("tag", help="create a tag that refers to an image",
+                       description="Point NAME[:TAG] at SOURCE. Moving an existing tag leaves "
+                       "the image it pointed to as <none>.")
+    p.add_argument("source", metavar="SOURCE")
+    p.add_argument("target", metavar="NAME[:TAG]")
+    p.set_defaults(func=cmd_tag)
+
+    p = sub.add_parser("rmi", help="remove images",
+                       description="Untag and remove images, and the layers no other image uses. "
+                       "Refuses while a container or a child image uses the image, unless -f.")
+    p.add_argument("images", metavar="IMAGE", nargs="+")
+    p.add_argument("-f", "--force", action="store_true", help="remove even if in use")
+    p.set_defaults(func=cmd_rmi)
+
+    p = sub.add_parser("inspect", help="show low-level information as JSON",
+                       description="Print a JSON array describing each image.")
+    p.add_argument("objects", metavar="IMAGE", nargs="+")
+    p.add_argument("-f", "--format", metavar="json|TEMPLATE")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("base", help="(re)create the embedded busybox base image",
+                       description="Create busybox:latest from the host's busybox-static: every "
+                       "applet, /etc/passwd and /etc/group, and the usual mount points. Commands "
+                       "that need busybox create it on first use; this makes it explicitly.")
+    p.add_argument("--tag", default="busybox:latest", metavar="NAME[:TAG]")
+    p.set_defaults(func=cmd_base)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 0
+        store = Store(args.root)
+        return args.func(args, store)
+    except UsageError as e:
+        print(f"strata: error: {e}", file=sys.stderr)
+        return 125
+    except (StoreError, ValueError) as e:
+        print(f"strata: error: {e}", file=sys.stderr)
+        return 125
+    except OSError as e:
+        detail = f"{e.strerror}: {e.filename}" if e.filename else (e.strerror or str(e))
+        print(f"strata: error: {detail}", file=sys.stderr)
+        return 125
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

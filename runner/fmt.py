@@ -1,0 +1,127 @@
+"""Output formatting the way Docker prints it: sizes, ages, tables, Go-style templates."""
+from __future__ import annotations
+
+import datetime
+import json
+import re
+
+TEMPLATE_FIELD = re.compile(r"{{\s*(json\s+)?\.([A-Za-z]\w*)?\s*}}")
+
+
+def human_size(size: float) -> str:
+    """go-units HumanSizeWithPrecision(size, 3): decimal units, 3 significant digits."""
+    units = ["B", "kB", "MB", "GB", "TB", "PB"]
+    i = 0
+    while size >= 1000 and i < len(units) - 1:
+        size /= 1000.0
+        i += 1
+    return f"{size:.3g}{units[i]}"
+
+
+def human_duration(seconds: float) -> str:
+    """go-units HumanDuration."""
+    s = int(seconds)
+    if s < 1:
+        return "Less than a second"
+    if s == 1:
+        return "1 second"
+    if s < 60:
+        return f"{s} seconds"
+    minutes = s // 60
+    if minutes == 1:
+        return "About a minute"
+    if minutes < 60:
+        return f"{minutes} minutes"
+    hours = round(s / 3600)
+    if hours == 1:
+        return "About an hour"
+    if hours < 48:
+        return f"{hours} hours"
+    if hours < 24 * 7 * 2:
+        return f"{hours // 24} days"
+    if hours < 24 * 30 * 2:
+        return f"{hours // 24 // 7} weeks"
+    if hours < 24 * 365 * 2:
+        return f"{hours // 24 // 30} months"
+    return f"{hours // 24 // 365} years"
+
+
+def parse_time(text: str) -> datetime.datetime | None:
+    """RFC 3339 with up to nanoseconds (Python parses only microseconds)."""
+    if not text:
+        return None
+    m = re.match(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(\.\d+)?(Z|[+-]\d\d:\d\d)$", text)
+    if not m:
+        return None
+    frac = (m[2] or ".0")[:7]
+    tz = "+00:00" if m[3] == "Z" else m[3]
+    return datetime.datetime.fromisoformat(m[1] + frac + tz)
+
+
+def since(text: str) -> str:
+    when = parse_time(text)
+    if when is None:
+        return "N/A"
+    age = (datetime.datetime.now(datetime.timezone.utc) - when).total_seconds()
+    return human_duration(age) + " ago"
+
+
+def docker_time(text: str) -> str:
+    """Docker's CreatedAt: '2026-11-27 23:52:11 +0000 UTC'."""
+    when = parse_time(text)
+    return when.strftime("%Y-%m-%d %H:%M:%S +0000 UTC") if when else ""
+
+
+def print_table(headers: list[str], rows: list[list[str]], out) -> None:
+    """Columns padded like Go's tabwriter with padding 3."""
+    widths = [len(h) for h in headers]
+    for row in rows:
+        for i, cell in enumerate(row):
+            widths[i] = max(widths[i], len(cell))
+    for row in [headers] + rows:
+        cells = [c.ljust(widths[i] + 3) if i < len(row) - 1 else c for i, c in enumerate(row)]
+        out.write("".join(cells).rstrip() + "\n")
+
+
+def render_template(template: str, obj: dict) -> str:
+    """The subset of Go templates Docker users write: {{.Field}}, {{json .}}, {{json .Field}}."""
+    template = template.replace("\\t", "\t").replace("\\n", "\n")
+
+    def field(m: re.Match) -> str:
+        as_json, name = m[1], m[2]
+        if name is None:
+            value = obj
+        elif name in obj:
+            value = obj[name]
+        else:
+            raise ValueError(f'template: can\'t evaluate field {name}')
+        if as_json:
+            return json.dumps(value)
+        if isinstance(value, (dict, list)):
+            return json.dumps(value)
+        return str(value)
+
+    return TEMPLATE_FIELD.sub(field, template)
+
+
+def header_name(field: str) -> str:
+    """`CreatedSince` -> `CREATED SINCE`, as Docker titles template columns."""
+    return re.sub(r"(?<=[a-z])(?=[A-Z])", " ", field).upper()
+
+
+def print_formatted(fmt: str, objects: list[dict], out) -> None:
+    """--format json|TEMPLATE|table TEMPLATE, for any list of Docker-style objects."""
+    if fmt == "json":
+        for obj in objects:
+            out.write(json.dumps(obj, sort_keys=True) + "\n")
+        return
+    if fmt.startswith("table"):
+        body = fmt[len("table"):].strip() or "\t".join("{{.%s}}" % k for k in (objects[0] if objects else {}))
+        body = body.replace("\\t", "\t")
+        header = TEMPLATE_FIELD.sub(lambda m: header_name(m[2] or ""), body)
+        lines = [header] + [render_template(body, o) for o in objects]
+        rows = [line.split("\t") for line in lines]
+        print_table(rows[0], rows[1:], out)
+        return
+    for obj in objects:
+        out.write(render_template(fmt, obj) + "\n")

@@ -1,0 +1,220 @@
+"""The merged index of an image: for every visible path, the inode that serves it.
+
+Invariant 1: an image never changes, so its merged view is computed once,
+when the image is made, as a copy of the parent's index plus work
+proportional to the new layer. Lookups then never probe layers one by one,
+and mounting opens one SQLite file instead of scanning anything.
+
+Schema
+  inodes(ino, layer, path, mode, uid, gid, size, mtime_ns, rdev, target, xattrs, nlink)
+      layer: position in the image's diff_ids (0 = bottom) whose root/ holds
+      the data at `path`; mode is a full st_mode; xattrs a JSON object of
+      base64 values or NULL. Directories carry nlink = 2 + subdirectories.
+  dirents(parent, name, ino)  primary key (parent, name)
+  meta(key, value)            'layers' (JSON list of diff_ids), 'next_ino'
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import sqlite3
+import stat
+
+from .layer import Entry
+
+ROOT_INO = 1  # FUSE's root inode number
+KIND_TO_IFMT = {"dir": stat.S_IFDIR, "file": stat.S_IFREG, "hardlink": stat.S_IFREG,
+                "symlink": stat.S_IFLNK, "char": stat.S_IFCHR, "block": stat.S_IFBLK,
+                "fifo": stat.S_IFIFO, "socket": stat.S_IFSOCK}
+
+SCHEMA = """
+CREATE TABLE inodes(ino INTEGER PRIMARY KEY, layer INTEGER NOT NULL, path TEXT NOT NULL,
+    mode INTEGER NOT NULL, uid INTEGER NOT NULL, gid INTEGER NOT NULL, size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL, rdev INTEGER NOT NULL, target TEXT, xattrs TEXT,
+    nlink INTEGER NOT NULL);
+CREATE TABLE dirents(parent INTEGER NOT NULL, name TEXT NOT NULL, ino INTEGER NOT NULL,
+    PRIMARY KEY(parent, name)) WITHOUT ROWID;
+CREATE INDEX dirents_by_ino ON dirents(ino);
+CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+def xattrs_json(xattrs: dict) -> str | None:
+    if not xattrs:
+        return None
+    return json.dumps({k: base64.b64encode(v).decode() for k, v in sorted(xattrs.items())})
+
+
+class IndexBuilder:
+    """Applies one layer's entries on top of a copied parent index."""
+
+    def __init__(self, db: sqlite3.Connection, layer_pos: int):
+        self.db = db
+        self.layer_pos = layer_pos
+        self.dir_cache: dict[str, int] = {"": ROOT_INO}
+        self.next_ino = int(db.execute("SELECT value FROM meta WHERE key='next_ino'").fetchone()[0])
+
+    def lookup(self, path: str) -> int | None:
+        if path in self.dir_cache:
+            return self.dir_cache[path]
+        head, _, name = path.rpartition("/")
+        parent = self.lookup(head)
+        if parent is None:
+            return None
+        row = self.db.execute("SELECT ino FROM dirents WHERE parent=? AND name=?", (parent, name)).fetchone()
+        return None if row is None else row[0]
+
+    def is_dir(self, ino: int) -> bool:
+        (mode,) = self.db.execute("SELECT mode FROM inodes WHERE ino=?", (ino,)).fetchone()
+        return stat.S_ISDIR(mode)
+
+    def remove_children(self, dir_ino: int) -> None:
+        for name, child in self.db.execute("SELECT name, ino FROM dirents WHERE parent=?", (dir_ino,)).fetchall():
+            self.remove_name(dir_ino, name, child)
+
+    def remove_name(self, parent: int, name: str, ino: int) -> None:
+        db = self.db
+        db.execute("DELETE FROM dirents WHERE parent=? AND name=?", (parent, name))
+        if self.is_dir(ino):
+            self.remove_children(ino)
+            db.execute("DELETE FROM inodes WHERE ino=?", (ino,))
+            db.execute("UPDATE inodes SET nlink=nlink-1 WHERE ino=?", (parent,))
+            self.dir_cache = {"": ROOT_INO}  # descendants may be cached too
+        else:
+            db.execute("UPDATE inodes SET nlink=nlink-1 WHERE ino=?", (ino,))
+            db.execute("DELETE FROM inodes WHERE ino=? AND nlink<=0", (ino,))
+
+    def new_inode(self, e: Entry) -> int:
+        ino = self.next_ino
+        self.next_ino += 1
+        is_dir = e.kind == "dir"
+        self.db.execute(
+            "INSERT INTO inodes VALUES(?,?,?,?,?,?,?,?,?,?,?,?)",
+            (ino, self.layer_pos if e.kind == "file" else -1, e.path if e.kind == "file" else "",
+             KIND_TO_IFMT[e.kind] | e.mode, e.uid, e.gid, e.size, e.mtime_ns, e.rdev,
+             e.target if e.kind == "symlink" else None, xattrs_json(e.xattrs), 2 if is_dir else 1))
+        return ino
+
+    def apply(self, e: Entry) -> None:
+        db = self.db
+        if not e.path:  # the root directory itself
+            db.execute("UPDATE inodes SET mode=?, uid=?, gid=?, mtime_ns=?, xattrs=? WHERE ino=?",
+                       (stat.S_IFDIR | e.mode, e.uid, e.gid, e.mtime_ns, xattrs_json(e.xattrs), ROOT_INO))
+            if e.opaque:
+                self.remove_children(ROOT_INO)
+            return
+        head, _, name = e.path.rpartition("/")
+        parent = self.lookup(head)
+        if parent is None:
+            raise ValueError(f"layer entry {e.path!r} has no parent directory in the merged view")
+        row = db.execute("SELECT ino FROM dirents WHERE parent=? AND name=?", (parent, name)).fetchone()
+        old = None if row is None else row[0]
+        if e.kind == "whiteout":
+            if old is not None:
+                self.remove_name(parent, name, old)
+            return
+        if e.kind == "dir" and old is not None and self.is_dir(old):
+            db.execute("UPDATE inodes SET mode=?, uid=?, gid=?, mtime_ns=?, xattrs=? WHERE ino=?",
+                       (stat.S_IFDIR | e.mode, e.uid, e.gid, e.mtime_ns, xattrs_json(e.xattrs), old))
+            if e.opaque:
+                self.remove_children(old)
+            self.dir_cache[e.path] = old
+            return
+        if old is not None:
+            self.remove_name(parent, name, old)
+        if e.kind == "hardlink":
+            ino = self.lookup(e.target)
+            if ino is None:
+                raise ValueError(f"hard link {e.path!r} to missing {e.target!r}")
+            db.execute("UPDATE inodes SET nlink=nlink+1 WHERE ino=?", (ino,))
+        else:
+            ino = self.new_inode(e)
+            if e.kind == "dir":
+                db.execute("UPDATE inodes SET nlink=nlink+1 WHERE ino=?", (parent,))
+                self.dir_cache[e.path] = ino
+        db.execute("INSERT INTO dirents VALUES(?,?,?)", (parent, name, ino))
+
+    def finish(self) -> None:
+        self.db.execute("UPDATE meta SET value=? WHERE key='next_ino'", (str(self.next_ino),))
+
+
+def build_index(dest: str, parent_index: str | None, diff_ids: list[str],
+                layer_entries: list[list[Entry]]) -> None:
+    """Write the merged index for an image whose top layers are `layer_entries`.
+
+    `diff_ids` is the whole chain (bottom first); `layer_entries` are the
+    entries of its last len(layer_entries) layers, which the parent's index
+    (a bulk copy, never re-derived) does not yet include.
+    """
+    tmp = dest + ".tmp"
+    if os.path.exists(tmp):
+        os.unlink(tmp)
+    if parent_index is not None:
+        shutil.copyfile(parent_index, tmp)
+        db = sqlite3.connect(tmp, isolation_level=None)
+    else:
+        db = sqlite3.connect(tmp, isolation_level=None)
+        db.executescript(SCHEMA)
+        db.execute("INSERT INTO inodes VALUES(?,?,?,?,?,?,?,?,?,?,?,?)",
+                   (ROOT_INO, -1, "", stat.S_IFDIR | 0o755, 0, 0, 0, 0, 0, None, None, 2))
+        db.execute("INSERT INTO meta VALUES('next_ino', ?)", (str(ROOT_INO + 1),))
+        db.execute("INSERT INTO meta VALUES('layers', '[]')")
+    try:
+        db.execute("PRAGMA journal_mode=OFF")  # a failed build is discarded whole
+        db.execute("PRAGMA synchronous=OFF")
+        db.execute("BEGIN")
+        first_new = len(diff_ids) - len(layer_entries)
+        for offset, entries in enumerate(layer_entries):
+            builder = IndexBuilder(db, first_new + offset)
+            for e in entries:
+                builder.apply(e)
+            builder.finish()
+        db.execute("UPDATE meta SET value=? WHERE key='layers'", (json.dumps(diff_ids),))
+        db.execute("COMMIT")
+    finally:
+        db.close()
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, dest)
+
+
+class MergedIndex:
+    """Read-only queries on a merged index (used by tests, export and the filesystem)."""
+
+    def __init__(self, path: str):
+        self.db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def layers(self) -> list[str]:
+        return json.loads(self.db.execute("SELECT value FROM meta WHERE key='layers'").fetchone()[0])
+
+    def lookup(self, parent: int, name: str) -> int | None:
+        row = self.db.execute("SELECT ino FROM dirents WHERE parent=? AND name=?", (parent, name)).fetchone()
+        return None if row is None else row[0]
+
+    def inode(self, ino: int) -> tuple | None:
+        return self.db.execute("SELECT * FROM inodes WHERE ino=?", (ino,)).fetchone()
+
+    def children(self, ino: int) -> list[tuple[str, int]]:
+        return self.db.execute("SELECT name, ino FROM dirents WHERE parent=? ORDER BY name", (ino,)).fetchall()
+
+    def walk(self) -> dict[str, tuple]:
+        """Every visible path ("" = root) with its inode row. O(image); for tests and export."""
+        out = {"": self.inode(ROOT_INO)}
+        stack = [("", ROOT_INO)]
+        while stack:
+            prefix, ino = stack.pop()
+            for name, child in self.children(ino):
+                path = f"{prefix}/{name}" if prefix else name
+                row = self.inode(child)
+                out[path] = row
+                if stat.S_ISDIR(row[3]):
+                    stack.append((path, child))
+        return out

@@ -1,0 +1,540 @@
+"""Layers: safe application of archive entries to a directory, and the layer index.
+
+A layer on disk is `root/` (the data of its regular files and its directories,
+nothing else) plus `index.json` (every entry's metadata). Symlinks, devices,
+fifos, sockets, owners, setuid bits and xattrs exist only in the index, so a
+hostile image can never plant a symlink, a device node or a setuid binary on
+the host, and an unprivileged user keeps the image's owners (invariant 5).
+
+Python's tarfile is used only to parse headers; every write happens here,
+relative to directory fds opened without following symlinks (invariant 4).
+"""
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hashlib
+import json
+import os
+import stat
+import tarfile
+from typing import BinaryIO, Iterable, Iterator
+
+from .errors import BadArchive, StoreError, UnsafeArchive
+from .fsutil import DIR_FLAGS, open_dir_beneath
+
+KINDS = ("dir", "file", "symlink", "hardlink", "char", "block", "fifo", "socket", "whiteout")
+WHITEOUT_PREFIX = ".wh."
+OPAQUE_MARKER = ".wh..wh..opq"
+NAME_MAX = 255
+COPY_CHUNK = 1 << 20
+# xattrs the overlay drivers use for their own bookkeeping; never image content
+OVERLAY_XATTR_PREFIXES = ("trusted.overlay.", "user.overlay.", "user.fuseoverlayfs.")
+OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque", "user.fuseoverlayfs.opaque")
+
+
+@dataclasses.dataclass(slots=True)
+class Entry:
+    """One path of a layer. `path` is relative with no leading slash; "" is the root."""
+
+    path: str
+    kind: str
+    mode: int = 0o644  # permission bits, setuid/setgid/sticky included; no type bits
+    uid: int = 0
+    gid: int = 0
+    size: int = 0
+    mtime_ns: int = 0
+    rdev: int = 0
+    target: str = ""  # symlink target, or the path a hard link shares data with
+    xattrs: dict = dataclasses.field(default_factory=dict)  # str -> bytes
+    opaque: bool = False
+
+    def to_json(self) -> dict:
+        out = {"path": self.path, "kind": self.kind, "mode": self.mode, "uid": self.uid,
+               "gid": self.gid, "size": self.size, "mtime_ns": self.mtime_ns}
+        if self.rdev:
+            out["rdev"] = self.rdev
+        if self.target:
+            out["target"] = self.target
+        if self.xattrs:
+            out["xattrs"] = {k: base64.b64encode(v).decode() for k, v in sorted(self.xattrs.items())}
+        if self.opaque:
+            out["opaque"] = True
+        return out
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Entry":
+        return cls(d["path"], d["kind"], d["mode"], d["uid"], d["gid"], d["size"],
+                   d["mtime_ns"], d.get("rdev", 0), d.get("target", ""),
+                   {k: base64.b64decode(v) for k, v in d.get("xattrs", {}).items()},
+                   d.get("opaque", False))
+
+
+def normalize_member_name(raw: str) -> str:
+    """Turn an archive member name into a layer path, or raise UnsafeArchive.
+
+    Absolute names and `..` components are rejected rather than stripped: a
+    layer that tries to leave its root is hostile, not merely untidy.
+    """
+    if "\x00" in raw:
+        raise UnsafeArchive(raw, "NUL byte in name")
+    if raw.startswith("/"):
+        raise UnsafeArchive(raw, "absolute path")
+    parts = []
+    for part in raw.split("/"):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            raise UnsafeArchive(raw, "path traversal ('..')")
+        if len(os.fsencode(part)) > NAME_MAX:
+            raise UnsafeArchive(raw, f"name component longer than {NAME_MAX} bytes")
+        parts.append(part)
+    return "/".join(parts)
+
+
+def parent_of(path: str) -> str:
+    return path.rpartition("/")[0]
+
+
+def host_file_mode(mode: int) -> int:
+    """The mode a layer's data file gets on the host: never setuid, always ours to read."""
+    return 0o755 if mode & 0o111 else 0o644
+
+
+class LayerWriter:
+    """Builds one layer in an empty staging directory, entry by entry.
+
+    Each `add` validates the entry against what the layer already holds
+    (no writing through symlinks or files, hard links only to earlier
+    regular files of the same layer) and then writes relative to fds.
+    """
+
+    def __init__(self, staging_dir: str):
+        self.root_path = os.path.join(staging_dir, "root")
+        os.mkdir(self.root_path, 0o755)
+        self.root_fd = os.open(self.root_path, DIR_FLAGS)
+        self.entries: dict[str, Entry] = {"": Entry("", "dir", 0o755)}
+        self.explicit_root = False
+
+    def close(self) -> None:
+        if self.root_fd >= 0:
+            os.close(self.root_fd)
+            self.root_fd = -1
+
+    # -- validation -------------------------------------------------------
+
+    def _ensure_parents(self, path: str, raw: str) -> None:
+        """Check every ancestor is a directory of this layer; create missing ones."""
+        if not path:
+            return
+        parts = path.split("/")[:-1]
+        prefix = ""
+        for part in parts:
+            prefix = f"{prefix}/{part}" if prefix else part
+            existing = self.entries.get(prefix)
+            if existing is None:
+                fd = open_dir_beneath(self.root_fd, parent_of(prefix))
+                try:
+                    os.mkdir(part, 0o755, dir_fd=fd)
+                finally:
+                    os.close(fd)
+                self.entries[prefix] = Entry(prefix, "dir", 0o755)
+            elif existing.kind == "whiteout":
+                raise UnsafeArchive(raw, f"parent {prefix!r} is whited out in this layer")
+            elif existing.kind != "dir":
+                why = "goes through a symlink" if existing.kind == "symlink" else "goes through a non-directory"
+                raise UnsafeArchive(raw, f"path {why} ({prefix!r})")
+
+    def _make_room(self, path: str, entry: Entry, raw: str) -> None:
+        """Handle an entry that names a path this layer already has (tar: last one wins)."""
+        old = self.entries.get(path)
+        if old is None:
+            return
+        if old.kind == "dir":
+            if entry.kind != "dir":
+                raise UnsafeArchive(raw, "replaces a directory of the same layer")
+            return
+        if entry.kind == "whiteout" or old.kind == "whiteout":
+            raise UnsafeArchive(raw, "whiteout and entry for the same path in one layer")
+        if any(e.kind == "hardlink" and e.target == path for e in self.entries.values()):
+            raise UnsafeArchive(raw, "replaces a file that hard links point to")
+        if old.kind in ("file", "hardlink"):
+            fd = open_dir_beneath(self.root_fd, parent_of(path))
+            try:
+                os.unlink(path.rpartition("/")[2], dir_fd=fd)
+            finally:
+                os.close(fd)
+        del self.entries[path]
+
+    # -- the one entry point ----------------------------------------------
+
+    def add(self, raw_name: str, entry: Entry, data: BinaryIO | None = None) -> None:
+        """Apply one archive member. `entry.path` is ignored; `raw_name` is validated."""
+        path = normalize_member_name(raw_name)
+        base = path.rpartition("/")[2]
+        if base == OPAQUE_MARKER:
+            dir_path = parent_of(path)
+            self._ensure_parents(path, raw_name)
+            self.entries[dir_path].opaque = True
+            return
+        if base.startswith(WHITEOUT_PREFIX):
+            hidden = base[len(WHITEOUT_PREFIX):]
+            if hidden in ("", ".", "..") or hidden.startswith(WHITEOUT_PREFIX):
+                raise UnsafeArchive(raw_name, "malformed whiteout name")
+            path = f"{parent_of(path)}/{hidden}" if parent_of(path) else hidden
+            entry = dataclasses.replace(entry, kind="whiteout", mode=0, size=0, target="", xattrs={})
+        elif entry.kind == "char" and entry.rdev == 0:
+            entry = dataclasses.replace(entry, kind="whiteout", mode=0, size=0)  # overlayfs whiteout
+        if not path:
+            if entry.kind != "dir":
+                raise UnsafeArchive(raw_name, "the layer root must be a directory")
+            root = self.entries[""]
+            self.entries[""] = dataclasses.replace(entry, path="", opaque=root.opaque or entry.opaque)
+            return
+        entry.path = path
+        self._ensure_parents(path, raw_name)
+        self._make_room(path, entry, raw_name)
+        parent_fd = open_dir_beneath(self.root_fd, parent_of(path))
+        try:
+            self._write(parent_fd, base if entry.kind != "whiteout" else None, entry, data, raw_name)
+        finally:
+            os.close(parent_fd)
+        old = self.entries.get(path)
+        if old is not None:  # a directory seen before (maybe implicitly): keep its opacity
+            entry.opaque = entry.opaque or old.opaque
+        self.entries[path] = entry
+
+    def _write(self, parent_fd: int, name: str | None, entry: Entry, data, raw_name: str) -> None:
+        kind = entry.kind
+        if kind == "dir":
+            if entry.path not in self.entries:
+                os.mkdir(name, 0o755, dir_fd=parent_fd)
+        elif kind == "file":
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         host_file_mode(entry.mode), dir_fd=parent_fd)
+            try:
+                copied = copy_keeping_holes(data, fd, entry.size) if data is not None else 0
+            finally:
+                os.close(fd)
+            if copied != entry.size:
+                raise BadArchive(f"truncated archive: {raw_name!r} has {copied} of {entry.size} bytes")
+        elif kind == "hardlink":
+            self._link(parent_fd, name, entry, raw_name)
+        elif kind not in KINDS:
+            raise UnsafeArchive(raw_name, f"unsupported entry type {kind!r}")
+        # symlink, char, block, fifo, socket, whiteout: metadata only, nothing on the host
+
+    def _link(self, parent_fd: int, name: str, entry: Entry, raw_name: str) -> None:
+        if entry.target.startswith("/"):
+            raise UnsafeArchive(raw_name, "hard link to outside the layer (absolute target)")
+        try:
+            target = normalize_member_name(entry.target)
+        except UnsafeArchive:
+            raise UnsafeArchive(raw_name, "hard link to outside the layer") from None
+        linked = self.entries.get(target)
+        if linked is not None and linked.kind == "hardlink":
+            target, linked = linked.target, self.entries.get(linked.target)
+        if linked is None or linked.kind != "file":
+            raise UnsafeArchive(raw_name, f"hard link to {entry.target!r}, which is not an earlier file of this layer")
+        src_fd = open_dir_beneath(self.root_fd, parent_of(target))
+        try:
+            os.link(target.rpartition("/")[2], name, src_dir_fd=src_fd, dst_dir_fd=parent_fd,
+                    follow_symlinks=False)
+        finally:
+            os.close(src_fd)
+        entry.target = target
+        # a hard link carries the metadata of the inode it names
+        entry.mode, entry.uid, entry.gid = linked.mode, linked.uid, linked.gid
+        entry.size, entry.mtime_ns, entry.xattrs = linked.size, linked.mtime_ns, linked.xattrs
+
+    def finish(self) -> list[Entry]:
+        """The layer's index, sorted, with each hard-link group led by its smallest path."""
+        groups: dict[str, list[str]] = {}
+        for e in self.entries.values():
+            if e.kind == "hardlink":
+                groups.setdefault(e.target, [e.target]).append(e.path)
+        for primary, names in groups.items():
+            leader = min(names)
+            if leader == primary:
+                continue
+            lead_entry = self.entries[primary]
+            for n in names:
+                e = self.entries[n]
+                if n == leader:
+                    self.entries[n] = dataclasses.replace(lead_entry, path=n, kind="file", target="")
+                else:
+                    e.kind, e.target = "hardlink", leader
+        return [self.entries[p] for p in sorted(self.entries)]
+
+
+def copy_keeping_holes(src: BinaryIO, fd: int, size: int) -> int:
+    """Copy `size` bytes; all-zero chunks become holes, so sparse files stay sparse."""
+    copied = 0
+    while copied < size:
+        chunk = src.read(min(COPY_CHUNK, size - copied))
+        if not chunk:
+            break
+        if chunk.count(0) == len(chunk):
+            os.lseek(fd, len(chunk), os.SEEK_CUR)
+        else:
+            os.write(fd, chunk)
+        copied += len(chunk)
+    os.ftruncate(fd, copied)
+    return copied
+
+
+# -- reading archives ------------------------------------------------------
+
+class CountingReader:
+    """A read-only stream that counts what passes through it."""
+
+    def __init__(self, raw):
+        self.raw = raw
+        self.count = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        self.count += len(data)
+        return data
+
+
+def open_decompressed(stream: BinaryIO):
+    """Wrap `stream` in the decompressor its magic bytes ask for (gzip, zstd, bzip2, xz)."""
+    import io
+    buffered = stream if hasattr(stream, "peek") else io.BufferedReader(stream)
+    magic = buffered.peek(6)[:6]
+    if magic[:2] == b"\x1f\x8b":
+        import gzip
+        return gzip.GzipFile(fileobj=buffered, mode="rb")
+    if magic[:4] == b"\x28\xb5\x2f\xfd":
+        import zstandard
+        return zstandard.ZstdDecompressor().stream_reader(buffered, read_across_frames=True)
+    if magic[:3] == b"BZh":
+        import bz2
+        return bz2.BZ2File(buffered)
+    if magic[:6] == b"\xfd7zXZ\x00":
+        import lzma
+        return lzma.LZMAFile(buffered)
+    return buffered
+
+
+def entry_from_member(m: tarfile.TarInfo) -> Entry:
+    kinds = {tarfile.REGTYPE: "file", tarfile.AREGTYPE: "file", tarfile.CONTTYPE: "file",
+             tarfile.DIRTYPE: "dir", tarfile.SYMTYPE: "symlink", tarfile.LNKTYPE: "hardlink",
+             tarfile.CHRTYPE: "char", tarfile.BLKTYPE: "block", tarfile.FIFOTYPE: "fifo",
+             tarfile.GNUTYPE_SPARSE: "file"}
+    kind = kinds.get(m.type)
+    if kind is None:
+        raise UnsafeArchive(m.name, f"unsupported tar entry type {m.type!r}")
+    xattrs = {}
+    for key, value in m.pax_headers.items():
+        if key.startswith("SCHILY.xattr."):
+            xattrs[key[len("SCHILY.xattr."):]] = value.encode("utf-8", "surrogateescape")
+    opaque = any(xattrs.pop(k, b"") == b"y" for k in OPAQUE_XATTRS)
+    xattrs = {k: v for k, v in xattrs.items() if not k.startswith(OVERLAY_XATTR_PREFIXES)}
+    if "mtime" in m.pax_headers:
+        mtime_ns = int(round(float(m.pax_headers["mtime"]) * 1e9))
+    else:
+        mtime_ns = int(m.mtime) * 1_000_000_000
+    return Entry("", kind, stat.S_IMODE(m.mode), m.uid, m.gid,
+                 m.size if kind == "file" else 0, mtime_ns,
+                 os.makedev(m.devmajor, m.devminor) if kind in ("char", "block") else 0,
+                 m.linkname if kind in ("symlink", "hardlink") else "", xattrs, opaque)
+
+
+def apply_tar_stream(stream: BinaryIO, writer: LayerWriter) -> None:
+    """Apply every member of a (possibly compressed) tar stream to `writer`."""
+    import lzma
+    import zlib
+    try:
+        import zstandard
+        zstd_errors: tuple = (zstandard.ZstdError,)
+    except ImportError:  # pragma: no cover - zstandard is a declared dependency
+        zstd_errors = ()
+    try:
+        counted = CountingReader(open_decompressed(stream))
+        tar = tarfile.open(fileobj=counted, mode="r|")
+        members = 0
+        for member in tar:
+            members += 1
+            entry = entry_from_member(member)
+            data = tar.extractfile(member) if entry.kind == "file" else None
+            writer.add(member.name, entry, data)
+        # An archive cut exactly at a member boundary parses cleanly; only the
+        # missing end-of-archive blocks tell it from a whole one.
+        while counted.read(COPY_CHUNK):
+            pass
+        if counted.count < tar.offset + tarfile.BLOCKSIZE:
+            raise BadArchive("truncated archive: no end-of-archive marker")
+    except tarfile.ReadError as e:
+        msg = str(e)
+        if "empty file" in msg or "invalid header" in msg or "bad checksum" in msg:
+            raise BadArchive(f"not a tar archive ({msg})") from None
+        raise BadArchive(f"truncated or corrupt archive ({msg})") from None
+    except (EOFError, zlib.error, lzma.LZMAError, *zstd_errors) as e:
+        raise BadArchive(f"truncated or corrupt compressed archive ({e})") from None
+    except OSError as e:
+        if isinstance(e, StoreError):
+            raise
+        if e.filename is None and e.errno is None:  # gzip.BadGzipFile and friends
+            raise BadArchive(f"corrupt archive ({e})") from None
+        raise
+
+
+def apply_directory(src: str, writer: LayerWriter) -> None:
+    """Apply a host directory tree (never following its symlinks) to `writer`.
+
+    Overlayfs upper directories work too: 0/0 char devices become whiteouts
+    and the opaque xattr marks opaque directories.
+    """
+    seen_inodes: dict[tuple[int, int], str] = {}
+    top_fd = os.open(src, DIR_FLAGS)
+    try:
+        root_st = os.fstat(top_fd)
+        writer.add(".", entry_from_stat(root_st, "", read_xattrs(top_fd)))
+        for dirpath, dirnames, filenames, dirfd in os.fwalk(".", dir_fd=top_fd, follow_symlinks=False):
+            for name in sorted(dirnames + filenames):
+                rel = name if dirpath == "." else f"{dirpath[2:]}/{name}"
+                st = os.lstat(name, dir_fd=dirfd)
+                if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+                    first = seen_inodes.setdefault((st.st_dev, st.st_ino), rel)
+                    if first != rel:
+                        writer.add(rel, Entry("", "hardlink", target=first))
+                        continue
+                if stat.S_ISLNK(st.st_mode):
+                    entry = entry_from_stat(st, os.readlink(name, dir_fd=dirfd), {})
+                    writer.add(rel, entry)
+                elif stat.S_ISREG(st.st_mode):
+                    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dirfd)
+                    with os.fdopen(fd, "rb") as f:
+                        writer.add(rel, entry_from_stat(st, "", read_xattrs(fd)), f)
+                elif stat.S_ISDIR(st.st_mode):
+                    fd = os.open(name, DIR_FLAGS, dir_fd=dirfd)
+                    try:
+                        writer.add(rel, entry_from_stat(st, "", read_xattrs(fd)))
+                    finally:
+                        os.close(fd)
+                else:
+                    writer.add(rel, entry_from_stat(st, "", {}))
+    finally:
+        os.close(top_fd)
+
+
+def read_xattrs(fd: int) -> dict:
+    try:
+        names = os.listxattr(fd)
+    except OSError:
+        return {}
+    out = {}
+    for n in names:
+        try:
+            out[n] = os.getxattr(fd, n)
+        except OSError:
+            continue
+    return out
+
+
+def entry_from_stat(st: os.stat_result, link_target: str, xattrs: dict) -> Entry:
+    fmt = stat.S_IFMT(st.st_mode)
+    kind = {stat.S_IFDIR: "dir", stat.S_IFREG: "file", stat.S_IFLNK: "symlink",
+            stat.S_IFCHR: "char", stat.S_IFBLK: "block", stat.S_IFIFO: "fifo",
+            stat.S_IFSOCK: "socket"}[fmt]
+    opaque = any(xattrs.pop(k, b"") == b"y" for k in OPAQUE_XATTRS)
+    xattrs = {k: v for k, v in xattrs.items() if not k.startswith(OVERLAY_XATTR_PREFIXES)}
+    return Entry("", kind, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
+                 st.st_size if kind == "file" else 0, st.st_mtime_ns,
+                 st.st_rdev if kind in ("char", "block") else 0, link_target, xattrs, opaque)
+
+
+# -- the canonical tar ---------------------------------------------------
+
+class HashingSink:
+    """A write-only stream that hashes (and optionally forwards) what it is given."""
+
+    def __init__(self, out: BinaryIO | None = None):
+        self.hash = hashlib.sha256()
+        self.out = out
+        self.size = 0
+
+    def write(self, data) -> int:
+        self.hash.update(data)
+        self.size += len(data)
+        if self.out is not None:
+            self.out.write(data)
+        return len(data)
+
+
+def tar_members(entries: Iterable[Entry]) -> Iterator[tuple[tarfile.TarInfo, Entry | None]]:
+    """The tar headers of a layer, in a fixed order with fixed fields: same layer, same bytes."""
+    for e in entries:
+        if e.kind == "socket":
+            continue  # tar has no socket type; Docker drops them too
+        if not e.path:
+            continue
+        info = tarfile.TarInfo(e.path)
+        info.mode, info.uid, info.gid = e.mode, e.uid, e.gid
+        info.uname = info.gname = ""
+        info.mtime = e.mtime_ns // 1_000_000_000
+        if e.xattrs:
+            info.pax_headers = {f"SCHILY.xattr.{k}": v.decode("utf-8", "surrogateescape")
+                                for k, v in sorted(e.xattrs.items())}
+        if e.kind == "whiteout":
+            head, _, base = e.path.rpartition("/")
+            info.name = f"{head}/{WHITEOUT_PREFIX}{base}" if head else WHITEOUT_PREFIX + base
+            info.mode = 0o644
+            info.pax_headers = {}
+            yield info, None
+            continue
+        info.type = {"dir": tarfile.DIRTYPE, "file": tarfile.REGTYPE, "symlink": tarfile.SYMTYPE,
+                     "hardlink": tarfile.LNKTYPE, "char": tarfile.CHRTYPE,
+                     "block": tarfile.BLKTYPE, "fifo": tarfile.FIFOTYPE}[e.kind]
+        if e.kind in ("symlink", "hardlink"):
+            info.linkname = e.target
+        if e.kind in ("char", "block"):
+            info.devmajor, info.devminor = os.major(e.rdev), os.minor(e.rdev)
+        if e.kind == "file":
+            info.size = e.size
+        yield info, (e if e.kind == "file" else None)
+        if e.kind == "dir" and e.opaque:
+            marker = tarfile.TarInfo(f"{e.path}/{OPAQUE_MARKER}")
+            marker.uname = marker.gname = ""
+            yield marker, None
+
+
+def write_layer_tar(entries: list[Entry], layer_root: str, out: BinaryIO) -> str:
+    """Write the layer's canonical uncompressed tar to `out`; return "sha256:<hex>"."""
+    sink = HashingSink(out)
+    root_fd = os.open(layer_root, DIR_FLAGS)
+    try:
+        with tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT) as tar:
+            for info, entry in tar_members(entries):
+                if entry is None:
+                    tar.addfile(info)
+                    continue
+                parent_fd = open_dir_beneath(root_fd, parent_of(entry.path))
+                try:
+                    fd = os.open(entry.path.rpartition("/")[2],
+                                 os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
+                finally:
+                    os.close(parent_fd)
+                with os.fdopen(fd, "rb") as f:
+                    tar.addfile(info, f)
+    finally:
+        os.close(root_fd)
+    return "sha256:" + sink.hash.hexdigest()
+
+
+def layer_digest(entries: list[Entry], layer_root: str) -> str:
+    return write_layer_tar(entries, layer_root, None)
+
+
+def save_index(entries: list[Entry], path: str) -> None:
+    from .fsutil import write_atomic
+    body = {"version": 1, "entries": [e.to_json() for e in entries]}
+    write_atomic(path, json.dumps(body, separators=(",", ":")).encode())
+
+
+def load_index(path: str) -> list[Entry]:
+    with open(path, "rb") as f:
+        body = json.load(f)
+    return [Entry.from_json(d) for d in body["entries"]]

@@ -1,0 +1,1 @@
+"""strata's FUSE union filesystem (issue 3). Imports `store`, never `runner`."""
