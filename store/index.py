@@ -100,8 +100,9 @@ class IndexBuilder:
     def apply(self, e: Entry) -> None:
         db = self.db
         if not e.path:  # the root directory itself
-            db.execute("UPDATE inodes SET mode=?, uid=?, gid=?, mtime_ns=?, xattrs=? WHERE ino=?",
-                       (stat.S_IFDIR | e.mode, e.uid, e.gid, e.mtime_ns, xattrs_json(e.xattrs), ROOT_INO))
+            if not e.implicit:
+                db.execute("UPDATE inodes SET mode=?, uid=?, gid=?, mtime_ns=?, xattrs=? WHERE ino=?",
+                           (stat.S_IFDIR | e.mode, e.uid, e.gid, e.mtime_ns, xattrs_json(e.xattrs), ROOT_INO))
             if e.opaque:
                 self.remove_children(ROOT_INO)
             return
@@ -116,8 +117,9 @@ class IndexBuilder:
                 self.remove_name(parent, name, old)
             return
         if e.kind == "dir" and old is not None and self.is_dir(old):
-            db.execute("UPDATE inodes SET mode=?, uid=?, gid=?, mtime_ns=?, xattrs=? WHERE ino=?",
-                       (stat.S_IFDIR | e.mode, e.uid, e.gid, e.mtime_ns, xattrs_json(e.xattrs), old))
+            if not e.implicit:  # a parent the archive never listed keeps the lower metadata
+                db.execute("UPDATE inodes SET mode=?, uid=?, gid=?, mtime_ns=?, xattrs=? WHERE ino=?",
+                           (stat.S_IFDIR | e.mode, e.uid, e.gid, e.mtime_ns, xattrs_json(e.xattrs), old))
             if e.opaque:
                 self.remove_children(old)
             self.dir_cache[e.path] = old

@@ -48,6 +48,7 @@ class Entry:
     target: str = ""  # symlink target, or the path a hard link shares data with
     xattrs: dict = dataclasses.field(default_factory=dict)  # str -> bytes
     opaque: bool = False
+    implicit: bool = False  # a parent directory the archive never listed: no metadata of its own
 
     def to_json(self) -> dict:
         out = {"path": self.path, "kind": self.kind, "mode": self.mode, "uid": self.uid,
@@ -60,6 +61,8 @@ class Entry:
             out["xattrs"] = {k: base64.b64encode(v).decode() for k, v in sorted(self.xattrs.items())}
         if self.opaque:
             out["opaque"] = True
+        if self.implicit:
+            out["implicit"] = True
         return out
 
     @classmethod
@@ -67,7 +70,7 @@ class Entry:
         return cls(d["path"], d["kind"], d["mode"], d["uid"], d["gid"], d["size"],
                    d["mtime_ns"], d.get("rdev", 0), d.get("target", ""),
                    {k: base64.b64decode(v) for k, v in d.get("xattrs", {}).items()},
-                   d.get("opaque", False))
+                   d.get("opaque", False), d.get("implicit", False))
 
 
 def normalize_member_name(raw: str) -> str:
@@ -113,8 +116,7 @@ class LayerWriter:
         self.root_path = os.path.join(staging_dir, "root")
         os.mkdir(self.root_path, 0o755)
         self.root_fd = os.open(self.root_path, DIR_FLAGS)
-        self.entries: dict[str, Entry] = {"": Entry("", "dir", 0o755)}
-        self.explicit_root = False
+        self.entries: dict[str, Entry] = {"": Entry("", "dir", 0o755, implicit=True)}
 
     def close(self) -> None:
         if self.root_fd >= 0:
@@ -138,7 +140,7 @@ class LayerWriter:
                     os.mkdir(part, 0o755, dir_fd=fd)
                 finally:
                     os.close(fd)
-                self.entries[prefix] = Entry(prefix, "dir", 0o755)
+                self.entries[prefix] = Entry(prefix, "dir", 0o755, implicit=True)
             elif existing.kind == "whiteout":
                 raise UnsafeArchive(raw, f"parent {prefix!r} is whited out in this layer")
             elif existing.kind != "dir":
@@ -189,7 +191,8 @@ class LayerWriter:
             if entry.kind != "dir":
                 raise UnsafeArchive(raw_name, "the layer root must be a directory")
             root = self.entries[""]
-            self.entries[""] = dataclasses.replace(entry, path="", opaque=root.opaque or entry.opaque)
+            self.entries[""] = dataclasses.replace(entry, path="", opaque=root.opaque or entry.opaque,
+                                                   implicit=False)
             return
         entry.path = path
         self._ensure_parents(path, raw_name)
@@ -494,7 +497,8 @@ def tar_members(entries: Iterable[Entry]) -> Iterator[tuple[tarfile.TarInfo, Ent
             info.devmajor, info.devminor = os.major(e.rdev), os.minor(e.rdev)
         if e.kind == "file":
             info.size = e.size
-        yield info, (e if e.kind == "file" else None)
+        if not e.implicit:
+            yield info, (e if e.kind == "file" else None)
         if e.kind == "dir" and e.opaque:
             marker = tarfile.TarInfo(f"{e.path}/{OPAQUE_MARKER}")
             marker.uname = marker.gname = ""
