@@ -11,6 +11,8 @@ Schema
       the data at `path`; mode is a full st_mode; xattrs a JSON object of
       base64 values or NULL. Directories carry nlink = 2 + subdirectories.
   dirents(parent, name, ino)  primary key (parent, name)
+Names, paths and symlink targets are BLOBs (os.fsencode): file names are
+bytes, and SQLite's TEXT cannot hold the surrogates of non-UTF-8 names.
   meta(key, value)            'layers' (JSON list of diff_ids), 'next_ino'
 """
 from __future__ import annotations
@@ -30,11 +32,11 @@ KIND_TO_IFMT = {"dir": stat.S_IFDIR, "file": stat.S_IFREG, "hardlink": stat.S_IF
                 "fifo": stat.S_IFIFO, "socket": stat.S_IFSOCK}
 
 SCHEMA = """
-CREATE TABLE inodes(ino INTEGER PRIMARY KEY, layer INTEGER NOT NULL, path TEXT NOT NULL,
+CREATE TABLE inodes(ino INTEGER PRIMARY KEY, layer INTEGER NOT NULL, path BLOB NOT NULL,
     mode INTEGER NOT NULL, uid INTEGER NOT NULL, gid INTEGER NOT NULL, size INTEGER NOT NULL,
-    mtime_ns INTEGER NOT NULL, rdev INTEGER NOT NULL, target TEXT, xattrs TEXT,
+    mtime_ns INTEGER NOT NULL, rdev INTEGER NOT NULL, target BLOB, xattrs TEXT,
     nlink INTEGER NOT NULL);
-CREATE TABLE dirents(parent INTEGER NOT NULL, name TEXT NOT NULL, ino INTEGER NOT NULL,
+CREATE TABLE dirents(parent INTEGER NOT NULL, name BLOB NOT NULL, ino INTEGER NOT NULL,
     PRIMARY KEY(parent, name)) WITHOUT ROWID;
 CREATE INDEX dirents_by_ino ON dirents(ino);
 CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -63,7 +65,8 @@ class IndexBuilder:
         parent = self.lookup(head)
         if parent is None:
             return None
-        row = self.db.execute("SELECT ino FROM dirents WHERE parent=? AND name=?", (parent, name)).fetchone()
+        row = self.db.execute("SELECT ino FROM dirents WHERE parent=? AND name=?",
+                              (parent, os.fsencode(name))).fetchone()
         return None if row is None else row[0]
 
     def is_dir(self, ino: int) -> bool:
@@ -92,9 +95,9 @@ class IndexBuilder:
         is_dir = e.kind == "dir"
         self.db.execute(
             "INSERT INTO inodes VALUES(?,?,?,?,?,?,?,?,?,?,?,?)",
-            (ino, self.layer_pos if e.kind == "file" else -1, e.path if e.kind == "file" else "",
+            (ino, self.layer_pos if e.kind == "file" else -1, os.fsencode(e.path) if e.kind == "file" else b"",
              KIND_TO_IFMT[e.kind] | e.mode, e.uid, e.gid, e.size, e.mtime_ns, e.rdev,
-             e.target if e.kind == "symlink" else None, xattrs_json(e.xattrs), 2 if is_dir else 1))
+             os.fsencode(e.target) if e.kind == "symlink" else None, xattrs_json(e.xattrs), 2 if is_dir else 1))
         return ino
 
     def apply(self, e: Entry) -> None:
@@ -110,6 +113,7 @@ class IndexBuilder:
         parent = self.lookup(head)
         if parent is None:
             raise ValueError(f"layer entry {e.path!r} has no parent directory in the merged view")
+        name = os.fsencode(name)
         row = db.execute("SELECT ino FROM dirents WHERE parent=? AND name=?", (parent, name)).fetchone()
         old = None if row is None else row[0]
         if e.kind == "whiteout":
@@ -160,7 +164,7 @@ def build_index(dest: str, parent_index: str | None, diff_ids: list[str],
         db = sqlite3.connect(tmp, isolation_level=None)
         db.executescript(SCHEMA)
         db.execute("INSERT INTO inodes VALUES(?,?,?,?,?,?,?,?,?,?,?,?)",
-                   (ROOT_INO, -1, "", stat.S_IFDIR | 0o755, 0, 0, 0, 0, 0, None, None, 2))
+                   (ROOT_INO, -1, b"", stat.S_IFDIR | 0o755, 0, 0, 0, 0, 0, None, None, 2))
         db.execute("INSERT INTO meta VALUES('next_ino', ?)", (str(ROOT_INO + 1),))
         db.execute("INSERT INTO meta VALUES('layers', '[]')")
     try:
@@ -197,14 +201,14 @@ class MergedIndex:
     def layers(self) -> list[str]:
         return json.loads(self.db.execute("SELECT value FROM meta WHERE key='layers'").fetchone()[0])
 
-    def lookup(self, parent: int, name: str) -> int | None:
+    def lookup(self, parent: int, name: bytes) -> int | None:
         row = self.db.execute("SELECT ino FROM dirents WHERE parent=? AND name=?", (parent, name)).fetchone()
         return None if row is None else row[0]
 
     def inode(self, ino: int) -> tuple | None:
         return self.db.execute("SELECT * FROM inodes WHERE ino=?", (ino,)).fetchone()
 
-    def children(self, ino: int) -> list[tuple[str, int]]:
+    def children(self, ino: int) -> list[tuple[bytes, int]]:
         return self.db.execute("SELECT name, ino FROM dirents WHERE parent=? ORDER BY name", (ino,)).fetchall()
 
     def walk(self) -> dict[str, tuple]:
@@ -214,6 +218,7 @@ class MergedIndex:
         while stack:
             prefix, ino = stack.pop()
             for name, child in self.children(ino):
+                name = os.fsdecode(name)
                 path = f"{prefix}/{name}" if prefix else name
                 row = self.inode(child)
                 out[path] = row

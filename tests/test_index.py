@@ -1,5 +1,6 @@
 """Unit tests: the merged index equals a brute-force merge of the layer chain."""
 import io
+import os
 import stat
 
 from hypothesis import HealthCheck, assume, given, settings
@@ -77,6 +78,7 @@ def check_against_brute_force(tmp_path, layer_members):
         by_ino = {}
         for path, row in got.items():
             ino, layer, data_path, mode, uid, gid, size, mtime, rdev, target, xattrs, nlink = row
+            data_path, target = os.fsdecode(data_path), target and os.fsdecode(target)
             assert (mode, uid, size, target, layer, data_path) == expected[path], path
             by_ino.setdefault(ino, []).append(path)
             if stat.S_ISDIR(mode):
@@ -112,8 +114,8 @@ def test_inode_numbers_of_unchanged_paths_survive_new_layers(tmp_path):
     build_index(str(tmp_path / "i1.db"), str(tmp_path / "i0.db"), ["sha256:0", "sha256:1"], [l1])
     a, b = MergedIndex(str(tmp_path / "i0.db")), MergedIndex(str(tmp_path / "i1.db"))
     try:
-        assert a.lookup(ROOT_INO, "keep") == b.lookup(ROOT_INO, "keep")
-        assert a.lookup(ROOT_INO, "d") == b.lookup(ROOT_INO, "d")
+        assert a.lookup(ROOT_INO, b"keep") == b.lookup(ROOT_INO, b"keep")
+        assert a.lookup(ROOT_INO, b"d") == b.lookup(ROOT_INO, b"d")
     finally:
         a.close()
         b.close()
@@ -154,3 +156,18 @@ def test_random_chains_match_brute_force(tmp_path_factory, chain):
         assume(False)  # e.g. a file and a child of it in one layer: rejected at import, as it should be
     del layers_ok
     check_against_brute_force(tmp, chain)
+
+
+def test_non_utf8_names_survive_import_and_index(tmp_path):
+    name = os.fsdecode(b"caf\xe9")  # latin-1 bytes, not UTF-8
+    layer = make_layer(tmp_path, 0, [member(name, data=b"x"), member("d", "dir"),
+                                     member(f"d/{name}", "symlink", link=name)])
+    build_index(str(tmp_path / "i.db"), None, ["sha256:0"], [layer])
+    idx = MergedIndex(str(tmp_path / "i.db"))
+    try:
+        ino = idx.lookup(ROOT_INO, b"caf\xe9")
+        assert ino and idx.inode(ino)[2] == b"caf\xe9"
+        link = idx.lookup(idx.lookup(ROOT_INO, b"d"), b"caf\xe9")
+        assert idx.inode(link)[9] == b"caf\xe9"
+    finally:
+        idx.close()

@@ -120,7 +120,7 @@ def test_forced_rmi_of_a_parent_keeps_the_child_whole(store, tmp_path):
         assert os.path.isdir(store.layer_dir(diff_id))
     idx = MergedIndex(store.index_path(child))
     try:
-        assert idx.lookup(ROOT_INO, "f") and idx.lookup(ROOT_INO, "g")
+        assert idx.lookup(ROOT_INO, b"f") and idx.lookup(ROOT_INO, b"g")
     finally:
         idx.close()
 
@@ -130,8 +130,8 @@ def test_child_index_is_parent_plus_layer(store, tmp_path):
     child = child_image(store, base, [member("d/.wh.a"), member("d/b", data=b"b")])
     idx = MergedIndex(store.index_path(child))
     try:
-        d = idx.lookup(ROOT_INO, "d")
-        assert [n for n, _ in idx.children(d)] == ["b"]
+        d = idx.lookup(ROOT_INO, b"d")
+        assert [n for n, _ in idx.children(d)] == [b"b"]
         assert idx.layers() == store.image_config(child)["rootfs"]["diff_ids"]
     finally:
         idx.close()
