@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from store import Store, StoreError
@@ -200,6 +201,40 @@ def cmd_inspect(args, store: Store) -> int:
     return status
 
 
+def cmd_mount(args, store: Store) -> int:
+    from store import NoSuchContainer, NoSuchImage
+    from store.containers import container_dir, resolve_container
+    from unionfs.mount import serve, serve_in_background
+    from unionfs.storeview import make_view_factory
+    upper = None
+    try:
+        container = resolve_container(store, args.object)
+        image_id = container["Image"]
+        upper = os.path.join(container_dir(store, container["Id"]), "upper")
+    except NoSuchContainer:
+        try:
+            image_id = store.resolve_image(args.object)
+        except NoSuchImage:
+            raise StoreError(f"No such image or container: {args.object}") from None
+    mountpoint = os.path.abspath(args.mountpoint)
+    if not os.path.isdir(mountpoint):
+        raise StoreError(f"mount point {args.mountpoint} is not a directory")
+    make_view = make_view_factory(store, image_id, upper)
+    readonly = upper is None
+    fsname = f"strata:{args.object}"
+    if args.foreground:
+        serve(make_view, mountpoint, fsname, readonly, args.debug)
+        return 0
+    return 0 if serve_in_background(make_view, mountpoint, fsname, readonly, args.debug) == 0 else 125
+
+
+def cmd_umount(args, store: Store) -> int:
+    from unionfs.mount import unmount
+    for mp in args.mountpoints:
+        unmount(os.path.abspath(mp), args.lazy)
+    return 0
+
+
 def cmd_base(args, store: Store) -> int:
     from store.busybox import build_busybox_image
     print(build_busybox_image(store, args.tag))
@@ -264,6 +299,22 @@ def build_parser() -> CliParser:
     p.add_argument("objects", metavar="IMAGE", nargs="+")
     p.add_argument("-f", "--format", metavar="json|TEMPLATE")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("mount", help="mount an image (read-only) or a container (writable)",
+                       description="Mount the merged view of IMAGE (read-only) or CONTAINER (its "
+                       "image plus its writable layer) on MOUNTPOINT with strata's FUSE filesystem. "
+                       "Runs in the background until `strata umount`.")
+    p.add_argument("object", metavar="IMAGE|CONTAINER")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("-f", "--foreground", action="store_true", help="serve in the foreground")
+    p.add_argument("-d", "--debug", action="store_true", help="log every request")
+    p.set_defaults(func=cmd_mount)
+
+    p = sub.add_parser("umount", help="unmount what `strata mount` mounted",
+                       description="Unmount MOUNTPOINT; also cleans up a mount whose server died.")
+    p.add_argument("mountpoints", metavar="MOUNTPOINT", nargs="+")
+    p.add_argument("-l", "--lazy", action="store_true", help="detach now, clean up when no longer busy")
+    p.set_defaults(func=cmd_umount)
 
     p = sub.add_parser("base", help="(re)create the embedded busybox base image",
                        description="Create busybox:latest from the host's busybox-static: every "

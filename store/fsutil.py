@@ -86,3 +86,46 @@ def remove_tree(path: str) -> None:
 
     if os.path.lexists(path):
         shutil.rmtree(path, onerror=make_writable_and_retry)
+
+
+# openat2(2) with RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS resolves a whole path in
+# one syscall and refuses symlinks and `..` escapes; Python has no wrapper, so
+# it is called through libc.syscall. Kernels without it (ENOSYS) get the
+# component-by-component O_NOFOLLOW walk instead.
+import ctypes
+
+_SYS_OPENAT2 = 437  # the same number on every architecture (generic table)
+_RESOLVE_NO_MAGICLINKS, _RESOLVE_NO_SYMLINKS, _RESOLVE_BENEATH = 0x02, 0x04, 0x08
+_RESOLVE = _RESOLVE_NO_MAGICLINKS | _RESOLVE_NO_SYMLINKS | _RESOLVE_BENEATH
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+_have_openat2 = True
+
+
+def open_beneath(root_fd: int, path: bytes | str, flags: int, mode: int = 0) -> int:
+    """Open `path` relative to `root_fd`, never leaving it and never following a symlink."""
+    global _have_openat2
+    if isinstance(path, str):
+        path = os.fsencode(path)
+    flags |= os.O_CLOEXEC | os.O_NOFOLLOW
+    if _have_openat2:
+        how = _OpenHow(flags, mode, _RESOLVE)
+        fd = _libc.syscall(_SYS_OPENAT2, root_fd, path, ctypes.byref(how), ctypes.sizeof(how))
+        if fd >= 0:
+            return fd
+        err = ctypes.get_errno()
+        if err != errno.ENOSYS:
+            raise OSError(err, os.strerror(err), os.fsdecode(path))
+        _have_openat2 = False
+    head, _, name = path.rpartition(b"/")
+    parent = open_dir_beneath(root_fd, os.fsdecode(head))
+    try:
+        return os.open(name, flags, mode, dir_fd=parent)
+    finally:
+        os.close(parent)

@@ -1,0 +1,71 @@
+"""Containers in the store: an image, a writable upper layer and a stored config.
+
+containers/<id>/config.json   {"Id", "Name", "Image", "Created", ...}
+containers/<id>/upper/        the upper layer (unionfs.upper format)
+"""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+
+from .errors import NoSuchContainer, StoreError
+from .fsutil import fsync_dir, remove_tree, write_atomic
+from .store import Store, canonical_json, now_rfc3339
+
+
+def container_dir(store: Store, container_id: str) -> str:
+    return os.path.join(store.root, "containers", container_id)
+
+
+def list_containers(store: Store) -> list[dict]:
+    out = []
+    cdir = os.path.join(store.root, "containers")
+    for name in sorted(os.listdir(cdir)):
+        try:
+            with open(os.path.join(cdir, name, "config.json"), "rb") as f:
+                out.append(json.load(f))
+        except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError):
+            continue
+    return out
+
+
+def resolve_container(store: Store, ref: str) -> dict:
+    """A name, a full id or a unique id prefix -> the container's config."""
+    containers = list_containers(store)
+    for c in containers:
+        if c.get("Name") == ref or c["Id"] == ref:
+            return c
+    matches = [c for c in containers if ref and c["Id"].startswith(ref)]
+    if len(matches) == 1:
+        return matches[0]
+    raise NoSuchContainer(ref)
+
+
+def create_container(store: Store, image_id: str, name: str | None = None, extra: dict | None = None) -> dict:
+    """Make the container's directory in staging, then rename it in under the lock."""
+    container_id = secrets.token_hex(32)
+    config = {"Id": container_id, "Name": name or f"strata_{container_id[:8]}", "Image": image_id,
+              "Created": now_rfc3339()}
+    config.update(extra or {})
+    with store.staging() as staging:
+        stage = os.path.join(staging, "container")
+        os.mkdir(stage, 0o700)
+        os.mkdir(os.path.join(stage, "upper"), 0o700)
+        write_atomic(os.path.join(stage, "config.json"), canonical_json(config))
+        with store.locked():
+            if not store.image_exists(image_id):
+                raise StoreError(f"No such image: {image_id}")
+            if any(c.get("Name") == config["Name"] for c in list_containers(store)):
+                raise StoreError(f'Conflict. The container name "{config["Name"]}" is already in use')
+            os.rename(stage, container_dir(store, container_id))
+            fsync_dir(os.path.join(store.root, "containers"))
+    return config
+
+
+def remove_container(store: Store, container_id: str) -> None:
+    with store.locked():
+        path = container_dir(store, container_id)
+        trash = os.path.join(store.root, "tmp", f"trash-{container_id}")
+        os.rename(path, trash)
+    remove_tree(trash)

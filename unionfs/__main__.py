@@ -1,0 +1,80 @@
+"""strata-fuse: the union filesystem on plain directories, a drop-in for fuse-overlayfs.
+
+    python -m unionfs -o lowerdir=L1:L2,upperdir=U,workdir=W MOUNTPOINT [-f] [-d]
+
+Lower directories are listed top first, as overlayfs and fuse-overlayfs take
+them; overlayfs whiteouts (0/0 character devices, the opaque xattr) and OCI
+`.wh.` files in them are honoured. The upper directory holds strata's own
+upper-layer format (unionfs.upper).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .lower import DirLower
+from .mount import serve, serve_in_background
+from .upper import UpperLayer
+from .view import UnionView
+
+# accepted for compatibility with fuse-overlayfs command lines; they change nothing here
+IGNORED_OPTIONS = {"rw", "suid", "nosuid", "dev", "nodev", "exec", "noexec", "atime", "noatime",
+                   "relatime", "allow_other", "allow_root", "default_permissions", "fast_ino",
+                   "static_nlink", "noacl", "squash_to_root", "xattr_permissions"}
+
+
+def parse_options(values: list[str]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for value in values:
+        for item in value.split(","):
+            if not item:
+                continue
+            key, eq, val = item.partition("=")
+            out[key] = val if eq else ""
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="strata-fuse", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-o", dest="options", action="append", default=[], metavar="OPTIONS")
+    parser.add_argument("-f", "--foreground", action="store_true", help="do not daemonize")
+    parser.add_argument("-d", "--debug", action="store_true", help="debug output (implies -f)")
+    parser.add_argument("mountpoint")
+    args = parser.parse_args(argv)
+    opts = parse_options(args.options)
+    debug = args.debug or "debug" in opts
+    lowers = [d for d in opts.pop("lowerdir", "").split(":") if d]
+    upper_dir = opts.pop("upperdir", None)
+    work_dir = opts.pop("workdir", None)
+    readonly = upper_dir is None or "ro" in opts
+    for key in list(opts):
+        if key in IGNORED_OPTIONS or key in ("debug", "ro") or key.startswith(("uidmapping", "gidmapping")):
+            opts.pop(key)
+    if opts:
+        parser.error(f"unknown option(s): {', '.join(sorted(opts))}")
+    if not lowers:
+        parser.error("lowerdir= is required")
+    for d in lowers + [x for x in (upper_dir, work_dir) if x]:
+        if not os.path.isdir(d):
+            parser.error(f"not a directory: {d}")
+    if upper_dir is not None and work_dir is None:
+        parser.error("upperdir= needs workdir= (as with overlayfs)")
+
+    def make_view() -> UnionView:
+        lower = DirLower([os.path.abspath(d) for d in lowers])
+        upper = None
+        if upper_dir is not None and "ro" not in opts:
+            upper = UpperLayer(os.path.abspath(upper_dir), lower.first_free_ino)
+            upper.check()
+        return UnionView(lower, upper)
+
+    mountpoint = os.path.abspath(args.mountpoint)
+    if args.foreground or debug:
+        serve(make_view, mountpoint, "strata-fuse", readonly, debug)
+        return 0
+    return serve_in_background(make_view, mountpoint, "strata-fuse", readonly, debug)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""Read-only lower sources: what the image chain holds, by inode number.
+
+A lower source answers five questions, each without probing layers one by
+one: lookup(dir, name), children(dir), attrs(ino), parent-free data access
+(open_data), and the first inode number the upper layer may allocate.
+
+- IndexLower: a store image, answered from its prebuilt merged index
+  (invariant 1: O(1) in the depth, nothing scanned at mount).
+- DirLower: plain overlay-style lower directories (the fuse-overlayfs
+  drop-in), merged lazily one directory at a time, so a second lookup in a
+  directory is a dict hit however many layers there are.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import sqlite3
+import stat
+
+from store.fsutil import DIR_FLAGS, open_beneath
+from store.index import ROOT_INO
+
+# A lower inode's attributes: (mode, uid, gid, size, mtime_ns, rdev, nlink, target, xattrs)
+# target is bytes (symlinks) or None; xattrs a dict bytes -> bytes.
+
+
+def decode_xattrs(text: str | None) -> dict:
+    if not text:
+        return {}
+    return {os.fsencode(k): base64.b64decode(v) for k, v in json.loads(text).items()}
+
+
+class IndexLower:
+    """The merged index of a store image plus the fds of its layer directories."""
+
+    __slots__ = ("db", "layer_fds", "first_free_ino", "_lookup_sql", "_attr_sql")
+
+    def __init__(self, index_path: str, layer_roots: list[str]):
+        # the index is immutable: no locking, no journal, shared cache off
+        self.db = sqlite3.connect(f"file:{index_path}?mode=ro&immutable=1", uri=True,
+                                  check_same_thread=False)
+        self.layer_fds = [os.open(p, DIR_FLAGS) for p in layer_roots]
+        row = self.db.execute("SELECT value FROM meta WHERE key='next_ino'").fetchone()
+        self.first_free_ino = int(row[0])
+        self._lookup_sql = "SELECT ino FROM dirents WHERE parent=? AND name=?"
+        self._attr_sql = ("SELECT mode, uid, gid, size, mtime_ns, rdev, nlink, target, xattrs "
+                          "FROM inodes WHERE ino=?")
+
+    def close(self) -> None:
+        self.db.close()
+        for fd in self.layer_fds:
+            os.close(fd)
+        self.layer_fds = []
+
+    def lookup(self, dir_ino: int, name: bytes) -> int | None:
+        row = self.db.execute(self._lookup_sql, (dir_ino, name)).fetchone()
+        return None if row is None else row[0]
+
+    def children(self, dir_ino: int) -> list[tuple[bytes, int]]:
+        return self.db.execute("SELECT name, ino FROM dirents WHERE parent=? ORDER BY name",
+                               (dir_ino,)).fetchall()
+
+    def attrs(self, ino: int) -> tuple | None:
+        row = self.db.execute(self._attr_sql, (ino,)).fetchone()
+        if row is None:
+            return None
+        return row[:8] + (decode_xattrs(row[8]),)
+
+    def open_data(self, ino: int) -> int:
+        layer, path = self.db.execute("SELECT layer, path FROM inodes WHERE ino=?", (ino,)).fetchone()
+        return open_beneath(self.layer_fds[layer], path, os.O_RDONLY)
+
+
+OVERLAY_XATTR_PREFIXES = (b"trusted.overlay.", b"user.overlay.", b"user.fuseoverlayfs.")
+OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque", "user.fuseoverlayfs.opaque")
+LAYER_SHIFT = 48  # ino = (layer + 1) << 48 | host st_ino: stable across remounts
+
+
+class DirLower:
+    """Overlay-style lower directories (top first), merged one directory at a time."""
+
+    def __init__(self, lowerdirs: list[str]):
+        self.layer_fds = [os.open(p, DIR_FLAGS) for p in lowerdirs]
+        self.first_free_ino = 1 << 62
+        # ino -> (layer, relpath, lstat) of the entry that serves it
+        self.entries: dict[int, tuple[int, bytes, os.stat_result]] = {}
+        # dir ino -> [(layer, relpath)] of the directories merged into it, top first
+        self.dir_sources: dict[int, list[tuple[int, bytes]]] = {ROOT_INO: [(i, b"") for i in range(len(lowerdirs))]}
+        self.dir_children: dict[int, dict[bytes, int]] = {}
+        st = os.fstat(self.layer_fds[0])
+        self.entries[ROOT_INO] = (0, b"", st)
+
+    def close(self) -> None:
+        for fd in self.layer_fds:
+            os.close(fd)
+        self.layer_fds = []
+
+    def _open_dir(self, layer: int, rel: bytes) -> int:
+        if not rel:
+            return os.dup(self.layer_fds[layer])
+        return open_beneath(self.layer_fds[layer], rel, os.O_RDONLY | os.O_DIRECTORY)
+
+    def _is_opaque(self, fd: int) -> bool:
+        for name in OPAQUE_XATTRS:
+            try:
+                if os.getxattr(fd, name) == b"y":
+                    return True
+            except OSError:
+                continue
+        return False
+
+    def _merge(self, dir_ino: int) -> dict[bytes, int]:
+        """Read every layer's copy of one directory once; later lookups are dict hits."""
+        children: dict[bytes, int] = {}
+        sealed: set[bytes] = set()  # names lower layers can no longer add to (whiteout, non-dir above)
+        child_dirs: dict[bytes, list[tuple[int, bytes]]] = {}
+        for layer, rel in self.dir_sources.get(dir_ino, []):
+            try:
+                fd = self._open_dir(layer, rel)
+            except OSError:
+                continue
+            try:
+                opaque = self._is_opaque(fd)
+                for name in sorted(os.listdir(fd)):
+                    bname = os.fsencode(name)
+                    if bname == b".wh..wh..opq":
+                        opaque = True
+                        continue
+                    if bname.startswith(b".wh."):
+                        sealed.add(bname[4:])
+                        continue
+                    if bname in sealed:
+                        continue
+                    st = os.lstat(name, dir_fd=fd)
+                    if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
+                        sealed.add(bname)  # overlayfs whiteout
+                        continue
+                    child_rel = rel + b"/" + bname if rel else bname
+                    if bname in children:  # a lower copy of a directory seen above: merge it in
+                        if stat.S_ISDIR(st.st_mode):
+                            child_dirs[bname].append((layer, child_rel))
+                        else:
+                            sealed.add(bname)
+                        continue
+                    ino = ((layer + 1) << LAYER_SHIFT) | st.st_ino
+                    children[bname] = ino
+                    self.entries[ino] = (layer, child_rel, st)
+                    if stat.S_ISDIR(st.st_mode):
+                        child_dirs[bname] = [(layer, child_rel)]
+                    else:
+                        sealed.add(bname)
+            finally:
+                os.close(fd)
+            if opaque:
+                break
+        for bname, sources in child_dirs.items():
+            ino = children[bname]
+            sources_fixed = []
+            for layer, rel in sources:
+                sources_fixed.append((layer, rel))
+                fd = self._open_dir(layer, rel)
+                try:
+                    if self._is_opaque(fd) or b".wh..wh..opq" in map(os.fsencode, os.listdir(fd)):
+                        break
+                finally:
+                    os.close(fd)
+            self.dir_sources[ino] = sources_fixed
+        self.dir_children[dir_ino] = children
+        return children
+
+    def lookup(self, dir_ino: int, name: bytes) -> int | None:
+        children = self.dir_children.get(dir_ino)
+        if children is None:
+            children = self._merge(dir_ino)
+        return children.get(name)
+
+    def children(self, dir_ino: int) -> list[tuple[bytes, int]]:
+        children = self.dir_children.get(dir_ino)
+        if children is None:
+            children = self._merge(dir_ino)
+        return sorted(children.items())
+
+    def attrs(self, ino: int) -> tuple | None:
+        entry = self.entries.get(ino)
+        if entry is None:
+            return None
+        layer, rel, st = entry
+        target = None
+        if stat.S_ISLNK(st.st_mode):
+            head, _, name = rel.rpartition(b"/")
+            fd = self._open_dir(layer, head)
+            try:
+                target = os.fsencode(os.readlink(name, dir_fd=fd))
+            finally:
+                os.close(fd)
+        nlink = st.st_nlink
+        if stat.S_ISDIR(st.st_mode) and len(self.dir_sources.get(ino, ())) > 1:
+            nlink = 1  # merged from several layers: unknown, as overlayfs reports it
+        return (st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns, st.st_rdev, nlink,
+                target, self._xattrs(layer, rel, st))
+
+    def _xattrs(self, layer: int, rel: bytes, st) -> dict:
+        if stat.S_ISLNK(st.st_mode):
+            return {}
+        try:
+            fd = open_beneath(self.layer_fds[layer], rel or b".", os.O_RDONLY | os.O_PATH) if rel else os.dup(self.layer_fds[layer])
+        except OSError:
+            return {}
+        try:
+            path = f"/proc/self/fd/{fd}"
+            out = {}
+            for name in os.listxattr(path):
+                bname = os.fsencode(name)
+                if not bname.startswith(OVERLAY_XATTR_PREFIXES):
+                    out[bname] = os.getxattr(path, name)
+            return out
+        except OSError:
+            return {}
+        finally:
+            os.close(fd)
+
+    def open_data(self, ino: int) -> int:
+        layer, rel, _ = self.entries[ino]
+        return open_beneath(self.layer_fds[layer], rel, os.O_RDONLY)

@@ -1,0 +1,139 @@
+"""Mounting and serving a UnionView, in the foreground or as a background server.
+
+Background mode forks before pyfuse3 or trio start any thread, and the child
+reports "ready" (or the error) over a pipe, so the caller returns only once
+the mount is usable, and with the real error when it is not.
+"""
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import subprocess
+import sys
+import traceback
+
+log = logging.getLogger("strata.unionfs")
+
+
+def fuse_options(fsname: str, readonly: bool, extra: list[str] = ()) -> set[str]:
+    opts = {"default_permissions", f"fsname={fsname}", "subtype=strata"}
+    # root and user-namespace owners may let other uids in (containers need it)
+    if os.geteuid() == 0 or in_user_namespace():
+        opts.add("allow_other")
+    if readonly:
+        opts.add("ro")
+    opts.update(extra)
+    return opts
+
+
+def in_user_namespace() -> bool:
+    try:
+        with open("/proc/self/uid_map") as f:
+            return f.read().split() != ["0", "0", "4294967295"]
+    except OSError:
+        return False
+
+
+def serve(make_view, mountpoint: str, fsname: str, readonly: bool, debug: bool = False,
+          on_ready=None) -> None:
+    """Mount and serve until unmounted or SIGTERM/SIGINT; always unmount on the way out."""
+    import pyfuse3
+    import trio
+
+    from .ops import UnionOperations
+
+    logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
+                        format="strata-fuse: %(levelname)s %(message)s")
+    view = make_view()
+    ops = UnionOperations(view, debug)
+    opts = fuse_options(fsname, readonly)
+    if debug:
+        opts.add("debug")
+    pyfuse3.init(ops, mountpoint, opts)
+    mounted = True
+    try:
+        if on_ready is not None:
+            on_ready()
+
+        async def run() -> None:
+            async with trio.open_nursery() as nursery:
+                async def stop_on_signal() -> None:
+                    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+                        async for _ in signals:
+                            pyfuse3.terminate()
+                            return
+                nursery.start_soon(stop_on_signal)
+                await pyfuse3.main(min_tasks=1, max_tasks=1)
+                nursery.cancel_scope.cancel()
+
+        trio.run(run)
+    finally:
+        try:
+            pyfuse3.close(unmount=mounted)
+        finally:
+            view.close()
+
+
+def serve_in_background(make_view, mountpoint: str, fsname: str, readonly: bool,
+                        debug: bool = False) -> int:
+    """Double-fork a server; return 0 once the mount is up, or print its error and return 1."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid:
+        os.close(write_end)
+        with os.fdopen(read_end, "rb") as r:
+            message = r.read()
+        os.waitpid(pid, 0)
+        if message == b"ok":
+            return 0
+        sys.stderr.write(message.decode(errors="replace") or "strata-fuse: the server died while mounting\n")
+        return 1
+    # first child: new session, then fork again so the server is not a session leader
+    try:
+        os.close(read_end)
+        os.setsid()
+        if os.fork():
+            os._exit(0)
+        devnull = os.open(os.devnull, os.O_RDWR)
+        os.dup2(devnull, 0)
+        if not debug:
+            os.dup2(devnull, 1)
+            os.dup2(devnull, 2)
+        os.chdir("/")
+
+        def ready() -> None:
+            os.write(write_end, b"ok")
+            os.close(write_end)
+
+        serve(make_view, mountpoint, fsname, readonly, debug, on_ready=ready)
+        os._exit(0)
+    except BaseException as e:  # report to the waiting parent, whatever it was
+        try:
+            msg = f"strata-fuse: error: {describe(e)}\n"
+            if debug:
+                msg += traceback.format_exc()
+            os.write(write_end, msg.encode())
+        finally:
+            os._exit(1)
+
+
+def describe(e: BaseException) -> str:
+    if isinstance(e, OSError) and e.strerror:
+        return f"{e.strerror}" + (f": {e.filename}" if e.filename else "")
+    return str(e) or type(e).__name__
+
+
+def unmount(mountpoint: str, lazy: bool = False) -> None:
+    """Unmount a FUSE mount (also one whose server died: ENOTCONN)."""
+    cmd = ["fusermount3", "-u"] + (["-z"] if lazy else []) + [mountpoint]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode == 0:
+        return
+    if os.geteuid() == 0:
+        args = ["umount"] + (["-l"] if lazy else []) + [mountpoint]
+        proc2 = subprocess.run(args, capture_output=True, text=True)
+        if proc2.returncode == 0:
+            return
+    raise OSError(errno.EINVAL, (proc.stderr.strip() or "unmount failed"), mountpoint)

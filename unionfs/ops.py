@@ -1,0 +1,217 @@
+"""pyfuse3 protocol adapter: inode in, attributes or FUSEError out. No union logic here.
+
+Every handler maps OSError to FUSEError in one place (`answer_errors`): any
+other exception would end pyfuse3.main() and with it the mount, so it is
+logged and answered with EIO instead.
+
+Kernel caching: the view's contents change only through this mount, so the
+kernel may keep entries, attributes and negative lookups for a long time
+(invariant 2); what the kernel cannot see change is invalidated explicitly.
+"""
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+
+import pyfuse3
+
+from .view import UnionView
+
+log = logging.getLogger("strata.unionfs")
+CACHE_SECONDS = 24 * 3600.0  # the kernel's entry/attr cache: only this mount changes the view
+
+
+def answer_errors(handler):
+    """Turn OSError into FUSEError and anything unexpected into a logged EIO."""
+    @functools.wraps(handler)
+    async def wrapper(*args):
+        try:
+            return await handler(*args)
+        except pyfuse3.FUSEError:
+            raise
+        except OSError as e:
+            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+        except Exception:
+            log.exception("unexpected error in %s", handler.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+    return wrapper
+
+
+class UnionOperations(pyfuse3.Operations):
+    """Collaborators: `view` (unionfs.view.UnionView), which holds all filesystem state."""
+
+    enable_writeback_cache = True
+    supports_dot_lookup = False
+
+    def __init__(self, view: UnionView, debug: bool = False):
+        super().__init__()
+        self.view = view
+        self.debug = debug
+        self.dir_handles: dict[int, list] = {}
+        self.next_dir_handle = 1
+
+    def entry(self, n) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = n.ino
+        e.generation = 0
+        e.entry_timeout = CACHE_SECONDS
+        e.attr_timeout = CACHE_SECONDS
+        e.st_mode = n.mode
+        e.st_nlink = n.nlink
+        e.st_uid = n.uid
+        e.st_gid = n.gid
+        e.st_rdev = n.rdev
+        e.st_size = n.size
+        e.st_blksize = 4096
+        e.st_blocks = (n.size + 511) // 512
+        e.st_atime_ns = n.atime_ns
+        e.st_mtime_ns = n.mtime_ns
+        e.st_ctime_ns = n.ctime_ns
+        return e
+
+    @answer_errors
+    async def lookup(self, parent_inode, name, ctx=None):
+        try:
+            return self.entry(self.view.lookup(parent_inode, name))
+        except OSError as e:
+            if e.errno != errno.ENOENT:
+                raise
+        negative = pyfuse3.EntryAttributes()  # st_ino 0: the kernel caches the miss
+        negative.entry_timeout = CACHE_SECONDS
+        return negative
+
+    async def forget(self, inode_list):
+        pass  # nodes stay materialised while mounted; unlinked data goes at last close
+
+    @answer_errors
+    async def getattr(self, inode, ctx=None):
+        return self.entry(self.view.node(inode))
+
+    @answer_errors
+    async def setattr(self, inode, attr, fields, fh, ctx):
+        n = self.view.setattr(
+            inode, fh,
+            mode=attr.st_mode if fields.update_mode else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            size=attr.st_size if fields.update_size else None,
+            atime_ns=attr.st_atime_ns if fields.update_atime else None,
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None)
+        return self.entry(n)
+
+    @answer_errors
+    async def readlink(self, inode, ctx):
+        return self.view.readlink(inode)
+
+    @answer_errors
+    async def opendir(self, inode, ctx):
+        n = self.view.node(inode)
+        parent = self.view.node(n.parent or inode)
+        # a snapshot per handle: offsets stay valid while the directory changes
+        entries = [(b".", n), (b"..", parent)] + self.view.listdir(inode)
+        fh = self.next_dir_handle
+        self.next_dir_handle += 1
+        self.dir_handles[fh] = entries
+        return fh
+
+    @answer_errors
+    async def readdir(self, fh, start_id, token):
+        entries = self.dir_handles[fh]
+        entry = self.entry
+        for offset in range(start_id, len(entries)):
+            name, n = entries[offset]
+            if not pyfuse3.readdir_reply(token, name, entry(n), offset + 1):
+                break
+
+    async def releasedir(self, fh):
+        self.dir_handles.pop(fh, None)
+
+    @answer_errors
+    async def open(self, inode, flags, ctx):
+        fd, immutable = self.view.open(inode, flags)
+        return pyfuse3.FileInfo(fh=fd, keep_cache=True)
+
+    @answer_errors
+    async def create(self, parent_inode, name, mode, flags, ctx):
+        n, fd = self.view.create(parent_inode, name, mode & ~ctx.umask, flags, ctx.uid, ctx.gid)
+        return pyfuse3.FileInfo(fh=fd, keep_cache=True), self.entry(n)
+
+    @answer_errors
+    async def read(self, fh, off, size):
+        return os.pread(fh, size, off)
+
+    @answer_errors
+    async def write(self, fh, off, buf):
+        return self.view.write(fh, off, buf)
+
+    @answer_errors
+    async def flush(self, fh):
+        self.view.flush(fh)
+
+    @answer_errors
+    async def fsync(self, fh, datasync):
+        self.view.fsync(fh, datasync)
+
+    @answer_errors
+    async def release(self, fh):
+        self.view.release(fh)
+
+    @answer_errors
+    async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        return self.entry(self.view.mknod(parent_inode, name, mode & ~ctx.umask, rdev, ctx.uid, ctx.gid))
+
+    @answer_errors
+    async def mkdir(self, parent_inode, name, mode, ctx):
+        return self.entry(self.view.mkdir(parent_inode, name, mode & ~ctx.umask, ctx.uid, ctx.gid))
+
+    @answer_errors
+    async def symlink(self, parent_inode, name, target, ctx):
+        return self.entry(self.view.symlink(parent_inode, name, target, ctx.uid, ctx.gid))
+
+    @answer_errors
+    async def link(self, inode, new_parent_inode, new_name, ctx):
+        return self.entry(self.view.link(inode, new_parent_inode, new_name))
+
+    @answer_errors
+    async def unlink(self, parent_inode, name, ctx):
+        self.view.unlink(parent_inode, name)
+
+    @answer_errors
+    async def rmdir(self, parent_inode, name, ctx):
+        self.view.rmdir(parent_inode, name)
+
+    @answer_errors
+    async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        self.view.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+
+    @answer_errors
+    async def getxattr(self, inode, name, ctx):
+        return self.view.getxattr(inode, name)
+
+    @answer_errors
+    async def listxattr(self, inode, ctx):
+        return self.view.listxattr(inode)
+
+    @answer_errors
+    async def setxattr(self, inode, name, value, ctx):
+        self.view.setxattr(inode, name, value)
+
+    @answer_errors
+    async def removexattr(self, inode, name, ctx):
+        self.view.removexattr(inode, name)
+
+    @answer_errors
+    async def access(self, inode, mode, ctx):
+        return True  # mounted with default_permissions: the kernel checks modes itself
+
+    @answer_errors
+    async def statfs(self, ctx):
+        st = self.view.statfs()
+        out = pyfuse3.StatvfsData()
+        out.f_bsize, out.f_frsize = st.f_bsize, st.f_frsize
+        out.f_blocks, out.f_bfree, out.f_bavail = st.f_blocks, st.f_bfree, st.f_bavail
+        out.f_files, out.f_ffree, out.f_favail = st.f_files, st.f_ffree, st.f_favail
+        out.f_namemax = 255
+        return out

@@ -1,0 +1,205 @@
+"""The writable upper layer on disk: a SQLite metadata file and data files by inode.
+
+  <upper>/upper.db     inodes(ino, lower_ino, mode, uid, gid, size, atime_ns, mtime_ns,
+                              ctime_ns, rdev, nlink, target, xattrs, has_data)
+                       dirents(parent, name, ino)    ino 0 = whiteout of a lower name
+                       meta(key, value)              next_ino
+  <upper>/data/<ino>   the content of every regular file changed or created here
+
+Data lives by inode number, not by path, so renaming a directory (even one
+that exists only in lower layers) moves no data and never needs EXDEV, hard
+links share one data file, and whiteouts are rows, so names of 252-255 bytes
+need no `.wh.` prefix. Ownership, modes, devices and xattrs are rows too
+(invariant 5): an unprivileged mounter never chowns a host file.
+
+Crash consistency (invariant 3): SQLite in WAL mode commits every change
+before the FUSE reply, and copy-up writes a temp file that is renamed into
+place only when complete. A process killed with -9 loses nothing the kernel
+already has; `check()` repairs what a crash can leave (sizes, orphan data).
+"""
+from __future__ import annotations
+
+import base64
+import contextlib
+import errno
+import json
+import os
+import sqlite3
+
+from store.fsutil import DIR_FLAGS
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS inodes(ino INTEGER PRIMARY KEY, lower_ino INTEGER, mode INTEGER NOT NULL,
+    uid INTEGER NOT NULL, gid INTEGER NOT NULL, size INTEGER NOT NULL, atime_ns INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL, ctime_ns INTEGER NOT NULL, rdev INTEGER NOT NULL,
+    nlink INTEGER NOT NULL, target BLOB, xattrs TEXT, has_data INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS dirents(parent INTEGER NOT NULL, name BLOB NOT NULL, ino INTEGER NOT NULL,
+    PRIMARY KEY(parent, name)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+INODE_COLUMNS = 14
+COPY_CHUNK = 1 << 30
+
+
+def encode_xattrs(xattrs: dict) -> str | None:
+    if not xattrs:
+        return None
+    return json.dumps({os.fsdecode(k): base64.b64encode(v).decode() for k, v in sorted(xattrs.items())})
+
+
+def copy_sparse(src_fd: int, dst_fd: int) -> int:
+    """Copy a whole file in the kernel, keeping holes (SEEK_DATA/SEEK_HOLE + copy_file_range)."""
+    size = os.fstat(src_fd).st_size
+    offset = 0
+    while offset < size:
+        try:
+            data = os.lseek(src_fd, offset, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # only a hole remains
+                break
+            raise
+        hole = os.lseek(src_fd, data, os.SEEK_HOLE)
+        pos = data
+        while pos < hole:
+            n = os.copy_file_range(src_fd, dst_fd, min(COPY_CHUNK, hole - pos), pos, pos)
+            if n == 0:
+                break
+            pos += n
+        offset = hole
+    os.ftruncate(dst_fd, size)
+    return size
+
+
+class UpperLayer:
+    """Persistence of the upper layer. The view keeps the working copy in memory."""
+
+    def __init__(self, path: str, first_free_ino: int):
+        os.makedirs(os.path.join(path, "data"), exist_ok=True)
+        self.path = path
+        self.data_fd = os.open(os.path.join(path, "data"), DIR_FLAGS)
+        self.db = sqlite3.connect(os.path.join(path, "upper.db"), isolation_level=None,
+                                  check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")  # survives kill -9; fsync() syncs explicitly
+        self.db.executescript(SCHEMA)
+        row = self.db.execute("SELECT value FROM meta WHERE key='next_ino'").fetchone()
+        if row is None:
+            self.db.execute("INSERT INTO meta VALUES('next_ino', ?)", (str(first_free_ino),))
+            self.next_ino = first_free_ino
+        else:
+            self.next_ino = max(int(row[0]), first_free_ino)
+        self._depth = 0
+
+    def close(self) -> None:
+        self.db.close()
+        os.close(self.data_fd)
+
+    @contextlib.contextmanager
+    def transaction(self):
+        """Group several updates into one atomic commit (rename touches many rows)."""
+        if self._depth == 0:
+            self.db.execute("BEGIN IMMEDIATE")
+        self._depth += 1
+        try:
+            yield
+        except BaseException:
+            self._depth -= 1
+            if self._depth == 0:
+                self.db.execute("ROLLBACK")
+            raise
+        self._depth -= 1
+        if self._depth == 0:
+            self.db.execute("COMMIT")
+
+    # -- loading -------------------------------------------------------------
+
+    def load_inodes(self) -> dict[int, tuple]:
+        return {row[0]: row for row in self.db.execute("SELECT * FROM inodes")}
+
+    def load_dirents(self) -> dict[int, dict[bytes, int]]:
+        out: dict[int, dict[bytes, int]] = {}
+        for parent, name, ino in self.db.execute("SELECT parent, name, ino FROM dirents"):
+            out.setdefault(parent, {})[name] = ino
+        return out
+
+    # -- updates ---------------------------------------------------------------
+
+    def allocate_ino(self) -> int:
+        ino = self.next_ino
+        self.next_ino += 1
+        self.db.execute("UPDATE meta SET value=? WHERE key='next_ino'", (str(self.next_ino),))
+        return ino
+
+    def put_inode(self, row: tuple) -> None:
+        self.db.execute("INSERT OR REPLACE INTO inodes VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?)", row)
+
+    def delete_inode(self, ino: int) -> None:
+        self.db.execute("DELETE FROM inodes WHERE ino=?", (ino,))
+        self.remove_data(ino)
+
+    def put_dirent(self, parent: int, name: bytes, ino: int) -> None:
+        self.db.execute("INSERT OR REPLACE INTO dirents VALUES(?,?,?)", (parent, name, ino))
+
+    def delete_dirent(self, parent: int, name: bytes) -> None:
+        self.db.execute("DELETE FROM dirents WHERE parent=? AND name=?", (parent, name))
+
+    def delete_dirents_of(self, parent: int) -> None:
+        self.db.execute("DELETE FROM dirents WHERE parent=?", (parent,))
+
+    # -- data files ------------------------------------------------------------
+
+    def data_name(self, ino: int) -> str:
+        return str(ino)
+
+    def open_data(self, ino: int, flags: int) -> int:
+        return os.open(self.data_name(ino), flags | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600, dir_fd=self.data_fd)
+
+    def create_data(self, ino: int, src_fd: int | None = None) -> None:
+        """Make data/<ino> complete before it appears: copy to a temp name, then rename."""
+        tmp = f".tmp-{ino}"
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600,
+                     dir_fd=self.data_fd)
+        try:
+            if src_fd is not None:
+                copy_sparse(src_fd, fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, self.data_name(ino), src_dir_fd=self.data_fd, dst_dir_fd=self.data_fd)
+
+    def remove_data(self, ino: int) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.data_name(ino), dir_fd=self.data_fd)
+
+    def data_size(self, ino: int) -> int | None:
+        try:
+            return os.stat(self.data_name(ino), dir_fd=self.data_fd, follow_symlinks=False).st_size
+        except FileNotFoundError:
+            return None
+
+    def sync(self) -> None:
+        self.db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        os.fsync(self.data_fd)
+
+    def check(self) -> list[str]:
+        """Repair what a crash can leave behind; return what was repaired (fsck)."""
+        repairs = []
+        rows = self.load_inodes()
+        names = set(os.listdir(self.data_fd))
+        for name in sorted(names):
+            if name.startswith(".tmp-"):
+                os.unlink(name, dir_fd=self.data_fd)
+                repairs.append(f"removed unfinished copy-up {name}")
+            elif not name.isdigit() or int(name) not in rows:
+                os.unlink(name, dir_fd=self.data_fd)
+                repairs.append(f"removed orphan data file {name}")
+        for ino, row in rows.items():
+            has_data = str(ino) in names
+            if row[10] <= 0:  # unlinked while open when the server died
+                self.delete_inode(ino)
+                repairs.append(f"removed unlinked inode {ino}")
+                continue
+            if has_data != bool(row[13]) or (has_data and self.data_size(ino) != row[5]):
+                size = self.data_size(ino) if has_data else row[5]
+                self.db.execute("UPDATE inodes SET has_data=?, size=? WHERE ino=?", (int(has_data), size, ino))
+                repairs.append(f"fixed data state of inode {ino}")
+        return repairs

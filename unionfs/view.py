@@ -1,0 +1,523 @@
+"""The merged view: a lower source plus an upper layer, as POSIX sees it. No FUSE here.
+
+Every operation takes and returns inode numbers and Node objects and raises
+OSError(errno) for what POSIX calls an error; ops.py only translates.
+
+Identity is the inode number. A directory's lower children are those of its
+`lower_ino`, so a lower directory renamed anywhere keeps its contents, and a
+directory deleted and made again (a new inode) is opaque without a flag.
+Inode numbers never change on copy-up or across remounts (invariant 6).
+"""
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import time
+
+from .upper import INODE_COLUMNS, UpperLayer, encode_xattrs
+
+NAME_MAX = 255
+XATTR_NAME_MAX = 255
+XATTR_SIZE_MAX = 65536
+XATTR_CREATE, XATTR_REPLACE = 1, 2
+RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
+ALLOWED_XATTR_PREFIXES = (b"user.", b"trusted.", b"security.")
+S_IFMT, S_IFDIR, S_IFREG, S_IFLNK = stat.S_IFMT(0o170000), stat.S_IFDIR, stat.S_IFREG, stat.S_IFLNK
+
+
+def fs_error(code: int) -> OSError:
+    return OSError(code, os.strerror(code))
+
+
+class Node:
+    """One inode of the merged view (materialised on first use, kept while mounted)."""
+
+    __slots__ = ("ino", "mode", "uid", "gid", "size", "atime_ns", "mtime_ns", "ctime_ns", "rdev",
+                 "nlink", "target", "xattrs", "lower_ino", "has_data", "parent", "opens", "dirty")
+
+    def is_dir(self) -> bool:
+        return self.mode & 0o170000 == S_IFDIR
+
+    def row(self) -> tuple:
+        return (self.ino, self.lower_ino, self.mode, self.uid, self.gid, self.size, self.atime_ns,
+                self.mtime_ns, self.ctime_ns, self.rdev, self.nlink, self.target,
+                encode_xattrs(self.xattrs), int(self.has_data))
+
+
+def check_name(name: bytes) -> None:
+    if len(name) > NAME_MAX:
+        raise fs_error(errno.ENAMETOOLONG)
+    if not name or b"/" in name or name in (b".", b".."):
+        raise fs_error(errno.EINVAL)
+
+
+class UnionView:
+    """Collaborators: `lower` (IndexLower or DirLower), `upper` (UpperLayer, or None: read-only)."""
+
+    def __init__(self, lower, upper: UpperLayer | None = None):
+        self.lower = lower
+        self.upper = upper
+        self.nodes: dict[int, Node] = {}
+        self.handles: dict[int, Node] = {}  # open fd -> node
+        self.upper_rows = upper.load_inodes() if upper else {}
+        self.upper_dirents = upper.load_dirents() if upper else {}
+        root = self.node(1)
+        root.parent = 1
+
+    # -- nodes -----------------------------------------------------------------
+
+    def node(self, ino: int) -> Node:
+        n = self.nodes.get(ino)
+        if n is not None:
+            return n
+        row = self.upper_rows.pop(ino, None)
+        n = Node()
+        n.ino, n.parent, n.opens, n.dirty = ino, None, 0, False
+        if row is not None:
+            (_, n.lower_ino, n.mode, n.uid, n.gid, n.size, n.atime_ns, n.mtime_ns, n.ctime_ns,
+             n.rdev, n.nlink, n.target, xattrs, has_data) = row
+            from .lower import decode_xattrs
+            n.xattrs = decode_xattrs(xattrs)
+            n.has_data = bool(has_data)
+            if n.has_data:
+                size = self.upper.data_size(ino)
+                n.size = n.size if size is None else size  # the data file is the truth after a crash
+        else:
+            attrs = self.lower.attrs(ino)
+            if attrs is None:
+                raise fs_error(errno.ESTALE)
+            n.mode, n.uid, n.gid, n.size, n.mtime_ns, n.rdev, n.nlink, n.target, n.xattrs = attrs
+            n.atime_ns = n.ctime_ns = n.mtime_ns
+            n.lower_ino, n.has_data = ino, False
+        self.nodes[ino] = n
+        return n
+
+    def _persist(self, n: Node) -> None:
+        self.upper.put_inode(n.row())
+        n.dirty = False
+
+    def _writable(self) -> UpperLayer:
+        if self.upper is None:
+            raise fs_error(errno.EROFS)
+        return self.upper
+
+    def _new_node(self, mode: int, uid: int, gid: int, rdev: int = 0, target: bytes | None = None) -> Node:
+        upper = self._writable()
+        n = Node()
+        now = time.time_ns()
+        n.ino = upper.allocate_ino()
+        n.mode, n.uid, n.gid, n.rdev, n.target = mode, uid, gid, rdev, target
+        n.size = len(target) if target is not None else 0
+        n.atime_ns = n.mtime_ns = n.ctime_ns = now
+        n.nlink = 2 if stat.S_ISDIR(mode) else 1
+        n.xattrs, n.lower_ino, n.has_data, n.parent, n.opens, n.dirty = {}, None, False, None, 0, False
+        self.nodes[n.ino] = n
+        return n
+
+    # -- names -----------------------------------------------------------------
+
+    def _find(self, parent: Node, name: bytes) -> int | None:
+        entries = self.upper_dirents.get(parent.ino)
+        if entries is not None and name in entries:
+            return entries[name] or None  # 0: whited out
+        if parent.lower_ino is None:
+            return None
+        return self.lower.lookup(parent.lower_ino, name)
+
+    def lookup(self, parent_ino: int, name: bytes) -> Node:
+        if len(name) > NAME_MAX:
+            raise fs_error(errno.ENAMETOOLONG)
+        parent = self.nodes.get(parent_ino) or self.node(parent_ino)
+        ino = self._find(parent, name)
+        if ino is None:
+            raise fs_error(errno.ENOENT)
+        n = self.nodes.get(ino) or self.node(ino)
+        if n.mode & 0o170000 == S_IFDIR:
+            n.parent = parent_ino
+        return n
+
+    def listdir(self, dir_ino: int) -> list[tuple[bytes, Node]]:
+        """The merged entries, sorted by name (stable offsets come from this order)."""
+        d = self.node(dir_ino)
+        if not d.is_dir():
+            raise fs_error(errno.ENOTDIR)
+        merged: dict[bytes, int] = {}
+        if d.lower_ino is not None:
+            merged.update(self.lower.children(d.lower_ino))
+        for name, ino in self.upper_dirents.get(dir_ino, {}).items():
+            if ino:
+                merged[name] = ino
+            else:
+                merged.pop(name, None)
+        out = []
+        for name in sorted(merged):
+            n = self.node(merged[name])
+            if n.is_dir():
+                n.parent = dir_ino
+            out.append((name, n))
+        return out
+
+    def _is_empty(self, d: Node) -> bool:
+        entries = self.upper_dirents.get(d.ino, {})
+        if any(entries.values()):
+            return False
+        if d.lower_ino is not None:
+            for name, _ in self.lower.children(d.lower_ino):
+                if entries.get(name, -1) != 0:
+                    return False
+        return True
+
+    def _link_name(self, parent: Node, name: bytes, ino: int) -> None:
+        self.upper.put_dirent(parent.ino, name, ino)
+        self.upper_dirents.setdefault(parent.ino, {})[name] = ino
+
+    def _unlink_name(self, parent: Node, name: bytes) -> None:
+        """Hide `name`: a whiteout where a lower entry has it, else just drop the upper row."""
+        if parent.lower_ino is not None and self.lower.lookup(parent.lower_ino, name) is not None:
+            self._link_name(parent, name, 0)
+        else:
+            self.upper.delete_dirent(parent.ino, name)
+            self.upper_dirents.get(parent.ino, {}).pop(name, None)
+
+    def _touch_dir(self, d: Node, nlink_delta: int = 0) -> None:
+        d.mtime_ns = d.ctime_ns = time.time_ns()
+        d.nlink += nlink_delta
+        self._persist(d)
+
+    def _inherit_gid(self, parent: Node, gid: int, mode: int) -> tuple[int, int]:
+        if parent.mode & stat.S_ISGID:
+            return parent.gid, (mode | stat.S_ISGID) if stat.S_ISDIR(mode) else mode
+        return gid, mode
+
+    def _check_new(self, parent: Node, name: bytes) -> None:
+        check_name(name)
+        self._writable()
+        if not parent.is_dir():
+            raise fs_error(errno.ENOTDIR)
+        if self._find(parent, name) is not None:
+            raise fs_error(errno.EEXIST)
+
+    # -- creating --------------------------------------------------------------
+
+    def _make(self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int, rdev: int = 0,
+              target: bytes | None = None) -> Node:
+        parent = self.node(parent_ino)
+        self._check_new(parent, name)
+        gid, mode = self._inherit_gid(parent, gid, mode)
+        with self.upper.transaction():
+            n = self._new_node(mode, uid, gid, rdev, target)
+            if stat.S_ISREG(mode):
+                self.upper.create_data(n.ino)
+                n.has_data = True
+            if n.is_dir():
+                n.parent = parent.ino
+            self._persist(n)
+            self._link_name(parent, name, n.ino)
+            self._touch_dir(parent, 1 if n.is_dir() else 0)
+        return n
+
+    def create(self, parent_ino: int, name: bytes, mode: int, flags: int, uid: int, gid: int) -> tuple[Node, int]:
+        n = self._make(parent_ino, name, S_IFREG | stat.S_IMODE(mode), uid, gid)
+        fd = self.upper.open_data(n.ino, os.O_RDWR)
+        n.opens += 1
+        self.handles[fd] = n
+        return n, fd
+
+    def mkdir(self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int) -> Node:
+        return self._make(parent_ino, name, S_IFDIR | stat.S_IMODE(mode), uid, gid)
+
+    def mknod(self, parent_ino: int, name: bytes, mode: int, rdev: int, uid: int, gid: int) -> Node:
+        kind = stat.S_IFMT(mode) or S_IFREG
+        if kind not in (S_IFREG, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK):
+            raise fs_error(errno.EINVAL)
+        return self._make(parent_ino, name, kind | stat.S_IMODE(mode), uid, gid,
+                          rdev if kind in (stat.S_IFCHR, stat.S_IFBLK) else 0)
+
+    def symlink(self, parent_ino: int, name: bytes, target: bytes, uid: int, gid: int) -> Node:
+        if len(target) >= 4096:
+            raise fs_error(errno.ENAMETOOLONG)
+        return self._make(parent_ino, name, S_IFLNK | 0o777, uid, gid, target=target)
+
+    def link(self, ino: int, new_parent_ino: int, new_name: bytes) -> Node:
+        n = self.node(ino)
+        if n.is_dir():
+            raise fs_error(errno.EPERM)
+        parent = self.node(new_parent_ino)
+        self._check_new(parent, new_name)
+        with self.upper.transaction():
+            n.nlink += 1
+            n.ctime_ns = time.time_ns()
+            self._persist(n)
+            self._link_name(parent, new_name, ino)
+            self._touch_dir(parent)
+        return n
+
+    # -- removing ----------------------------------------------------------------
+
+    def _drop_link(self, n: Node) -> None:
+        """One name fewer; free the inode when none is left and nobody has it open."""
+        n.nlink -= 1 if not n.is_dir() else n.nlink
+        n.ctime_ns = time.time_ns()
+        if n.nlink > 0 or n.opens > 0:
+            self._persist(n)
+        else:
+            self.upper.delete_inode(n.ino)
+            if n.is_dir():
+                self.upper.delete_dirents_of(n.ino)
+                self.upper_dirents.pop(n.ino, None)
+
+    def unlink(self, parent_ino: int, name: bytes) -> None:
+        parent = self.node(parent_ino)
+        n = self.lookup(parent_ino, name)
+        self._writable()
+        if n.is_dir():
+            raise fs_error(errno.EISDIR)
+        with self.upper.transaction():
+            self._unlink_name(parent, name)
+            self._drop_link(n)
+            self._touch_dir(parent)
+
+    def rmdir(self, parent_ino: int, name: bytes) -> None:
+        parent = self.node(parent_ino)
+        n = self.lookup(parent_ino, name)
+        self._writable()
+        if not n.is_dir():
+            raise fs_error(errno.ENOTDIR)
+        if not self._is_empty(n):
+            raise fs_error(errno.ENOTEMPTY)
+        with self.upper.transaction():
+            self._unlink_name(parent, name)
+            self._drop_link(n)
+            self._touch_dir(parent, -1)
+
+    def rename(self, old_parent_ino: int, old_name: bytes, new_parent_ino: int, new_name: bytes,
+               flags: int = 0) -> None:
+        check_name(new_name)
+        self._writable()
+        old_parent, new_parent = self.node(old_parent_ino), self.node(new_parent_ino)
+        src = self.lookup(old_parent_ino, old_name)
+        dst_ino = self._find(new_parent, new_name)
+        dst = self.node(dst_ino) if dst_ino is not None else None
+        if flags & RENAME_EXCHANGE:
+            if dst is None:
+                raise fs_error(errno.ENOENT)
+            with self.upper.transaction():
+                self._link_name(old_parent, old_name, dst.ino)
+                self._link_name(new_parent, new_name, src.ino)
+                delta = int(src.is_dir()) - int(dst.is_dir())
+                if old_parent is not new_parent and delta:
+                    self._touch_dir(old_parent, -delta)
+                    self._touch_dir(new_parent, delta)
+                else:
+                    self._touch_dir(old_parent)
+                    if new_parent is not old_parent:
+                        self._touch_dir(new_parent)
+                for n, p in ((src, new_parent), (dst, old_parent)):
+                    n.ctime_ns = time.time_ns()
+                    if n.is_dir():
+                        n.parent = p.ino
+                    self._persist(n)
+            return
+        if dst is not None:
+            if flags & RENAME_NOREPLACE:
+                raise fs_error(errno.EEXIST)
+            if dst is src:
+                return  # two names of one inode: POSIX says do nothing
+            if src.is_dir() and not dst.is_dir():
+                raise fs_error(errno.ENOTDIR)
+            if not src.is_dir() and dst.is_dir():
+                raise fs_error(errno.EISDIR)
+            if dst.is_dir() and not self._is_empty(dst):
+                raise fs_error(errno.ENOTEMPTY)
+        with self.upper.transaction():
+            if dst is not None:
+                self._drop_link(dst)
+                if dst.is_dir():
+                    new_parent.nlink -= 1
+            self._unlink_name(old_parent, old_name)
+            self._link_name(new_parent, new_name, src.ino)
+            if src.is_dir():
+                src.parent = new_parent.ino
+                if old_parent is not new_parent:
+                    old_parent.nlink -= 1
+                    new_parent.nlink += 1
+            src.ctime_ns = time.time_ns()
+            self._persist(src)
+            self._touch_dir(old_parent)
+            if new_parent is not old_parent:
+                self._touch_dir(new_parent)
+
+    # -- data ------------------------------------------------------------------
+
+    def _copy_up(self, n: Node, truncate: bool = False) -> None:
+        """Give `n` its own data file; atomic (temp file, rename), holes kept, ino kept."""
+        if n.has_data:
+            return
+        upper = self._writable()
+        if truncate or n.lower_ino is None:
+            upper.create_data(n.ino)
+            n.size = 0 if truncate else n.size
+        else:
+            src = self.lower.open_data(n.lower_ino)
+            try:
+                upper.create_data(n.ino, src)
+            finally:
+                os.close(src)
+        n.has_data = True
+        self._persist(n)
+
+    def open(self, ino: int, flags: int) -> tuple[int, bool]:
+        """Return (fd, data_is_immutable)."""
+        n = self.node(ino)
+        if n.is_dir():
+            raise fs_error(errno.EISDIR)
+        writing = flags & os.O_ACCMODE != os.O_RDONLY
+        truncate = bool(flags & os.O_TRUNC) and writing
+        if writing:
+            self._copy_up(n, truncate)
+        if n.has_data:
+            fd = self.upper.open_data(ino, os.O_RDWR if writing else os.O_RDONLY)
+        else:
+            fd = self.lower.open_data(n.lower_ino)
+        if truncate and n.size:
+            os.ftruncate(fd, 0)
+            n.size = 0
+            n.mtime_ns = n.ctime_ns = time.time_ns()
+            self._persist(n)
+        n.opens += 1
+        self.handles[fd] = n
+        return fd, not n.has_data
+
+    def read(self, fd: int, offset: int, size: int) -> bytes:
+        return os.pread(fd, size, offset)
+
+    def write(self, fd: int, offset: int, data: bytes) -> int:
+        n = self.handles[fd]
+        written = os.pwrite(fd, data, offset)
+        end = offset + written
+        if end > n.size:
+            n.size = end
+        n.mtime_ns = n.ctime_ns = time.time_ns()
+        n.dirty = True
+        return written
+
+    def flush(self, fd: int) -> None:
+        n = self.handles[fd]
+        if n.dirty:
+            self._persist(n)
+
+    def fsync(self, fd: int, datasync: bool) -> None:
+        n = self.handles[fd]
+        if n.has_data:
+            os.fdatasync(fd) if datasync else os.fsync(fd)
+        if n.dirty:
+            self._persist(n)
+        if self.upper is not None:
+            self.upper.sync()
+
+    def release(self, fd: int) -> None:
+        n = self.handles.pop(fd)
+        os.close(fd)
+        n.opens -= 1
+        if n.nlink <= 0 and n.opens == 0 and self.upper is not None:
+            self.upper.delete_inode(n.ino)  # last close of an unlinked file
+        elif n.dirty:
+            self._persist(n)
+
+    # -- attributes ---------------------------------------------------------------
+
+    def setattr(self, ino: int, fd: int | None = None, mode: int | None = None, uid: int | None = None,
+                gid: int | None = None, size: int | None = None, atime_ns: int | None = None,
+                mtime_ns: int | None = None) -> Node:
+        n = self.node(ino)
+        self._writable()
+        now = time.time_ns()
+        with self.upper.transaction():
+            if size is not None:
+                if n.is_dir():
+                    raise fs_error(errno.EISDIR)
+                self._copy_up(n, truncate=size == 0)
+                if fd is not None and fd in self.handles and n.has_data:
+                    os.ftruncate(fd, size)
+                else:
+                    dfd = self.upper.open_data(ino, os.O_WRONLY)
+                    try:
+                        os.ftruncate(dfd, size)
+                    finally:
+                        os.close(dfd)
+                n.size = size
+                n.mtime_ns = now
+            if mode is not None:
+                n.mode = (n.mode & 0o170000) | stat.S_IMODE(mode)
+            if uid is not None:
+                n.uid = uid
+            if gid is not None:
+                n.gid = gid
+            if atime_ns is not None:
+                n.atime_ns = atime_ns
+            if mtime_ns is not None:
+                n.mtime_ns = mtime_ns
+            n.ctime_ns = now
+            self._persist(n)
+        return n
+
+    def readlink(self, ino: int) -> bytes:
+        n = self.node(ino)
+        if n.target is None:
+            raise fs_error(errno.EINVAL)
+        return n.target
+
+    # -- xattrs: metadata only, never on host files ------------------------------
+
+    def getxattr(self, ino: int, name: bytes) -> bytes:
+        value = self.node(ino).xattrs.get(name)
+        if value is None:
+            raise fs_error(errno.ENODATA)
+        return value
+
+    def listxattr(self, ino: int) -> list[bytes]:
+        return sorted(self.node(ino).xattrs)
+
+    def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
+        if not name.startswith(ALLOWED_XATTR_PREFIXES):
+            raise fs_error(errno.EOPNOTSUPP)
+        if len(name) > XATTR_NAME_MAX:
+            raise fs_error(errno.ERANGE)
+        if len(value) > XATTR_SIZE_MAX:
+            raise fs_error(errno.E2BIG)
+        n = self.node(ino)
+        self._writable()
+        if flags & XATTR_CREATE and name in n.xattrs:
+            raise fs_error(errno.EEXIST)
+        if flags & XATTR_REPLACE and name not in n.xattrs:
+            raise fs_error(errno.ENODATA)
+        n.xattrs = dict(n.xattrs)
+        n.xattrs[name] = bytes(value)
+        n.ctime_ns = time.time_ns()
+        self._persist(n)
+
+    def removexattr(self, ino: int, name: bytes) -> None:
+        n = self.node(ino)
+        self._writable()
+        if name not in n.xattrs:
+            raise fs_error(errno.ENODATA)
+        n.xattrs = {k: v for k, v in n.xattrs.items() if k != name}
+        n.ctime_ns = time.time_ns()
+        self._persist(n)
+
+    def statfs(self) -> os.statvfs_result:
+        if self.upper is not None:
+            return os.statvfs(self.upper.path)
+        return os.statvfs(f"/proc/self/fd/{self.lower.layer_fds[0]}")
+
+    def close(self) -> None:
+        for fd in list(self.handles):
+            os.close(fd)
+        self.handles.clear()
+        if self.upper is not None:
+            self.upper.close()
+        self.lower.close()
+
+
+assert INODE_COLUMNS == 14
