@@ -1,0 +1,267 @@
+"""Filesystem operations on a real FUSE mount of a container (image chain + upper layer)."""
+import ctypes
+import errno
+import os
+import stat
+import subprocess
+
+import pytest
+
+from store import Store
+from store.containers import container_dir, create_container
+
+from .helpers import member
+from .images import make_chain
+from .mounts import is_mounted, served, strata_mount_argv
+
+LONG = "L" * 255
+
+BASE = [
+    member("d", "dir", mode=0o755),
+    member("d/a", data=b"lower a\n", mode=0o640, uid=1000, gid=1000,
+           pax={"SCHILY.xattr.user.color": "blue"}),
+    member("d/sub", "dir"), member("d/sub/deep", data=b"deep\n"),
+    member("hard1", data=b"shared\n"), member("hard2", "hardlink", link="hard1"),
+    member("link", "symlink", link="d/a"),
+    member("dev", "dir"), member("dev/null", "char", mode=0o666, major=1, minor=3),
+    member("su", data=b"#!/bin/sh\n", mode=0o4755),
+    member(LONG, data=b"long name\n"),
+    member("gone", data=b"to be whited out\n"),
+    member("opq", "dir"), member("opq/old", data=b"old\n"),
+]
+TOP = [
+    member(".wh.gone"),
+    member("opq", "dir"), member("opq/.wh..wh..opq"), member("opq/new", data=b"new\n"),
+    member("d/top", data=b"top\n"),
+]
+
+
+@pytest.fixture
+def container(store_root, tmp_path):
+    store = Store(store_root)
+    image = make_chain(store, [BASE, TOP], "fs:test")
+    c = create_container(store, image, "fs-test")
+    return store, c
+
+
+@pytest.fixture
+def mounted(container, store_root, tmp_path):
+    store, c = container
+    mnt = str(tmp_path / "mnt")
+    os.mkdir(mnt)
+    argv, env = strata_mount_argv(store_root, "fs-test", mnt)
+    with served(argv, mnt, env):
+        yield mnt, store, c
+
+
+def upper_data(store, c):
+    return os.path.join(container_dir(store, c["Id"]), "upper", "data")
+
+
+def test_image_contents_and_metadata(mounted):
+    mnt, _, _ = mounted
+    assert open(f"{mnt}/d/a", "rb").read() == b"lower a\n"
+    st = os.lstat(f"{mnt}/d/a")
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o640, 1000, 1000)
+    assert os.getxattr(f"{mnt}/d/a", "user.color") == b"blue"
+    assert os.readlink(f"{mnt}/link") == "d/a"
+    dev = os.lstat(f"{mnt}/dev/null")
+    assert stat.S_ISCHR(dev.st_mode) and dev.st_rdev == os.makedev(1, 3)
+    assert stat.S_IMODE(os.lstat(f"{mnt}/su").st_mode) == 0o4755
+    h1, h2 = os.lstat(f"{mnt}/hard1"), os.lstat(f"{mnt}/hard2")
+    assert h1.st_ino == h2.st_ino and h1.st_nlink == 2
+    assert sorted(os.listdir(mnt)) == sorted(["d", "hard1", "hard2", "link", "dev", "su", LONG, "opq"])
+    assert os.listdir(f"{mnt}/opq") == ["new"]  # opaque in the top layer
+    assert sorted(os.listdir(f"{mnt}/d")) == ["a", "sub", "top"]
+    assert os.lstat(f"{mnt}/d").st_nlink == 3  # 2 + one subdirectory, from the index
+    with pytest.raises(FileNotFoundError):
+        os.lstat(f"{mnt}/gone")
+    out = subprocess.run(["ls", "-a", mnt], capture_output=True, text=True).stdout.split()
+    assert out[:2] == [".", ".."]
+
+
+def test_copy_up_keeps_inode_metadata_and_lower_layer(mounted):
+    mnt, store, c = mounted
+    before = os.lstat(f"{mnt}/d/a")
+    with open(f"{mnt}/d/a", "ab") as f:
+        f.write(b"appended\n")
+    after = os.lstat(f"{mnt}/d/a")
+    assert after.st_ino == before.st_ino
+    assert (after.st_mode, after.st_uid, after.st_gid) == (before.st_mode, before.st_uid, before.st_gid)
+    assert os.getxattr(f"{mnt}/d/a", "user.color") == b"blue"
+    assert open(f"{mnt}/d/a", "rb").read() == b"lower a\nappended\n"
+    assert os.listdir(upper_data(store, c)) == [str(before.st_ino)]
+    # the image's own layer is untouched
+    image = store.image_config(c["Image"])
+    layer_file = os.path.join(store.layer_dir(image["rootfs"]["diff_ids"][0]), "root", "d", "a")
+    assert open(layer_file, "rb").read() == b"lower a\n"
+    # hard links share the copied-up data
+    with open(f"{mnt}/hard1", "ab") as f:
+        f.write(b"more\n")
+    assert open(f"{mnt}/hard2", "rb").read() == b"shared\nmore\n"
+
+
+def test_metadata_changes_copy_no_data(mounted):
+    mnt, store, c = mounted
+    os.chmod(f"{mnt}/d/sub/deep", 0o600)
+    os.chown(f"{mnt}/d/sub/deep", 4242, 4343)
+    os.setxattr(f"{mnt}/d/sub/deep", "user.note", b"x")
+    os.setxattr(f"{mnt}/d/sub/deep", "trusted.t", b"y")
+    os.setxattr(f"{mnt}/d/sub/deep", "security.s", b"z")
+    os.utime(f"{mnt}/d/sub/deep", ns=(1_000_000_000, 2_000_000_000))
+    st = os.lstat(f"{mnt}/d/sub/deep")
+    assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid, st.st_mtime_ns) == (0o600, 4242, 4343, 2_000_000_000)
+    assert set(os.listxattr(f"{mnt}/d/sub/deep")) == {"user.note", "trusted.t", "security.s"}
+    os.removexattr(f"{mnt}/d/sub/deep", "user.note")
+    assert "user.note" not in os.listxattr(f"{mnt}/d/sub/deep")
+    assert os.listdir(upper_data(store, c)) == []
+
+
+def test_whiteouts_opaque_and_recreate(mounted):
+    mnt, _, _ = mounted
+    os.unlink(f"{mnt}/d/a")
+    assert "a" not in os.listdir(f"{mnt}/d")
+    with open(f"{mnt}/d/a", "w") as f:
+        f.write("again")
+    assert open(f"{mnt}/d/a").read() == "again"
+    subprocess.run(["rm", "-rf", f"{mnt}/d/sub"], check=True)
+    os.mkdir(f"{mnt}/d/sub")
+    assert os.listdir(f"{mnt}/d/sub") == []  # recreated directory is opaque
+    os.unlink(f"{mnt}/{LONG}")  # a 255-byte whiteout needs no ".wh." prefix
+    assert LONG not in os.listdir(mnt)
+    with pytest.raises(OSError) as e:
+        open(f"{mnt}/{'x' * 256}", "w")
+    assert e.value.errno == errno.ENAMETOOLONG
+
+
+def renameat2(src: str, dst: str, flags: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    AT_FDCWD = -100
+    if libc.renameat2(AT_FDCWD, src.encode(), AT_FDCWD, dst.encode(), flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+def test_rename_lower_directories_and_flags(mounted):
+    mnt, _, _ = mounted
+    ino = os.lstat(f"{mnt}/d").st_ino
+    os.rename(f"{mnt}/d", f"{mnt}/moved")  # a lower-only directory: never EXDEV
+    assert sorted(os.listdir(f"{mnt}/moved")) == ["a", "sub", "top"]
+    assert os.lstat(f"{mnt}/moved").st_ino == ino
+    assert open(f"{mnt}/moved/sub/deep").read() == "deep\n"
+    assert not os.path.exists(f"{mnt}/d")
+    os.mkdir(f"{mnt}/d")
+    assert os.listdir(f"{mnt}/d") == []
+    with pytest.raises(FileExistsError):
+        renameat2(f"{mnt}/hard1", f"{mnt}/su", 1)  # RENAME_NOREPLACE
+    renameat2(f"{mnt}/hard1", f"{mnt}/su", 2)  # RENAME_EXCHANGE
+    assert open(f"{mnt}/su").read() == "shared\n" and open(f"{mnt}/hard1").read() == "#!/bin/sh\n"
+    os.rename(f"{mnt}/moved/top", f"{mnt}/top")
+    assert open(f"{mnt}/top").read() == "top\n" and "top" not in os.listdir(f"{mnt}/moved")
+
+
+def test_links_nlink_and_unlinked_open_files(mounted):
+    mnt, store, c = mounted
+    os.link(f"{mnt}/hard1", f"{mnt}/hard3")
+    assert os.lstat(f"{mnt}/hard2").st_nlink == 3
+    os.unlink(f"{mnt}/hard1")
+    assert os.lstat(f"{mnt}/hard3").st_nlink == 2
+    os.mkdir(f"{mnt}/n")
+    os.mkdir(f"{mnt}/n/x")
+    os.mkdir(f"{mnt}/n/y")
+    assert os.lstat(f"{mnt}/n").st_nlink == 4
+    os.rmdir(f"{mnt}/n/y")
+    assert os.lstat(f"{mnt}/n").st_nlink == 3
+    fd = os.open(f"{mnt}/tmpfile", os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        os.write(fd, b"still here")
+        os.unlink(f"{mnt}/tmpfile")
+        assert os.fstat(fd).st_nlink == 0
+        assert os.pread(fd, 10, 0) == b"still here"
+    finally:
+        os.close(fd)
+    os.mkfifo(f"{mnt}/fifo")
+    os.symlink("/no/where", f"{mnt}/sym")
+    assert stat.S_ISFIFO(os.lstat(f"{mnt}/fifo").st_mode) and os.readlink(f"{mnt}/sym") == "/no/where"
+
+
+def test_sparse_copy_up_keeps_holes(container, store_root, tmp_path):
+    store, c = container
+    zeros = 16 << 20  # stored with holes at import; copy-up must keep them
+    make_chain(store, [BASE, [member("big", data=b"\0" * zeros)]], "fs:sparse")
+    c2 = create_container(store, store.resolve_image("fs:sparse"), "sparse")
+    mnt = str(tmp_path / "mnt2")
+    os.mkdir(mnt)
+    argv, env = strata_mount_argv(store_root, "sparse", mnt)
+    with served(argv, mnt, env):
+        with open(f"{mnt}/big", "r+b") as f:
+            f.seek(0, 2)
+            f.write(b"end")
+        assert os.lstat(f"{mnt}/big").st_size == zeros + 3
+        data_file = os.path.join(upper_data(store, c2), str(os.lstat(f"{mnt}/big").st_ino))
+    st = os.stat(data_file)
+    assert st.st_size == zeros + 3
+    assert st.st_blocks * 512 <= 64 * 1024
+
+
+def test_remount_keeps_everything(container, store_root, tmp_path):
+    store, c = container
+    mnt = str(tmp_path / "mnt")
+    os.mkdir(mnt)
+    argv, env = strata_mount_argv(store_root, "fs-test", mnt)
+    with served(argv, mnt, env):
+        os.chown(f"{mnt}/d/a", 7, 8)
+        os.setxattr(f"{mnt}/d/a", "user.k", b"v")
+        os.unlink(f"{mnt}/d/top")
+        os.mkdir(f"{mnt}/newdir")
+        with open(f"{mnt}/newdir/f", "w") as f:
+            f.write("persist")
+        os.rename(f"{mnt}/d/sub", f"{mnt}/sub2")
+        before = {p: os.lstat(f"{mnt}/{p}") for p in ("d/a", "newdir", "newdir/f", "sub2", "hard1", "d")}
+    assert not is_mounted(mnt)
+    with served(argv, mnt, env):
+        for p, st in before.items():
+            now = os.lstat(f"{mnt}/{p}")
+            assert (now.st_ino, now.st_mode, now.st_uid, now.st_gid, now.st_nlink, now.st_size) == \
+                (st.st_ino, st.st_mode, st.st_uid, st.st_gid, st.st_nlink, st.st_size), p
+        assert os.getxattr(f"{mnt}/d/a", "user.k") == b"v"
+        assert "top" not in os.listdir(f"{mnt}/d")
+        assert open(f"{mnt}/newdir/f").read() == "persist"
+        assert open(f"{mnt}/sub2/deep").read() == "deep\n"
+
+
+def test_image_mount_is_read_only(container, store_root, tmp_path):
+    mnt = str(tmp_path / "ro")
+    os.mkdir(mnt)
+    argv, env = strata_mount_argv(store_root, "fs:test", mnt)
+    with served(argv, mnt, env):
+        assert open(f"{mnt}/d/top").read() == "top\n"
+        with pytest.raises(OSError) as e:
+            open(f"{mnt}/new", "w")
+        assert e.value.errno == errno.EROFS
+
+
+def test_host_is_never_reached_through_container_names(mounted, tmp_path):
+    """Symlinks planted inside, swapped with directories while files are written through
+    them: the server only ever touches its own upper files."""
+    mnt, store, c = mounted
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep").write_text("untouched")
+    os.symlink(str(victim), f"{mnt}/evil")
+    script = (
+        "for i in 1 2 3 4 5 6 7 8 9 10; do "
+        "  mkdir -p /race; rm -rf /race; ln -s %s /race; rm -f /race; mkdir /race; "
+        "  echo owned > /race/keep 2>/dev/null; chmod 4777 /race/keep 2>/dev/null; "
+        "  echo x > /evil/keep 2>/dev/null; done; true" % victim)
+    busybox = "/bin/busybox"
+    os.makedirs(f"{mnt}/bin", exist_ok=True)
+    subprocess.run(["cp", busybox, f"{mnt}/bin/busybox"], check=True)
+    subprocess.run(["chroot", mnt, "/bin/busybox", "sh", "-c", script], check=True, timeout=60)
+    assert (victim / "keep").read_text() == "untouched"
+    assert os.listdir(victim) == ["keep"]
+    assert stat.S_IMODE(os.stat(victim / "keep").st_mode) == 0o644
+    data_dir = upper_data(store, c)
+    for name in os.listdir(data_dir):
+        st = os.lstat(os.path.join(data_dir, name))
+        assert name.isdigit() and stat.S_ISREG(st.st_mode) and not st.st_mode & 0o6000
