@@ -93,10 +93,11 @@ class IndexBuilder:
         ino = self.next_ino
         self.next_ino += 1
         is_dir = e.kind == "dir"
+        mode = 0o777 if e.kind == "symlink" else e.mode  # Linux symlinks are always 0777
         self.db.execute(
             "INSERT INTO inodes VALUES(?,?,?,?,?,?,?,?,?,?,?,?)",
             (ino, self.layer_pos if e.kind == "file" else -1, os.fsencode(e.path) if e.kind == "file" else b"",
-             KIND_TO_IFMT[e.kind] | e.mode, e.uid, e.gid, e.size, e.mtime_ns, e.rdev,
+             KIND_TO_IFMT[e.kind] | mode, e.uid, e.gid, e.size, e.mtime_ns, e.rdev,
              os.fsencode(e.target) if e.kind == "symlink" else None, xattrs_json(e.xattrs), 2 if is_dir else 1))
         return ino
 
