@@ -91,8 +91,11 @@ class UpperLayer:
         self._depth = 0
 
     def close(self) -> None:
+        """Idempotent: tests and error paths may close twice."""
         self.db.close()
-        os.close(self.data_fd)
+        if self.data_fd >= 0:
+            os.close(self.data_fd)
+            self.data_fd = -1
 
     @contextlib.contextmanager
     def transaction(self):

@@ -512,6 +512,7 @@ class UnionView:
         return os.statvfs(f"/proc/self/fd/{self.lower.layer_fds[0]}")
 
     def close(self) -> None:
+        """Idempotent: the server closes on every way out."""
         for fd in list(self.handles):
             os.close(fd)
         self.handles.clear()

@@ -1,0 +1,118 @@
+"""The standalone filesystem: fuse-overlayfs's command line over plain directories,
+as root and as an unprivileged user inside a user namespace."""
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from .helpers import REPO
+from .mounts import is_mounted, require_fuse, served, standalone_argv, wait_for
+
+VENV_BIN = os.path.dirname(sys.executable)
+
+
+@pytest.fixture
+def layers(tmp_path):
+    top, mid, bottom = (tmp_path / n for n in ("top", "mid", "bottom"))
+    for d in (top, mid, bottom):
+        (d / "etc").mkdir(parents=True)
+    (bottom / "etc" / "motd").write_text("bottom motd\n")
+    (bottom / "etc" / "oci-gone").write_text("x")
+    (bottom / "etc" / "ovl-gone").write_text("x")
+    (bottom / "only-bottom").write_text("b\n")
+    (mid / "etc" / "motd").write_text("mid motd\n")
+    (mid / "etc" / ".wh.oci-gone").write_text("")
+    os.mknod(mid / "etc" / "ovl-gone", stat.S_IFCHR | 0o600, os.makedev(0, 0))
+    (top / "new").write_text("top\n")
+    for d in ("upper", "work", "mnt"):
+        (tmp_path / d).mkdir()
+    return [str(top), str(mid), str(bottom)]
+
+
+def test_fuse_overlayfs_command_line(layers, tmp_path):
+    mnt = str(tmp_path / "mnt")
+    argv = standalone_argv(layers, str(tmp_path / "upper"), str(tmp_path / "work"), mnt)
+    with served(argv, mnt):
+        assert sorted(os.listdir(mnt)) == ["etc", "new", "only-bottom"]
+        assert sorted(os.listdir(f"{mnt}/etc")) == ["motd"]
+        assert open(f"{mnt}/etc/motd").read() == "mid motd\n"
+        with open(f"{mnt}/etc/motd", "a") as f:
+            f.write("changed\n")
+        os.unlink(f"{mnt}/only-bottom")
+        os.rename(f"{mnt}/etc", f"{mnt}/etc2")
+    # the lower directories are never written
+    assert open(os.path.join(layers[1], "etc", "motd")).read() == "mid motd\n"
+    assert os.path.exists(os.path.join(layers[2], "only-bottom"))
+    with served(argv, mnt):  # and the upper directory carries the changes across mounts
+        assert sorted(os.listdir(mnt)) == ["etc2", "new"]
+        assert open(f"{mnt}/etc2/motd").read() == "mid motd\nchanged\n"
+
+
+def test_background_mode_console_script_and_bad_options(layers, tmp_path):
+    require_fuse()
+    mnt = str(tmp_path / "mnt")
+    script = os.path.join(VENV_BIN, "strata-fuse")
+    opts = f"lowerdir={':'.join(layers)},upperdir={tmp_path}/upper,workdir={tmp_path}/work,noatime"
+    proc = subprocess.run([script, "-o", opts, mnt], capture_output=True, text=True, timeout=60)
+    try:
+        assert proc.returncode == 0, proc.stderr
+        assert is_mounted(mnt)  # mounted before the command returned
+        assert open(f"{mnt}/new").read() == "top\n"
+    finally:
+        subprocess.run(["fusermount3", "-u", mnt], check=True)
+    wait_for(lambda: not is_mounted(mnt), what="unmount")
+    bad = subprocess.run([script, "-o", "upperdir=/nonexistent", mnt], capture_output=True, text=True)
+    assert bad.returncode != 0 and "lowerdir= is required" in bad.stderr
+    bad = subprocess.run([script, "-o", f"lowerdir={layers[0]},frobnicate", mnt], capture_output=True, text=True)
+    assert bad.returncode != 0 and "unknown option(s): frobnicate" in bad.stderr
+
+
+UNPRIVILEGED_SCRIPT = textwrap.dedent("""\
+    set -eu
+    cd "$WORK"
+    "$PY" -m unionfs -f -o lowerdir=$WORK/top:$WORK/bottom,upperdir=$WORK/upper,workdir=$WORK/work \\
+        $WORK/mnt > $WORK/server.log 2>&1 &
+    server=$!
+    i=0
+    until grep -q " $WORK/mnt " /proc/self/mountinfo; do
+        i=$((i+1)); [ $i -lt 2000 ] || { cat $WORK/server.log; exit 1; }
+        kill -0 $server || { cat $WORK/server.log; exit 1; }
+        sleep 0.01
+    done
+    cat $WORK/mnt/file
+    echo written > $WORK/mnt/new
+    chown 1000:1000 $WORK/mnt/new
+    stat -c '%u:%g' $WORK/mnt/new
+    umount $WORK/mnt
+    wait $server
+    echo server-exited
+""")
+
+
+def test_unprivileged_user_in_a_user_namespace(unprivileged_setup):
+    work = "/tmp/strata-unpriv-fs"
+    shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(work)
+    try:
+        for d in ("top", "bottom", "upper", "work", "mnt"):
+            os.mkdir(os.path.join(work, d))
+        with open(os.path.join(work, "bottom", "file"), "w") as f:
+            f.write("from below\n")
+        subprocess.run(["chown", "-R", "65534:65534", work], check=True)
+        proc = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+             "unshare", "--map-root-user", "--map-auto", "--mount", "sh", "-c", UNPRIVILEGED_SCRIPT],
+            capture_output=True, text=True, timeout=120,
+            env={"PATH": os.environ["PATH"], "WORK": work, "PY": sys.executable, "PYTHONPATH": REPO})
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert proc.stdout.split() == ["from", "below", "1000:1000", "server-exited"]
+        # ownership is metadata: the host file still belongs to the unprivileged user
+        data = os.listdir(os.path.join(work, "upper", "data"))
+        assert len(data) == 1
+        assert os.stat(os.path.join(work, "upper", "data", data[0])).st_uid == 65534
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
