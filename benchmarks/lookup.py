@@ -199,26 +199,37 @@ def main() -> None:
             flatten(layers, flat)
             store_root = os.path.join(root, "store")
             image = store_image(store_root, layers)
-            mnt = os.path.join(root, "mnt")
-            os.mkdir(mnt)
+            def mnt(name: str) -> str:
+                path = os.path.join(root, "mnt-" + name.replace(" ", "-"))
+                os.makedirs(path, exist_ok=True)
+                return path
             contenders = {
-                "ext4": lambda: native(flat, mnt),
-                "overlayfs": lambda: kernel_overlay(top_first, mnt),
-                "fuse-overlayfs": lambda: server(["fuse-overlayfs", "-f", "-o", "lowerdir=" + ":".join(top_first), mnt], mnt),
-                "unionfs-fuse": lambda: server(["unionfs", "-f", "-o", "ro", ":".join(f"{d}=RO" for d in top_first), mnt], mnt),
-                "pyfuse3 floor": lambda: server([py, os.path.join(REPO, "benchmarks", "floorfs.py"), flat, mnt], mnt),
-                "strata": lambda: server([py, "-m", "runner.cli", "mount", "-f", image, mnt], mnt, {"STRATA_ROOT": store_root}),
-                "strata-fuse (dirs)": lambda: server([py, "-m", "unionfs", "-f", "-o", "lowerdir=" + ":".join(top_first), mnt], mnt),
+                "ext4": lambda m: native(flat, m),
+                "overlayfs": lambda m: kernel_overlay(top_first, m),
+                "fuse-overlayfs": lambda m: server(["fuse-overlayfs", "-f", "-o", "lowerdir=" + ":".join(top_first), m], m),
+                "unionfs-fuse": lambda m: server(["unionfs", "-f", "-o", "ro", ":".join(f"{d}=RO" for d in top_first), m], m),
+                "pyfuse3 floor": lambda m: server([py, os.path.join(REPO, "benchmarks", "floorfs.py"), flat, m], m),
+                "strata": lambda m: server([py, "-m", "runner.cli", "mount", "-f", image, m], m, {"STRATA_ROOT": store_root}),
+                "strata-fuse (dirs)": lambda m: server([py, "-m", "unionfs", "-f", "-o", "lowerdir=" + ":".join(top_first), m], m),
             }
-            table[depth] = {}
-            for name, make in contenders.items():
-                if name == "unionfs-fuse" and shutil.which("unionfs") is None:
-                    continue
-                with make() as mount_seconds:
+            if shutil.which("unionfs") is None:
+                del contenders["unionfs-fuse"]
+            # all mounted at once and measured in turn, round after round, so a
+            # burst of load on this shared machine hits every contender alike
+            with contextlib.ExitStack() as stack:
+                mounts = {}
+                for name, make in contenders.items():
+                    seconds = stack.enter_context(make(mnt(name)))
                     if name == "strata":
-                        mount_times[depth] = mount_seconds
-                    table[depth][name] = measure(mnt, args.rounds)
-                print(f"depth {depth:3}: {name} done", file=sys.stderr)
+                        mount_times[depth] = seconds
+                    mounts[name] = mnt(name)
+                samples: dict[str, list[dict[str, float]]] = {name: [] for name in mounts}
+                for _ in range(args.rounds):
+                    for name, path in mounts.items():
+                        samples[name].append(measure(path, 1))
+                table[depth] = {name: {m: statistics.median(s[m] for s in runs) for m in runs[0]}
+                                for name, runs in samples.items()}
+            print(f"depth {depth:3} measured", file=sys.stderr)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)

@@ -32,20 +32,28 @@ def decode_xattrs(text: str | None) -> dict:
 
 
 class IndexLower:
-    """The merged index of a store image plus the fds of its layer directories."""
+    """The merged index of a store image plus the fds of its layer directories.
 
-    __slots__ = ("db", "layer_fds", "first_free_ino", "_lookup_sql", "_attr_sql")
+    The first lookup in a directory loads that directory's entries and their
+    attributes in one query; later lookups there are dict hits. Nothing is
+    read at mount, and memory grows only with the directories actually used.
+    """
+
+    __slots__ = ("db", "layer_fds", "first_free_ino", "dirs", "attr_rows")
+
+    DIR_SQL = ("SELECT d.name, i.ino, i.mode, i.uid, i.gid, i.size, i.mtime_ns, i.rdev, i.nlink, "
+               "i.target, i.xattrs FROM dirents d JOIN inodes i ON i.ino = d.ino WHERE d.parent=?")
+    ATTR_SQL = "SELECT mode, uid, gid, size, mtime_ns, rdev, nlink, target, xattrs FROM inodes WHERE ino=?"
 
     def __init__(self, index_path: str, layer_roots: list[str]):
-        # the index is immutable: no locking, no journal, shared cache off
+        # immutable=1: the index never changes, so SQLite skips locking and change checks
         self.db = sqlite3.connect(f"file:{index_path}?mode=ro&immutable=1", uri=True,
                                   check_same_thread=False)
         self.layer_fds = [os.open(p, DIR_FLAGS) for p in layer_roots]
         row = self.db.execute("SELECT value FROM meta WHERE key='next_ino'").fetchone()
         self.first_free_ino = int(row[0])
-        self._lookup_sql = "SELECT ino FROM dirents WHERE parent=? AND name=?"
-        self._attr_sql = ("SELECT mode, uid, gid, size, mtime_ns, rdev, nlink, target, xattrs "
-                          "FROM inodes WHERE ino=?")
+        self.dirs: dict[int, dict[bytes, int]] = {}
+        self.attr_rows: dict[int, tuple] = {}
 
     def close(self) -> None:
         self.db.close()
@@ -53,18 +61,33 @@ class IndexLower:
             os.close(fd)
         self.layer_fds = []
 
+    def _load_dir(self, dir_ino: int) -> dict[bytes, int]:
+        children = {}
+        attr_rows = self.attr_rows
+        for row in self.db.execute(self.DIR_SQL, (dir_ino,)):
+            children[row[0]] = row[1]
+            attr_rows[row[1]] = row[2:]
+        self.dirs[dir_ino] = children
+        return children
+
     def lookup(self, dir_ino: int, name: bytes) -> int | None:
-        row = self.db.execute(self._lookup_sql, (dir_ino, name)).fetchone()
-        return None if row is None else row[0]
+        children = self.dirs.get(dir_ino)
+        if children is None:
+            children = self._load_dir(dir_ino)
+        return children.get(name)
 
     def children(self, dir_ino: int) -> list[tuple[bytes, int]]:
-        return self.db.execute("SELECT name, ino FROM dirents WHERE parent=? ORDER BY name",
-                               (dir_ino,)).fetchall()
+        children = self.dirs.get(dir_ino)
+        if children is None:
+            children = self._load_dir(dir_ino)
+        return sorted(children.items())
 
     def attrs(self, ino: int) -> tuple | None:
-        row = self.db.execute(self._attr_sql, (ino,)).fetchone()
+        row = self.attr_rows.pop(ino, None)  # the view keeps the node; the row is not needed twice
         if row is None:
-            return None
+            row = self.db.execute(self.ATTR_SQL, (ino,)).fetchone()
+            if row is None:
+                return None
         return row[:8] + (decode_xattrs(row[8]),)
 
     def open_data(self, ino: int) -> int:

@@ -71,13 +71,16 @@ class UnionOperations(pyfuse3.Operations):
         e.st_ctime_ns = n.ctime_ns
         return e
 
-    @answer_errors
     async def lookup(self, parent_inode, name, ctx=None):
+        # the hot path: errors handled inline rather than through answer_errors
         try:
             return self.entry(self.view.lookup(parent_inode, name))
         except OSError as e:
             if e.errno != errno.ENOENT:
-                raise
+                raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+        except Exception:
+            log.exception("unexpected error in lookup")
+            raise pyfuse3.FUSEError(errno.EIO) from None
         negative = pyfuse3.EntryAttributes()  # st_ino 0: the kernel caches the miss
         negative.entry_timeout = CACHE_SECONDS
         return negative
