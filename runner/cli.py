@@ -333,7 +333,12 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help()
             return 0
         store = Store(args.root)
-        return args.func(args, store)
+        status = args.func(args, store)
+        sys.stdout.flush()  # a closed pipe must surface here, not at interpreter exit
+        return status
+    except BrokenPipeError:  # `strata images | head`: the reader left, nothing went wrong
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
     except UsageError as e:
         print(f"strata: error: {e}", file=sys.stderr)
         return 125
@@ -346,6 +351,7 @@ def main(argv: list[str] | None = None) -> int:
         return 125
     except KeyboardInterrupt:
         return 130
+
 
 
 if __name__ == "__main__":

@@ -5,7 +5,9 @@ import datetime
 import json
 import re
 
+TEMPLATE_ACTION = re.compile(r"{{(.*?)}}", re.S)
 TEMPLATE_FIELD = re.compile(r"{{\s*(json\s+)?\.([A-Za-z]\w*)?\s*}}")
+FIELD_EXPR = re.compile(r"\s*(?:(json|index)\s+)?\.((?:[A-Za-z]\w*)(?:\.[A-Za-z]\w*)*)?((?:\s+(?:\d+|\"[^\"]*\"))*)\s*$")
 
 
 def human_size(size: float) -> str:
@@ -83,25 +85,49 @@ def print_table(headers: list[str], rows: list[list[str]], out) -> None:
         out.write("".join(cells).rstrip() + "\n")
 
 
+def go_format(value) -> str:
+    """How Go's text/template prints a value: lists as [a b], maps as map[k:v]."""
+    if value is None:
+        return "<nil>"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "[" + " ".join(go_format(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "map[" + " ".join(f"{k}:{go_format(v)}" for k, v in sorted(value.items())) + "]"
+    return str(value)
+
+
 def render_template(template: str, obj: dict) -> str:
-    """The subset of Go templates Docker users write: {{.Field}}, {{json .}}, {{json .Field}}."""
+    """The Go template subset Docker users write: {{.A.B}}, {{json .A}}, {{index .A 0}}.
+
+    Anything else ({{if}}, {{range}}, pipes) is an error, never printed as is.
+    """
     template = template.replace("\\t", "\t").replace("\\n", "\n")
 
-    def field(m: re.Match) -> str:
-        as_json, name = m[1], m[2]
-        if name is None:
-            value = obj
-        elif name in obj:
-            value = obj[name]
-        else:
-            raise ValueError(f'template: can\'t evaluate field {name}')
-        if as_json:
+    def action(m: re.Match) -> str:
+        parsed = FIELD_EXPR.match(m[1])
+        if not parsed:
+            raise ValueError(f"template: unsupported action {{{{{m[1].strip()}}}}}")
+        func, path, args = parsed[1], parsed[2], parsed[3].split()
+        value = obj
+        for name in path.split(".") if path else []:
+            if not isinstance(value, dict) or name not in value:
+                raise ValueError(f"template: can't evaluate field {name}")
+            value = value[name]
+        if func == "index":
+            for arg in args:
+                try:
+                    value = value[int(arg)] if arg.isdigit() else value[arg.strip('"')]
+                except (IndexError, KeyError, TypeError):
+                    raise ValueError(f"template: index {arg} out of range") from None
+        elif args:
+            raise ValueError(f"template: unsupported action {{{{{m[1].strip()}}}}}")
+        if func == "json":
             return json.dumps(value)
-        if isinstance(value, (dict, list)):
-            return json.dumps(value)
-        return str(value)
+        return go_format(value)
 
-    return TEMPLATE_FIELD.sub(field, template)
+    return TEMPLATE_ACTION.sub(action, template)
 
 
 def header_name(field: str) -> str:
@@ -111,6 +137,9 @@ def header_name(field: str) -> str:
 
 def print_formatted(fmt: str, objects: list[dict], out) -> None:
     """--format json|TEMPLATE|table TEMPLATE, for any list of Docker-style objects."""
+    for action in TEMPLATE_ACTION.findall(fmt):  # reject what we cannot render, even with no rows
+        if not FIELD_EXPR.match(action):
+            raise ValueError(f"template: unsupported action {{{{{action.strip()}}}}}")
     if fmt == "json":
         for obj in objects:
             out.write(json.dumps(obj, sort_keys=True) + "\n")

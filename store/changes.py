@@ -55,6 +55,8 @@ def apply_changes(config: dict, changes: list[str]) -> dict:
         if instruction not in SUPPORTED:
             raise StoreError(f"unsupported change instruction {instruction!r} "
                              f"(supported: {', '.join(SUPPORTED)})")
+        if not rest:
+            raise StoreError(f"{instruction} requires an argument")
         if instruction == "CMD":
             cfg["Cmd"] = parse_command_form(rest)
         elif instruction == "ENTRYPOINT":
@@ -69,8 +71,6 @@ def apply_changes(config: dict, changes: list[str]) -> dict:
             labels.update(parse_pairs("LABEL", rest))
             cfg["Labels"] = labels
         elif instruction in ("WORKDIR", "USER", "STOPSIGNAL"):
-            if not rest:
-                raise StoreError(f"{instruction} requires an argument")
             key = {"WORKDIR": "WorkingDir", "USER": "User", "STOPSIGNAL": "StopSignal"}[instruction]
             cfg[key] = rest
         elif instruction == "EXPOSE":

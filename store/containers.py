@@ -66,6 +66,6 @@ def create_container(store: Store, image_id: str, name: str | None = None, extra
 def remove_container(store: Store, container_id: str) -> None:
     with store.locked():
         path = container_dir(store, container_id)
-        trash = os.path.join(store.root, "tmp", f"trash-{container_id}")
+        trash = os.path.join(store.root, "tmp", f"trash-{os.getpid()}-{container_id[:12]}")
         os.rename(path, trash)
     remove_tree(trash)

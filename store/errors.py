@@ -19,7 +19,8 @@ class UnsafeArchive(StoreError):
     """An archive entry would escape its layer or is malformed; nothing was stored."""
 
     def __init__(self, entry: str, why: str):
-        super().__init__(f"unsafe archive entry {entry!r}: {why}")
+        shown = entry if len(entry) <= 200 else f"{entry[:200]}... ({len(entry)} characters)"
+        super().__init__(f"unsafe archive entry {shown!r}: {why}")
         self.entry = entry
 
 

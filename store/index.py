@@ -11,9 +11,9 @@ Schema
       the data at `path`; mode is a full st_mode; xattrs a JSON object of
       base64 values or NULL. Directories carry nlink = 2 + subdirectories.
   dirents(parent, name, ino)  primary key (parent, name)
+  meta(key, value)            'layers' (JSON list of diff_ids), 'next_ino'
 Names, paths and symlink targets are BLOBs (os.fsencode): file names are
 bytes, and SQLite's TEXT cannot hold the surrogates of non-UTF-8 names.
-  meta(key, value)            'layers' (JSON list of diff_ids), 'next_ino'
 """
 from __future__ import annotations
 

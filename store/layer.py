@@ -83,6 +83,8 @@ def normalize_member_name(raw: str) -> str:
         raise UnsafeArchive(raw, "NUL byte in name")
     if raw.startswith("/"):
         raise UnsafeArchive(raw, "absolute path")
+    if len(os.fsencode(raw)) >= PATH_MAX:
+        raise UnsafeArchive(raw, f"path longer than {PATH_MAX - 1} bytes")
     parts = []
     for part in raw.split("/"):
         if part in ("", "."):
@@ -92,6 +94,9 @@ def normalize_member_name(raw: str) -> str:
         if len(os.fsencode(part)) > NAME_MAX:
             raise UnsafeArchive(raw, f"name component longer than {NAME_MAX} bytes")
         parts.append(part)
+    for part in parts[:-1]:
+        if part.startswith(WHITEOUT_PREFIX):
+            raise UnsafeArchive(raw, "a whiteout name used as a directory")
     return "/".join(parts)
 
 
@@ -216,7 +221,10 @@ class LayerWriter:
             fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                          host_file_mode(entry.mode), dir_fd=parent_fd)
             try:
-                copied = copy_keeping_holes(data, fd, entry.size) if data is not None else 0
+                if isinstance(data, SparseMember):
+                    copied = data.write_to(fd)
+                else:
+                    copied = copy_keeping_holes(data, fd, entry.size) if data is not None else 0
             finally:
                 os.close(fd)
             if copied != entry.size:
@@ -289,36 +297,75 @@ def copy_keeping_holes(src: BinaryIO, fd: int, size: int) -> int:
 # -- reading archives ------------------------------------------------------
 
 class CountingReader:
-    """A read-only stream that counts what passes through it."""
+    """A read-only stream that counts what passes through it and keeps the last
+    few chunks, so the bytes where tarfile stopped can be checked afterwards."""
 
     def __init__(self, raw):
         self.raw = raw
         self.count = 0
+        self.recent: list[tuple[int, bytes]] = []
 
     def read(self, n: int = -1) -> bytes:
         data = self.raw.read(n)
+        if data:
+            self.recent.append((self.count, data))
+            del self.recent[:-8]
         self.count += len(data)
         return data
 
+    def bytes_at(self, offset: int, size: int) -> bytes | None:
+        """The stream's bytes [offset, offset+size) if still held, else None."""
+        out = b""
+        for start, chunk in self.recent:
+            lo, hi = max(offset, start), min(offset + size, start + len(chunk))
+            if lo < hi:
+                if start + (lo - start) != offset + len(out):
+                    return None
+                out += chunk[lo - start:hi - start]
+        return out if len(out) == size else None
+
+
+MAX_HEADER_BYTES = 1 << 20  # GNU long names and PAX headers; Go's archive/tar caps them alike
+MAX_ID = (1 << 32) - 2  # uid/gid: (uid_t)-1 means "unchanged" and is no owner
+MAX_MTIME_NS = (1 << 63) - 1
+PATH_MAX = 4096
+MAX_SPARSE_HOLES = 1 << 30
+
+
+class BoundedTarInfo(tarfile.TarInfo):
+    """tarfile's header parser with a size cap on the headers it reads into memory."""
+
+    def _proc_gnulong(self, tar):
+        if self.size > MAX_HEADER_BYTES:
+            raise BadArchive(f"corrupt archive: GNU long name header of {self.size} bytes")
+        return super()._proc_gnulong(tar)
+
+    def _proc_pax(self, tar):
+        if self.size > MAX_HEADER_BYTES:
+            raise BadArchive(f"corrupt archive: PAX header of {self.size} bytes")
+        return super()._proc_pax(tar)
+
 
 def open_decompressed(stream: BinaryIO):
-    """Wrap `stream` in the decompressor its magic bytes ask for (gzip, zstd, bzip2, xz)."""
+    """Wrap `stream` in the decompressor its magic bytes ask for (gzip, zstd, bzip2, xz).
+
+    Returns (stream, whether it is compressed)."""
     import io
     buffered = stream if hasattr(stream, "peek") else io.BufferedReader(stream)
     magic = buffered.peek(6)[:6]
     if magic[:2] == b"\x1f\x8b":
         import gzip
-        return gzip.GzipFile(fileobj=buffered, mode="rb")
+        return gzip.GzipFile(fileobj=buffered, mode="rb"), True
     if magic[:4] == b"\x28\xb5\x2f\xfd":
         import zstandard
-        return zstandard.ZstdDecompressor().stream_reader(buffered, read_across_frames=True)
+        return zstandard.ZstdDecompressor().stream_reader(buffered, read_across_frames=True), True
     if magic[:3] == b"BZh":
         import bz2
-        return bz2.BZ2File(buffered)
+        return bz2.BZ2File(buffered), True
     if magic[:6] == b"\xfd7zXZ\x00":
         import lzma
-        return lzma.LZMAFile(buffered)
-    return buffered
+        return lzma.LZMAFile(buffered), True
+    return buffered, False
 
 
 def entry_from_member(m: tarfile.TarInfo) -> Entry:
@@ -329,20 +376,66 @@ def entry_from_member(m: tarfile.TarInfo) -> Entry:
     kind = kinds.get(m.type)
     if kind is None:
         raise UnsafeArchive(m.name, f"unsupported tar entry type {m.type!r}")
+    if "\x00" in m.linkname:
+        raise UnsafeArchive(m.name, "NUL byte in link target")
+    for field, value, high in (("uid", m.uid, MAX_ID), ("gid", m.gid, MAX_ID), ("size", m.size, 1 << 62),
+                               ("device major", m.devmajor or 0, (1 << 32) - 1),
+                               ("device minor", m.devminor or 0, (1 << 32) - 1)):
+        if not isinstance(value, int) or not 0 <= value <= high:
+            raise UnsafeArchive(m.name, f"{field} {value!r} out of range")
     xattrs = {}
     for key, value in m.pax_headers.items():
         if key.startswith("SCHILY.xattr."):
             xattrs[key[len("SCHILY.xattr."):]] = value.encode("utf-8", "surrogateescape")
-    opaque = any(xattrs.pop(k, b"") == b"y" for k in OPAQUE_XATTRS)
+    opaque = any(xattrs.pop(k, b"") == b"y" for k in OPAQUE_XATTRS) and kind == "dir"
     xattrs = {k: v for k, v in xattrs.items() if not k.startswith(OVERLAY_XATTR_PREFIXES)}
-    if "mtime" in m.pax_headers:
-        mtime_ns = int(round(float(m.pax_headers["mtime"]) * 1e9))
-    else:
-        mtime_ns = int(m.mtime) * 1_000_000_000
+    try:
+        if "mtime" in m.pax_headers:
+            mtime_ns = int(round(float(m.pax_headers["mtime"]) * 1e9))
+        else:
+            mtime_ns = int(m.mtime) * 1_000_000_000
+    except (ValueError, OverflowError):
+        raise UnsafeArchive(m.name, f"mtime {m.pax_headers.get('mtime', m.mtime)!r} is not a time") from None
+    if not -MAX_MTIME_NS <= mtime_ns <= MAX_MTIME_NS:
+        raise UnsafeArchive(m.name, "mtime out of range")
     return Entry("", kind, stat.S_IMODE(m.mode), m.uid, m.gid,
                  m.size if kind == "file" else 0, mtime_ns,
                  os.makedev(m.devmajor, m.devminor) if kind in ("char", "block") else 0,
                  m.linkname if kind in ("symlink", "hardlink") else "", xattrs, opaque)
+
+
+class SparseMember:
+    """A GNU sparse member written region by region from the raw archive stream.
+
+    The archive stores only the data regions, one after another; tarfile's own
+    reader would hand over every hole as zeros, so a few bytes declaring a
+    terabyte of holes would cost a terabyte of reading.
+    """
+
+    def __init__(self, tar: tarfile.TarFile, member: tarfile.TarInfo, size: int):
+        self.stream, self.member, self.size = tar.fileobj, member, size
+
+    def write_to(self, fd: int) -> int:
+        regions = self.member.sparse
+        data = sum(length for _, length in regions)
+        if data > self.member.size:
+            raise BadArchive(f"corrupt archive: sparse map of {self.member.name!r} exceeds its data")
+        if self.size - data > MAX_SPARSE_HOLES:
+            # the canonical tar holds holes as zeros, so the digest would read them all
+            raise UnsafeArchive(self.member.name, f"sparse file with more than {MAX_SPARSE_HOLES >> 30} GiB of holes")
+        self.stream.seek(self.member.offset_data)
+        for offset, length in regions:
+            if offset < 0 or length < 0 or offset + length > self.size:
+                raise BadArchive(f"corrupt archive: bad sparse map in {self.member.name!r}")
+            done = 0
+            while done < length:
+                chunk = self.stream.read(min(COPY_CHUNK, length - done))
+                if not chunk:
+                    return offset + done
+                os.pwrite(fd, chunk, offset + done)
+                done += len(chunk)
+        os.ftruncate(fd, self.size)
+        return self.size
 
 
 def apply_tar_stream(stream: BinaryIO, writer: LayerWriter) -> None:
@@ -355,27 +448,40 @@ def apply_tar_stream(stream: BinaryIO, writer: LayerWriter) -> None:
     except ImportError:  # pragma: no cover - zstandard is a declared dependency
         zstd_errors = ()
     try:
-        counted = CountingReader(open_decompressed(stream))
-        tar = tarfile.open(fileobj=counted, mode="r|")
-        members = 0
+        decompressed, compressed = open_decompressed(stream)
+        counted = CountingReader(decompressed)
+        tar = tarfile.open(fileobj=counted, mode="r|", tarinfo=BoundedTarInfo)
         for member in tar:
-            members += 1
             entry = entry_from_member(member)
-            data = tar.extractfile(member) if entry.kind == "file" else None
+            data = None
+            if entry.kind == "file":
+                data = tar.extractfile(member)
+                if member.sparse is not None:
+                    data = SparseMember(tar, member, entry.size)
             writer.add(member.name, entry, data)
-        # An archive cut exactly at a member boundary parses cleanly; only the
-        # missing end-of-archive blocks tell it from a whole one.
+        # tarfile stops without a word at a bad header after the first one, and
+        # an archive cut at a member boundary parses cleanly: only the
+        # end-of-archive zero block where parsing stopped tells a whole archive.
+        end = counted.bytes_at(tar.offset, tarfile.BLOCKSIZE)
+        if end is None:
+            while counted.read(COPY_CHUNK):
+                pass
+            raise BadArchive("truncated archive: no end-of-archive marker")
+        if end != bytes(tarfile.BLOCKSIZE):
+            raise BadArchive(f"corrupt archive: invalid header at byte {tar.offset}")
         while counted.read(COPY_CHUNK):
             pass
-        if counted.count < tar.offset + tarfile.BLOCKSIZE:
-            raise BadArchive("truncated archive: no end-of-archive marker")
     except tarfile.ReadError as e:
         msg = str(e)
+        if "empty file" in msg and compressed:
+            raise BadArchive("truncated or corrupt compressed archive (no data)") from None
         if "empty file" in msg or "invalid header" in msg or "bad checksum" in msg:
             raise BadArchive(f"not a tar archive ({msg})") from None
         raise BadArchive(f"truncated or corrupt archive ({msg})") from None
     except (EOFError, zlib.error, lzma.LZMAError, *zstd_errors) as e:
         raise BadArchive(f"truncated or corrupt compressed archive ({e})") from None
+    except (OverflowError, ValueError, UnicodeError) as e:
+        raise BadArchive(f"corrupt archive ({e})") from None
     except OSError as e:
         if isinstance(e, StoreError):
             raise
@@ -391,7 +497,7 @@ def apply_directory(src: str, writer: LayerWriter) -> None:
     and the opaque xattr marks opaque directories.
     """
     seen_inodes: dict[tuple[int, int], str] = {}
-    top_fd = os.open(src, DIR_FLAGS)
+    top_fd = os.open(src, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)  # the user's path may be a link
     try:
         root_st = os.fstat(top_fd)
         writer.add(".", entry_from_stat(root_st, "", read_xattrs(top_fd)))

@@ -36,9 +36,10 @@ from .layer import Entry, LayerWriter, layer_digest, load_index, save_index
 
 NAME_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 REFERENCE_RE = re.compile(
-    rf"^(?P<name>(?:[a-zA-Z0-9.-]+(?::[0-9]+)?/)?{NAME_COMPONENT}(?:/{NAME_COMPONENT})*)"
-    r"(?::(?P<tag>[\w][\w.-]{0,127}))?$")
-HEX_RE = re.compile(r"^(?:sha256:)?([0-9a-f]{1,64})$")
+    rf"(?P<name>(?:[a-zA-Z0-9.-]+(?::[0-9]+)?/)?{NAME_COMPONENT}(?:/{NAME_COMPONENT})*)"
+    r"(?::(?P<tag>[\w][\w.-]{0,127}))?", re.ASCII)
+HEX_RE = re.compile(r"(?:sha256:)?([0-9a-f]{1,64})", re.ASCII)
+FULL_HEX_RE = re.compile(r"[0-9a-f]{64}", re.ASCII)
 
 
 def default_root() -> str:
@@ -53,9 +54,11 @@ def default_root() -> str:
 
 def parse_reference(ref: str) -> str:
     """Normalise NAME[:TAG] to "name:tag" (default tag latest), or raise."""
-    m = REFERENCE_RE.match(ref)
-    if not m:
+    m = REFERENCE_RE.fullmatch(ref)
+    if not m or len(m["name"]) > 255:
         raise StoreError(f"invalid reference format: {ref!r} (expected NAME[:TAG], lowercase)")
+    if FULL_HEX_RE.fullmatch(m["name"]):  # would shadow an image id
+        raise StoreError(f"invalid repository name {ref!r}: 64-byte hexadecimal strings are image ids")
     return f"{m['name']}:{m['tag'] or 'latest'}"
 
 
@@ -106,6 +109,22 @@ class Store:
         if not os.path.exists(self.lock_path):
             with flocked(self.lock_path):
                 pass
+        self._remove_stale_staging()
+
+    def _remove_stale_staging(self) -> None:
+        """Staging left by a command that was killed (its pid is gone) is garbage."""
+        tmp = os.path.join(self.root, "tmp")
+        for name in os.listdir(tmp):
+            kind, _, rest = name.partition("-")
+            pid = rest.partition("-")[0]
+            if kind not in ("stage", "trash") or not pid.isdigit() or int(pid) == os.getpid():
+                continue
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                remove_tree(os.path.join(tmp, name))
+            except PermissionError:
+                pass  # alive, and someone else's
 
     # -- paths -------------------------------------------------------------
 
@@ -184,7 +203,7 @@ class Store:
             image_id = None
         if image_id and self.image_exists(image_id):
             return image_id
-        m = HEX_RE.match(ref)
+        m = HEX_RE.fullmatch(ref)
         if m:
             matches = [i for i in self.image_ids() if i[7:].startswith(m[1])]
             if len(matches) == 1:
@@ -237,13 +256,16 @@ class Store:
         raw = canonical_json(config)
         image_id = "sha256:" + hashlib.sha256(raw).hexdigest()
         image_stage = os.path.join(staging, "image")
-        if not self.image_exists(image_id):
-            os.mkdir(image_stage, 0o755)
-            write_atomic(os.path.join(image_stage, "config.json"), raw)
-            write_atomic(os.path.join(image_stage, "meta.json"), canonical_json({"parent": parent}))
+        # built even when the image exists now: an rmi may remove it before the lock is ours
+        os.mkdir(image_stage, 0o755)
+        write_atomic(os.path.join(image_stage, "config.json"), raw)
+        write_atomic(os.path.join(image_stage, "meta.json"), canonical_json({"parent": parent}))
+        try:
             merged_index.build_index(os.path.join(image_stage, "index.db"),
                                      self.index_path(parent) if parent else None,
                                      config["rootfs"]["diff_ids"], [l.entries for l in new_layers])
+        except FileNotFoundError:
+            raise NoSuchImage(parent) from None
         placed: list[str] = []
         with self.locked():
             try:

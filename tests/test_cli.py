@@ -7,7 +7,7 @@ import sys
 import pytest
 import zstandard
 
-from .helpers import REPO, build_tar, member
+from .helpers import REPO, build_tar, member, run_strata
 
 
 @pytest.fixture
@@ -39,6 +39,10 @@ def test_help_lists_the_commands_and_explains_each(strata):
     (["inspect", "nope"], "No such image: nope"),
     (["import", "/does/not/exist"], "cannot read /does/not/exist"),
     (["import", "-", "Bad:Name"], "invalid reference format"),
+    (["import", "-", "x:caf\u00e9"], "invalid reference format"),
+    (["import", "-", "a" * 64], "64-byte hexadecimal"),
+    (["import", "-c", "CMD", "-"], "CMD requires an argument"),
+    (["images", "--format", "{{if .ID}}x{{end}}"], "unsupported action"),
 ])
 def test_errors_are_one_line_and_exit_125(strata, args, message):
     proc = strata(*args, input=b"")
@@ -138,3 +142,22 @@ def test_default_root(monkeypatch, tmp_path):
     assert default_root() == "/home/u/.local/share/strata"
     monkeypatch.setenv("STRATA_ROOT", "/elsewhere")
     assert default_root() == "/elsewhere"
+
+
+def test_templates_follow_go(strata, app_tar):
+    out(strata("import", "-c", 'CMD ["sh", "-c", "x"]', app_tar, "app:1"))
+    assert out(strata("inspect", "-f", "{{.Config.Cmd}} {{index .RepoTags 0}}", "app:1")) == "[sh -c x] app:1\n"
+
+
+def test_closed_pipe_is_not_an_error(store_root, app_tar):
+    run_strata(store_root, "import", app_tar, "app:1", check=True)
+    proc = subprocess.run(f"{sys.executable} -m runner.cli images | head -c 1", shell=True, cwd=REPO,
+                          capture_output=True, env=dict(os.environ, STRATA_ROOT=store_root, PYTHONPATH=REPO))
+    assert proc.stderr == b"" and proc.stdout == b"R"
+
+
+def test_import_directory_through_a_symlink(strata, tmp_path):
+    (tmp_path / "tree").mkdir()
+    (tmp_path / "tree" / "f").write_text("x")
+    os.symlink(tmp_path / "tree", tmp_path / "link")
+    assert out(strata("import", str(tmp_path / "link"), "linked")).startswith("sha256:")

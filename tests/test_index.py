@@ -57,7 +57,8 @@ def brute_force_merge(layers):
                 groups[e.path] = groups[e.target]
                 continue
             data = (pos, e.path) if e.kind == "file" else (-1, "")
-            view[e.path] = (IFMT[e.kind] | e.mode, e.uid, e.size, e.target if e.kind == "symlink" else None) + data
+            mode = 0o777 if e.kind == "symlink" else e.mode  # Linux symlinks are 0777
+            view[e.path] = (IFMT[e.kind] | mode, e.uid, e.size, e.target if e.kind == "symlink" else None) + data
             groups[e.path] = (pos, e.path)
     return view, groups
 
