@@ -52,11 +52,17 @@ def flocked(path: str, exclusive: bool = True) -> Iterator[None]:
 
 
 def open_dir_beneath(root_fd: int, relpath: str) -> int:
-    """Open directory `relpath` under `root_fd` without following any symlink.
+    """Open directory `relpath` under `root_fd` without following any symlink."""
+    if not relpath:
+        return os.dup(root_fd)
+    if ".." in relpath.split("/") or "." in relpath.split("/"):
+        raise OSError(errno.EINVAL, "dot component in path", relpath)
+    return open_beneath(root_fd, relpath, os.O_RDONLY | os.O_DIRECTORY)
 
-    Every component is opened with O_NOFOLLOW, so a symlink anywhere on the
-    way fails with ELOOP/ENOTDIR instead of leaving the tree.
-    """
+
+def walk_dirs_beneath(root_fd: int, relpath: str) -> int:
+    """The portable way: every component opened with O_NOFOLLOW, so a symlink
+    anywhere on the way fails with ELOOP/ENOTDIR instead of leaving the tree."""
     fd = os.dup(root_fd)
     try:
         for part in relpath.split("/"):
@@ -129,7 +135,7 @@ def open_beneath(root_fd: int, path: bytes | str, flags: int, mode: int = 0) -> 
             raise OSError(err, os.strerror(err), os.fsdecode(path))
         _have_openat2 = False
     head, _, name = path.rpartition(b"/")
-    parent = open_dir_beneath(root_fd, os.fsdecode(head))
+    parent = walk_dirs_beneath(root_fd, os.fsdecode(head))
     try:
         return os.open(name, flags, mode, dir_fd=parent)
     finally:

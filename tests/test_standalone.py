@@ -116,3 +116,54 @@ def test_unprivileged_user_in_a_user_namespace(unprivileged_setup):
         assert os.stat(os.path.join(work, "upper", "data", data[0])).st_uid == 65534
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+STORE_SCRIPT = textwrap.dedent("""\
+    set -eu
+    cd "$WORK"
+    export STRATA_ROOT=$WORK/store
+    "$PY" -m runner.cli import $WORK/rootfs.tar app >/dev/null
+    "$PY" -c 'from store import Store; from store.containers import create_container
+    s = Store(); create_container(s, s.resolve_image("app"), "c1")'
+    for round in 1 2; do
+        "$PY" -m runner.cli mount -f c1 $WORK/mnt > $WORK/server$round.log 2>&1 &
+        server=$!
+        i=0
+        until grep -q " $WORK/mnt " /proc/self/mountinfo; do
+            i=$((i+1)); [ $i -lt 2000 ] || { cat $WORK/server$round.log; exit 1; }
+            kill -0 $server || { cat $WORK/server$round.log; exit 1; }
+            sleep 0.01
+        done
+        if [ $round = 1 ]; then
+            chown 1000:1000 $WORK/mnt/etc/motd
+            echo more >> $WORK/mnt/etc/motd
+        fi
+        stat -c '%u:%g' $WORK/mnt/etc/motd
+        cat $WORK/mnt/etc/motd
+        umount $WORK/mnt
+        wait $server
+    done
+""")
+
+
+def test_unprivileged_store_container_mount_keeps_owners(unprivileged_setup, tmp_path):
+    """An unprivileged user's own store: chown to a uid of the subordinate range
+    works inside the user namespace and survives a remount."""
+    from .helpers import build_tar, member
+    work = "/tmp/strata-unpriv-store"
+    shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(os.path.join(work, "mnt"))
+    try:
+        with open(os.path.join(work, "rootfs.tar"), "wb") as f:
+            f.write(build_tar([member("etc", "dir"), member("etc/motd", data=b"hello\n")]))
+        subprocess.run(["chown", "-R", "65534:65534", work], check=True)
+        proc = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+             "unshare", "--map-root-user", "--map-auto", "--mount", "sh", "-c", STORE_SCRIPT],
+            capture_output=True, text=True, timeout=180,
+            env={"PATH": os.environ["PATH"], "WORK": work, "PY": sys.executable, "PYTHONPATH": REPO,
+                 "HOME": work})
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert proc.stdout.split() == ["1000:1000", "hello", "more", "1000:1000", "hello", "more"]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
