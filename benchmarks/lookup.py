@@ -108,8 +108,11 @@ def kernel_overlay(lowers_top_first: list[str], mountpoint: str):
         empty = os.path.join(os.path.dirname(mountpoint), "empty")
         os.makedirs(empty, exist_ok=True)
         lowers_top_first = lowers_top_first + [empty]
-    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", "lowerdir=" + ":".join(lowers_top_first),
-                    mountpoint], check=True)
+    # relative names: the option string must fit one page, and 128 absolute paths do not
+    base = os.path.dirname(lowers_top_first[0])
+    names = [os.path.relpath(p, base) for p in lowers_top_first]
+    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", "lowerdir=" + ":".join(names), mountpoint],
+                   check=True, cwd=base)
     try:
         yield 0.0
     finally:

@@ -265,3 +265,48 @@ def test_host_is_never_reached_through_container_names(mounted, tmp_path):
     for name in os.listdir(data_dir):
         st = os.lstat(os.path.join(data_dir, name))
         assert name.isdigit() and stat.S_ISREG(st.st_mode) and not st.st_mode & 0o6000
+
+
+def test_readdir_offsets_survive_changes_during_a_listing(mounted):
+    """telldir/seekdir positions stay valid, and a listing neither repeats nor skips
+    entries that exist throughout, while entries are created and removed."""
+    mnt, _, _ = mounted
+    os.mkdir(f"{mnt}/many")
+    for n in range(600):
+        open(f"{mnt}/many/f{n:04}", "w").close()
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.opendir.restype = ctypes.c_void_p
+    libc.readdir.restype = ctypes.c_void_p
+    libc.readdir.argtypes = [ctypes.c_void_p]
+    libc.telldir.argtypes = [ctypes.c_void_p]
+    libc.telldir.restype = ctypes.c_long
+    libc.seekdir.argtypes = [ctypes.c_void_p, ctypes.c_long]
+    libc.closedir.argtypes = [ctypes.c_void_p]
+    NAME_OFFSET = 19  # struct dirent64: d_ino 8, d_off 8, d_reclen 2, d_type 1, then d_name
+
+    def next_name(dirp):
+        ent = libc.readdir(dirp)
+        return None if not ent else ctypes.string_at(ent + NAME_OFFSET).decode()
+
+    dirp = libc.opendir(f"{mnt}/many".encode())
+    try:
+        seen, marks = [], {}
+        while True:
+            if len(seen) == 100:
+                marks[100] = libc.telldir(dirp)
+            name = next_name(dirp)
+            if name is None:
+                break
+            seen.append(name)
+            if len(seen) % 50 == 0:  # churn the directory mid-listing
+                open(f"{mnt}/many/new{len(seen)}", "w").close()
+                os.unlink(f"{mnt}/many/f{len(seen) + 400:04}") if len(seen) + 400 < 600 else None
+        listed = [n for n in seen if n.startswith("f")]
+        assert len(listed) == len(set(listed))
+        stable = {f"f{n:04}" for n in range(450)}
+        assert stable <= set(listed)
+        libc.seekdir(dirp, marks[100])
+        assert next_name(dirp) == seen[100]
+    finally:
+        libc.closedir(dirp)
+    assert seen[:2] == [".", ".."]

@@ -52,6 +52,16 @@ def test_fuse_overlayfs_command_line(layers, tmp_path):
         assert open(f"{mnt}/etc2/motd").read() == "mid motd\nchanged\n"
 
 
+def test_debug_option_logs_requests(layers, tmp_path):
+    mnt = str(tmp_path / "mnt")
+    argv = standalone_argv(layers, None, None, mnt)
+    argv[argv.index("-o") + 1] += ",debug"
+    with served(argv, mnt) as proc:
+        os.listdir(mnt)
+    log = open(os.path.join(tmp_path, ".mnt.log")).read()
+    assert "LOOKUP" in log or "READDIRPLUS" in log or "unique:" in log, log[:500]
+
+
 def test_background_mode_console_script_and_bad_options(layers, tmp_path):
     require_fuse()
     mnt = str(tmp_path / "mnt")

@@ -1,0 +1,266 @@
+"""The container side of a start: from a process that can see the FUSE root to exec.
+
+`enter_container` is one straight sequence of named steps (crun/bubblewrap
+style). It runs in the supervisor's child, which was forked before any
+thread or event loop existed, so it may run Python; the last step is exec.
+
+Kernel facts this order depends on (each checked on this machine kind):
+- In a user namespace procfs can be mounted only while a fully visible /proc
+  is still in the mount namespace, so /proc is mounted under the new root
+  before pivot_root, not after.
+- pivot_root(".", ".") then umount2(".", MNT_DETACH) needs no put_old
+  directory (which would show up in the container's layer and in diff).
+- The nested mount namespace is made a slave of the supervisor's, so the
+  container's mounts never propagate back.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import socket
+import sys
+
+from . import syscalls as sc
+from .syscalls import MS_BIND, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_PRIVATE, MS_RDONLY, MS_REC, MS_REMOUNT, MS_SLAVE
+
+# Docker's default capability set (moby oci/caps/defaults.go)
+DOCKER_CAPS = ["CHOWN", "DAC_OVERRIDE", "FSETID", "FOWNER", "MKNOD", "NET_RAW", "SETGID", "SETUID",
+               "SETFCAP", "SETPCAP", "NET_BIND_SERVICE", "SYS_CHROOT", "KILL", "AUDIT_WRITE"]
+# Docker's masked and read-only /proc and /sys paths
+MASKED_PATHS = ["/proc/asound", "/proc/acpi", "/proc/interrupts", "/proc/kcore", "/proc/keys",
+                "/proc/latency_stats", "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug",
+                "/proc/scsi", "/sys/firmware", "/sys/devices/virtual/powercap"]
+READONLY_PATHS = ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]
+DEVICES = ["null", "zero", "full", "random", "urandom", "tty"]
+
+
+class Mount:
+    """One typed mount operation, applied under the new root."""
+
+    __slots__ = ("source", "target", "fstype", "flags", "data", "kind")
+
+    def __init__(self, source, target, fstype=None, flags=0, data=None, kind="dir"):
+        self.source, self.target, self.fstype, self.flags, self.data, self.kind = \
+            source, target, fstype, flags, data, kind
+
+
+def container_mounts(runtime_dir: str) -> list[Mount]:
+    """The mounts every container gets, in order, relative to its root."""
+    mounts = [
+        Mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC),
+        Mount("tmpfs", "/dev", "tmpfs", MS_NOSUID, "mode=755,size=65536k"),
+    ]
+    mounts += [Mount(f"/dev/{d}", f"/dev/{d}", None, MS_BIND, kind="file") for d in DEVICES]
+    mounts += [
+        Mount("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620"),
+        Mount("shm", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=1777,size=65536k"),
+        Mount("/sys", "/sys", None, MS_BIND | MS_REC),
+    ]
+    for name in ("hosts", "hostname", "resolv.conf"):
+        mounts.append(Mount(os.path.join(runtime_dir, name), f"/etc/{name}", None, MS_BIND, kind="file"))
+    return mounts
+
+
+def apply_mount(root: str, m: Mount) -> None:
+    target = root + m.target
+    if m.kind == "file" and not os.path.exists(target):
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        open(target, "a").close()
+    elif m.kind == "dir":
+        os.makedirs(target, exist_ok=True)
+    sc.mount(m.source, target, m.fstype, m.flags, m.data)
+    if m.source == "/sys":  # a bind cannot be read-only in one call
+        sc.mount(None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_REC | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+
+
+def mask_paths() -> None:
+    """Docker's masked paths (a /dev/null or an empty read-only tmpfs on top) and read-only ones."""
+    for path in MASKED_PATHS:
+        if os.path.isdir(path):
+            _try_mount("tmpfs", path, "tmpfs", MS_RDONLY)
+        elif os.path.exists(path):
+            _try_mount("/dev/null", path, None, MS_BIND)
+    for path in READONLY_PATHS:
+        if os.path.exists(path):
+            _try_mount(path, path, None, MS_BIND | MS_REC)
+            _try_mount(None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_REC)
+
+
+def _try_mount(*args) -> None:
+    try:
+        sc.mount(*args)
+    except OSError as e:
+        if e.errno not in (errno.ENOENT, errno.EPERM, errno.EACCES):
+            raise
+
+
+def drop_capabilities(keep: list[str]) -> None:
+    """Bounding set first, then the process sets, as Docker does; the last step before exec."""
+    import prctl
+    for name in dir(prctl):
+        if name.startswith("CAP_") and name[4:] not in keep:
+            try:
+                prctl.capbset_drop(getattr(prctl, name))
+            except (OSError, ValueError):
+                pass
+    wanted = [getattr(prctl, f"CAP_{c}") for c in keep if hasattr(prctl, f"CAP_{c}")]
+    if os.getuid() == 0:
+        prctl.cap_permitted.limit(*wanted)
+        prctl.cap_effective.limit(*wanted)
+        prctl.cap_inheritable.limit(*wanted)
+
+
+def resolve_user(user: str) -> tuple[int, int, list[int]]:
+    """USER[:GROUP] by name or number, from the container's /etc/passwd and /etc/group."""
+    name, _, group = user.partition(":")
+    uid = gid = None
+    groups: list[int] = []
+    try:
+        with open("/etc/passwd") as f:
+            for line in f:
+                fields = line.rstrip("\n").split(":")
+                if len(fields) >= 4 and (fields[0] == name or fields[2] == name):
+                    uid, gid = int(fields[2]), int(fields[3])
+                    break
+    except OSError:
+        pass
+    if uid is None:
+        if not name.isdigit():
+            raise LookupError(f"unable to find user {name}: no matching entries in passwd file")
+        uid, gid = int(name), 0
+    if group:
+        gid = None
+        try:
+            with open("/etc/group") as f:
+                for line in f:
+                    fields = line.rstrip("\n").split(":")
+                    if len(fields) >= 3 and (fields[0] == group or fields[2] == group):
+                        gid = int(fields[2])
+                        break
+        except OSError:
+            pass
+        if gid is None:
+            if not group.isdigit():
+                raise LookupError(f"unable to find group {group}: no matching entries in group file")
+            gid = int(group)
+    return uid, gid, groups
+
+
+def enter_container(spec: dict, sync_read: int, stdio: tuple[int, int, int], status_write: int) -> None:
+    """Runs in the supervisor's forked child; never returns (execs or _exits).
+
+    spec: root, runtime_dir, hostname, network, cmd, env, workdir, user, tty.
+    Errors before exec go to `status_write` as one line and exit 125/126/127.
+    """
+    def fail(code: int, message: str) -> None:
+        os.write(status_write, f"{code} {message}\n".encode())
+        os._exit(code)
+
+    try:
+        # step 1 (child, as the supervisor's user-namespace root): die with the supervisor
+        import prctl
+        prctl.set_pdeathsig(signal.SIGKILL)
+        # step 2: sync 1 - wait until the supervisor serves the FUSE root
+        if os.read(sync_read, 1) != b"1":
+            os._exit(125)
+        os.close(sync_read)
+        # step 3: new pid, uts, ipc (and net) namespaces and a nested mount namespace
+        flags = sc.CLONE_NEWPID | sc.CLONE_NEWUTS | sc.CLONE_NEWIPC | sc.CLONE_NEWNS
+        if spec.get("network") == "none":
+            flags |= sc.CLONE_NEWNET
+        sc.unshare(flags)
+        sc.mount(None, "/", None, MS_REC | MS_SLAVE)
+        # step 4: fork pid 1 of the new pid namespace; this process only relays its status
+        pid = os.fork()
+        if pid:
+            for fd in stdio:
+                os.close(fd)
+            _, status = os.waitpid(pid, 0)
+            os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
+        prctl.set_pdeathsig(signal.SIGKILL)
+        setup_pid1(spec, stdio)
+        exec_command(spec, fail)
+    except Exception as e:  # anything before exec is strata's failure: 125
+        try:
+            fail(125, f"{type(e).__name__}: {e}")
+        finally:
+            os._exit(125)
+
+
+def setup_pid1(spec: dict, stdio: tuple[int, int, int]) -> None:
+    root = spec["root"]
+    # step 5 (pid 1): stdio and the controlling terminal
+    os.setsid()
+    for target, fd in enumerate(stdio):
+        os.dup2(fd, target)
+    if spec.get("tty"):
+        import fcntl
+        import termios
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+    socket.sethostname(spec["hostname"])
+    # step 6: the mounts, all under the new root while the host /proc is still visible
+    sc.mount(root, root, None, MS_BIND | MS_REC)  # the root must be a mount point for pivot_root
+    for m in container_mounts(spec["runtime_dir"]):
+        apply_mount(root, m)
+    ptmx = os.path.join(root, "dev", "ptmx")
+    if not os.path.lexists(ptmx):
+        os.symlink("pts/ptmx", ptmx)
+    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
+        os.symlink(target, os.path.join(root, "dev", name))
+    # step 7: pivot_root into the mount, old root detached
+    os.chdir(root)
+    sc.pivot_root(".", ".")
+    sc.umount2(".", sc.MNT_DETACH)
+    os.chdir("/")
+    sc.mount(None, "/", None, MS_REC | MS_PRIVATE)
+    # step 8: Docker's masked and read-only paths
+    mask_paths()
+
+
+def exec_command(spec: dict, fail) -> None:
+    env = dict(e.partition("=")[::2] for e in spec["env"])
+    # step 9: working directory and user, from inside the container's files
+    workdir = spec.get("workdir") or "/"
+    try:
+        os.makedirs(workdir, exist_ok=True)
+        os.chdir(workdir)
+    except OSError as e:
+        fail(125, f"cannot change to working directory {workdir}: {e.strerror}")
+    if spec.get("user"):
+        try:
+            uid, gid, groups = resolve_user(spec["user"])
+        except LookupError as e:
+            fail(125, str(e))
+        os.setgroups(groups)
+        os.setgid(gid)
+        os.setuid(uid)
+    # step 10: no host fd survives (CVE-2024-21626)
+    os.closerange(3, 65536)
+    # step 11: capabilities, last
+    drop_capabilities(DOCKER_CAPS)
+    cmd = spec["cmd"]
+    path = env.get("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
+    executable = find_executable(cmd[0], path)
+    if executable is None:
+        fail(127, f'exec: "{cmd[0]}": executable file not found in $PATH')
+    try:
+        os.execve(executable, cmd, env)
+    except OSError as e:
+        code = 127 if e.errno == errno.ENOENT else 126
+        fail(code, f'exec: "{cmd[0]}": {e.strerror.lower()}')
+
+
+def find_executable(name: str, path: str) -> str | None:
+    if "/" in name:
+        return name if os.path.exists(name) else None
+    for d in path.split(":"):
+        candidate = os.path.join(d or ".", name)
+        if os.path.isfile(candidate):
+            return candidate
+    return None
+
+
+if __name__ == "__main__":  # pragma: no cover - not a command
+    sys.exit("runner.sandbox is used by the supervisor")
