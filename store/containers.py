@@ -69,3 +69,59 @@ def remove_container(store: Store, container_id: str) -> None:
         trash = os.path.join(store.root, "tmp", f"trash-{os.getpid()}-{container_id[:12]}")
         os.rename(path, trash)
     remove_tree(trash)
+
+
+# -- state: what the supervisor records, read by ps/inspect/wait ------------------
+
+def state_path(store: Store, container_id: str) -> str:
+    return os.path.join(container_dir(store, container_id), "state.json")
+
+
+def read_state(store: Store, container_id: str) -> dict:
+    try:
+        with open(state_path(store, container_id), "rb") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return {"Status": "created", "ExitCode": 0, "StartedAt": "", "FinishedAt": "", "Runs": []}
+
+
+def write_state(store: Store, container_id: str, state: dict) -> None:
+    write_atomic(state_path(store, container_id), json.dumps(state, indent=1).encode())
+
+
+def supervisor_alive(state: dict) -> bool:
+    pid = state.get("SupervisorPid")
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a recycled pid is not our supervisor
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"runner.supervisor" in f.read()
+    except OSError:
+        return False
+
+
+def current_state(store: Store, container_id: str) -> dict:
+    """The recorded state, corrected when a supervisor died without recording the end."""
+    state = read_state(store, container_id)
+    if state.get("Status") in ("running", "paused", "starting") and not supervisor_alive(state):
+        state["Status"] = "exited"
+        state["ExitCode"] = state.get("ExitCode") or 255
+        state["Error"] = "supervisor died"
+        state["FinishedAt"] = state.get("FinishedAt") or now_rfc3339()
+    return state
+
+
+def update_config(store: Store, container_id: str, changes: dict) -> dict:
+    with store.locked():
+        path = os.path.join(container_dir(store, container_id), "config.json")
+        with open(path, "rb") as f:
+            config = json.load(f)
+        config.update(changes)
+        write_atomic(path, canonical_json(config))
+    return config

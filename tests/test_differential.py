@@ -68,6 +68,16 @@ def layer_chains(draw):
     return chain
 
 
+def dir_below(below: list[str], rel: str) -> bool:
+    """Whether the layers below (top first) show `rel` as a directory: the first
+    layer that has the name decides."""
+    for b in below:
+        path = os.path.join(b, rel)
+        if os.path.lexists(path):
+            return os.path.isdir(path) and not os.path.islink(path)
+    return False
+
+
 def write_overlay_layer(store: Store, diff_id: str, dest: str, below: list[str]) -> None:
     """One store layer as an overlayfs lower directory (0/0 whiteouts, opaque xattr).
 
@@ -92,7 +102,7 @@ def write_overlay_layer(store: Store, diff_id: str, dest: str, below: list[str])
         elif e.kind == "symlink":
             os.symlink(e.target, path)
         elif e.kind == "whiteout":
-            if any(os.path.isdir(os.path.join(b, os.path.dirname(e.path))) for b in below):
+            if dir_below(below, os.path.dirname(e.path)):
                 os.mknod(path, stat.S_IFCHR | 0o000, os.makedev(0, 0))
             continue
         if e.implicit:  # a parent the archive never listed shows the metadata from below

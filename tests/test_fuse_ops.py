@@ -307,6 +307,43 @@ def test_readdir_offsets_survive_changes_during_a_listing(mounted):
         assert stable <= set(listed)
         libc.seekdir(dirp, marks[100])
         assert next_name(dirp) == seen[100]
+        removed = {f"f{n + 400:04}" for n in range(50, 200, 50)}
+        assert not removed & set(listed)  # removed before they were read: never listed
+        for name in removed:  # and never cached by readdirplus as a ghost entry
+            assert not os.path.lexists(f"{mnt}/many/{name}")
     finally:
         libc.closedir(dirp)
     assert seen[:2] == [".", ".."]
+
+
+def test_reader_opened_before_copy_up_sees_the_new_data(mounted):
+    """A descriptor opened on the lower file before copy-up reads the upper data
+    afterwards, so a page-cache refill can never write old content back."""
+    mnt, _, _ = mounted
+    reader = os.open(f"{mnt}/d/sub/deep", os.O_RDONLY)
+    try:
+        with open(f"{mnt}/d/sub/deep", "r+b") as w:
+            w.write(b"NEW!")
+            w.flush()
+            os.fsync(w.fileno())
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        assert os.pread(reader, 5, 0) == b"NEW!\n"
+        with open(f"{mnt}/d/sub/deep", "r+b") as w:
+            w.seek(4)
+            w.write(b"+")
+    finally:
+        os.close(reader)
+    assert open(f"{mnt}/d/sub/deep", "rb").read() == b"NEW!+"
+
+
+def test_read_only_open_with_trunc_and_far_future_times(mounted):
+    mnt, _, _ = mounted
+    os.close(os.open(f"{mnt}/d/a", os.O_RDONLY | os.O_TRUNC))
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+    assert os.lstat(f"{mnt}/d/a").st_size == 0 and open(f"{mnt}/d/a", "rb").read() == b""
+    far = 16725225600  # 2500-01-01: beyond 64-bit nanoseconds, clamped as ext4 clamps
+    os.utime(f"{mnt}/d/top", (far, far))
+    os.chmod(f"{mnt}/d/top", 0o600)
+    assert stat.S_IMODE(os.lstat(f"{mnt}/d/top").st_mode) == 0o600

@@ -177,3 +177,37 @@ def test_unprivileged_store_container_mount_keeps_owners(unprivileged_setup, tmp
         assert proc.stdout.split() == ["1000:1000", "hello", "more", "1000:1000", "hello", "more"]
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def test_tmpfs_upper_over_ext4_lower_merged_dir_nlink_and_same_layer_whiteouts(tmp_path):
+    """copy-up across filesystems (copy_file_range says EXDEV), rmdir in a directory
+    merged from several layers (nlink not counted), and an OCI whiteout that must not
+    hide an entry of its own layer."""
+    require_fuse()
+    lower_top, lower_bottom = tmp_path / "l1", tmp_path / "l2"
+    for d in (lower_top / "a", lower_bottom / "b", lower_top / "x", lower_bottom / "x" / "s1"):
+        d.mkdir(parents=True)
+    (lower_bottom / "file").write_text("lower\n")
+    (lower_top / ".wh.same").write_text("")
+    (lower_top / "same").write_text("kept\n")
+    upper, work, mnt = tmp_path / "u", tmp_path / "w", tmp_path / "mnt"
+    for d in (upper, work, mnt):
+        d.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(upper)], check=True)
+    try:
+        argv = standalone_argv([str(lower_top), str(lower_bottom)], str(upper), str(work), str(mnt))
+        with served(argv, str(mnt)):
+            with open(mnt / "file", "a") as f:
+                f.write("more\n")
+            assert (mnt / "file").read_text() == "lower\nmore\n"
+            assert (mnt / "same").read_text() == "kept\n"
+            os.rmdir(mnt / "a")
+            os.rmdir(mnt / "b")
+            os.chmod(mnt / "x", 0o700)
+            os.rmdir(mnt / "x" / "s1")
+            assert os.lstat(mnt).st_nlink >= 1
+        with served(argv, str(mnt)):
+            assert stat.S_IMODE(os.lstat(mnt / "x").st_mode) == 0o700
+            assert sorted(os.listdir(mnt)) == ["file", "same", "x"]
+    finally:
+        subprocess.run(["umount", str(upper)], check=True)

@@ -169,3 +169,17 @@ def test_dir_lower_merges_lazily_with_all_whiteout_spellings(tmp_path):
         assert lower.lookup(d.ino, b"kept") == first
     finally:
         v.close()
+
+
+def test_data_of_a_removed_inode_goes_only_after_the_commit(view, tmp_path):
+    """A crash (here: an exception) between removing a name and committing must
+    leave the old name with its data."""
+    n, fd = view.create(ROOT, b"keep", 0o644, os.O_RDWR, 0, 0)
+    view.write(fd, 0, b"precious")
+    view.release(fd)
+    with pytest.raises(RuntimeError):
+        with view._changing():
+            view.upper.delete_inode(n.ino)
+            raise RuntimeError("the server dies before COMMIT")
+    assert (tmp_path / "upper" / "data" / str(n.ino)).read_bytes() == b"precious"
+    assert view.lookup(ROOT, b"keep").ino == n.ino

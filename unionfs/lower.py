@@ -111,6 +111,9 @@ class DirLower:
         # dir ino -> [(layer, relpath)] of the directories merged into it, top first
         self.dir_sources: dict[int, list[tuple[int, bytes]]] = {ROOT_INO: [(i, b"") for i in range(len(lowerdirs))]}
         self.dir_children: dict[int, dict[bytes, int]] = {}
+        self.ino_of: dict[tuple[int, int], int] = {}
+        self.taken: set[int] = set()
+        self.next_spare = 1 << 61
         st = os.fstat(self.layer_fds[0])
         self.entries[ROOT_INO] = (0, b"", st)
 
@@ -118,6 +121,21 @@ class DirLower:
         for fd in self.layer_fds:
             os.close(fd)
         self.layer_fds = []
+
+    def _inode_number(self, layer: int, st: os.stat_result) -> int:
+        """(layer + 1) << 48 | st_ino, stable across remounts; a clash (another
+        filesystem mounted inside a lower dir) gets a number of its own."""
+        key = (st.st_dev, st.st_ino)
+        known = self.ino_of.get(key)
+        if known is not None:
+            return known
+        ino = ((layer + 1) << LAYER_SHIFT) | (st.st_ino & ((1 << LAYER_SHIFT) - 1))
+        if ino in self.entries or ino in self.taken:
+            ino = self.next_spare
+            self.next_spare += 1
+        self.ino_of[key] = ino
+        self.taken.add(ino)
+        return ino
 
     def _open_dir(self, layer: int, rel: bytes) -> int:
         if not rel:
@@ -145,19 +163,20 @@ class DirLower:
                 continue
             try:
                 opaque = self._is_opaque(fd)
+                whiteouts = set()  # a whiteout hides lower layers only, not its own
                 for name in sorted(os.listdir(fd)):
                     bname = os.fsencode(name)
                     if bname == b".wh..wh..opq":
                         opaque = True
                         continue
                     if bname.startswith(b".wh."):
-                        sealed.add(bname[4:])
+                        whiteouts.add(bname[4:])
                         continue
                     if bname in sealed:
                         continue
                     st = os.lstat(name, dir_fd=fd)
                     if stat.S_ISCHR(st.st_mode) and st.st_rdev == 0:
-                        sealed.add(bname)  # overlayfs whiteout
+                        whiteouts.add(bname)  # overlayfs whiteout
                         continue
                     child_rel = rel + b"/" + bname if rel else bname
                     if bname in children:  # a lower copy of a directory seen above: merge it in
@@ -166,7 +185,7 @@ class DirLower:
                         else:
                             sealed.add(bname)
                         continue
-                    ino = ((layer + 1) << LAYER_SHIFT) | st.st_ino
+                    ino = self._inode_number(layer, st)
                     children[bname] = ino
                     self.entries[ino] = (layer, child_rel, st)
                     if stat.S_ISDIR(st.st_mode):
@@ -175,6 +194,7 @@ class DirLower:
                         sealed.add(bname)
             finally:
                 os.close(fd)
+            sealed |= whiteouts
             if opaque:
                 break
         for bname, sources in child_dirs.items():

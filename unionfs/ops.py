@@ -59,7 +59,7 @@ class UnionOperations(pyfuse3.Operations):
         e.entry_timeout = CACHE_SECONDS
         e.attr_timeout = CACHE_SECONDS
         e.st_mode = n.mode
-        e.st_nlink = n.nlink
+        e.st_nlink = n.nlink if n.nlink > 0 else 0
         e.st_uid = n.uid
         e.st_gid = n.gid
         e.st_rdev = n.rdev
@@ -108,23 +108,34 @@ class UnionOperations(pyfuse3.Operations):
     async def readlink(self, inode, ctx):
         return self.view.readlink(inode)
 
-    @answer_errors
-    async def opendir(self, inode, ctx):
+    def snapshot(self, inode) -> list:
         n = self.view.node(inode)
         parent = self.view.node(n.parent or inode)
-        # a snapshot per handle: offsets stay valid while the directory changes
-        entries = [(b".", n), (b"..", parent)] + self.view.listdir(inode)
+        return [(b".", n), (b"..", parent)] + self.view.listdir(inode)
+
+    @answer_errors
+    async def opendir(self, inode, ctx):
         fh = self.next_dir_handle
         self.next_dir_handle += 1
-        self.dir_handles[fh] = entries
+        self.view.node(inode)
+        # a snapshot per handle, taken at offset 0: offsets stay valid while the directory changes
+        self.dir_handles[fh] = (inode, None)
         return fh
 
     @answer_errors
     async def readdir(self, fh, start_id, token):
-        entries = self.dir_handles[fh]
+        inode, entries = self.dir_handles[fh]
+        if start_id == 0 or entries is None:  # a listing (or rewinddir) sees the directory as it is now
+            entries = self.snapshot(inode)
+            self.dir_handles[fh] = (inode, entries)
         entry = self.entry
+        view = self.view
+        directory = view.node(inode)
         for offset in range(start_id, len(entries)):
             name, n = entries[offset]
+            # readdirplus makes the kernel cache each entry: never one removed since the snapshot
+            if offset >= 2 and view.current(directory, name) != n.ino:
+                continue
             if not pyfuse3.readdir_reply(token, name, entry(n), offset + 1):
                 break
 

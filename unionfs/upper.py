@@ -25,6 +25,7 @@ import errno
 import json
 import os
 import sqlite3
+import stat
 
 from store.fsutil import DIR_FLAGS
 
@@ -59,15 +60,39 @@ def copy_sparse(src_fd: int, dst_fd: int) -> int:
                 break
             raise
         hole = os.lseek(src_fd, data, os.SEEK_HOLE)
-        pos = data
-        while pos < hole:
-            n = os.copy_file_range(src_fd, dst_fd, min(COPY_CHUNK, hole - pos), pos, pos)
-            if n == 0:
-                break
-            pos += n
+        copy_region(src_fd, dst_fd, data, hole)
         offset = hole
     os.ftruncate(dst_fd, size)
     return size
+
+
+def copy_region(src_fd: int, dst_fd: int, start: int, end: int) -> None:
+    """copy_file_range, and plain reads and writes where the kernel refuses it
+    (EXDEV between some filesystem pairs, e.g. an ext4 lower and a tmpfs upper)."""
+    pos = start
+    while pos < end:
+        try:
+            n = os.copy_file_range(src_fd, dst_fd, min(COPY_CHUNK, end - pos), pos, pos)
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise
+            n = 0
+            chunk = os.pread(src_fd, min(1 << 20, end - pos), pos)
+            if chunk:
+                n = os.pwrite(dst_fd, chunk, pos)
+        if n == 0:
+            break
+        pos += n
+
+
+def storage_errors(e: sqlite3.Error) -> OSError:
+    """SQLite's failures as the errno a program expects (a full disk is ENOSPC)."""
+    text = str(e)
+    if "full" in text:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    if "readonly" in text:
+        return OSError(errno.EROFS, os.strerror(errno.EROFS))
+    return OSError(errno.EIO, f"upper layer: {text}")
 
 
 class UpperLayer:
@@ -89,6 +114,7 @@ class UpperLayer:
         else:
             self.next_ino = max(int(row[0]), first_free_ino)
         self._depth = 0
+        self._doomed_data: list[int] = []  # data files to remove once the commit is durable
 
     def close(self) -> None:
         """Idempotent: tests and error paths may close twice."""
@@ -100,19 +126,32 @@ class UpperLayer:
     @contextlib.contextmanager
     def transaction(self):
         """Group several updates into one atomic commit (rename touches many rows)."""
-        if self._depth == 0:
-            self.db.execute("BEGIN IMMEDIATE")
-        self._depth += 1
         try:
-            yield
-        except BaseException:
+            if self._depth == 0:
+                self.db.execute("BEGIN IMMEDIATE")
+            self._depth += 1
+            try:
+                yield
+            except BaseException:
+                self._depth -= 1
+                if self._depth == 0:
+                    self._doomed_data.clear()
+                    self.db.execute("ROLLBACK")
+                raise
             self._depth -= 1
             if self._depth == 0:
+                self.db.execute("COMMIT")
+                self._remove_doomed()
+        except sqlite3.Error as e:
+            if self._depth == 0 and self.db.in_transaction:
                 self.db.execute("ROLLBACK")
-            raise
-        self._depth -= 1
-        if self._depth == 0:
-            self.db.execute("COMMIT")
+            self._doomed_data.clear()
+            raise storage_errors(e) from None
+
+    def _remove_doomed(self) -> None:
+        doomed, self._doomed_data = self._doomed_data, []
+        for ino in doomed:
+            self.remove_data(ino)
 
     # -- loading -------------------------------------------------------------
 
@@ -130,24 +169,34 @@ class UpperLayer:
     def allocate_ino(self) -> int:
         ino = self.next_ino
         self.next_ino += 1
-        self.db.execute("UPDATE meta SET value=? WHERE key='next_ino'", (str(self.next_ino),))
+        self.execute("UPDATE meta SET value=? WHERE key='next_ino'", (str(self.next_ino),))
         return ino
 
+    def execute(self, sql: str, args: tuple = ()) -> None:
+        try:
+            self.db.execute(sql, args)
+        except sqlite3.Error as e:
+            raise storage_errors(e) from None
+
     def put_inode(self, row: tuple) -> None:
-        self.db.execute("INSERT OR REPLACE INTO inodes VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?)", row)
+        self.execute("INSERT OR REPLACE INTO inodes VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?)", row)
 
     def delete_inode(self, ino: int) -> None:
-        self.db.execute("DELETE FROM inodes WHERE ino=?", (ino,))
-        self.remove_data(ino)
+        """The row now; the data only after the commit, so a crash never leaves a name
+        whose data is gone."""
+        self.execute("DELETE FROM inodes WHERE ino=?", (ino,))
+        self._doomed_data.append(ino)
+        if self._depth == 0:
+            self._remove_doomed()
 
     def put_dirent(self, parent: int, name: bytes, ino: int) -> None:
-        self.db.execute("INSERT OR REPLACE INTO dirents VALUES(?,?,?)", (parent, name, ino))
+        self.execute("INSERT OR REPLACE INTO dirents VALUES(?,?,?)", (parent, name, ino))
 
     def delete_dirent(self, parent: int, name: bytes) -> None:
-        self.db.execute("DELETE FROM dirents WHERE parent=? AND name=?", (parent, name))
+        self.execute("DELETE FROM dirents WHERE parent=? AND name=?", (parent, name))
 
     def delete_dirents_of(self, parent: int) -> None:
-        self.db.execute("DELETE FROM dirents WHERE parent=?", (parent,))
+        self.execute("DELETE FROM dirents WHERE parent=?", (parent,))
 
     # -- data files ------------------------------------------------------------
 
@@ -197,7 +246,7 @@ class UpperLayer:
                 repairs.append(f"removed orphan data file {name}")
         for ino, row in rows.items():
             has_data = str(ino) in names
-            if row[10] <= 0:  # unlinked while open when the server died
+            if row[10] <= 0 and not stat.S_ISDIR(row[2]):  # unlinked while open when the server died
                 self.delete_inode(ino)
                 repairs.append(f"removed unlinked inode {ino}")
                 continue

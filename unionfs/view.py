@@ -10,6 +10,7 @@ Inode numbers never change on copy-up or across remounts (invariant 6).
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -43,6 +44,11 @@ class Node:
         return (self.ino, self.lower_ino, self.mode, self.uid, self.gid, self.size, self.atime_ns,
                 self.mtime_ns, self.ctime_ns, self.rdev, self.nlink, self.target,
                 encode_xattrs(self.xattrs), int(self.has_data))
+
+
+def clamp_ns(ns: int) -> int:
+    """Times beyond what 64-bit nanoseconds hold (after 2262) are clamped, as ext4 clamps."""
+    return max(-(1 << 63), min(ns, (1 << 63) - 1))
 
 
 def check_name(name: bytes) -> None:
@@ -94,8 +100,37 @@ class UnionView:
         return n
 
     def _persist(self, n: Node) -> None:
+        if n.nlink <= 0 and n.opens == 0 and not n.is_dir():
+            return  # gone for good; its row was deleted with its last name
         self.upper.put_inode(n.row())
         n.dirty = False
+
+    @contextlib.contextmanager
+    def _changing(self):
+        """One atomic change of the upper layer; if it fails (ENOSPC, say), the
+        in-memory view is reloaded from disk so it never shows what was not stored."""
+        try:
+            with self.upper.transaction():
+                yield
+        except BaseException:
+            self._resync()
+            raise
+
+    def _resync(self) -> None:
+        from .lower import decode_xattrs
+        rows = self.upper.load_inodes()
+        self.upper_dirents = self.upper.load_dirents()
+        for ino, n in self.nodes.items():
+            row = rows.pop(ino, None)
+            if row is not None:
+                (_, n.lower_ino, n.mode, n.uid, n.gid, n.size, n.atime_ns, n.mtime_ns, n.ctime_ns,
+                 n.rdev, n.nlink, n.target, xattrs, has_data) = row
+                n.xattrs, n.has_data = decode_xattrs(xattrs), bool(has_data)
+            elif n.lower_ino is not None and not n.has_data:
+                attrs = self.lower.attrs(n.lower_ino)
+                if attrs is not None:
+                    n.mode, n.uid, n.gid, n.size, n.mtime_ns, n.rdev, n.nlink, n.target, n.xattrs = attrs
+        self.upper_rows = rows
 
     def _writable(self) -> UpperLayer:
         if self.upper is None:
@@ -124,6 +159,10 @@ class UnionView:
         if parent.lower_ino is None:
             return None
         return self.lower.lookup(parent.lower_ino, name)
+
+    def current(self, parent: Node, name: bytes) -> int | None:
+        """The inode `name` names in `parent` now (for revalidating a listing)."""
+        return self._find(parent, name)
 
     def lookup(self, parent_ino: int, name: bytes) -> Node:
         if len(name) > NAME_MAX:
@@ -182,7 +221,8 @@ class UnionView:
 
     def _touch_dir(self, d: Node, nlink_delta: int = 0) -> None:
         d.mtime_ns = d.ctime_ns = time.time_ns()
-        d.nlink += nlink_delta
+        if d.nlink > 1:  # 1 means "not counted" (a directory merged from plain lower dirs)
+            d.nlink = max(2, d.nlink + nlink_delta)
         self._persist(d)
 
     def _inherit_gid(self, parent: Node, gid: int, mode: int) -> tuple[int, int]:
@@ -205,7 +245,7 @@ class UnionView:
         parent = self.node(parent_ino)
         self._check_new(parent, name)
         gid, mode = self._inherit_gid(parent, gid, mode)
-        with self.upper.transaction():
+        with self._changing():
             n = self._new_node(mode, uid, gid, rdev, target)
             if stat.S_ISREG(mode):
                 self.upper.create_data(n.ino)
@@ -245,7 +285,7 @@ class UnionView:
             raise fs_error(errno.EPERM)
         parent = self.node(new_parent_ino)
         self._check_new(parent, new_name)
-        with self.upper.transaction():
+        with self._changing():
             n.nlink += 1
             n.ctime_ns = time.time_ns()
             self._persist(n)
@@ -273,7 +313,7 @@ class UnionView:
         self._writable()
         if n.is_dir():
             raise fs_error(errno.EISDIR)
-        with self.upper.transaction():
+        with self._changing():
             self._unlink_name(parent, name)
             self._drop_link(n)
             self._touch_dir(parent)
@@ -286,7 +326,7 @@ class UnionView:
             raise fs_error(errno.ENOTDIR)
         if not self._is_empty(n):
             raise fs_error(errno.ENOTEMPTY)
-        with self.upper.transaction():
+        with self._changing():
             self._unlink_name(parent, name)
             self._drop_link(n)
             self._touch_dir(parent, -1)
@@ -302,7 +342,7 @@ class UnionView:
         if flags & RENAME_EXCHANGE:
             if dst is None:
                 raise fs_error(errno.ENOENT)
-            with self.upper.transaction():
+            with self._changing():
                 self._link_name(old_parent, old_name, dst.ino)
                 self._link_name(new_parent, new_name, src.ino)
                 delta = int(src.is_dir()) - int(dst.is_dir())
@@ -330,18 +370,20 @@ class UnionView:
                 raise fs_error(errno.EISDIR)
             if dst.is_dir() and not self._is_empty(dst):
                 raise fs_error(errno.ENOTEMPTY)
-        with self.upper.transaction():
+        with self._changing():
             if dst is not None:
                 self._drop_link(dst)
-                if dst.is_dir():
+                if dst.is_dir() and new_parent.nlink > 2:
                     new_parent.nlink -= 1
             self._unlink_name(old_parent, old_name)
             self._link_name(new_parent, new_name, src.ino)
             if src.is_dir():
                 src.parent = new_parent.ino
                 if old_parent is not new_parent:
-                    old_parent.nlink -= 1
-                    new_parent.nlink += 1
+                    if old_parent.nlink > 2:
+                        old_parent.nlink -= 1
+                    if new_parent.nlink > 1:
+                        new_parent.nlink += 1
             src.ctime_ns = time.time_ns()
             self._persist(src)
             self._touch_dir(old_parent)
@@ -366,6 +408,13 @@ class UnionView:
                 os.close(src)
         n.has_data = True
         self._persist(n)
+        # descriptors opened on the lower file must now read the upper one, or a
+        # page-cache refill through them would write old data back (keep_cache)
+        for fd, held in self.handles.items():
+            if held is n:
+                new = upper.open_data(n.ino, os.O_RDONLY)
+                os.dup2(new, fd, inheritable=False)
+                os.close(new)
 
     def open(self, ino: int, flags: int) -> tuple[int, bool]:
         """Return (fd, data_is_immutable)."""
@@ -373,8 +422,8 @@ class UnionView:
         if n.is_dir():
             raise fs_error(errno.EISDIR)
         writing = flags & os.O_ACCMODE != os.O_RDONLY
-        truncate = bool(flags & os.O_TRUNC) and writing
-        if writing:
+        truncate = bool(flags & os.O_TRUNC)  # O_RDONLY|O_TRUNC truncates too (the kernel checked access)
+        if writing or truncate:
             self._copy_up(n, truncate)
         if n.has_data:
             fd = self.upper.open_data(ino, os.O_RDWR if writing else os.O_RDONLY)
@@ -433,7 +482,7 @@ class UnionView:
         n = self.node(ino)
         self._writable()
         now = time.time_ns()
-        with self.upper.transaction():
+        with self._changing():
             if size is not None:
                 if n.is_dir():
                     raise fs_error(errno.EISDIR)
@@ -455,9 +504,9 @@ class UnionView:
             if gid is not None:
                 n.gid = gid
             if atime_ns is not None:
-                n.atime_ns = atime_ns
+                n.atime_ns = clamp_ns(atime_ns)
             if mtime_ns is not None:
-                n.mtime_ns = mtime_ns
+                n.mtime_ns = clamp_ns(mtime_ns)
             n.ctime_ns = now
             self._persist(n)
         return n
@@ -482,6 +531,8 @@ class UnionView:
     def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
         if not name.startswith(ALLOWED_XATTR_PREFIXES):
             raise fs_error(errno.EOPNOTSUPP)
+        if name in ALLOWED_XATTR_PREFIXES:
+            raise fs_error(errno.EINVAL)
         if len(name) > XATTR_NAME_MAX:
             raise fs_error(errno.ERANGE)
         if len(value) > XATTR_SIZE_MAX:
@@ -492,19 +543,21 @@ class UnionView:
             raise fs_error(errno.EEXIST)
         if flags & XATTR_REPLACE and name not in n.xattrs:
             raise fs_error(errno.ENODATA)
-        n.xattrs = dict(n.xattrs)
-        n.xattrs[name] = bytes(value)
-        n.ctime_ns = time.time_ns()
-        self._persist(n)
+        with self._changing():
+            n.xattrs = dict(n.xattrs)
+            n.xattrs[name] = bytes(value)
+            n.ctime_ns = time.time_ns()
+            self._persist(n)
 
     def removexattr(self, ino: int, name: bytes) -> None:
         n = self.node(ino)
         self._writable()
         if name not in n.xattrs:
             raise fs_error(errno.ENODATA)
-        n.xattrs = {k: v for k, v in n.xattrs.items() if k != name}
-        n.ctime_ns = time.time_ns()
-        self._persist(n)
+        with self._changing():
+            n.xattrs = {k: v for k, v in n.xattrs.items() if k != name}
+            n.ctime_ns = time.time_ns()
+            self._persist(n)
 
     def statfs(self) -> os.statvfs_result:
         if self.upper is not None:

@@ -1,0 +1,205 @@
+"""The supervisor's event loop (step 3-4): FUSE root, stdio relay, logs, attach socket.
+
+Imported only by the supervisor after its fork, so the CLI never pays for
+pyfuse3 and trio.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import functools
+import os
+import struct
+import termios
+
+import pyfuse3
+import trio
+
+from store.containers import container_dir, write_state
+
+from .supervisor import (EXIT, FRAME, LOG_MAX_BYTES_DEFAULT, LOG_MAX_FILES_DEFAULT, RESIZE, STDERR, STDIN,
+                         STDIN_CLOSED, STDOUT, JsonLog, frame)
+
+INIT_DIRS = ("proc", "dev", "sys", "etc")
+INIT_FILES = ("etc/hosts", "etc/hostname", "etc/resolv.conf")
+
+
+def ensure_mount_points(view) -> None:
+    """The container's runtime mount points, as Docker's init layer provides them."""
+    for name in INIT_DIRS:
+        try:
+            view.lookup(1, name.encode())
+        except FileNotFoundError:
+            view.mkdir(1, name.encode(), 0o755, 0, 0)
+    etc = view.lookup(1, b"etc").ino
+    for path in INIT_FILES:
+        name = path.split("/")[1].encode()
+        try:
+            view.lookup(etc, name)
+        except FileNotFoundError:
+            _, fd = view.create(etc, name, 0o644, os.O_RDWR, 0, 0)
+            view.release(fd)
+
+
+def parse_log_options(config: dict) -> tuple[int, int]:
+    opts = config.get("LogOpts") or {}
+    size = opts.get("max-size")
+    max_bytes = LOG_MAX_BYTES_DEFAULT
+    if size:
+        units = {"k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}
+        max_bytes = int(size[:-1]) * units[size[-1].lower()] if size[-1].lower() in units else int(size)
+    return max_bytes, int(opts.get("max-file") or LOG_MAX_FILES_DEFAULT)
+
+
+def serve_container(store, config, rootfs, child, sync_w, status_r, ours, wait_attach, state, container_id):
+    from unionfs.mount import fuse_options
+    from unionfs.ops import UnionOperations
+    from unionfs.storeview import make_view_factory
+
+    cdir = container_dir(store, container_id)
+    view = make_view_factory(store, config["Image"], os.path.join(cdir, "upper"))()
+    try:
+        ensure_mount_points(view)
+        pyfuse3.init(UnionOperations(view), rootfs, fuse_options(f"strata:{config['Name']}", False))
+    except BaseException:
+        os.kill(child, 9)
+        os.waitpid(child, 0)
+        view.close()
+        raise
+    try:
+        return trio.run(functools.partial(_serve, store, config, cdir, child, sync_w, status_r, ours,
+                                          wait_attach, state, container_id))
+    finally:
+        try:
+            pyfuse3.close(unmount=True)
+        finally:
+            view.close()
+
+
+async def _serve(store, config, cdir, child, sync_w, status_r, ours, wait_attach, state, container_id):
+    max_bytes, max_files = parse_log_options(config)
+    log = JsonLog(os.path.join(cdir, "json.log"), max_bytes, max_files)
+    clients: set = set()
+    attached = trio.Event()
+    errors: list[str] = []
+    sock_path = os.path.join(cdir, "attach.sock")
+    if os.path.exists(sock_path):
+        os.unlink(sock_path)
+    listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+    await listener.bind(sock_path)
+    listener.listen(8)
+    input_fd = ours.get("pty") or ours.get("stdin")
+    input_stream = trio.lowlevel.FdStream(os.dup(input_fd)) if input_fd is not None else None
+
+    async def broadcast(kind: int, data: bytes) -> None:
+        if kind in (STDOUT, STDERR):
+            log.write(kind, data)
+        message = frame(kind, data)
+        for client in list(clients):
+            try:
+                await client.send(message)
+            except OSError:
+                clients.discard(client)
+
+    async def handle_client(client) -> None:
+        clients.add(client)
+        attached.set()
+        buf = b""
+        try:
+            while True:
+                data = await client.recv(65536)
+                if not data:
+                    return
+                buf += data
+                while len(buf) >= FRAME.size:
+                    kind, size = FRAME.unpack_from(buf)
+                    if len(buf) < FRAME.size + size:
+                        break
+                    payload, buf = buf[FRAME.size:FRAME.size + size], buf[FRAME.size + size:]
+                    if kind == STDIN and input_stream is not None:
+                        await input_stream.send_all(payload)
+                    elif kind == STDIN_CLOSED and input_stream is not None and "stdin" in ours:
+                        await input_stream.aclose()
+                    elif kind == RESIZE and "pty" in ours:
+                        rows, cols = (int(x) for x in payload.split())
+                        fcntl.ioctl(ours["pty"], termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+        except (OSError, trio.ClosedResourceError, trio.BrokenResourceError):
+            return
+        finally:
+            clients.discard(client)
+
+    async def accept_loop(nursery) -> None:
+        while True:
+            client, _ = await listener.accept()
+            nursery.start_soon(handle_client, client)
+
+    async def pump(fd: int, kind: int) -> None:
+        stream = trio.lowlevel.FdStream(fd)
+        try:
+            while True:
+                try:
+                    data = await stream.receive_some(65536)
+                except OSError as e:
+                    if e.errno == errno.EIO:  # a pty whose other side is gone
+                        return
+                    raise
+                if not data:
+                    return
+                await broadcast(kind, data)
+        finally:
+            await stream.aclose()
+
+    async def read_status() -> None:
+        stream = trio.lowlevel.FdStream(status_r)
+        data = b""
+        while True:
+            chunk = await stream.receive_some(4096)
+            if not chunk:
+                break
+            data += chunk
+        for line in data.decode(errors="replace").splitlines():
+            code, _, message = line.partition(" ")
+            errors.append(message)
+            await broadcast(STDERR, f"strata: error: {message}\n".encode())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(functools.partial(pyfuse3.main, 1, 1))
+        nursery.start_soon(accept_loop, nursery)
+        if wait_attach:
+            with trio.move_on_after(30):
+                await attached.wait()
+        write_state(store, container_id, state)
+        os.write(sync_w, b"1")  # sync 1: the root is served; the child goes on
+        os.close(sync_w)
+        async with trio.open_nursery() as pumps:
+            if "pty" in ours:
+                pumps.start_soon(pump, os.dup(ours["pty"]), STDOUT)
+            else:
+                pumps.start_soon(pump, ours["stdout"], STDOUT)
+                pumps.start_soon(pump, ours["stderr"], STDERR)
+            pumps.start_soon(read_status)
+            pidfd = os.pidfd_open(child)
+            try:
+                await trio.lowlevel.wait_readable(pidfd)
+            finally:
+                os.close(pidfd)
+            _, status = os.waitpid(child, 0)
+            exit_code = os.waitstatus_to_exitcode(status)
+            exit_code = exit_code if exit_code >= 0 else 128 - exit_code
+        log.flush_partial()
+        await broadcast(EXIT, str(exit_code).encode())
+        for client in list(clients):
+            client.close()
+        listener.close()
+        if input_stream is not None:
+            try:
+                await input_stream.aclose()
+            except OSError:
+                pass
+        pyfuse3.terminate()
+        nursery.cancel_scope.cancel()
+    try:
+        os.unlink(sock_path)
+    except OSError:
+        pass
+    return exit_code, "; ".join(errors)

@@ -1,0 +1,233 @@
+"""The supervisor: one per running container, like conmon. The CLI is only a client.
+
+    python -m runner.supervisor STORE_ROOT CONTAINER_ID [--wait-attach]
+
+Steps, in order (DESIGN.md, process model); each names the process it runs in:
+  1. supervisor: user namespace when not root (newuidmap ranges from
+     /etc/subuid when they exist, else a single mapping), then a private
+     mount namespace;
+  2. supervisor: stdio (a pty for -t, pipes otherwise) and the child forked
+     before any thread or event loop exists; the child waits on sync 1;
+  3. supervisor: the FUSE root mounted and served on a trio loop; then sync 1
+     releases the child (runner.sandbox.enter_container does the rest);
+  4. supervisor: output to the json-file log and to attached clients, input
+     from them, the attach socket; the exit status recorded; unmount.
+
+Attach protocol on containers/<id>/attach.sock, both directions framed as
+1 byte type + 4 bytes big-endian length + payload. Server to client: 1
+stdout, 2 stderr, 3 exit (payload: the exit code in ASCII). Client to
+server: 0 stdin data, 4 stdin closed, 5 resize (payload "rows cols").
+"""
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+
+from store import Store
+from store.containers import container_dir, read_state, write_state
+from store.store import now_rfc3339
+
+from . import sandbox
+from . import syscalls as sc
+
+STDOUT, STDERR, EXIT, STDIN, STDIN_CLOSED, RESIZE = 1, 2, 3, 0, 4, 5
+FRAME = struct.Struct(">BI")
+LOG_MAX_BYTES_DEFAULT = 10 * 1024 * 1024
+LOG_MAX_FILES_DEFAULT = 3
+
+
+def frame(kind: int, payload: bytes) -> bytes:
+    return FRAME.pack(kind, len(payload)) + payload
+
+
+# -- step 1: namespaces -------------------------------------------------------------
+
+def subordinate_range(path: str, uid: int) -> tuple[int, int] | None:
+    try:
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        name = None
+    try:
+        with open(path) as f:
+            for line in f:
+                owner, _, rest = line.strip().partition(":")
+                start, _, count = rest.partition(":")
+                if owner in (str(uid), name) and start.isdigit() and count.isdigit():
+                    return int(start), int(count)
+    except OSError:
+        pass
+    return None
+
+
+def enter_user_namespace() -> None:
+    """Map the caller to root; with subordinate ranges, map them from 1 up (newuidmap)."""
+    uid, gid = os.getuid(), os.getgid()
+    uid_range = subordinate_range("/etc/subuid", uid)
+    gid_range = subordinate_range("/etc/subgid", uid)
+    helpers = uid_range and gid_range and shutil.which("newuidmap") and shutil.which("newgidmap")
+    if not helpers:
+        sc.unshare(sc.CLONE_NEWUSER)
+        with open("/proc/self/setgroups", "w") as f:
+            f.write("deny")
+        with open("/proc/self/uid_map", "w") as f:
+            f.write(f"0 {uid} 1\n")
+        with open("/proc/self/gid_map", "w") as f:
+            f.write(f"0 {gid} 1\n")
+        return
+    ready_r, ready_w = os.pipe()
+    helper = os.fork()
+    if helper == 0:  # outside the new namespace: newuidmap must be run from here
+        os.close(ready_w)
+        os.read(ready_r, 1)
+        target = str(os.getppid())
+        ok = subprocess.run(["newuidmap", target, "0", str(uid), "1", "1", *map(str, uid_range)]).returncode == 0
+        ok = ok and subprocess.run(["newgidmap", target, "0", str(gid), "1", "1", *map(str, gid_range)]).returncode == 0
+        os._exit(0 if ok else 1)
+    os.close(ready_r)
+    sc.unshare(sc.CLONE_NEWUSER)
+    os.write(ready_w, b"1")
+    os.close(ready_w)
+    _, status = os.waitpid(helper, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError("newuidmap/newgidmap failed")
+
+
+# -- the log -------------------------------------------------------------------------
+
+class JsonLog:
+    """Docker's json-file driver: one JSON object per line, rotated by size."""
+
+    def __init__(self, path: str, max_bytes: int, max_files: int):
+        self.path, self.max_bytes, self.max_files = path, max_bytes, max_files
+        self.f = open(path, "ab")
+        self.pending = {STDOUT: b"", STDERR: b""}
+
+    def write(self, stream: int, data: bytes) -> None:
+        buf = self.pending[stream] + data
+        *lines, rest = buf.split(b"\n")
+        self.pending[stream] = rest
+        for line in lines:
+            self._record(stream, line + b"\n")
+
+    def flush_partial(self) -> None:
+        for stream, rest in self.pending.items():
+            if rest:
+                self._record(stream, rest)
+                self.pending[stream] = b""
+
+    def _record(self, stream: int, line: bytes) -> None:
+        ns = time.time_ns()
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ns // 10**9)) + f".{ns % 10**9:09d}Z"
+        entry = {"log": line.decode("utf-8", "replace"), "stream": "stdout" if stream == STDOUT else "stderr",
+                 "time": stamp}
+        self.f.write(json.dumps(entry).encode() + b"\n")
+        self.f.flush()
+        if self.max_bytes and self.f.tell() >= self.max_bytes:
+            self._rotate()
+
+    def _rotate(self) -> None:
+        self.f.close()
+        for n in range(self.max_files - 1, 0, -1):
+            src = self.path if n == 1 else f"{self.path}.{n - 1}"
+            if os.path.exists(src):
+                os.replace(src, f"{self.path}.{n}")
+        if self.max_files <= 1:
+            os.unlink(self.path)
+        self.f = open(self.path, "ab")
+
+
+# -- steps 2-4 ------------------------------------------------------------------------
+
+def write_runtime_files(runtime: str, hostname: str) -> None:
+    os.makedirs(runtime, exist_ok=True)
+    with open(os.path.join(runtime, "hostname"), "w") as f:
+        f.write(hostname + "\n")
+    with open(os.path.join(runtime, "hosts"), "w") as f:
+        f.write(f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{hostname}\n")
+    try:
+        resolv = open("/etc/resolv.conf").read()
+    except OSError:
+        resolv = ""
+    with open(os.path.join(runtime, "resolv.conf"), "w") as f:
+        f.write(resolv)
+
+
+def main(argv: list[str]) -> int:
+    root, container_id = argv[0], argv[1]
+    wait_attach = "--wait-attach" in argv
+    store = Store(root)
+    cdir = container_dir(store, container_id)
+    with open(os.path.join(cdir, "config.json"), "rb") as f:
+        config = json.load(f)
+    state = read_state(store, container_id)
+    run_number = len(state.get("Runs", [])) + 1
+    state.update(Status="starting", SupervisorPid=os.getpid(), Pid=0, Error="")
+    write_state(store, container_id, state)
+    rootfs = os.path.join(cdir, "rootfs")
+    os.makedirs(rootfs, exist_ok=True)
+    runtime = os.path.join(cdir, "runtime")
+    write_runtime_files(runtime, config["Hostname"])
+
+    # step 1 (supervisor): namespaces
+    if os.geteuid() != 0:
+        enter_user_namespace()
+    sc.unshare(sc.CLONE_NEWNS)
+    sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
+
+    # step 2 (supervisor): stdio, then the child, before any thread exists
+    tty = bool(config.get("Tty"))
+    if tty:
+        master, slave = os.openpty()
+        child_stdio = (slave, slave, slave)
+        ours = {"pty": master}
+    else:
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        if config.get("OpenStdin"):
+            in_r, in_w = os.pipe()
+        else:
+            in_r, in_w = os.open(os.devnull, os.O_RDONLY), None
+        child_stdio = (in_r, out_w, err_w)
+        ours = {"stdout": out_r, "stderr": err_r, "stdin": in_w}
+    sync_r, sync_w = os.pipe()
+    status_r, status_w = os.pipe()
+    spec = {"root": rootfs, "runtime_dir": runtime, "hostname": config["Hostname"],
+            "network": config.get("NetworkMode", "host"), "cmd": config["Cmd"], "env": config["Env"],
+            "workdir": config.get("WorkingDir"), "user": config.get("User"), "tty": tty}
+    child = os.fork()
+    if child == 0:
+        os.close(sync_w)
+        os.close(status_r)
+        for fd in ours.values():
+            if fd is not None:
+                os.close(fd)
+        sandbox.enter_container(spec, sync_r, child_stdio, status_w)
+        os._exit(125)  # not reached
+    os.close(sync_r)
+    os.close(status_w)
+    for fd in set(child_stdio):
+        os.close(fd)
+
+    # step 3 (supervisor): the FUSE root, then the event loop
+    from .serve import serve_container
+    state.update(Status="running", StartedAt=now_rfc3339(), Pid=child)
+    runs = state.setdefault("Runs", [])
+    runs.append({"Run": run_number, "Cmd": config["Cmd"], "StartedAt": state["StartedAt"]})
+    exit_code, error = serve_container(store, config, rootfs, child, sync_w, status_r, ours, wait_attach,
+                                       state, container_id)
+    state.update(Status="exited", ExitCode=exit_code, FinishedAt=now_rfc3339(), Pid=0, Error=error)
+    runs[-1].update(FinishedAt=state["FinishedAt"], ExitCode=exit_code)
+    write_state(store, container_id, state)
+    return 0
+
+
+if __name__ == "__main__":
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    sys.exit(main(sys.argv[1:]))
