@@ -186,13 +186,24 @@ def inspect_image(store: Store, image_id: str) -> dict:
 
 
 def cmd_inspect(args, store: Store) -> int:
+    from store import NoSuchContainer
+    from store.containers import resolve_container
+    from .containers_cli import inspect_container
     objects = []
     status = 0
     for ref in args.objects:
         try:
+            if args.type != "image":
+                try:
+                    objects.append(inspect_container(store, resolve_container(store, ref)))
+                    continue
+                except NoSuchContainer:
+                    if args.type == "container":
+                        raise
             objects.append(inspect_image(store, store.resolve_image(ref)))
         except StoreError as e:
-            print(f"strata: error: {e}", file=sys.stderr)
+            message = str(e) if args.type else f"No such object: {ref}"
+            print(f"strata: error: {message}", file=sys.stderr)
             status = 125
     if args.format:
         fmt.print_formatted(args.format, objects, sys.stdout)
@@ -295,10 +306,94 @@ def build_parser() -> CliParser:
     p.set_defaults(func=cmd_rmi)
 
     p = sub.add_parser("inspect", help="show low-level information as JSON",
-                       description="Print a JSON array describing each image.")
-    p.add_argument("objects", metavar="IMAGE", nargs="+")
+                       description="Print a JSON array describing each container or image.")
+    p.add_argument("objects", metavar="CONTAINER|IMAGE", nargs="+")
     p.add_argument("-f", "--format", metavar="json|TEMPLATE")
+    p.add_argument("--type", choices=["container", "image"], help="only look for this kind of object")
     p.set_defaults(func=cmd_inspect)
+
+    from . import containers_cli as cc
+    p = sub.add_parser("run", help="create and start a container",
+                       description="Create a container from IMAGE and run COMMAND in it (default: the "
+                       "image's command). Attached unless -d; Ctrl-P Ctrl-Q detaches. Exit status: the "
+                       "container's; 125 strata's own failure; 126 not executable; 127 not found.")
+    p.add_argument("-d", "--detach", action="store_true", help="run in the background, print the id")
+    cc.add_create_flags(p)
+    p.set_defaults(func=cc.cmd_run)
+
+    p = sub.add_parser("create", help="create a container without starting it",
+                       description="Store a container (image, command, config, empty writable layer).")
+    cc.add_create_flags(p)
+    p.set_defaults(func=cc.cmd_create)
+
+    p = sub.add_parser("start", help="start stopped containers",
+                       description="Run the stored command again on the same writable layer.")
+    p.add_argument("-a", "--attach", action="store_true", help="attach to the output")
+    p.add_argument("-i", "--interactive", action="store_true", help="attach stdin")
+    p.add_argument("--detach-keys", metavar="KEYS")
+    p.add_argument("containers", metavar="CONTAINER", nargs="+")
+    p.set_defaults(func=cc.cmd_start)
+
+    p = sub.add_parser("attach", help="attach to a running container",
+                       description="Connect this terminal to a running container's stdio; Ctrl-P "
+                       "Ctrl-Q (or --detach-keys) detaches.")
+    p.add_argument("--detach-keys", metavar="KEYS")
+    p.add_argument("--no-stdin", action="store_true", help="do not attach stdin")
+    p.add_argument("container", metavar="CONTAINER")
+    p.set_defaults(func=cc.cmd_attach)
+
+    p = sub.add_parser("logs", help="show a container's output",
+                       description="The stdout and stderr of every run, in order (json-file logs).")
+    p.add_argument("-f", "--follow", action="store_true")
+    p.add_argument("--tail", metavar="N")
+    p.add_argument("-t", "--timestamps", action="store_true")
+    p.add_argument("--since", metavar="T")
+    p.add_argument("--until", metavar="T")
+    p.add_argument("container", metavar="CONTAINER")
+    p.set_defaults(func=cc.cmd_logs)
+
+    p = sub.add_parser("ps", help="list containers", description="List containers (running only, unless -a).")
+    p.add_argument("-a", "--all", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("-n", "--last", type=int, metavar="N")
+    p.add_argument("--filter", action="append", metavar="KEY=VALUE", help="status=, name=, ancestor=")
+    p.add_argument("--format", metavar="json|TEMPLATE")
+    p.set_defaults(func=cc.cmd_ps)
+
+    for name, helptext, func in (("stop", "stop containers (SIGTERM, then SIGKILL)", cc.cmd_stop),
+                                 ("restart", "stop and start containers", cc.cmd_restart)):
+        p = sub.add_parser(name, help=helptext, description=helptext[0].upper() + helptext[1:] + ".")
+        p.add_argument("-t", "--time", type=float, default=10, metavar="SECONDS")
+        p.add_argument("containers", metavar="CONTAINER", nargs="+")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("kill", help="send a signal to containers", description="Signal the container's pid 1.")
+    p.add_argument("-s", "--signal", default="KILL")
+    p.add_argument("containers", metavar="CONTAINER", nargs="+")
+    p.set_defaults(func=cc.cmd_kill)
+
+    p = sub.add_parser("wait", help="wait for containers to exit", description="Print each exit code.")
+    p.add_argument("containers", metavar="CONTAINER", nargs="+")
+    p.set_defaults(func=cc.cmd_wait)
+
+    p = sub.add_parser("rm", help="remove containers", description="Remove containers and their layers.")
+    p.add_argument("-f", "--force", action="store_true", help="stop running containers first")
+    p.add_argument("containers", metavar="CONTAINER", nargs="+")
+    p.set_defaults(func=cc.cmd_rm)
+
+    p = sub.add_parser("rename", help="rename a container", description="Rename a container.")
+    p.add_argument("old", metavar="CONTAINER")
+    p.add_argument("new", metavar="NEW_NAME")
+    p.set_defaults(func=cc.cmd_rename)
+
+    p = sub.add_parser("update", help="change a stopped container's command, env or workdir",
+                       description="Change the stored command (--cmd), environment (--env) or working "
+                       "directory (--workdir) of a stopped container; the next start uses them.")
+    p.add_argument("--cmd", metavar="CMD", help="shell words or a JSON array")
+    p.add_argument("--env", action="append", metavar="K=V")
+    p.add_argument("--workdir", metavar="DIR")
+    p.add_argument("container", metavar="CONTAINER")
+    p.set_defaults(func=cc.cmd_update)
 
     p = sub.add_parser("mount", help="mount an image (read-only) or a container (writable)",
                        description="Mount the merged view of IMAGE (read-only) or CONTAINER (its "

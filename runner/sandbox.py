@@ -16,10 +16,15 @@ Kernel facts this order depends on (each checked on this machine kind):
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import signal
 import socket
 import sys
+import termios
+import traceback
+
+import prctl  # imported here: after pivot_root the host's modules are out of reach
 
 from . import syscalls as sc
 from .syscalls import MS_BIND, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_PRIVATE, MS_RDONLY, MS_REC, MS_REMOUNT, MS_SLAVE
@@ -96,19 +101,20 @@ def _try_mount(*args) -> None:
 
 
 def drop_capabilities(keep: list[str]) -> None:
-    """Bounding set first, then the process sets, as Docker does; the last step before exec."""
-    import prctl
-    for name in dir(prctl):
-        if name.startswith("CAP_") and name[4:] not in keep:
+    """Bounding set first, then the process sets (effective before permitted, which
+    must stay a superset), as Docker does; the last step before exec."""
+    wanted = {getattr(prctl, f"CAP_{c}") for c in keep}
+    for name in prctl.ALL_CAP_NAMES:  # not dir(prctl): CAP_EFFECTIVE & co. are flags, not caps
+        cap = getattr(prctl, f"CAP_{name.upper()}")
+        if cap not in wanted:
             try:
-                prctl.capbset_drop(getattr(prctl, name))
+                prctl.capbset_drop(cap)
             except (OSError, ValueError):
-                pass
-    wanted = [getattr(prctl, f"CAP_{c}") for c in keep if hasattr(prctl, f"CAP_{c}")]
+                pass  # a capability this kernel does not know
     if os.getuid() == 0:
-        prctl.cap_permitted.limit(*wanted)
         prctl.cap_effective.limit(*wanted)
         prctl.cap_inheritable.limit(*wanted)
+        prctl.cap_permitted.limit(*wanted)
 
 
 def resolve_user(user: str) -> tuple[int, int, list[int]]:
@@ -159,7 +165,6 @@ def enter_container(spec: dict, sync_read: int, stdio: tuple[int, int, int], sta
 
     try:
         # step 1 (child, as the supervisor's user-namespace root): die with the supervisor
-        import prctl
         prctl.set_pdeathsig(signal.SIGKILL)
         # step 2: sync 1 - wait until the supervisor serves the FUSE root
         if os.read(sync_read, 1) != b"1":
@@ -180,9 +185,11 @@ def enter_container(spec: dict, sync_read: int, stdio: tuple[int, int, int], sta
             os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
         prctl.set_pdeathsig(signal.SIGKILL)
         setup_pid1(spec, stdio)
-        exec_command(spec, fail)
+        exec_command(spec, fail, status_write)
     except Exception as e:  # anything before exec is strata's failure: 125
         try:
+            if os.environ.get("STRATA_DEBUG"):
+                os.write(2, traceback.format_exc().encode())
             fail(125, f"{type(e).__name__}: {e}")
         finally:
             os._exit(125)
@@ -195,8 +202,6 @@ def setup_pid1(spec: dict, stdio: tuple[int, int, int]) -> None:
     for target, fd in enumerate(stdio):
         os.dup2(fd, target)
     if spec.get("tty"):
-        import fcntl
-        import termios
         fcntl.ioctl(0, termios.TIOCSCTTY, 0)
     socket.sethostname(spec["hostname"])
     # step 6: the mounts, all under the new root while the host /proc is still visible
@@ -219,7 +224,7 @@ def setup_pid1(spec: dict, stdio: tuple[int, int, int]) -> None:
     mask_paths()
 
 
-def exec_command(spec: dict, fail) -> None:
+def exec_command(spec: dict, fail, status_write: int) -> None:
     env = dict(e.partition("=")[::2] for e in spec["env"])
     # step 9: working directory and user, from inside the container's files
     workdir = spec.get("workdir") or "/"
@@ -236,8 +241,10 @@ def exec_command(spec: dict, fail) -> None:
         os.setgroups(groups)
         os.setgid(gid)
         os.setuid(uid)
-    # step 10: no host fd survives (CVE-2024-21626)
-    os.closerange(3, 65536)
+    # step 10: no host fd survives (CVE-2024-21626); the status pipe closes at exec
+    os.closerange(3, status_write)
+    os.closerange(status_write + 1, 65536)
+    os.set_inheritable(status_write, False)
     # step 11: capabilities, last
     drop_capabilities(DOCKER_CAPS)
     cmd = spec["cmd"]

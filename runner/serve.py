@@ -86,8 +86,13 @@ async def _serve(store, config, cdir, child, sync_w, status_r, ours, wait_attach
     if os.path.exists(sock_path):
         os.unlink(sock_path)
     listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
-    await listener.bind(sock_path)
+    dir_fd = os.open(cdir, os.O_RDONLY | os.O_DIRECTORY)
+    try:  # through /proc/self/fd: a store path can exceed AF_UNIX's 108 bytes
+        await listener.bind(f"/proc/self/fd/{dir_fd}/attach.sock.new")
+    finally:
+        os.close(dir_fd)
     listener.listen(8)
+    os.rename(sock_path + ".new", sock_path)  # appears only once it accepts connections
     input_fd = ours.get("pty") or ours.get("stdin")
     input_stream = trio.lowlevel.FdStream(os.dup(input_fd)) if input_fd is not None else None
 
@@ -190,7 +195,6 @@ async def _serve(store, config, cdir, child, sync_w, status_r, ours, wait_attach
         await broadcast(EXIT, str(exit_code).encode())
         for client in list(clients):
             client.close()
-        listener.close()
         if input_stream is not None:
             try:
                 await input_stream.aclose()
@@ -198,6 +202,7 @@ async def _serve(store, config, cdir, child, sync_w, status_r, ours, wait_attach
                 pass
         pyfuse3.terminate()
         nursery.cancel_scope.cancel()
+    listener.close()
     try:
         os.unlink(sock_path)
     except OSError:

@@ -220,8 +220,18 @@ def main(argv: list[str]) -> int:
     state.update(Status="running", StartedAt=now_rfc3339(), Pid=child)
     runs = state.setdefault("Runs", [])
     runs.append({"Run": run_number, "Cmd": config["Cmd"], "StartedAt": state["StartedAt"]})
-    exit_code, error = serve_container(store, config, rootfs, child, sync_w, status_r, ours, wait_attach,
-                                       state, container_id)
+    try:
+        exit_code, error = serve_container(store, config, rootfs, child, sync_w, status_r, ours, wait_attach,
+                                           state, container_id)
+    except BaseException as e:  # never leave "running" behind: ps must tell the truth
+        exit_code, error = 125, f"supervisor: {type(e).__name__}: {e}"
+        try:
+            os.kill(child, 9)
+        except ProcessLookupError:
+            pass
+        state.update(Status="exited", ExitCode=exit_code, FinishedAt=now_rfc3339(), Pid=0, Error=error)
+        write_state(store, container_id, state)
+        raise
     state.update(Status="exited", ExitCode=exit_code, FinishedAt=now_rfc3339(), Pid=0, Error=error)
     runs[-1].update(FinishedAt=state["FinishedAt"], ExitCode=exit_code)
     write_state(store, container_id, state)

@@ -1,0 +1,126 @@
+"""The attach client: the CLI side of `run` (foreground), `start -a` and `attach`.
+
+Speaks the supervisor's framed protocol (runner.supervisor). Ctrl-P Ctrl-Q
+(or --detach-keys) detaches and leaves the container running.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import selectors
+import signal
+import socket
+import struct
+import sys
+import termios
+import tty as ttymod
+
+FRAME = struct.Struct(">BI")
+STDIN, STDOUT, STDERR, EXIT, STDIN_CLOSED, RESIZE = 0, 1, 2, 3, 4, 5
+DETACHED = object()
+
+
+def parse_detach_keys(spec: str) -> bytes:
+    """Docker's syntax: comma-separated `ctrl-<letter>`, `ctrl-@`, `ctrl-[` ... or single characters."""
+    keys = b""
+    for part in (spec or "ctrl-p,ctrl-q").split(","):
+        part = part.strip()
+        if part.startswith("ctrl-") and len(part) == 6:
+            ch = part[5]
+            if ch.isalpha():
+                keys += bytes([ord(ch.lower()) - ord("a") + 1])
+            elif ch in "@[\\]^_":
+                keys += bytes([0 if ch == "@" else ord(ch) - ord("[") + 27])
+            else:
+                raise ValueError(f"invalid detach key {part!r}")
+        elif len(part) == 1:
+            keys += part.encode()
+        else:
+            raise ValueError(f"invalid detach key {part!r}")
+    return keys
+
+
+def send_frame(sock: socket.socket, kind: int, payload: bytes = b"") -> None:
+    sock.sendall(FRAME.pack(kind, len(payload)) + payload)
+
+
+def terminal_size() -> bytes:
+    try:
+        rows, cols, _, _ = struct.unpack("HHHH", fcntl.ioctl(1, termios.TIOCGWINSZ, b"\0" * 8))
+        return f"{rows} {cols}".encode()
+    except OSError:
+        return b"24 80"
+
+
+def attach(sock_path: str, with_stdin: bool, tty: bool, detach_keys: bytes, forward_signal=None):
+    """Relay until the container exits (returns its exit code) or the user detaches (DETACHED)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dir_fd = os.open(os.path.dirname(sock_path), os.O_RDONLY | os.O_DIRECTORY)
+    try:  # through /proc/self/fd: a store path can exceed AF_UNIX's 108 bytes
+        sock.connect(f"/proc/self/fd/{dir_fd}/{os.path.basename(sock_path)}")
+    finally:
+        os.close(dir_fd)
+    stdin_fd = sys.stdin.fileno() if with_stdin else None
+    raw_mode = tty and stdin_fd is not None and os.isatty(stdin_fd)
+    saved = termios.tcgetattr(stdin_fd) if raw_mode else None
+    old_handlers = {}
+    try:
+        if raw_mode:
+            ttymod.setraw(stdin_fd)
+        if tty:
+            send_frame(sock, RESIZE, terminal_size())
+            old_handlers[signal.SIGWINCH] = signal.signal(
+                signal.SIGWINCH, lambda *_: send_frame(sock, RESIZE, terminal_size()))
+        if forward_signal is not None and not raw_mode:
+            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+                old_handlers[sig] = signal.signal(sig, lambda s, _f: forward_signal(s))
+        return _relay(sock, stdin_fd, detach_keys if (with_stdin and tty) else b"")
+    finally:
+        for sig, handler in old_handlers.items():
+            signal.signal(sig, handler)
+        if saved is not None:
+            termios.tcsetattr(stdin_fd, termios.TCSADRAIN, saved)
+        sock.close()
+
+
+def _relay(sock: socket.socket, stdin_fd: int | None, detach_keys: bytes):
+    sel = selectors.DefaultSelector()
+    sel.register(sock, selectors.EVENT_READ, "sock")
+    if stdin_fd is not None:
+        sel.register(stdin_fd, selectors.EVENT_READ, "stdin")
+    buf = b""
+    matched = 0
+    while True:
+        for key, _ in sel.select():
+            if key.data == "stdin":
+                data = os.read(stdin_fd, 65536)
+                if not data:
+                    sel.unregister(stdin_fd)
+                    send_frame(sock, STDIN_CLOSED)
+                    continue
+                if detach_keys:
+                    out = b""
+                    for byte in data:
+                        if byte == detach_keys[matched]:
+                            matched += 1
+                            if matched == len(detach_keys):
+                                return DETACHED
+                            continue
+                        out += detach_keys[:matched] + bytes([byte])
+                        matched = 0
+                    data = out
+                if data:
+                    send_frame(sock, STDIN, data)
+            else:
+                chunk = sock.recv(65536)
+                if not chunk:
+                    return None  # the supervisor went away without an exit status
+                buf += chunk
+                while len(buf) >= FRAME.size:
+                    kind, size = FRAME.unpack_from(buf)
+                    if len(buf) < FRAME.size + size:
+                        break
+                    payload, buf = buf[FRAME.size:FRAME.size + size], buf[FRAME.size + size:]
+                    if kind == EXIT:
+                        return int(payload)
+                    os.write(1 if kind == STDOUT else 2, payload)

@@ -1,0 +1,326 @@
+"""The container commands of the CLI (Docker's flags and output)."""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import signal
+import sys
+
+from store import Store, StoreError
+from store.containers import container_dir, current_state, list_containers, resolve_container, update_config
+
+from . import fmt, lifecycle
+from .attach import DETACHED, attach, parse_detach_keys
+
+
+def add_create_flags(p) -> None:
+    p.add_argument("-i", "--interactive", action="store_true", help="keep stdin open")
+    p.add_argument("-t", "--tty", action="store_true", help="allocate a pseudo-terminal")
+    p.add_argument("--name", help="container name (default: a random adjective_noun)")
+    p.add_argument("--rm", action="store_true", help="remove the container when it exits")
+    p.add_argument("-e", "--env", action="append", metavar="K=V", help="set an environment variable")
+    p.add_argument("--env-file", action="append", metavar="FILE", help="read environment variables from FILE")
+    p.add_argument("-w", "--workdir", metavar="DIR", help="working directory inside the container")
+    p.add_argument("-u", "--user", metavar="USER[:GROUP]", help="user to run the command as")
+    p.add_argument("--hostname", metavar="H", help="container host name")
+    p.add_argument("--network", default="host", choices=["host", "none"], help="host (default) or none")
+    p.add_argument("--detach-keys", metavar="KEYS", help="detach sequence (default ctrl-p,ctrl-q)")
+    p.add_argument("--log-opt", action="append", metavar="OPT", help="max-size=10m, max-file=3")
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("command", metavar="COMMAND", nargs=argparse.REMAINDER)
+
+
+def detach_keys_for(config: dict, override: str | None) -> bytes:
+    try:
+        return parse_detach_keys(override or config.get("DetachKeys") or os.environ.get("STRATA_DETACH_KEYS", ""))
+    except ValueError as e:
+        raise StoreError(str(e)) from None
+
+
+def attach_and_wait(store: Store, config: dict, with_stdin: bool, keys: bytes) -> int:
+    sock = os.path.join(container_dir(store, config["Id"]), "attach.sock")
+    if not os.path.exists(sock):  # the run already ended
+        return current_state(store, config["Id"]).get("ExitCode", 0)
+
+    def forward(sig):
+        try:
+            lifecycle.signal_container(store, config, sig)
+        except (StoreError, ProcessLookupError):
+            pass
+    code = attach(sock, with_stdin, bool(config.get("Tty")), keys, forward)
+    if code is DETACHED:
+        if config.get("Tty"):
+            sys.stdout.write("\r\n")
+        return 0
+    if code is None:
+        state = lifecycle.wait_exited(store, config["Id"], 10) or {}
+        code = state.get("ExitCode", 125)
+    return code
+
+
+def cmd_create(args, store: Store) -> int:
+    config = lifecycle.create(store, args)
+    print(config["Id"])
+    return 0
+
+
+def cmd_run(args, store: Store) -> int:
+    if args.detach and args.rm:
+        pass  # allowed, as in Docker: removed when it exits
+    config = lifecycle.create(store, args)
+    keys = detach_keys_for(config, args.detach_keys)
+    try:
+        lifecycle.start(store, config, wait_attach=not args.detach)
+    except StoreError:
+        lifecycle.remove(store, config, force=True)
+        raise
+    if args.detach:
+        print(config["Id"])
+        return 0
+    code = attach_and_wait(store, config, args.interactive, keys)
+    if args.rm and current_state(store, config["Id"]).get("Status") == "exited":
+        lifecycle.remove(store, config, force=False)
+    return code
+
+
+def cmd_start(args, store: Store) -> int:
+    status = 0
+    for ref in args.containers:
+        config = resolve_container(store, ref)
+        lifecycle.start(store, config, wait_attach=args.attach)
+        if args.attach:
+            status = attach_and_wait(store, config, args.interactive, detach_keys_for(config, args.detach_keys))
+        else:
+            print(ref)
+    return status
+
+
+def cmd_attach(args, store: Store) -> int:
+    config = resolve_container(store, args.container)
+    if current_state(store, config["Id"]).get("Status") != "running":
+        raise StoreError("You cannot attach to a stopped container, start it first")
+    return attach_and_wait(store, config, not args.no_stdin and bool(config.get("OpenStdin")),
+                           detach_keys_for(config, args.detach_keys))
+
+
+def parse_since(text: str | None) -> datetime.datetime | None:
+    if not text:
+        return None
+    units = {"s": 1, "m": 60, "h": 3600}
+    if text[-1] in units and text[:-1].isdigit():
+        return datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(seconds=int(text[:-1]) * units[text[-1]])
+    parsed = fmt.parse_time(text if text.endswith("Z") or "+" in text[10:] else text + "Z")
+    if parsed is None:
+        raise StoreError(f"invalid time {text!r} (RFC 3339 or 10s/5m/2h)")
+    return parsed
+
+
+def log_files(cdir: str) -> list[str]:
+    base = os.path.join(cdir, "json.log")
+    rotated = sorted((f for f in os.listdir(cdir) if f.startswith("json.log.")),
+                     key=lambda f: -int(f.rsplit(".", 1)[1]))
+    return [os.path.join(cdir, f) for f in rotated] + ([base] if os.path.exists(base) else [])
+
+
+def cmd_logs(args, store: Store) -> int:
+    config = resolve_container(store, args.container)
+    cdir = container_dir(store, config["Id"])
+    since, until = parse_since(args.since), parse_since(args.until)
+    entries = []
+    for path in log_files(cdir):
+        with open(path, "rb") as f:
+            entries += [json.loads(line) for line in f if line.strip()]
+
+    def show(entry) -> None:
+        when = fmt.parse_time(entry["time"])
+        if (since and when < since) or (until and when > until):
+            return
+        out = sys.stdout if entry["stream"] == "stdout" else sys.stderr
+        out.write((entry["time"] + " " if args.timestamps else "") + entry["log"])
+        out.flush()
+
+    if args.tail is not None and args.tail != "all":
+        entries = entries[-int(args.tail):] if int(args.tail) > 0 else []
+    for entry in entries:
+        show(entry)
+    if args.follow:
+        import time
+        path = os.path.join(cdir, "json.log")
+        offset = os.path.getsize(path) if os.path.exists(path) else 0
+        while True:
+            if os.path.exists(path) and os.path.getsize(path) > offset:
+                with open(path, "rb") as f:
+                    f.seek(offset)
+                    for line in f:
+                        if line.endswith(b"\n"):
+                            offset += len(line)
+                            show(json.loads(line))
+            elif current_state(store, config["Id"]).get("Status") != "running":
+                break
+            time.sleep(0.05)
+    return 0
+
+
+def short_command(cmd: list[str]) -> str:
+    text = lifecycle.describe_command(cmd)
+    return '"' + (text if len(text) <= 20 else text[:19] + "…") + '"'
+
+
+def status_text(state: dict) -> str:
+    status = state.get("Status", "created")
+    if status == "running":
+        return "Up " + fmt.human_duration(age(state.get("StartedAt")))
+    if status == "exited":
+        return f"Exited ({state.get('ExitCode', 0)}) {fmt.since(state.get('FinishedAt', ''))}"
+    return "Created"
+
+
+def age(stamp: str | None) -> float:
+    when = fmt.parse_time(stamp or "")
+    return 0 if when is None else (datetime.datetime.now(datetime.timezone.utc) - when).total_seconds()
+
+
+def cmd_ps(args, store: Store) -> int:
+    rows = []
+    for config in sorted(list_containers(store), key=lambda c: c.get("Created", ""), reverse=True):
+        state = current_state(store, config["Id"])
+        if not args.all and state.get("Status") != "running":
+            continue
+        obj = {"ID": config["Id"][:12], "Image": config.get("ImageRef") or config["Image"][7:19],
+               "Command": short_command(config.get("Cmd", [])),
+               "CreatedAt": fmt.docker_time(config.get("Created", "")),
+               "RunningFor": fmt.since(config.get("Created", "")), "Status": status_text(state),
+               "State": state.get("Status", "created"), "Names": config.get("Name", ""), "Ports": ""}
+        if not matches_filters(args.filter or [], config, state, store):
+            continue
+        rows.append(obj)
+    if args.last is not None:
+        rows = rows[:args.last]
+    if args.quiet:
+        sys.stdout.write("".join(r["ID"] + "\n" for r in rows))
+        return 0
+    if args.format:
+        fmt.print_formatted(args.format, rows, sys.stdout)
+        return 0
+    fmt.print_table(["CONTAINER ID", "IMAGE", "COMMAND", "CREATED", "STATUS", "PORTS", "NAMES"],
+                    [[r["ID"], r["Image"], r["Command"], r["RunningFor"], r["Status"], r["Ports"], r["Names"]]
+                     for r in rows], sys.stdout)
+    return 0
+
+
+def matches_filters(filters: list[str], config: dict, state: dict, store: Store) -> bool:
+    for f in filters:
+        key, eq, value = f.partition("=")
+        if not eq:
+            raise StoreError(f"bad filter {f!r} (status=, name=, ancestor=)")
+        if key == "status" and state.get("Status") != value:
+            return False
+        if key == "name" and value not in config.get("Name", ""):
+            return False
+        if key == "ancestor":
+            try:
+                if store.resolve_image(value) != config["Image"]:
+                    return False
+            except StoreError:
+                return False
+        if key not in ("status", "name", "ancestor"):
+            raise StoreError(f"unsupported filter {key!r} (status, name, ancestor)")
+    return True
+
+
+def cmd_stop(args, store: Store) -> int:
+    for ref in args.containers:
+        lifecycle.stop(store, resolve_container(store, ref), args.time)
+        print(ref)
+    return 0
+
+
+def cmd_restart(args, store: Store) -> int:
+    for ref in args.containers:
+        config = resolve_container(store, ref)
+        lifecycle.stop(store, config, args.time)
+        lifecycle.start(store, config, wait_attach=False)
+        print(ref)
+    return 0
+
+
+def cmd_kill(args, store: Store) -> int:
+    name = args.signal.upper()
+    sig = int(name) if name.isdigit() else getattr(signal, name if name.startswith("SIG") else "SIG" + name, None)
+    if sig is None:
+        raise StoreError(f"invalid signal: {args.signal}")
+    for ref in args.containers:
+        lifecycle.signal_container(store, resolve_container(store, ref), sig)
+        print(ref)
+    return 0
+
+
+def cmd_wait(args, store: Store) -> int:
+    for ref in args.containers:
+        config = resolve_container(store, ref)
+        state = lifecycle.wait_exited(store, config["Id"], None)
+        print(state.get("ExitCode", 0))
+    return 0
+
+
+def cmd_rm(args, store: Store) -> int:
+    status = 0
+    for ref in args.containers:
+        try:
+            lifecycle.remove(store, resolve_container(store, ref), args.force)
+            print(ref)
+        except StoreError as e:
+            print(f"strata: error: {e}", file=sys.stderr)
+            status = 125
+    return status
+
+
+def cmd_rename(args, store: Store) -> int:
+    config = resolve_container(store, args.old)
+    with store.locked():
+        if any(c.get("Name") == args.new for c in list_containers(store)):
+            raise StoreError(f'Conflict. The container name "{args.new}" is already in use')
+    update_config(store, config["Id"], {"Name": args.new})
+    return 0
+
+
+def cmd_update(args, store: Store) -> int:
+    """Change a stopped container's stored command, env or working directory."""
+    import shlex
+    config = resolve_container(store, args.container)
+    if current_state(store, config["Id"]).get("Status") == "running":
+        raise StoreError(f"container {config['Name']} is running: stop it before changing its command")
+    changes = {}
+    if args.cmd is not None:
+        from store.changes import parse_command_form
+        text = args.cmd.strip()
+        changes["Cmd"] = parse_command_form(text) if text.startswith("[") else shlex.split(text)
+    if args.env:
+        changes["Env"] = lifecycle.merge_env(config.get("Env", []), args.env)
+    if args.workdir is not None:
+        changes["WorkingDir"] = args.workdir
+    if not changes:
+        raise StoreError("nothing to update: give --cmd, --env or --workdir")
+    update_config(store, config["Id"], changes)
+    print(args.container)
+    return 0
+
+
+def inspect_container(store: Store, config: dict) -> dict:
+    state = current_state(store, config["Id"])
+    cdir = container_dir(store, config["Id"])
+    return {"Id": config["Id"], "Name": "/" + config.get("Name", ""), "Created": config.get("Created"),
+            "Image": config["Image"], "Path": (config.get("Cmd") or [""])[0], "Args": (config.get("Cmd") or [])[1:],
+            "State": {"Status": state.get("Status"), "Running": state.get("Status") == "running",
+                      "Pid": lifecycle.container_init_pid(state["Pid"]) if state.get("Pid") else 0,
+                      "ExitCode": state.get("ExitCode", 0), "Error": state.get("Error", ""),
+                      "StartedAt": state.get("StartedAt", ""), "FinishedAt": state.get("FinishedAt", "")},
+            "Config": {k: config.get(k) for k in ("Hostname", "User", "Tty", "OpenStdin", "Env", "Cmd",
+                                                   "WorkingDir")} | {"Image": config.get("ImageRef")},
+            "HostConfig": {"NetworkMode": config.get("NetworkMode"), "AutoRemove": config.get("AutoRemove"),
+                           "LogConfig": {"Type": "json-file", "Config": config.get("LogOpts", {})}},
+            "GraphDriver": {"Name": "strata", "Data": {"UpperDir": os.path.join(cdir, "upper"),
+                                                       "MergedDir": os.path.join(cdir, "rootfs")}},
+            "Mounts": [], "LogPath": os.path.join(cdir, "json.log"), "Runs": state.get("Runs", [])}

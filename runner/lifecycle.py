@@ -1,0 +1,226 @@
+"""Container lifecycle for the CLI: create, start (spawn a supervisor), stop, kill, remove.
+
+No trio and no pyfuse3 here: `ps`, `logs` and friends stay fast.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+from store import Store, StoreError
+from store.containers import (container_dir, create_container, current_state, read_state, remove_container,
+                              resolve_container, write_state)
+
+ADJECTIVES = ["admiring", "bold", "brave", "clever", "cool", "eager", "elated", "focused", "gentle",
+              "happy", "jolly", "keen", "kind", "lucid", "modest", "nifty", "quirky", "serene",
+              "sharp", "stoic", "sweet", "tender", "vibrant", "wizardly", "zealous"]
+NOUNS = ["albattani", "babbage", "curie", "darwin", "euclid", "fermi", "galileo", "hopper", "hypatia",
+         "kepler", "lovelace", "mcclintock", "newton", "noether", "pascal", "ritchie", "shannon",
+         "thompson", "turing", "wozniak"]
+PATH_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def random_name(store: Store) -> str:
+    taken = {c.get("Name") for c in _all(store)}
+    for _ in range(100):
+        name = f"{random.choice(ADJECTIVES)}_{random.choice(NOUNS)}"
+        if name not in taken:
+            return name
+    return f"{random.choice(ADJECTIVES)}_{random.choice(NOUNS)}{random.randint(0, 9999)}"
+
+
+def _all(store: Store) -> list[dict]:
+    from store.containers import list_containers
+    return list_containers(store)
+
+
+def parse_env_file(path: str) -> list[str]:
+    out = []
+    try:
+        with open(path) as f:
+            for line in f:
+                line = line.strip()
+                if line and not line.startswith("#"):
+                    out.append(line if "=" in line else f"{line}={os.environ.get(line, '')}")
+    except OSError as e:
+        raise StoreError(f"cannot read env file {path}: {e.strerror}") from None
+    return out
+
+
+def merge_env(base: list[str], extra: list[str]) -> list[str]:
+    env = {e.partition("=")[0]: e for e in base}
+    for e in extra:
+        key = e.partition("=")[0]
+        env[key] = e if "=" in e else f"{key}={os.environ.get(key, '')}"
+    return list(env.values())
+
+
+def parse_log_opts(values: list[str]) -> dict:
+    opts = {}
+    for value in values:
+        key, eq, val = value.partition("=")
+        if not eq or key not in ("max-size", "max-file"):
+            raise StoreError(f"unknown log opt {value!r} (supported: max-size=, max-file=)")
+        if key == "max-file" and not val.isdigit():
+            raise StoreError(f"invalid max-file {val!r}")
+        if key == "max-size" and not (val[:-1].isdigit() and val[-1].lower() in "kmg" or val.isdigit()):
+            raise StoreError(f"invalid max-size {val!r}")
+        opts[key] = val
+    return opts
+
+
+def create(store: Store, args) -> dict:
+    """`strata create`: everything stored, nothing started."""
+    from store.busybox import BASE_TAG, ensure_busybox
+    try:
+        image_id = store.resolve_image(args.image)
+    except StoreError:
+        if args.image in ("busybox", BASE_TAG):  # the embedded base image is made on first use
+            image_id = ensure_busybox(store)
+        else:
+            raise
+    image_config = store.image_config(image_id).get("config", {})
+    entrypoint = image_config.get("Entrypoint") or []
+    cmd = list(args.command) if args.command else (image_config.get("Cmd") or [])
+    if not entrypoint and not cmd:
+        raise StoreError("no command specified")
+    env = merge_env(image_config.get("Env") or [PATH_ENV], [])
+    for path in args.env_file or []:
+        env = merge_env(env, parse_env_file(path))
+    env = merge_env(env, args.env or [])
+    if args.network not in ("host", "none"):
+        raise StoreError(f"network {args.network!r} is not supported (host, none)")
+    name = args.name or random_name(store)
+    extra = {"Cmd": entrypoint + cmd, "Env": env, "WorkingDir": args.workdir or image_config.get("WorkingDir") or "",
+             "User": args.user or image_config.get("User") or "", "Tty": args.tty,
+             "OpenStdin": args.interactive, "NetworkMode": args.network, "AutoRemove": args.rm,
+             "LogOpts": parse_log_opts(args.log_opt or []), "DetachKeys": args.detach_keys or "",
+             "ImageRef": args.image}
+    config = create_container(store, image_id, name, extra)
+    config["Hostname"] = args.hostname or config["Id"][:12]
+    from store.containers import update_config
+    return update_config(store, config["Id"], {"Hostname": config["Hostname"]})
+
+
+def start(store: Store, config: dict, wait_attach: bool) -> None:
+    """Spawn the supervisor (its own session: it outlives this CLI, like conmon)."""
+    state = current_state(store, config["Id"])
+    if state.get("Status") in ("running", "starting"):
+        return
+    cdir = container_dir(store, config["Id"])
+    sock = os.path.join(cdir, "attach.sock")
+    if os.path.exists(sock):  # left by a supervisor that died
+        os.unlink(sock)
+    log = open(os.path.join(cdir, "supervisor.log"), "ab")
+    argv = [sys.executable, "-m", "runner.supervisor", store.root, config["Id"]]
+    if wait_attach:
+        argv.append("--wait-attach")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                                                     env.get("PYTHONPATH")]))
+    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
+                            close_fds=True, env=env)
+    log.close()
+    deadline = time.monotonic() + 30
+    while True:  # up when the supervisor listens (or the run already ended)
+        state = read_state(store, config["Id"])
+        if state.get("SupervisorPid") == proc.pid and (os.path.exists(sock) or state.get("Status") == "exited"):
+            return
+        if proc.poll() is not None and read_state(store, config["Id"]).get("Status") != "exited":
+            raise StoreError(f"cannot start container {config['Name']}: {last_error(cdir)}")
+        if time.monotonic() > deadline:
+            raise StoreError(f"container {config['Name']} did not start in 30 s")
+        time.sleep(0.005)
+
+
+def last_error(cdir: str) -> str:
+    try:
+        lines = open(os.path.join(cdir, "supervisor.log"), errors="replace").read().strip().splitlines()
+    except OSError:
+        return "the supervisor died"
+    return lines[-1] if lines else "the supervisor died"
+
+
+def signal_container(store: Store, config: dict, sig: int) -> None:
+    state = current_state(store, config["Id"])
+    if state.get("Status") != "running" or not state.get("Pid"):
+        raise StoreError(f"container {config['Name']} is not running")
+    # Pid is the supervisor's child, which relays to the container's pid 1 ...
+    # signal pid 1 itself: the child's only child
+    target = container_init_pid(state["Pid"]) or state["Pid"]
+    os.kill(target, sig)
+
+
+def container_init_pid(relay_pid: int) -> int | None:
+    try:
+        with open(f"/proc/{relay_pid}/task/{relay_pid}/children") as f:
+            children = f.read().split()
+        return int(children[0]) if children else None
+    except OSError:
+        return None
+
+
+def wait_exited(store: Store, container_id: str, timeout: float | None) -> dict | None:
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        state = current_state(store, container_id)
+        if state.get("Status") not in ("running", "starting"):
+            return state
+        if deadline is not None and time.monotonic() > deadline:
+            return None
+        time.sleep(0.01)
+
+
+def stop(store: Store, config: dict, timeout: float) -> None:
+    state = current_state(store, config["Id"])
+    if state.get("Status") != "running":
+        return
+    try:
+        signal_container(store, config, signal.SIGTERM)
+    except (StoreError, ProcessLookupError):
+        pass
+    if wait_exited(store, config["Id"], timeout) is None:
+        try:
+            signal_container(store, config, signal.SIGKILL)
+        except (StoreError, ProcessLookupError):
+            pass
+        wait_exited(store, config["Id"], 30)
+
+
+def remove(store: Store, config: dict, force: bool) -> None:
+    state = current_state(store, config["Id"])
+    if state.get("Status") == "running":
+        if not force:
+            raise StoreError(f"cannot remove container {config['Name']}: container is running: "
+                             "stop the container before removing or force remove")
+        stop(store, config, 0)
+    rootfs = os.path.join(container_dir(store, config["Id"]), "rootfs")
+    with open("/proc/self/mountinfo") as f:
+        if any(line.split()[4] == rootfs for line in f):  # a dead supervisor's FUSE mount
+            subprocess.run(["fusermount3", "-u", "-z", rootfs], capture_output=True)
+    remove_container(store, config["Id"])
+
+
+def describe_command(cmd: list[str]) -> str:
+    return shlex.join(cmd)
+
+
+def state_json(store: Store, config: dict) -> dict:
+    return current_state(store, config["Id"])
+
+
+def find(store: Store, ref: str) -> dict:
+    return resolve_container(store, ref)
+
+
+def write_exit(store: Store, container_id: str, state: dict) -> None:
+    write_state(store, container_id, state)
+
+
+json_dumps = json.dumps
