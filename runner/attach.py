@@ -66,7 +66,7 @@ def attach(sock_path: str, with_stdin: bool, tty: bool, detach_keys: bytes, forw
     old_handlers = {}
     try:
         if raw_mode:
-            ttymod.setraw(stdin_fd)
+            ttymod.setraw(stdin_fd, termios.TCSANOW)  # TCSAFLUSH would drop what was typed ahead
         if tty:
             send_frame(sock, RESIZE, terminal_size())
             old_handlers[signal.SIGWINCH] = signal.signal(

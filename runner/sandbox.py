@@ -179,7 +179,7 @@ def enter_container(spec: dict, sync_read: int, stdio: tuple[int, int, int], sta
         # step 4: fork pid 1 of the new pid namespace; this process only relays its status
         pid = os.fork()
         if pid:
-            for fd in stdio:
+            for fd in set(stdio):  # a pty's slave is all three
                 os.close(fd)
             _, status = os.waitpid(pid, 0)
             os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
@@ -197,12 +197,11 @@ def enter_container(spec: dict, sync_read: int, stdio: tuple[int, int, int], sta
 
 def setup_pid1(spec: dict, stdio: tuple[int, int, int]) -> None:
     root = spec["root"]
-    # step 5 (pid 1): stdio and the controlling terminal
+    # step 5 (pid 1): a session of its own; stdio now, unless a terminal is made later
     os.setsid()
-    for target, fd in enumerate(stdio):
-        os.dup2(fd, target)
-    if spec.get("tty"):
-        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+    if not spec.get("tty"):
+        for target, fd in enumerate(stdio):
+            os.dup2(fd, target)
     socket.sethostname(spec["hostname"])
     # step 6: the mounts, all under the new root while the host /proc is still visible
     sc.mount(root, root, None, MS_BIND | MS_REC)  # the root must be a mount point for pivot_root
@@ -222,6 +221,31 @@ def setup_pid1(spec: dict, stdio: tuple[int, int, int]) -> None:
     sc.mount(None, "/", None, MS_REC | MS_PRIVATE)
     # step 8: Docker's masked and read-only paths
     mask_paths()
+    # step 8b: the terminal, from the container's own devpts (so ttyname works inside);
+    # its master goes to the supervisor over the console socket, as runc does
+    if spec.get("tty"):
+        console = socket.socket(fileno=stdio[0])
+        master, slave = open_container_pty()
+        socket.send_fds(console, [b"pty"], [master])
+        os.close(master)
+        console.detach()
+        for target in range(3):
+            os.dup2(slave, target)
+        os.close(slave)
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+TIOCGPTN, TIOCSPTLCK = 0x80045430, 0x40045431
+
+
+def open_container_pty() -> tuple[int, int]:
+    """A pty pair from /dev/ptmx of the container's devpts instance."""
+    import struct
+    master = os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    fcntl.ioctl(master, TIOCSPTLCK, struct.pack("i", 0))
+    number = struct.unpack("I", fcntl.ioctl(master, TIOCGPTN, b"\0" * 4))[0]
+    slave = os.open(f"/dev/pts/{number}", os.O_RDWR | os.O_NOCTTY)
+    return master, slave
 
 
 def exec_command(spec: dict, fail, status_write: int) -> None:

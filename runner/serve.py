@@ -10,6 +10,7 @@ import fcntl
 import functools
 import os
 import struct
+import socket
 import termios
 
 import pyfuse3
@@ -80,6 +81,8 @@ async def _serve(store, config, cdir, child, sync_w, status_r, ours, wait_attach
     max_bytes, max_files = parse_log_options(config)
     log = JsonLog(os.path.join(cdir, "json.log"), max_bytes, max_files)
     clients: set = set()
+    pending_size: list = []
+    pending_input: list = []  # typed before the container's pty existed
     attached = trio.Event()
     errors: list[str] = []
     sock_path = os.path.join(cdir, "attach.sock")
@@ -93,8 +96,7 @@ async def _serve(store, config, cdir, child, sync_w, status_r, ours, wait_attach
         os.close(dir_fd)
     listener.listen(8)
     os.rename(sock_path + ".new", sock_path)  # appears only once it accepts connections
-    input_fd = ours.get("pty") or ours.get("stdin")
-    input_stream = trio.lowlevel.FdStream(os.dup(input_fd)) if input_fd is not None else None
+    input_stream = None
 
     async def broadcast(kind: int, data: bytes) -> None:
         if kind in (STDOUT, STDERR):
@@ -121,13 +123,18 @@ async def _serve(store, config, cdir, child, sync_w, status_r, ours, wait_attach
                     if len(buf) < FRAME.size + size:
                         break
                     payload, buf = buf[FRAME.size:FRAME.size + size], buf[FRAME.size + size:]
-                    if kind == STDIN and input_stream is not None:
+                    if kind == STDIN and input_stream is None:
+                        pending_input.append(payload)
+                    elif kind == STDIN and input_stream is not None:
                         await input_stream.send_all(payload)
                     elif kind == STDIN_CLOSED and input_stream is not None and "stdin" in ours:
                         await input_stream.aclose()
-                    elif kind == RESIZE and "pty" in ours:
+                    elif kind == RESIZE:
                         rows, cols = (int(x) for x in payload.split())
-                        fcntl.ioctl(ours["pty"], termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+                        if "pty" in ours:
+                            fcntl.ioctl(ours["pty"], termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+                        else:
+                            pending_size.append((rows, cols))
         except (OSError, trio.ClosedResourceError, trio.BrokenResourceError):
             return
         finally:
@@ -144,9 +151,10 @@ async def _serve(store, config, cdir, child, sync_w, status_r, ours, wait_attach
             while True:
                 try:
                     data = await stream.receive_some(65536)
-                except OSError as e:
-                    if e.errno == errno.EIO:  # a pty whose other side is gone
-                        return
+                except (OSError, trio.BrokenResourceError) as e:
+                    cause = e if isinstance(e, OSError) else e.__cause__
+                    if isinstance(cause, OSError) and cause.errno == errno.EIO:
+                        return  # a pty whose other side is gone: its end of file
                     raise
                 if not data:
                     return
@@ -176,6 +184,19 @@ async def _serve(store, config, cdir, child, sync_w, status_r, ours, wait_attach
         write_state(store, container_id, state)
         os.write(sync_w, b"1")  # sync 1: the root is served; the child goes on
         os.close(sync_w)
+        if "console" in ours:  # the container's pty master, sent by its pid 1
+            console = socket.socket(fileno=ours.pop("console"))
+            await trio.lowlevel.wait_readable(console.fileno())
+            _, fds, _, _ = socket.recv_fds(console, 16, 1)  # EOF, no fd: pid 1 failed first
+            console.close()
+            if fds:
+                ours["pty"] = fds[0]
+        input_fd = ours.get("pty") or ours.get("stdin")
+        input_stream = trio.lowlevel.FdStream(os.dup(input_fd)) if input_fd is not None else None
+        if input_stream is not None and pending_input:
+            await input_stream.send_all(b"".join(pending_input))
+        if "pty" in ours and pending_size:
+            fcntl.ioctl(ours["pty"], termios.TIOCSWINSZ, struct.pack("HHHH", *pending_size[-1], 0, 0))
         async with trio.open_nursery() as pumps:
             if "pty" in ours:
                 pumps.start_soon(pump, os.dup(ours["pty"]), STDOUT)

@@ -183,10 +183,12 @@ def main(argv: list[str]) -> int:
 
     # step 2 (supervisor): stdio, then the child, before any thread exists
     tty = bool(config.get("Tty"))
-    if tty:
-        master, slave = os.openpty()
-        child_stdio = (slave, slave, slave)
-        ours = {"pty": master}
+    if tty:  # the pty is made inside the container; its master comes back on this socket
+        import socket
+        console_ours, console_child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        child_fd = console_child.detach()
+        child_stdio = (child_fd, child_fd, child_fd)
+        ours = {"console": console_ours.detach()}
     else:
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
@@ -208,6 +210,7 @@ def main(argv: list[str]) -> int:
         for fd in ours.values():
             if fd is not None:
                 os.close(fd)
+        os.set_inheritable(child_stdio[0], True)
         sandbox.enter_container(spec, sync_r, child_stdio, status_w)
         os._exit(125)  # not reached
     os.close(sync_r)

@@ -1,0 +1,216 @@
+"""Runner tests: real containers from the busybox image, as root and unprivileged."""
+import json
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from .helpers import REPO, run_strata
+from .mounts import wait_for
+
+DOCKER_DEFAULT_CAPS = 0xA80425FB
+
+
+@pytest.fixture
+def strata_root(store_root):
+    yield store_root
+    # whatever a test left running is stopped and removed: no process, no mount
+    proc = run_strata(store_root, "ps", "-aq")
+    ids = proc.stdout.decode().split()
+    if ids:
+        run_strata(store_root, "rm", "-f", *ids)
+    with open("/proc/self/mountinfo") as f:
+        assert store_root not in f.read()
+
+
+def strata(root, *args, **kw):
+    return run_strata(root, *args, **kw)
+
+
+def ok(proc) -> str:
+    assert proc.returncode == 0, (proc.returncode, proc.stdout, proc.stderr)
+    return proc.stdout.decode()
+
+
+class PtySession:
+    """The CLI on a pseudo-terminal the test drives, as a user at a terminal would."""
+
+    def __init__(self, root: str, *args: str):
+        self.master, slave = os.openpty()
+        env = dict(os.environ, STRATA_ROOT=root, PYTHONPATH=REPO)
+        self.proc = subprocess.Popen([sys.executable, "-m", "runner.cli", *args], stdin=slave, stdout=slave,
+                                     stderr=slave, env=env, cwd=REPO, start_new_session=True)
+        os.close(slave)
+        self.output = b""
+
+    def send(self, data: bytes) -> None:
+        os.write(self.master, data)
+
+    def expect(self, marker: bytes, timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while marker not in self.output:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"{marker!r} not seen; output so far: {self.output[-500:]!r}")
+            ready, _, _ = select.select([self.master], [], [], remaining)
+            if ready:
+                try:
+                    chunk = os.read(self.master, 4096)
+                except OSError:
+                    break
+                if b"\x1b[6n" in chunk:  # busybox asks where the cursor is; a terminal answers
+                    os.write(self.master, b"\x1b[1;1R")
+                self.output += chunk
+        assert marker in self.output, self.output
+
+    def wait(self, timeout: float = 30) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        finally:
+            os.close(self.master)
+
+
+def test_seed_story_with_a_terminal(strata_root):
+    session = PtySession(strata_root, "run", "-it", "--name", "seed", "busybox", "sh")
+    session.send(b"mkdir /data && echo hi > /data/file && echo made-$((40+2))\n")
+    session.expect(b"made-42")
+    session.send(b"\x10\x11")  # Ctrl-P Ctrl-Q
+    assert session.wait() == 0
+    ps = ok(strata(strata_root, "ps"))
+    assert "seed" in ps and "Up " in ps
+    again = PtySession(strata_root, "attach", "seed")
+    again.send(b"cat /data/file; tty; exit 7\n")
+    again.expect(b"/dev/pts/")
+    assert again.wait() == 7
+    assert "Exited (7)" in ok(strata(strata_root, "ps", "-a"))
+    assert "made-42" in ok(strata(strata_root, "logs", "seed"))
+
+
+def test_run_three_times_with_start_and_logs(strata_root):
+    out = ok(strata(strata_root, "run", "--name", "thrice", "busybox", "sh", "-c",
+                    "echo run >> /runs; echo run $(wc -l < /runs)"))
+    assert out == "run 1\n"
+    assert ok(strata(strata_root, "start", "-a", "thrice")) == "run 2\n"
+    assert ok(strata(strata_root, "start", "thrice")) == "thrice\n"
+    assert ok(strata(strata_root, "wait", "thrice")) == "0\n"
+    state = json.loads(ok(strata(strata_root, "inspect", "thrice")))
+    assert state[0]["State"]["Status"] == "exited" and len(state[0]["Runs"]) == 3
+    assert ok(strata(strata_root, "logs", "thrice")) == "run 1\nrun 2\nrun 3\n"
+    assert ok(strata(strata_root, "logs", "--tail", "1", "thrice")) == "run 3\n"
+    line = open(os.path.join(strata_root, "containers", state[0]["Id"], "json.log")).readline()
+    entry = json.loads(line)
+    assert entry["log"] == "run 1\n" and entry["stream"] == "stdout" and entry["time"].endswith("Z")
+    # the seed's author could not change the stored command; strata can
+    ok(strata(strata_root, "update", "--cmd", "echo changed", "thrice"))
+    assert ok(strata(strata_root, "start", "-a", "thrice")) == "changed\n"
+
+
+def test_detached_daemon_stop_and_rm(strata_root):
+    cid = ok(strata(strata_root, "run", "-d", "--name", "ticker", "busybox", "sh", "-c",
+                    "while true; do echo tick; sleep 0.1; done")).strip()
+    assert len(cid) == 64
+    wait_for(lambda: "tick" in ok(strata(strata_root, "logs", "ticker")), what="ticks in the log")
+    assert "Up " in ok(strata(strata_root, "ps", "--filter", "name=ticker"))
+    assert ok(strata(strata_root, "stop", "-t", "1", "ticker")) == "ticker\n"
+    assert "Exited (137)" in ok(strata(strata_root, "ps", "-a", "--filter", "status=exited"))
+    assert ok(strata(strata_root, "rm", "ticker")) == "ticker\n"
+    assert not os.path.exists(os.path.join(strata_root, "containers", cid))
+
+
+@pytest.mark.parametrize("command,code,message", [
+    (["sh", "-c", "exit 3"], 3, ""),
+    (["nosuchcommand"], 127, 'exec: "nosuchcommand": executable file not found in $PATH'),
+    (["/etc/passwd"], 126, 'exec: "/etc/passwd": permission denied'),
+])
+def test_exit_codes(strata_root, command, code, message):
+    proc = strata(strata_root, "run", "--rm", "busybox", *command)
+    assert proc.returncode == code, proc.stderr
+    assert message in proc.stderr.decode()
+
+
+def test_containment(strata_root):
+    script = textwrap.dedent("""\
+        mkdir -p /x && chroot /x /bin/true 2>/dev/null; cd /../../..; ls -d /etc/os-release 2>&1
+        echo fds $(ls /proc/self/fd | tr '\\n' ' ')
+        grep CapEff /proc/self/status
+        echo pid $$ host $(hostname)
+        cat /proc/kcore 2>&1 | head -c 20; echo
+        touch /proc/sys/kernel/hostname 2>&1 | head -1
+        """)
+    proc = strata(strata_root, "run", "--name", "jail", "busybox", "sh", "-c", script)
+    out = ok(proc)
+    assert "No such file" in out  # the host's /etc/os-release is not reachable
+    fds = out.split("fds ")[1].split("\n")[0].split()
+    assert fds == ["0", "1", "2", "3"]  # 3 is ls's own directory fd
+    cap = int(out.split("CapEff:")[1].split()[0], 16)
+    assert cap == DOCKER_DEFAULT_CAPS
+    cid = json.loads(ok(strata(strata_root, "inspect", "jail")))[0]["Id"]
+    assert f"pid 1 host {cid[:12]}" in out
+    assert "Read-only file system" in out or "Permission denied" in out
+
+
+def test_bad_input_leaves_nothing_behind(strata_root):
+    proc = strata(strata_root, "run", "nosuchimage", "true")
+    assert proc.returncode == 125 and "No such image: nosuchimage" in proc.stderr.decode()
+    ok(strata(strata_root, "run", "--name", "taken", "busybox", "true"))
+    proc = strata(strata_root, "run", "--name", "taken", "busybox", "true")
+    assert proc.returncode == 125 and 'name "taken" is already in use' in proc.stderr.decode()
+    proc = strata(strata_root, "run", "--bogus", "busybox")
+    assert proc.returncode == 125 and proc.stderr.decode().count("\n") == 1
+    assert ok(strata(strata_root, "ps", "-aq")).split() == [
+        json.loads(ok(strata(strata_root, "inspect", "taken")))[0]["Id"][:12]]
+    assert "No such container: ghost" in strata(strata_root, "logs", "ghost").stderr.decode()
+
+
+def test_killed_supervisor_takes_the_container_and_the_mount(strata_root):
+    cid = ok(strata(strata_root, "run", "-d", "--name", "victim", "busybox", "sh", "-c",
+                    "echo data > /kept; echo written; while true; do sleep 1; done")).strip()
+    wait_for(lambda: "written" in ok(strata(strata_root, "logs", "victim")), what="the write")
+    state = json.load(open(os.path.join(strata_root, "containers", cid, "state.json")))
+    supervisor, relay = state["SupervisorPid"], state["Pid"]
+    os.kill(supervisor, signal.SIGKILL)
+    wait_for(lambda: not os.path.exists(f"/proc/{relay}"), what="the container to die with its supervisor")
+    ps = ok(strata(strata_root, "ps", "-a"))
+    assert "Exited (255)" in ps and "Up" not in ps
+    with open("/proc/self/mountinfo") as f:
+        assert cid not in f.read()  # the FUSE root lived in the supervisor's mount namespace
+    ok(strata(strata_root, "update", "--cmd", "cat /kept", "victim"))
+    assert ok(strata(strata_root, "start", "-a", "victim")) == "data\n"  # the writable layer is intact
+
+
+UNPRIVILEGED = textwrap.dedent("""\
+    set -e
+    export STRATA_ROOT=$WORK/store HOME=$WORK
+    S="$PY -m runner.cli"
+    $S run --name u1 busybox sh -c 'echo hi > /f; chown 1000:1000 /f; stat -c %u:%g /f; id -u'
+    $S start -a u1
+    $S logs u1
+    $S run -d --name ud busybox sh -c 'while true; do sleep 0.1; done' > /dev/null
+    $S ps --format '{{.Names}} {{.State}}'
+    $S stop -t 1 ud > /dev/null
+    $S rm u1 ud
+    $S ps -a -q | wc -l
+""")
+
+
+def test_unprivileged_user(unprivileged_setup):
+    work = "/tmp/strata-unpriv-runner"
+    shutil.rmtree(work, ignore_errors=True)
+    os.makedirs(work)
+    try:
+        subprocess.run(["chown", "65534:65534", work], check=True)
+        proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "sh", "-c", UNPRIVILEGED],
+                              capture_output=True, text=True, timeout=240,
+                              env={"PATH": os.environ["PATH"], "WORK": work, "PY": sys.executable, "PYTHONPATH": REPO})
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        assert proc.stdout.split("\n") == ["1000:1000", "0", "1000:1000", "0", "1000:1000", "0", "1000:1000", "0",
+                                           "ud running", "u1", "ud", "0", ""]
+    finally:
+        subprocess.run(["pkill", "-KILL", "-u", "65534", "-f", "runner.supervisor"], capture_output=True)
+        shutil.rmtree(work, ignore_errors=True)
