@@ -1,10 +1,15 @@
 #!/bin/sh
-# The main job, as `make demo` runs it: the busybox base image, an image
-# imported from a tarball with a changed config, and the image views.
-# Uses its own store so a second run shows the same thing.
+# The main job, as `make demo` runs it: the busybox base image, images and
+# history, then containers: a command run three times with start, its logs,
+# and a detached one stopped again. Uses its own store, so a second run
+# shows the same thing.
 set -eu
 STRATA=${STRATA:-strata}
 export STRATA_ROOT=${STRATA_ROOT:-$(pwd)/.demo-store}
+if [ -d "$STRATA_ROOT/containers" ]; then  # containers of an earlier demo, stopped first
+    ids=$($STRATA ps -aq || true)
+    [ -z "$ids" ] || $STRATA rm -f $ids > /dev/null
+fi
 rm -rf "$STRATA_ROOT"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
@@ -20,11 +25,17 @@ mkdir -p "$work/rootfs/app"
 echo 'echo hello from the app' > "$work/rootfs/app/run.sh"
 tar -C "$work/rootfs" -czf "$work/app.tar.gz" .
 step $STRATA import --change 'CMD ["/app/run.sh"]' -m "the demo app" "$work/app.tar.gz" demo/app:1.0
-step $STRATA tag demo/app:1.0 demo/app:latest
-step $STRATA images
 step $STRATA images --tree
 step $STRATA history busybox
-step $STRATA history demo/app
-step $STRATA inspect --format '{{json .Config}}' demo/app
-step $STRATA rmi demo/app:latest
-step $STRATA images
+
+# containers: one command, three runs, one writable layer
+step $STRATA run --name counter busybox sh -c 'echo run >> /runs; echo "run number $(wc -l < /runs)"'
+step $STRATA start -a counter
+step $STRATA start -a counter
+step $STRATA logs counter
+step $STRATA run -d --name ticker busybox sh -c 'while true; do date; sleep 1; done'
+step $STRATA ps
+step $STRATA stop -t 1 ticker
+step $STRATA ps -a
+step $STRATA logs --tail 2 ticker
+step $STRATA rm counter ticker

@@ -36,7 +36,7 @@ def test_help_lists_the_commands_and_explains_each(strata):
     (["history", "nope:1"], "No such image: nope:1"),
     (["tag", "nope", "x"], "No such image: nope"),
     (["rmi", "nope"], "No such image: nope"),
-    (["inspect", "nope"], "No such image: nope"),
+    (["inspect", "nope"], "No such object: nope"),
     (["import", "/does/not/exist"], "cannot read /does/not/exist"),
     (["import", "-", "Bad:Name"], "invalid reference format"),
     (["import", "-", "x:caf\u00e9"], "invalid reference format"),
