@@ -395,6 +395,27 @@ def build_parser() -> CliParser:
     p.add_argument("container", metavar="CONTAINER")
     p.set_defaults(func=cc.cmd_update)
 
+    p = sub.add_parser("exec", help="run a command in a running container",
+                       description="Join the running container's namespaces and root and run COMMAND.")
+    p.add_argument("-i", "--interactive", action="store_true", help="keep stdin open (always on here)")
+    p.add_argument("-t", "--tty", action="store_true", help="use this terminal")
+    p.add_argument("-e", "--env", action="append", metavar="K=V")
+    p.add_argument("-w", "--workdir", metavar="DIR")
+    p.add_argument("-u", "--user", metavar="USER[:GROUP]")
+    p.add_argument("container", metavar="CONTAINER")
+    p.add_argument("command", metavar="COMMAND", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cc.cmd_exec)
+
+    p = sub.add_parser("top", help="show a container's processes", description="Processes of the container.")
+    p.add_argument("container", metavar="CONTAINER")
+    p.set_defaults(func=cc.cmd_top)
+
+    for name, helptext, func in (("pause", "suspend all processes of containers (SIGSTOP)", cc.cmd_pause),
+                                 ("unpause", "resume paused containers (SIGCONT)", cc.cmd_unpause)):
+        p = sub.add_parser(name, help=helptext, description=helptext[0].upper() + helptext[1:] + ".")
+        p.add_argument("containers", metavar="CONTAINER", nargs="+")
+        p.set_defaults(func=func)
+
     p = sub.add_parser("mount", help="mount an image (read-only) or a container (writable)",
                        description="Mount the merged view of IMAGE (read-only) or CONTAINER (its "
                        "image plus its writable layer) on MOUNTPOINT with strata's FUSE filesystem. "

@@ -170,8 +170,9 @@ def short_command(cmd: list[str]) -> str:
 
 def status_text(state: dict) -> str:
     status = state.get("Status", "created")
-    if status == "running":
-        return "Up " + fmt.human_duration(age(state.get("StartedAt")))
+    if status in ("running", "paused"):
+        up = "Up " + fmt.human_duration(age(state.get("StartedAt")))
+        return up + " (Paused)" if status == "paused" else up
     if status == "exited":
         return f"Exited ({state.get('ExitCode', 0)}) {fmt.since(state.get('FinishedAt', ''))}"
     return "Created"
@@ -186,7 +187,7 @@ def cmd_ps(args, store: Store) -> int:
     rows = []
     for config in sorted(list_containers(store), key=lambda c: c.get("Created", ""), reverse=True):
         state = current_state(store, config["Id"])
-        if not args.all and state.get("Status") != "running":
+        if not args.all and state.get("Status") not in ("running", "paused"):
             continue
         obj = {"ID": config["Id"][:12], "Image": config.get("ImageRef") or config["Image"][7:19],
                "Command": short_command(config.get("Cmd", [])),
@@ -324,3 +325,130 @@ def inspect_container(store: Store, config: dict) -> dict:
             "GraphDriver": {"Name": "strata", "Data": {"UpperDir": os.path.join(cdir, "upper"),
                                                        "MergedDir": os.path.join(cdir, "rootfs")}},
             "Mounts": [], "LogPath": os.path.join(cdir, "json.log"), "Runs": state.get("Runs", [])}
+
+
+NAMESPACES = ("user", "ipc", "uts", "net", "pid", "mnt")  # user first: it grants the rest
+
+
+def container_pid1(store: Store, config: dict) -> int:
+    state = current_state(store, config["Id"])
+    pid = lifecycle.container_init_pid(state.get("Pid") or 0) if state.get("Status") == "running" else None
+    if not pid:
+        raise StoreError(f"container {config['Name']} is not running")
+    return pid
+
+
+def cmd_exec(args, store: Store) -> int:
+    """Join the running container's namespaces and root, then exec COMMAND there."""
+    from . import sandbox
+    from . import syscalls as sc
+    config = resolve_container(store, args.container)
+    pid1 = container_pid1(store, config)
+    env = lifecycle.merge_env(config.get("Env", []), args.env or [])
+    spec = {"env": env, "workdir": args.workdir or config.get("WorkingDir") or "/",
+            "user": args.user if args.user is not None else config.get("User"), "cmd": args.command}
+    if not args.command:
+        raise StoreError("exec needs a command")
+    fds = {}
+    for ns in NAMESPACES:
+        path = f"/proc/{pid1}/ns/{ns}"
+        if os.readlink(path) != os.readlink(f"/proc/self/ns/{ns}"):
+            fds[ns] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    root_fd = os.open(f"/proc/{pid1}/root", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    child = os.fork()
+    if child == 0:
+        try:
+            import prctl
+            prctl.set_dumpable(False)  # CVE-2019-5736: nothing in the container may open our memory
+            prctl.set_pdeathsig(signal.SIGKILL)
+            for ns, fd in fds.items():
+                sc.setns(fd)
+            os.fchdir(root_fd)
+            os.chroot(".")
+            grandchild = os.fork()  # the pid namespace applies to children only
+            if grandchild:
+                _, status = os.waitpid(grandchild, 0)
+                os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
+
+            def fail(code, message):
+                os.write(2, f"strata: error: {message}\n".encode())
+                os._exit(code)
+            status_r, status_w = os.pipe()
+            sandbox.exec_command(spec, fail, status_w)
+        except BaseException as e:
+            os.write(2, f"strata: error: exec: {e}\n".encode())
+            os._exit(125)
+    for fd in list(fds.values()) + [root_fd]:
+        os.close(fd)
+    while True:
+        try:
+            _, status = os.waitpid(child, 0)
+            break
+        except InterruptedError:
+            continue
+    return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
+
+
+def processes_of(pid1: int) -> list[int]:
+    """Host pids in the container's pid namespace."""
+    target = os.readlink(f"/proc/{pid1}/ns/pid")
+    out = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                if os.readlink(f"/proc/{name}/ns/pid") == target:
+                    out.append(int(name))
+            except OSError:
+                continue
+    return sorted(out)
+
+
+def cmd_top(args, store: Store) -> int:
+    import pwd
+    config = resolve_container(store, args.container)
+    rows = []
+    for pid in processes_of(container_pid1(store, config)):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            cmdline = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace").strip()
+            uid = os.stat(f"/proc/{pid}").st_uid
+        except OSError:
+            continue
+        try:
+            user = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            user = str(uid)
+        ticks = os.sysconf("SC_CLK_TCK")
+        cpu = (int(fields[11]) + int(fields[12])) // ticks
+        rows.append([user, str(pid), fields[1], f"{cpu // 3600:02}:{cpu // 60 % 60:02}:{cpu % 60:02}", cmdline])
+    fmt.print_table(["UID", "PID", "PPID", "TIME", "CMD"], rows, sys.stdout)
+    return 0
+
+
+def cmd_pause(args, store: Store, sig: int = signal.SIGSTOP, status: str = "paused") -> int:
+    """SIGSTOP (SIGCONT) every process of the container's pid namespace: no freezer needed."""
+    from store.containers import read_state, write_state
+    for ref in args.containers:
+        config = resolve_container(store, ref)
+        state = current_state(store, config["Id"])
+        if (state.get("Status") == "paused") == (status == "paused"):
+            raise StoreError(f"container {config['Name']} is {'already' if status == 'paused' else 'not'} paused")
+        if state.get("Status") not in ("running", "paused"):
+            raise StoreError(f"container {config['Name']} is not running")
+        pid1 = lifecycle.container_init_pid(state["Pid"])
+        for pid in processes_of(pid1):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        with store.locked():
+            recorded = read_state(store, config["Id"])
+            recorded["Status"] = status
+            write_state(store, config["Id"], recorded)
+        print(ref)
+    return 0
+
+
+def cmd_unpause(args, store: Store) -> int:
+    return cmd_pause(args, store, signal.SIGCONT, "running")

@@ -214,3 +214,58 @@ def test_unprivileged_user(unprivileged_setup):
     finally:
         subprocess.run(["pkill", "-KILL", "-u", "65534", "-f", "runner.supervisor"], capture_output=True)
         shutil.rmtree(work, ignore_errors=True)
+
+
+def test_exec_top_pause_unpause(strata_root):
+    ok(strata(strata_root, "run", "-d", "--name", "svc", "busybox", "sh", "-c",
+              "echo ready > /state; while true; do sleep 0.1; done"))
+    wait_for(lambda: strata(strata_root, "exec", "svc", "cat", "/state").stdout == b"ready\n", what="exec")
+    out = ok(strata(strata_root, "exec", "-e", "X=1", "-w", "/tmp", "-u", "nobody", "svc", "sh", "-c",
+                    "echo $X $(pwd) $(id -u) $$"))
+    x, cwd, uid, pid = out.split()
+    assert (x, cwd, uid) == ("1", "/tmp", "65534") and int(pid) > 1  # inside the container's pid namespace
+    assert strata(strata_root, "exec", "svc", "sh", "-c", "exit 9").returncode == 9
+    top = ok(strata(strata_root, "top", "svc"))
+    assert top.splitlines()[0].split() == ["UID", "PID", "PPID", "TIME", "CMD"] and "while true" in top
+    ok(strata(strata_root, "pause", "svc"))
+    assert "(Paused)" in ok(strata(strata_root, "ps"))
+    ok(strata(strata_root, "unpause", "svc"))
+    assert "(Paused)" not in ok(strata(strata_root, "ps")) and "Up " in ok(strata(strata_root, "ps"))
+
+
+def test_signals_reach_a_foreground_container(strata_root):
+    env = dict(os.environ, STRATA_ROOT=strata_root, PYTHONPATH=REPO)
+    proc = subprocess.Popen([sys.executable, "-m", "runner.cli", "run", "--name", "sig", "busybox", "sh", "-c",
+                             "trap 'echo got TERM; exit 5' TERM; echo waiting; while true; do sleep 0.1; done"],
+                            stdout=subprocess.PIPE, env=env, cwd=REPO)
+    assert proc.stdout.readline() == b"waiting\n"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 5
+    assert proc.stdout.read() == b"got TERM\n"
+
+
+def test_terminal_size_and_env_options(strata_root, tmp_path):
+    env_file = tmp_path / "env"
+    env_file.write_text("# comment\nFROM_FILE=yes\n")
+    session = PtySession(strata_root, "run", "-it", "--rm", "--env-file", str(env_file), "-e", "A=b c",
+                         "--hostname", "box", "busybox", "sh")
+    import fcntl
+    import struct
+    import termios
+    fcntl.ioctl(session.master, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 111, 0, 0))
+    session.send(b"stty size; echo \"$FROM_FILE/$A/$(hostname)\"; exit\n")
+    session.expect(b"yes/b c/box")
+    assert b"33 111" in session.output
+    assert session.wait() == 0
+
+
+def test_log_rotation_caps_the_logs(strata_root):
+    ok(strata(strata_root, "run", "--name", "chatty", "--log-opt", "max-size=1k", "--log-opt", "max-file=2",
+              "busybox", "sh", "-c", "i=0; while [ $i -lt 200 ]; do echo line $i; i=$((i+1)); done"))
+    cid = json.loads(ok(strata(strata_root, "inspect", "chatty")))[0]["Id"]
+    cdir = os.path.join(strata_root, "containers", cid)
+    logs = sorted(f for f in os.listdir(cdir) if f.startswith("json.log"))
+    assert logs == ["json.log", "json.log.1"]
+    assert all(os.path.getsize(os.path.join(cdir, f)) < 1024 + 200 for f in logs)
+    shown = ok(strata(strata_root, "logs", "chatty")).splitlines()
+    assert shown[-1] == "line 199" and len(shown) < 200
