@@ -27,7 +27,7 @@ system-packages:
 $(STAMP): pyproject.toml | system-packages
 	test -x $(PY) || $(SYSTEM_PY) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test]' --config-settings editable_mode=compat
 	touch $@
 
 deps: system-packages $(STAMP)

@@ -15,6 +15,17 @@ from store import Store, StoreError
 from . import fmt
 
 
+COMMANDS = ("import", "images", "history", "tag", "rmi", "inspect", "run", "create", "start", "attach",
+            "logs", "ps", "stop", "restart", "kill", "wait", "rm", "rename", "update", "exec", "top",
+            "pause", "unpause", "mount", "umount", "base")
+
+# argparse looks up a translation catalogue on disk for every help string it
+# stores (gettext); building the parser's 30 subcommands did ~80 such lookups,
+# a fifth of `strata ps`'s run time. strata's messages are not translated.
+argparse._ = lambda message: message
+argparse.ngettext = lambda singular, plural, n: singular if n == 1 else plural
+
+
 class UsageError(Exception):
     pass
 
@@ -254,14 +265,28 @@ def cmd_base(args, store: Store) -> int:
 
 # -- the parser ------------------------------------------------------------
 
-def build_parser() -> CliParser:
+class _Unbuilt:
+    """Stands in for the subcommands this invocation does not run (start-up time)."""
+
+    def add_argument(self, *args, **kw):
+        return self
+
+    def set_defaults(self, **kw):
+        pass
+
+
+def build_parser(only: str | None = None) -> CliParser:
+    """The whole parser, or (`only`) the top level plus the one subcommand being run."""
     parser = CliParser(prog="strata", description="Daemonless, rootless containers on strata's "
                        "own FUSE union filesystem. Store: $STRATA_ROOT, /var/lib/strata for root, "
                        "else $XDG_DATA_HOME/strata.")
     parser.add_argument("--root", help="store root (overrides $STRATA_ROOT)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=CliParser)
 
-    p = sub.add_parser("import", help="create an image from a rootfs tarball or directory",
+    def add_parser(name: str, **kw):
+        return sub.add_parser(name, **kw) if only in (None, name) else _Unbuilt()
+
+    p = add_parser("import", help="create an image from a rootfs tarball or directory",
                        description="Import a rootfs tarball (plain, gzip, zstd, bzip2, xz), a "
                        "directory, or - (stdin) as a one-layer image and print its id. Entries that "
                        "would escape the layer are rejected; owners, modes, devices and xattrs are "
@@ -273,7 +298,7 @@ def build_parser() -> CliParser:
     p.add_argument("-m", "--message", help="commit message for the history entry")
     p.set_defaults(func=cmd_import)
 
-    p = sub.add_parser("images", help="list images",
+    p = add_parser("images", help="list images",
                        description="List images: REPOSITORY TAG IMAGE ID CREATED SIZE.")
     p.add_argument("reference", metavar="REPOSITORY[:TAG]", nargs="?")
     p.add_argument("-a", "--all", action="store_true", help="show intermediate images too")
@@ -283,7 +308,7 @@ def build_parser() -> CliParser:
     p.add_argument("--tree", action="store_true", help="draw all images as a tree of parent chains")
     p.set_defaults(func=cmd_images)
 
-    p = sub.add_parser("history", help="show the history of an image",
+    p = add_parser("history", help="show the history of an image",
                        description="Show an image's history, newest first: IMAGE CREATED CREATED BY SIZE COMMENT.")
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("-q", "--quiet", action="store_true", help="only show image ids")
@@ -291,21 +316,21 @@ def build_parser() -> CliParser:
     p.add_argument("--format", metavar="json|TEMPLATE")
     p.set_defaults(func=cmd_history)
 
-    p = sub.add_parser("tag", help="create a tag that refers to an image",
+    p = add_parser("tag", help="create a tag that refers to an image",
                        description="Point NAME[:TAG] at SOURCE. Moving an existing tag leaves "
                        "the image it pointed to as <none>.")
     p.add_argument("source", metavar="SOURCE")
     p.add_argument("target", metavar="NAME[:TAG]")
     p.set_defaults(func=cmd_tag)
 
-    p = sub.add_parser("rmi", help="remove images",
+    p = add_parser("rmi", help="remove images",
                        description="Untag and remove images, and the layers no other image uses. "
                        "Refuses while a container or a child image uses the image, unless -f.")
     p.add_argument("images", metavar="IMAGE", nargs="+")
     p.add_argument("-f", "--force", action="store_true", help="remove even if in use")
     p.set_defaults(func=cmd_rmi)
 
-    p = sub.add_parser("inspect", help="show low-level information as JSON",
+    p = add_parser("inspect", help="show low-level information as JSON",
                        description="Print a JSON array describing each container or image.")
     p.add_argument("objects", metavar="CONTAINER|IMAGE", nargs="+")
     p.add_argument("-f", "--format", metavar="json|TEMPLATE")
@@ -313,7 +338,7 @@ def build_parser() -> CliParser:
     p.set_defaults(func=cmd_inspect)
 
     from . import containers_cli as cc
-    p = sub.add_parser("run", help="create and start a container",
+    p = add_parser("run", help="create and start a container",
                        description="Create a container from IMAGE and run COMMAND in it (default: the "
                        "image's command). Attached unless -d; Ctrl-P Ctrl-Q detaches. Exit status: the "
                        "container's; 125 strata's own failure; 126 not executable; 127 not found.")
@@ -321,12 +346,12 @@ def build_parser() -> CliParser:
     cc.add_create_flags(p)
     p.set_defaults(func=cc.cmd_run)
 
-    p = sub.add_parser("create", help="create a container without starting it",
+    p = add_parser("create", help="create a container without starting it",
                        description="Store a container (image, command, config, empty writable layer).")
     cc.add_create_flags(p)
     p.set_defaults(func=cc.cmd_create)
 
-    p = sub.add_parser("start", help="start stopped containers",
+    p = add_parser("start", help="start stopped containers",
                        description="Run the stored command again on the same writable layer.")
     p.add_argument("-a", "--attach", action="store_true", help="attach to the output")
     p.add_argument("-i", "--interactive", action="store_true", help="attach stdin")
@@ -334,7 +359,7 @@ def build_parser() -> CliParser:
     p.add_argument("containers", metavar="CONTAINER", nargs="+")
     p.set_defaults(func=cc.cmd_start)
 
-    p = sub.add_parser("attach", help="attach to a running container",
+    p = add_parser("attach", help="attach to a running container",
                        description="Connect this terminal to a running container's stdio; Ctrl-P "
                        "Ctrl-Q (or --detach-keys) detaches.")
     p.add_argument("--detach-keys", metavar="KEYS")
@@ -342,7 +367,7 @@ def build_parser() -> CliParser:
     p.add_argument("container", metavar="CONTAINER")
     p.set_defaults(func=cc.cmd_attach)
 
-    p = sub.add_parser("logs", help="show a container's output",
+    p = add_parser("logs", help="show a container's output",
                        description="The stdout and stderr of every run, in order (json-file logs).")
     p.add_argument("-f", "--follow", action="store_true")
     p.add_argument("--tail", metavar="N")
@@ -352,7 +377,7 @@ def build_parser() -> CliParser:
     p.add_argument("container", metavar="CONTAINER")
     p.set_defaults(func=cc.cmd_logs)
 
-    p = sub.add_parser("ps", help="list containers", description="List containers (running only, unless -a).")
+    p = add_parser("ps", help="list containers", description="List containers (running only, unless -a).")
     p.add_argument("-a", "--all", action="store_true")
     p.add_argument("-q", "--quiet", action="store_true")
     p.add_argument("-n", "--last", type=int, metavar="N")
@@ -362,31 +387,31 @@ def build_parser() -> CliParser:
 
     for name, helptext, func in (("stop", "stop containers (SIGTERM, then SIGKILL)", cc.cmd_stop),
                                  ("restart", "stop and start containers", cc.cmd_restart)):
-        p = sub.add_parser(name, help=helptext, description=helptext[0].upper() + helptext[1:] + ".")
+        p = add_parser(name, help=helptext, description=helptext[0].upper() + helptext[1:] + ".")
         p.add_argument("-t", "--time", type=float, default=10, metavar="SECONDS")
         p.add_argument("containers", metavar="CONTAINER", nargs="+")
         p.set_defaults(func=func)
 
-    p = sub.add_parser("kill", help="send a signal to containers", description="Signal the container's pid 1.")
+    p = add_parser("kill", help="send a signal to containers", description="Signal the container's pid 1.")
     p.add_argument("-s", "--signal", default="KILL")
     p.add_argument("containers", metavar="CONTAINER", nargs="+")
     p.set_defaults(func=cc.cmd_kill)
 
-    p = sub.add_parser("wait", help="wait for containers to exit", description="Print each exit code.")
+    p = add_parser("wait", help="wait for containers to exit", description="Print each exit code.")
     p.add_argument("containers", metavar="CONTAINER", nargs="+")
     p.set_defaults(func=cc.cmd_wait)
 
-    p = sub.add_parser("rm", help="remove containers", description="Remove containers and their layers.")
+    p = add_parser("rm", help="remove containers", description="Remove containers and their layers.")
     p.add_argument("-f", "--force", action="store_true", help="stop running containers first")
     p.add_argument("containers", metavar="CONTAINER", nargs="+")
     p.set_defaults(func=cc.cmd_rm)
 
-    p = sub.add_parser("rename", help="rename a container", description="Rename a container.")
+    p = add_parser("rename", help="rename a container", description="Rename a container.")
     p.add_argument("old", metavar="CONTAINER")
     p.add_argument("new", metavar="NEW_NAME")
     p.set_defaults(func=cc.cmd_rename)
 
-    p = sub.add_parser("update", help="change a stopped container's command, env or workdir",
+    p = add_parser("update", help="change a stopped container's command, env or workdir",
                        description="Change the stored command (--cmd), environment (--env) or working "
                        "directory (--workdir) of a stopped container; the next start uses them.")
     p.add_argument("--cmd", metavar="CMD", help="shell words or a JSON array")
@@ -395,7 +420,7 @@ def build_parser() -> CliParser:
     p.add_argument("container", metavar="CONTAINER")
     p.set_defaults(func=cc.cmd_update)
 
-    p = sub.add_parser("exec", help="run a command in a running container",
+    p = add_parser("exec", help="run a command in a running container",
                        description="Join the running container's namespaces and root and run COMMAND.")
     p.add_argument("-i", "--interactive", action="store_true", help="keep stdin open (always on here)")
     p.add_argument("-t", "--tty", action="store_true", help="use this terminal")
@@ -406,17 +431,17 @@ def build_parser() -> CliParser:
     p.add_argument("command", metavar="COMMAND", nargs=argparse.REMAINDER)
     p.set_defaults(func=cc.cmd_exec)
 
-    p = sub.add_parser("top", help="show a container's processes", description="Processes of the container.")
+    p = add_parser("top", help="show a container's processes", description="Processes of the container.")
     p.add_argument("container", metavar="CONTAINER")
     p.set_defaults(func=cc.cmd_top)
 
     for name, helptext, func in (("pause", "suspend all processes of containers (SIGSTOP)", cc.cmd_pause),
                                  ("unpause", "resume paused containers (SIGCONT)", cc.cmd_unpause)):
-        p = sub.add_parser(name, help=helptext, description=helptext[0].upper() + helptext[1:] + ".")
+        p = add_parser(name, help=helptext, description=helptext[0].upper() + helptext[1:] + ".")
         p.add_argument("containers", metavar="CONTAINER", nargs="+")
         p.set_defaults(func=func)
 
-    p = sub.add_parser("mount", help="mount an image (read-only) or a container (writable)",
+    p = add_parser("mount", help="mount an image (read-only) or a container (writable)",
                        description="Mount the merged view of IMAGE (read-only) or CONTAINER (its "
                        "image plus its writable layer) on MOUNTPOINT with strata's FUSE filesystem. "
                        "Runs in the background until `strata umount`.")
@@ -426,13 +451,13 @@ def build_parser() -> CliParser:
     p.add_argument("-d", "--debug", action="store_true", help="log every request")
     p.set_defaults(func=cmd_mount)
 
-    p = sub.add_parser("umount", help="unmount what `strata mount` mounted",
+    p = add_parser("umount", help="unmount what `strata mount` mounted",
                        description="Unmount MOUNTPOINT; also cleans up a mount whose server died.")
     p.add_argument("mountpoints", metavar="MOUNTPOINT", nargs="+")
     p.add_argument("-l", "--lazy", action="store_true", help="detach now, clean up when no longer busy")
     p.set_defaults(func=cmd_umount)
 
-    p = sub.add_parser("base", help="(re)create the embedded busybox base image",
+    p = add_parser("base", help="(re)create the embedded busybox base image",
                        description="Create busybox:latest from the host's busybox-static: every "
                        "applet, /etc/passwd and /etc/group, and the usual mount points. Commands "
                        "that need busybox create it on first use; this makes it explicitly.")
@@ -442,7 +467,10 @@ def build_parser() -> CliParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    words = [a for a in argv if not a.startswith("-")]
+    command = words[0] if words and "--root" not in argv and words[0] in COMMANDS else None
+    parser = build_parser(command)
     try:
         args = parser.parse_args(argv)
         if args.command is None:

@@ -12,7 +12,6 @@ from store import Store, StoreError
 from store.containers import container_dir, current_state, list_containers, resolve_container, update_config
 
 from . import fmt, lifecycle
-from .attach import DETACHED, attach, parse_detach_keys
 
 
 def add_create_flags(p) -> None:
@@ -33,6 +32,7 @@ def add_create_flags(p) -> None:
 
 
 def detach_keys_for(config: dict, override: str | None) -> bytes:
+    from .attach import parse_detach_keys
     try:
         return parse_detach_keys(override or config.get("DetachKeys") or os.environ.get("STRATA_DETACH_KEYS", ""))
     except ValueError as e:
@@ -40,6 +40,7 @@ def detach_keys_for(config: dict, override: str | None) -> bytes:
 
 
 def attach_and_wait(store: Store, config: dict, with_stdin: bool, keys: bytes) -> int:
+    from .attach import DETACHED, attach
     sock = os.path.join(container_dir(store, config["Id"]), "attach.sock")
     if not os.path.exists(sock):  # the run already ended
         return current_state(store, config["Id"]).get("ExitCode", 0)

@@ -4,18 +4,13 @@ No trio and no pyfuse3 here: `ps`, `logs` and friends stay fast.
 """
 from __future__ import annotations
 
-import json
 import os
-import random
-import shlex
 import signal
-import subprocess
 import sys
 import time
 
 from store import Store, StoreError
-from store.containers import (container_dir, create_container, current_state, read_state, remove_container,
-                              resolve_container, write_state)
+from store.containers import container_dir, create_container, current_state, read_state, remove_container
 
 ADJECTIVES = ["admiring", "bold", "brave", "clever", "cool", "eager", "elated", "focused", "gentle",
               "happy", "jolly", "keen", "kind", "lucid", "modest", "nifty", "quirky", "serene",
@@ -27,6 +22,7 @@ PATH_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 def random_name(store: Store) -> str:
+    import random
     taken = {c.get("Name") for c in _all(store)}
     for _ in range(100):
         name = f"{random.choice(ADJECTIVES)}_{random.choice(NOUNS)}"
@@ -117,6 +113,7 @@ def start(store: Store, config: dict, wait_attach: bool) -> None:
     sock = os.path.join(cdir, "attach.sock")
     if os.path.exists(sock):  # left by a supervisor that died
         os.unlink(sock)
+    import subprocess
     log = open(os.path.join(cdir, "supervisor.log"), "ab")
     argv = [sys.executable, "-m", "runner.supervisor", store.root, config["Id"]]
     if wait_attach:
@@ -200,6 +197,7 @@ def remove(store: Store, config: dict, force: bool) -> None:
             raise StoreError(f"cannot remove container {config['Name']}: container is running: "
                              "stop the container before removing or force remove")
         stop(store, config, 0)
+    import subprocess
     rootfs = os.path.join(container_dir(store, config["Id"]), "rootfs")
     with open("/proc/self/mountinfo") as f:
         if any(line.split()[4] == rootfs for line in f):  # a dead supervisor's FUSE mount
@@ -208,19 +206,5 @@ def remove(store: Store, config: dict, force: bool) -> None:
 
 
 def describe_command(cmd: list[str]) -> str:
+    import shlex
     return shlex.join(cmd)
-
-
-def state_json(store: Store, config: dict) -> dict:
-    return current_state(store, config["Id"])
-
-
-def find(store: Store, ref: str) -> dict:
-    return resolve_container(store, ref)
-
-
-def write_exit(store: Store, container_id: str, state: dict) -> None:
-    write_state(store, container_id, state)
-
-
-json_dumps = json.dumps

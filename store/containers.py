@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 
 from .errors import NoSuchContainer, StoreError
 from .fsutil import fsync_dir, remove_tree, write_atomic
@@ -44,7 +43,7 @@ def resolve_container(store: Store, ref: str) -> dict:
 
 def create_container(store: Store, image_id: str, name: str | None = None, extra: dict | None = None) -> dict:
     """Make the container's directory in staging, then rename it in under the lock."""
-    container_id = secrets.token_hex(32)
+    container_id = os.urandom(32).hex()
     config = {"Id": container_id, "Name": name or f"strata_{container_id[:8]}", "Image": image_id,
               "Created": now_rfc3339()}
     config.update(extra or {})

@@ -9,7 +9,6 @@ import contextlib
 import errno
 import fcntl
 import os
-import shutil
 import stat
 from typing import Iterator
 
@@ -81,6 +80,7 @@ def walk_dirs_beneath(root_fd: int, relpath: str) -> int:
 
 def remove_tree(path: str) -> None:
     """Remove a directory tree we own, even where modes forbid it (e.g. 0555 dirs)."""
+    import shutil
     def make_writable_and_retry(func, p, _exc):
         parent = os.path.dirname(p)
         with contextlib.suppress(OSError):
@@ -101,36 +101,42 @@ def remove_tree(path: str) -> None:
 
 # openat2(2) with RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS resolves a whole path in
 # one syscall and refuses symlinks and `..` escapes; Python has no wrapper, so
-# it is called through libc.syscall. Kernels without it (ENOSYS) get the
-# component-by-component O_NOFOLLOW walk instead.
-import ctypes
-
+# it is called through libc.syscall (ctypes, loaded on first use: CLI start-up
+# time). Kernels without it (ENOSYS) get the component-by-component walk.
 _SYS_OPENAT2 = 437  # the same number on every architecture (generic table)
-_RESOLVE_NO_MAGICLINKS, _RESOLVE_NO_SYMLINKS, _RESOLVE_BENEATH = 0x02, 0x04, 0x08
-_RESOLVE = _RESOLVE_NO_MAGICLINKS | _RESOLVE_NO_SYMLINKS | _RESOLVE_BENEATH
-
-
-class _OpenHow(ctypes.Structure):
-    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
+_RESOLVE = 0x02 | 0x04 | 0x08  # NO_MAGICLINKS | NO_SYMLINKS | BENEATH
+_openat2 = None
 _have_openat2 = True
+
+
+def _load_openat2():
+    import ctypes
+
+    class OpenHow(ctypes.Structure):
+        _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.syscall.restype = ctypes.c_long
+
+    def call(root_fd: int, path: bytes, flags: int, mode: int) -> tuple[int, int]:
+        how = OpenHow(flags, mode, _RESOLVE)
+        fd = libc.syscall(_SYS_OPENAT2, root_fd, path, ctypes.byref(how), ctypes.sizeof(how))
+        return fd, (ctypes.get_errno() if fd < 0 else 0)
+    return call
 
 
 def open_beneath(root_fd: int, path: bytes | str, flags: int, mode: int = 0) -> int:
     """Open `path` relative to `root_fd`, never leaving it and never following a symlink."""
-    global _have_openat2
+    global _have_openat2, _openat2
     if isinstance(path, str):
         path = os.fsencode(path)
     flags |= os.O_CLOEXEC | os.O_NOFOLLOW
     if _have_openat2:
-        how = _OpenHow(flags, mode, _RESOLVE)
-        fd = _libc.syscall(_SYS_OPENAT2, root_fd, path, ctypes.byref(how), ctypes.sizeof(how))
+        if _openat2 is None:
+            _openat2 = _load_openat2()
+        fd, err = _openat2(root_fd, path, flags, mode)
         if fd >= 0:
             return fd
-        err = ctypes.get_errno()
         if err != errno.ENOSYS:
             raise OSError(err, os.strerror(err), os.fsdecode(path))
         _have_openat2 = False

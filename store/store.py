@@ -19,20 +19,17 @@ at worst an unreferenced object, never a half-written one (invariant 7).
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import hashlib
 import json
 import os
-import platform
 import re
-import secrets
 import time
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
-from . import index as merged_index
 from .errors import NoSuchImage, StoreError
 from .fsutil import flocked, fsync_dir, remove_tree, write_atomic
-from .layer import Entry, LayerWriter, layer_digest, load_index, save_index
+
+if TYPE_CHECKING:  # the layer and index modules load only where layers are made (CLI start-up time)
+    from .layer import Entry, LayerWriter
 
 NAME_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 REFERENCE_RE = re.compile(
@@ -72,26 +69,24 @@ def canonical_json(obj) -> bytes:
 
 
 def go_arch() -> str:
-    machine = platform.machine()
+    machine = os.uname().machine
     return {"x86_64": "amd64", "aarch64": "arm64", "armv7l": "arm", "i686": "386"}.get(machine, machine)
 
 
-@dataclasses.dataclass
 class PreparedLayer:
     """A layer built in staging, not yet part of the store."""
-    diff_id: str
-    entries: list[Entry]
-    size: int
-    staging: str
+
+    __slots__ = ("diff_id", "entries", "size", "staging")
+
+    def __init__(self, diff_id: str, entries: list, size: int, staging: str):
+        self.diff_id, self.entries, self.size, self.staging = diff_id, entries, size, staging
 
 
-@dataclasses.dataclass
 class ImageInfo:
-    id: str
-    config: dict
-    parent: str | None
-    tags: list[str]
-    size: int
+    __slots__ = ("id", "config", "parent", "tags", "size")
+
+    def __init__(self, id: str, config: dict, parent: str | None, tags: list[str], size: int):
+        self.id, self.config, self.parent, self.tags, self.size = id, config, parent, tags, size
 
     @property
     def created(self) -> str:
@@ -145,7 +140,7 @@ class Store:
     @contextlib.contextmanager
     def staging(self) -> Iterator[str]:
         """A private directory under tmp/, removed afterwards whatever happens."""
-        path = os.path.join(self.root, "tmp", f"stage-{os.getpid()}-{secrets.token_hex(6)}")
+        path = os.path.join(self.root, "tmp", f"stage-{os.getpid()}-{os.urandom(6).hex()}")
         os.mkdir(path, 0o700)
         try:
             yield path
@@ -182,6 +177,7 @@ class Store:
             return json.load(f)["size"]
 
     def layer_entries(self, diff_id: str) -> list[Entry]:
+        from .layer import load_index
         return load_index(os.path.join(self.layer_dir(diff_id), "index.json"))
 
     def image_info(self, image_id: str, tags: dict[str, str] | None = None) -> ImageInfo:
@@ -231,6 +227,7 @@ class Store:
 
     def prepare_layer(self, staging: str, fill: Callable[[LayerWriter], None]) -> PreparedLayer:
         """Build a layer in `staging/layer` with `fill(writer)`, and digest it."""
+        from .layer import LayerWriter, layer_digest, save_index
         layer_stage = os.path.join(staging, "layer")
         os.mkdir(layer_stage, 0o755)
         writer = LayerWriter(layer_stage)
@@ -253,6 +250,9 @@ class Store:
         The merged index is the parent's index copied plus the new layers
         applied, so its cost is independent of the parent chain's depth.
         """
+        import hashlib
+
+        from . import index as merged_index
         raw = canonical_json(config)
         image_id = "sha256:" + hashlib.sha256(raw).hexdigest()
         image_stage = os.path.join(staging, "image")
@@ -355,7 +355,7 @@ class Store:
 
     def _delete_dir_locked(self, path: str) -> None:
         """Rename away first, so the store never shows a half-deleted object."""
-        trash = os.path.join(self.root, "tmp", f"trash-{os.getpid()}-{secrets.token_hex(6)}")
+        trash = os.path.join(self.root, "tmp", f"trash-{os.getpid()}-{os.urandom(6).hex()}")
         os.rename(path, trash)
         remove_tree(trash)
 
