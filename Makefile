@@ -6,9 +6,11 @@ PY           := $(VENV)/bin/python
 STRATA       := $(VENV)/bin/strata
 # Debian's python3: other users can run it (pyenv's under /root they cannot)
 SYSTEM_PY    := /usr/bin/python3
+# fuse-overlayfs, unionfs-fuse, bubblewrap: the peers benchmarks/ runs beside strata
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config libcap-dev busybox-static \
                 python3 python3-venv python3-dev gcc zstd \
-                uidmap util-linux
+                uidmap util-linux \
+                fuse-overlayfs unionfs-fuse bubblewrap
 STAMP        := $(VENV)/.installed
 
 .PHONY: all deps system-packages demo test clean

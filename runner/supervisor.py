@@ -235,9 +235,22 @@ def main(argv: list[str]) -> int:
         state.update(Status="exited", ExitCode=exit_code, FinishedAt=now_rfc3339(), Pid=0, Error=error)
         write_state(store, container_id, state)
         raise
-    state.update(Status="exited", ExitCode=exit_code, FinishedAt=now_rfc3339(), Pid=0, Error=error)
+    state.update(Status="exited", ExitCode=exit_code, FinishedAt=now_rfc3339(), Pid=0, Error=error,
+                 SupervisorPeakRSSKiB=peak_rss_kib())
     runs[-1].update(FinishedAt=state["FinishedAt"], ExitCode=exit_code)
     write_state(store, container_id, state)
+    return 0
+
+
+def peak_rss_kib() -> int:
+    """VmHWM: what the supervisor cost in memory at its peak (benchmarks/start.py reports it)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
     return 0
 
 

@@ -45,3 +45,38 @@ def unprivileged_setup():
             with open(path, "a") as f:
                 f.write(SUBID_LINE)
     return NOBODY
+
+
+@pytest.fixture(scope="session")
+def unprivileged_python(unprivileged_setup):
+    """(interpreter, PYTHONPATH) that the unprivileged user can run strata with.
+
+    A checkout under /root (CI's, say) is out of reach for nobody; then the
+    packages and the venv's site-packages are mirrored to a world-readable
+    place and run with Debian's python3 (the same 3.11 the venv is made from).
+    """
+    import shutil
+    import subprocess
+    import sys
+    import sysconfig
+
+    from .helpers import REPO
+    probe = [sys.executable, "-c", "import pyfuse3, trio, prctl, zstandard, store, unionfs, runner"]
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": REPO, "HOME": "/tmp"}
+    as_nobody = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+    if subprocess.run(as_nobody + probe, env=env, capture_output=True, cwd="/").returncode == 0:
+        return sys.executable, REPO
+    mirror = "/tmp/strata-unprivileged-python"
+    shutil.rmtree(mirror, ignore_errors=True)
+    for package in ("store", "unionfs", "runner"):
+        shutil.copytree(os.path.join(REPO, package), os.path.join(mirror, "src", package),
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(sysconfig.get_paths()["purelib"], os.path.join(mirror, "site"),
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pth", "__editable__*"))
+    subprocess.run(["chmod", "-R", "a+rX", mirror], check=True)
+    interpreter = "/usr/bin/python3"
+    pythonpath = f"{mirror}/src:{mirror}/site"
+    probe[0] = interpreter
+    proc = subprocess.run(as_nobody + probe, env=dict(env, PYTHONPATH=pythonpath), capture_output=True, cwd="/")
+    assert proc.returncode == 0, f"the unprivileged user cannot run strata: {proc.stderr.decode()}"
+    return interpreter, pythonpath

@@ -199,7 +199,8 @@ UNPRIVILEGED = textwrap.dedent("""\
 """)
 
 
-def test_unprivileged_user(unprivileged_setup):
+def test_unprivileged_user(unprivileged_python):
+    python, pythonpath = unprivileged_python
     work = "/tmp/strata-unpriv-runner"
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(work)
@@ -207,7 +208,7 @@ def test_unprivileged_user(unprivileged_setup):
         subprocess.run(["chown", "65534:65534", work], check=True)
         proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "sh", "-c", UNPRIVILEGED],
                               capture_output=True, text=True, timeout=240,
-                              env={"PATH": os.environ["PATH"], "WORK": work, "PY": sys.executable, "PYTHONPATH": REPO})
+                              env={"PATH": os.environ["PATH"], "WORK": work, "PY": python, "PYTHONPATH": pythonpath})
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert proc.stdout.split("\n") == ["1000:1000", "0", "1000:1000", "0", "1000:1000", "0", "1000:1000", "0",
                                            "ud running", "u1", "ud", "0", ""]

@@ -103,7 +103,8 @@ UNPRIVILEGED_SCRIPT = textwrap.dedent("""\
 """)
 
 
-def test_unprivileged_user_in_a_user_namespace(unprivileged_setup):
+def test_unprivileged_user_in_a_user_namespace(unprivileged_python):
+    python, pythonpath = unprivileged_python
     work = "/tmp/strata-unpriv-fs"
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(work)
@@ -117,7 +118,7 @@ def test_unprivileged_user_in_a_user_namespace(unprivileged_setup):
             ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
              "unshare", "--map-root-user", "--map-auto", "--mount", "sh", "-c", UNPRIVILEGED_SCRIPT],
             capture_output=True, text=True, timeout=120,
-            env={"PATH": os.environ["PATH"], "WORK": work, "PY": sys.executable, "PYTHONPATH": REPO})
+            env={"PATH": os.environ["PATH"], "WORK": work, "PY": python, "PYTHONPATH": pythonpath})
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert proc.stdout.split() == ["from", "below", "1000:1000", "server-exited"]
         # ownership is metadata: the host file still belongs to the unprivileged user
@@ -156,10 +157,11 @@ STORE_SCRIPT = textwrap.dedent("""\
 """)
 
 
-def test_unprivileged_store_container_mount_keeps_owners(unprivileged_setup, tmp_path):
+def test_unprivileged_store_container_mount_keeps_owners(unprivileged_python, tmp_path):
     """An unprivileged user's own store: chown to a uid of the subordinate range
     works inside the user namespace and survives a remount."""
     from .helpers import build_tar, member
+    python, pythonpath = unprivileged_python
     work = "/tmp/strata-unpriv-store"
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(os.path.join(work, "mnt"))
@@ -171,7 +173,7 @@ def test_unprivileged_store_container_mount_keeps_owners(unprivileged_setup, tmp
             ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
              "unshare", "--map-root-user", "--map-auto", "--mount", "sh", "-c", STORE_SCRIPT],
             capture_output=True, text=True, timeout=180,
-            env={"PATH": os.environ["PATH"], "WORK": work, "PY": sys.executable, "PYTHONPATH": REPO,
+            env={"PATH": os.environ["PATH"], "WORK": work, "PY": python, "PYTHONPATH": pythonpath,
                  "HOME": work})
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert proc.stdout.split() == ["1000:1000", "hello", "more", "1000:1000", "hello", "more"]
