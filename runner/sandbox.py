@@ -50,8 +50,11 @@ class Mount:
             source, target, fstype, flags, data, kind
 
 
-def container_mounts(runtime_dir: str) -> list[Mount]:
-    """The mounts every container gets, in order, relative to its root."""
+def container_mounts(runtime_dir: str, own_network: bool = False) -> list[Mount]:
+    """The mounts every container gets, in order, relative to its root.
+
+    /sys is the host's, read-only, unless the container has a network
+    namespace of its own: then a fresh sysfs shows that namespace's devices."""
     mounts = [
         Mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC),
         Mount("tmpfs", "/dev", "tmpfs", MS_NOSUID, "mode=755,size=65536k"),
@@ -60,7 +63,8 @@ def container_mounts(runtime_dir: str) -> list[Mount]:
     mounts += [
         Mount("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620"),
         Mount("shm", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=1777,size=65536k"),
-        Mount("/sys", "/sys", None, MS_BIND | MS_REC),
+        Mount("sysfs", "/sys", "sysfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC) if own_network
+        else Mount("/sys", "/sys", None, MS_BIND | MS_REC),
     ]
     for name in ("hosts", "hostname", "resolv.conf"):
         mounts.append(Mount(os.path.join(runtime_dir, name), f"/etc/{name}", None, MS_BIND, kind="file"))
@@ -205,7 +209,7 @@ def setup_pid1(spec: dict, stdio: tuple[int, int, int]) -> None:
     socket.sethostname(spec["hostname"])
     # step 6: the mounts, all under the new root while the host /proc is still visible
     sc.mount(root, root, None, MS_BIND | MS_REC)  # the root must be a mount point for pivot_root
-    for m in container_mounts(spec["runtime_dir"]):
+    for m in container_mounts(spec["runtime_dir"], spec.get("network") == "none"):
         apply_mount(root, m)
     ptmx = os.path.join(root, "dev", "ptmx")
     if not os.path.lexists(ptmx):

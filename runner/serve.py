@@ -127,8 +127,11 @@ async def _serve(store, config, cdir, child, sync_w, status_r, ours, wait_attach
                         pending_input.append(payload)
                     elif kind == STDIN and input_stream is not None:
                         await input_stream.send_all(payload)
-                    elif kind == STDIN_CLOSED and input_stream is not None and "stdin" in ours:
-                        await input_stream.aclose()
+                    elif kind == STDIN_CLOSED and "stdin" in ours:
+                        if input_stream is None:
+                            pending_input.append(None)  # close once the stream exists
+                        else:
+                            await input_stream.aclose()
                     elif kind == RESIZE:
                         rows, cols = (int(x) for x in payload.split())
                         if "pty" in ours:
@@ -193,8 +196,13 @@ async def _serve(store, config, cdir, child, sync_w, status_r, ours, wait_attach
                 ours["pty"] = fds[0]
         input_fd = ours.get("pty") or ours.get("stdin")
         input_stream = trio.lowlevel.FdStream(os.dup(input_fd)) if input_fd is not None else None
+        if ours.get("stdin") is not None:
+            os.close(ours["stdin"])  # the stream's dup is the only write end: closing it is EOF
         if input_stream is not None and pending_input:
-            await input_stream.send_all(b"".join(pending_input))
+            closed = pending_input[-1] is None
+            await input_stream.send_all(b"".join(p for p in pending_input if p))
+            if closed:
+                await input_stream.aclose()
         if "pty" in ours and pending_size:
             fcntl.ioctl(ours["pty"], termios.TIOCSWINSZ, struct.pack("HHHH", *pending_size[-1], 0, 0))
         async with trio.open_nursery() as pumps:

@@ -270,3 +270,21 @@ def test_log_rotation_caps_the_logs(strata_root):
     assert all(os.path.getsize(os.path.join(cdir, f)) < 1024 + 200 for f in logs)
     shown = ok(strata(strata_root, "logs", "chatty")).splitlines()
     assert shown[-1] == "line 199" and len(shown) < 200
+
+
+def test_stdin_pipes_network_none_and_restart(strata_root):
+    proc = strata(strata_root, "run", "-i", "--rm", "busybox", "sh", "-c", "tr a-z A-Z", input=b"hello\n")
+    assert ok(proc) == "HELLO\n"
+    links = ok(strata(strata_root, "run", "--rm", "--network", "none", "busybox", "sh", "-c",
+                      "ls /sys/class/net; tail -n +3 /proc/net/dev | cut -d: -f1"))
+    assert links.split() == ["lo", "lo"]
+    ok(strata(strata_root, "run", "-d", "--name", "again", "busybox", "sh", "-c",
+              "echo started; echo start >> /starts; while true; do sleep 0.1; done"))
+    wait_for(lambda: "started" in ok(strata(strata_root, "logs", "again")), what="the first start")
+    assert ok(strata(strata_root, "restart", "-t", "1", "again")) == "again\n"
+    wait_for(lambda: strata(strata_root, "exec", "again", "cat", "/starts").stdout == b"start\nstart\n",
+             what="the second start")
+    first = json.loads(ok(strata(strata_root, "inspect", "again")))[0]["Runs"][0]
+    assert ok(strata(strata_root, "logs", "again")) == "started\nstarted\n"
+    assert ok(strata(strata_root, "logs", "--since", first["StartedAt"], "--until", first["FinishedAt"],
+                     "again")) == "started\n"
