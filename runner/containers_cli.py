@@ -70,10 +70,16 @@ def cmd_create(args, store: Store) -> int:
 def cmd_run(args, store: Store) -> int:
     if args.detach and args.rm:
         pass  # allowed, as in Docker: removed when it exits
-    config = lifecycle.create(store, args)
-    keys = detach_keys_for(config, args.detach_keys)
+    supervisor = lifecycle.spawn_supervisor(store, wait_attach=not args.detach)  # loads while we create
     try:
-        lifecycle.start(store, config, wait_attach=not args.detach)
+        config = lifecycle.create(store, args)
+        keys = detach_keys_for(config, args.detach_keys)
+    except BaseException:
+        supervisor.stdin.close()  # end of input: the supervisor leaves without a container
+        supervisor.wait()
+        raise
+    try:
+        lifecycle.start(store, config, wait_attach=not args.detach, supervisor=supervisor)
     except StoreError:
         lifecycle.remove(store, config, force=True)
         raise
@@ -81,8 +87,8 @@ def cmd_run(args, store: Store) -> int:
         print(config["Id"])
         return 0
     code = attach_and_wait(store, config, args.interactive, keys)
-    if args.rm and current_state(store, config["Id"]).get("Status") == "exited":
-        lifecycle.remove(store, config, force=False)
+    if args.rm and lifecycle.wait_exited(store, config["Id"], 30) is not None:
+        lifecycle.remove(store, config, force=False)  # the supervisor has unmounted and gone
     return code
 
 

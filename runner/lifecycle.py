@@ -104,26 +104,36 @@ def create(store: Store, args) -> dict:
     return update_config(store, config["Id"], {"Hostname": config["Hostname"]})
 
 
-def start(store: Store, config: dict, wait_attach: bool) -> None:
-    """Spawn the supervisor (its own session: it outlives this CLI, like conmon)."""
-    state = current_state(store, config["Id"])
-    if state.get("Status") in ("running", "starting"):
-        return
-    cdir = container_dir(store, config["Id"])
-    sock = os.path.join(cdir, "attach.sock")
-    if os.path.exists(sock):  # left by a supervisor that died
-        os.unlink(sock)
+def spawn_supervisor(store: Store, wait_attach: bool):
+    """Start a supervisor that loads trio and pyfuse3 while the CLI is still making the
+    container, then waits for the container id on its stdin (a start-up overlap).
+
+    Its own session: it outlives this CLI, like conmon."""
     import subprocess
-    log = open(os.path.join(cdir, "supervisor.log"), "ab")
-    argv = [sys.executable, "-m", "runner.supervisor", store.root, config["Id"]]
+    argv = [sys.executable, "-m", "runner.supervisor", store.root, "-"]
     if wait_attach:
         argv.append("--wait-attach")
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                                      env.get("PYTHONPATH")]))
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
-                            close_fds=True, env=env)
-    log.close()
+    return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True, close_fds=True, env=env)
+
+
+def start(store: Store, config: dict, wait_attach: bool, supervisor=None) -> None:
+    """Hand the container to a supervisor (`supervisor`, or a new one) and wait until it is up."""
+    state = current_state(store, config["Id"])
+    if state.get("Status") in ("running", "starting", "paused"):
+        if supervisor is not None:
+            supervisor.stdin.close()
+        return
+    cdir = container_dir(store, config["Id"])
+    sock = os.path.join(cdir, "attach.sock")
+    if os.path.exists(sock):  # left by a supervisor that died
+        os.unlink(sock)
+    proc = supervisor or spawn_supervisor(store, wait_attach)
+    proc.stdin.write(config["Id"].encode() + b"\n")
+    proc.stdin.close()
     deadline = time.monotonic() + 30
     while True:  # up when the supervisor listens (or the run already ended)
         state = read_state(store, config["Id"])
@@ -167,7 +177,7 @@ def wait_exited(store: Store, container_id: str, timeout: float | None) -> dict 
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         state = current_state(store, container_id)
-        if state.get("Status") not in ("running", "starting"):
+        if state.get("Status") not in ("running", "starting", "paused"):
             return state
         if deadline is not None and time.monotonic() > deadline:
             return None

@@ -159,11 +159,38 @@ def write_runtime_files(runtime: str, hostname: str) -> None:
         f.write(resolv)
 
 
+def load_event_loop_modules() -> None:
+    """trio and pyfuse3 (the bulk of start-up), loaded while the CLI makes the container.
+
+    trio asks ctypes.util.find_library("pthread") at import, which runs
+    `ldconfig -p`; glibc has had pthread in libc since 2.34, so libc is named
+    directly and the fork and exec are skipped."""
+    import ctypes.util
+    real = ctypes.util.find_library
+    ctypes.util.find_library = lambda name: "libc.so.6" if name in ("pthread", "c") else real(name)
+    try:
+        from . import serve  # noqa: F401  (trio, pyfuse3, unionfs)
+    finally:
+        ctypes.util.find_library = real
+
+
 def main(argv: list[str]) -> int:
     root, container_id = argv[0], argv[1]
     wait_attach = "--wait-attach" in argv
+    load_event_loop_modules()
+    if container_id == "-":  # spawned early by the CLI: the id comes once the container exists
+        container_id = sys.stdin.readline().strip()
+        if not container_id:
+            return 0  # the CLI failed to make the container; nothing to supervise
     store = Store(root)
     cdir = container_dir(store, container_id)
+    log = os.open(os.path.join(cdir, "supervisor.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.close(log)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
     with open(os.path.join(cdir, "config.json"), "rb") as f:
         config = json.load(f)
     state = read_state(store, container_id)

@@ -132,6 +132,7 @@ def test_exit_codes(strata_root, command, code, message):
     proc = strata(strata_root, "run", "--rm", "busybox", *command)
     assert proc.returncode == code, proc.stderr
     assert message in proc.stderr.decode()
+    assert ok(strata(strata_root, "ps", "-aq")) == ""  # --rm removed it
 
 
 def test_containment(strata_root):
