@@ -44,8 +44,13 @@ class PtySession:
     def __init__(self, root: str, *args: str):
         self.master, slave = os.openpty()
         env = dict(os.environ, STRATA_ROOT=root, PYTHONPATH=REPO)
+        def controlling_terminal():  # as a login shell has it: SIGWINCH reaches the CLI
+            import fcntl
+            import termios
+            os.setsid()
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
         self.proc = subprocess.Popen([sys.executable, "-m", "runner.cli", *args], stdin=slave, stdout=slave,
-                                     stderr=slave, env=env, cwd=REPO, start_new_session=True)
+                                     stderr=slave, env=env, cwd=REPO, preexec_fn=controlling_terminal)
         os.close(slave)
         self.output = b""
 
@@ -255,9 +260,17 @@ def test_terminal_size_and_env_options(strata_root, tmp_path):
     import struct
     import termios
     fcntl.ioctl(session.master, termios.TIOCSWINSZ, struct.pack("HHHH", 33, 111, 0, 0))
-    session.send(b"stty size; echo \"$FROM_FILE/$A/$(hostname)\"; exit\n")
+    session.send(b"stty size; echo \"$FROM_FILE/$A/$(hostname)\"\n")
     session.expect(b"yes/b c/box")
     assert b"33 111" in session.output
+    fcntl.ioctl(session.master, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))  # SIGWINCH
+    for attempt in range(100):  # the resize travels CLI -> supervisor -> pty: poll, no fixed sleep
+        session.send(f"stty size; echo probe-{attempt}-done\n".encode())
+        session.expect(f"probe-{attempt}-done\r".encode())
+        if b"40 120" in session.output:
+            break
+    assert b"40 120" in session.output
+    session.send(b"exit\n")
     assert session.wait() == 0
 
 
