@@ -51,6 +51,8 @@ class UnionOperations(pyfuse3.Operations):
         self.debug = debug
         self.dir_handles: dict[int, list] = {}
         self.next_dir_handle = 1
+        self.negative = pyfuse3.EntryAttributes()  # st_ino 0: the kernel caches the miss
+        self.negative.entry_timeout = CACHE_SECONDS  # (one object: pyfuse3 copies it into the reply)
 
     def entry(self, n) -> pyfuse3.EntryAttributes:
         e = pyfuse3.EntryAttributes()
@@ -81,9 +83,7 @@ class UnionOperations(pyfuse3.Operations):
         except Exception:
             log.exception("unexpected error in lookup")
             raise pyfuse3.FUSEError(errno.EIO) from None
-        negative = pyfuse3.EntryAttributes()  # st_ino 0: the kernel caches the miss
-        negative.entry_timeout = CACHE_SECONDS
-        return negative
+        return self.negative
 
     async def forget(self, inode_list):
         pass  # nodes stay materialised while mounted; unlinked data goes at last close
