@@ -4,7 +4,10 @@ It serves a directory tree's names and attributes from a dict built at start,
 with the same kernel cache settings as strata. Whatever it costs per lookup
 is what any pyfuse3 filesystem pays; strata's union logic should add little.
 
-    python benchmarks/floorfs.py SOURCE_DIR MOUNTPOINT
+    python benchmarks/floorfs.py SOURCE_DIR MOUNTPOINT [MAX_TASKS]
+
+MAX_TASKS is pyfuse3.main's max_tasks (its default, 99, unless given);
+strata serves with 1.
 """
 import errno
 import os
@@ -76,11 +79,12 @@ class FloorFS(pyfuse3.Operations):
 
 def main() -> None:
     source, mountpoint = sys.argv[1:3]
+    max_tasks = int(sys.argv[3]) if len(sys.argv) > 3 else 99
     fs = FloorFS(source)
     opts = set(pyfuse3.default_options) | {"fsname=floorfs", "ro"}
     pyfuse3.init(fs, mountpoint, opts)
     try:
-        trio.run(pyfuse3.main)
+        trio.run(pyfuse3.main, 1, max_tasks)
     finally:
         pyfuse3.close(unmount=True)
 

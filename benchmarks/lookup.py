@@ -212,6 +212,7 @@ def main() -> None:
                 "fuse-overlayfs": lambda m: server(["fuse-overlayfs", "-f", "-o", "lowerdir=" + ":".join(top_first), m], m),
                 "unionfs-fuse": lambda m: server(["unionfs", "-f", "-o", "ro", ":".join(f"{d}=RO" for d in top_first), m], m),
                 "pyfuse3 floor": lambda m: server([py, os.path.join(REPO, "benchmarks", "floorfs.py"), flat, m], m),
+                "floor, 1 task": lambda m: server([py, os.path.join(REPO, "benchmarks", "floorfs.py"), flat, m, "1"], m),
                 "strata": lambda m: server([py, "-m", "runner.cli", "mount", "-f", image, m], m, {"STRATA_ROOT": store_root}),
                 "strata-fuse (dirs)": lambda m: server([py, "-m", "unionfs", "-f", "-o", "lowerdir=" + ":".join(top_first), m], m),
             }
