@@ -302,3 +302,29 @@ def test_stdin_pipes_network_none_and_restart(strata_root):
     assert ok(strata(strata_root, "logs", "again")) == "started\nstarted\n"
     assert ok(strata(strata_root, "logs", "--since", first["StartedAt"], "--until", first["FinishedAt"],
                      "again")) == "started\n"
+
+
+def test_kill_rename_attach_without_stdin_and_ps_json(strata_root):
+    ok(strata(strata_root, "run", "-d", "--name", "first", "busybox", "sh", "-c",
+              "trap 'echo got USR1' USR1; echo ready; while true; do sleep 0.1; done"))
+    wait_for(lambda: "ready" in ok(strata(strata_root, "logs", "first")), what="the trap")
+    ok(strata(strata_root, "rename", "first", "second"))
+    assert strata(strata_root, "logs", "first").returncode == 125
+    ok(strata(strata_root, "kill", "-s", "USR1", "second"))
+    wait_for(lambda: "got USR1" in ok(strata(strata_root, "logs", "second")), what="the signal")
+    rows = [json.loads(line) for line in ok(strata(strata_root, "ps", "--format", "json")).splitlines()]
+    assert [(r["Names"], r["State"]) for r in rows] == [("second", "running")]
+    env = dict(os.environ, STRATA_ROOT=strata_root, PYTHONPATH=REPO)
+    watcher = subprocess.Popen([sys.executable, "-m", "runner.cli", "attach", "--no-stdin", "second"],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, cwd=REPO)
+    seen = b""
+    for _ in range(100):  # until the attached client shows output (it may still be connecting)
+        ok(strata(strata_root, "kill", "-s", "USR1", "second"))
+        if select.select([watcher.stdout], [], [], 0.2)[0]:
+            seen = os.read(watcher.stdout.fileno(), 4096)
+            break
+    assert b"got USR1" in seen
+    ok(strata(strata_root, "kill", "second"))  # SIGKILL: the attached client gets the exit status
+    watcher.communicate(timeout=30)
+    assert watcher.returncode == 137
+    assert strata(strata_root, "kill", "-s", "NOPE", "second").returncode == 125
