@@ -3,7 +3,8 @@ the floor any pyfuse3 + trio supervisor pays (importing them), in one run.
 
     sudo .venv/bin/python benchmarks/start.py [--rounds 15]
 
-Prints the median wall time of each, strata's ratio to the import floor,
+Prints the median wall time of each (strata also with STRATA_PREFORK=1, a
+warm pre-imported supervisor factory), strata's ratio to the import floor,
 the supervisor's peak RSS, and how long `ps`, `logs` and `images` take.
 """
 from __future__ import annotations
@@ -20,6 +21,9 @@ import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STRATA = os.path.join(os.path.dirname(sys.executable), "strata")
+
+
+PREFORK = "strata run --rm busybox true (STRATA_PREFORK=1)"
 
 
 def timed(argv: list[str], env: dict) -> float:
@@ -42,6 +46,7 @@ def main() -> None:
         rootfs = os.path.join(env["STRATA_ROOT"], "layers", diff_id[7:], "root")
         contenders = {
             "strata run --rm busybox true": [STRATA, "run", "--rm", "busybox", "true"],
+            PREFORK: [STRATA, "run", "--rm", "busybox", "true"],
             "bwrap (same rootfs)": ["bwrap", "--unshare-all", "--die-with-parent", "--ro-bind", rootfs, "/",
                                     "--proc", "/proc", "--dev", "/dev", "/bin/true"],
             "unshare + chroot (same rootfs)": ["unshare", "--mount", "--pid", "--fork", "--uts", "--ipc",
@@ -52,9 +57,11 @@ def main() -> None:
         if shutil.which("bwrap") is None:
             del contenders["bwrap (same rootfs)"]
         times = {name: [] for name in contenders}
+        prefork_env = dict(env, STRATA_PREFORK="1")
+        subprocess.run(contenders[PREFORK], env=prefork_env, check=True)  # starts the zygote
         for _ in range(args.rounds):  # interleaved, so load bursts hit everyone alike
             for name, argv in contenders.items():
-                times[name].append(timed(argv, env))
+                times[name].append(timed(argv, prefork_env if name == PREFORK else env))
         cid = subprocess.run([STRATA, "run", "-d", "busybox", "true"], env=env, check=True, capture_output=True,
                              text=True).stdout.strip()
         subprocess.run([STRATA, "wait", cid], env=env, check=True, stdout=subprocess.DEVNULL)
@@ -69,10 +76,14 @@ def main() -> None:
             print(f"  {name:42} {statistics.median(values) * 1000:8.1f}")
         floor = statistics.median(times["floor: python -c 'import trio, pyfuse3'"])
         ours = statistics.median(times["strata run --rm busybox true"])
-        print(f"strata / import floor: {ours / floor:.2f}x")
+        print(f"strata / import floor: {ours / floor:.2f}x; "
+              f"with a warm pre-forking supervisor: {statistics.median(times[PREFORK]) / floor:.2f}x")
         print(f"supervisor peak RSS: {rss / 1024:.1f} MiB")
         print("client commands (ms): " + ", ".join(f"{k} {v * 1000:.0f}" for k, v in client.items()))
     finally:
+        zygote = os.path.join(work, "store", "tmp", "zygote.pid")
+        if os.path.exists(zygote):
+            os.kill(int(open(zygote).read()), 9)
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -75,8 +75,7 @@ def cmd_run(args, store: Store) -> int:
         config = lifecycle.create(store, args)
         keys = detach_keys_for(config, args.detach_keys)
     except BaseException:
-        supervisor.stdin.close()  # end of input: the supervisor leaves without a container
-        supervisor.wait()
+        supervisor.abandon()
         raise
     try:
         lifecycle.start(store, config, wait_attach=not args.detach, supervisor=supervisor)

@@ -104,42 +104,125 @@ def create(store: Store, args) -> dict:
     return update_config(store, config["Id"], {"Hostname": config["Hostname"]})
 
 
-def spawn_supervisor(store: Store, wait_attach: bool):
-    """Start a supervisor that loads trio and pyfuse3 while the CLI is still making the
-    container, then waits for the container id on its stdin (a start-up overlap).
+class Handoff:
+    """A supervisor that is starting up and waits for the id of its container."""
 
-    Its own session: it outlives this CLI, like conmon."""
-    import subprocess
-    argv = [sys.executable, "-m", "runner.supervisor", store.root, "-"]
-    if wait_attach:
-        argv.append("--wait-attach")
+    pid = 0
+
+    def send_id(self, container_id: str) -> None:
+        raise NotImplementedError
+
+    def alive(self) -> bool:
+        try:
+            os.kill(self.pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+
+    def abandon(self) -> None:
+        """The container could not be made: the supervisor leaves without one."""
+
+
+class ProcessHandoff(Handoff):
+    def __init__(self, proc):
+        self.proc, self.pid = proc, proc.pid
+
+    def send_id(self, container_id: str) -> None:
+        self.proc.stdin.write(container_id.encode() + b"\n")
+        self.proc.stdin.close()
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def abandon(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait()
+
+
+class ZygoteHandoff(Handoff):
+    def __init__(self, conn, wait_attach: bool):
+        self.conn, self.wait_attach = conn, wait_attach
+
+    def send_id(self, container_id: str) -> None:
+        import json
+        self.conn.sendall(json.dumps({"id": container_id, "wait_attach": self.wait_attach}).encode() + b"\n")
+        reply = b""
+        while not reply.endswith(b"\n"):
+            chunk = self.conn.recv(64)
+            if not chunk:
+                raise StoreError("the pre-forked supervisor went away")
+            reply += chunk
+        self.pid = int(reply)
+        self.conn.close()
+
+    def abandon(self) -> None:
+        self.conn.close()
+
+
+def _supervisor_env() -> dict:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                                      env.get("PYTHONPATH")]))
-    return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True, close_fds=True, env=env)
+    return env
 
 
-def start(store: Store, config: dict, wait_attach: bool, supervisor=None) -> None:
+def _connect_zygote(store: Store):
+    import socket
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        dir_fd = os.open(os.path.join(store.root, "tmp"), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            sock.connect(f"/proc/self/fd/{dir_fd}/zygote.sock")
+        finally:
+            os.close(dir_fd)
+        return sock
+    except OSError:
+        sock.close()
+        return None
+
+
+def spawn_supervisor(store: Store, wait_attach: bool) -> Handoff:
+    """A supervisor that loads trio and pyfuse3 while the CLI is still making the
+    container, then waits for the container id (a start-up overlap).
+
+    With STRATA_PREFORK=1 a pre-imported supervisor factory (the zygote) forks
+    it instead, and one is started for the next run when none is listening."""
+    import subprocess
+    if os.environ.get("STRATA_PREFORK") == "1":
+        conn = _connect_zygote(store)
+        if conn is not None:
+            return ZygoteHandoff(conn, wait_attach)
+        subprocess.Popen([sys.executable, "-m", "runner.supervisor", "--zygote", store.root],
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True, close_fds=True, env=_supervisor_env())
+    argv = [sys.executable, "-m", "runner.supervisor", store.root, "-"]
+    if wait_attach:
+        argv.append("--wait-attach")
+    # its own session: it outlives this CLI, like conmon
+    return ProcessHandoff(subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                           stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True,
+                                           env=_supervisor_env()))
+
+
+def start(store: Store, config: dict, wait_attach: bool, supervisor: Handoff | None = None) -> None:
     """Hand the container to a supervisor (`supervisor`, or a new one) and wait until it is up."""
     state = current_state(store, config["Id"])
     if state.get("Status") in ("running", "starting", "paused"):
         if supervisor is not None:
-            supervisor.stdin.close()
+            supervisor.abandon()
         return
     cdir = container_dir(store, config["Id"])
     sock = os.path.join(cdir, "attach.sock")
     if os.path.exists(sock):  # left by a supervisor that died
         os.unlink(sock)
-    proc = supervisor or spawn_supervisor(store, wait_attach)
-    proc.stdin.write(config["Id"].encode() + b"\n")
-    proc.stdin.close()
+    handoff = supervisor or spawn_supervisor(store, wait_attach)
+    handoff.send_id(config["Id"])
     deadline = time.monotonic() + 30
     while True:  # up when the supervisor listens (or the run already ended)
         state = read_state(store, config["Id"])
-        if state.get("SupervisorPid") == proc.pid and (os.path.exists(sock) or state.get("Status") == "exited"):
+        if state.get("SupervisorPid") == handoff.pid and (os.path.exists(sock) or state.get("Status") == "exited"):
             return
-        if proc.poll() is not None and read_state(store, config["Id"]).get("Status") != "exited":
+        if not handoff.alive() and read_state(store, config["Id"]).get("Status") != "exited":
             raise StoreError(f"cannot start container {config['Name']}: {last_error(cdir)}")
         if time.monotonic() > deadline:
             raise StoreError(f"container {config['Name']} did not start in 30 s")

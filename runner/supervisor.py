@@ -281,6 +281,75 @@ def peak_rss_kib() -> int:
     return 0
 
 
+def serve_as_zygote(root: str, idle_seconds: float) -> int:
+    """A pre-imported supervisor factory (STRATA_PREFORK=1): forks one supervisor per
+    start, with trio and pyfuse3 already loaded, and exits after `idle_seconds`
+    without a request. No thread and no event loop exist here, so forking is safe."""
+    import socket
+    load_event_loop_modules()
+    os.chdir("/")  # hold no directory of the caller's
+    store = Store(root)
+    tmp = os.path.join(store.root, "tmp")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dir_fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
+    try:  # through /proc/self/fd: a store path can exceed AF_UNIX's 108 bytes
+        listener.bind(f"/proc/self/fd/{dir_fd}/zygote.sock.{os.getpid()}")
+    finally:
+        os.close(dir_fd)
+    listener.listen(8)
+    sock_path = os.path.join(tmp, "zygote.sock")
+    os.rename(f"{sock_path}.{os.getpid()}", sock_path)
+    with open(os.path.join(tmp, "zygote.pid"), "w") as f:
+        f.write(str(os.getpid()))
+    listener.settimeout(idle_seconds)
+    try:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except socket.timeout:
+                return 0
+            with conn:
+                conn.settimeout(30)
+                request = b""
+                try:
+                    while not request.endswith(b"\n"):
+                        chunk = conn.recv(4096)
+                        if not chunk:
+                            break
+                        request += chunk
+                except OSError:
+                    continue
+                if not request.endswith(b"\n"):
+                    continue  # the CLI gave up (its create failed)
+                wanted = json.loads(request)
+                pid = os.fork()
+                if pid == 0:
+                    listener.close()
+                    os.setsid()
+                    if os.fork():  # the zygote reaps only this middle process
+                        os._exit(0)
+                    conn.sendall(f"{os.getpid()}\n".encode())
+                    conn.close()
+                    code = 1
+                    try:
+                        code = main([root, wanted["id"]] + (["--wait-attach"] if wanted.get("wait_attach") else []))
+                    finally:
+                        sys.stdout.flush()
+                        sys.stderr.flush()
+                        os._exit(code)
+                os.waitpid(pid, 0)
+    finally:
+        try:  # leave only if still ours (a newer zygote may have taken the name)
+            with open(os.path.join(tmp, "zygote.pid")) as f:
+                if f.read().strip() == str(os.getpid()):
+                    os.unlink(sock_path)
+                    os.unlink(os.path.join(tmp, "zygote.pid"))
+        except OSError:
+            pass
+
+
 if __name__ == "__main__":
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    if sys.argv[1:2] == ["--zygote"]:
+        sys.exit(serve_as_zygote(sys.argv[2], float(os.environ.get("STRATA_PREFORK_IDLE", "10"))))
     sys.exit(main(sys.argv[1:]))

@@ -25,6 +25,12 @@ def strata_root(store_root):
     ids = proc.stdout.decode().split()
     if ids:
         run_strata(store_root, "rm", "-f", *ids)
+    zygote = os.path.join(store_root, "tmp", "zygote.pid")
+    if os.path.exists(zygote):  # a pre-forking supervisor factory a test started
+        pid = int(open(zygote).read())
+        os.kill(pid, signal.SIGKILL)
+        wait_for(lambda: not os.path.exists(f"/proc/{pid}") or
+                 open(f"/proc/{pid}/stat").read().split()[2] == "Z", what="the zygote to end")
     with open("/proc/self/mountinfo") as f:
         assert store_root not in f.read()
 
@@ -328,3 +334,17 @@ def test_kill_rename_attach_without_stdin_and_ps_json(strata_root):
     watcher.communicate(timeout=30)
     assert watcher.returncode == 137
     assert strata(strata_root, "kill", "-s", "NOPE", "second").returncode == 125
+
+
+def test_prefork_serves_later_starts_and_leaves_when_idle(strata_root):
+    env = {"STRATA_PREFORK": "1", "STRATA_PREFORK_IDLE": "3"}
+    assert ok(strata(strata_root, "run", "--rm", "busybox", "echo", "one", env=env)) == "one\n"
+    zygote_pid = os.path.join(strata_root, "tmp", "zygote.pid")
+    wait_for(lambda: os.path.exists(zygote_pid), what="the zygote")
+    cid = ok(strata(strata_root, "run", "-d", "busybox", "sh", "-c", "echo two; sleep 30", env=env)).strip()
+    state = json.load(open(os.path.join(strata_root, "containers", cid, "state.json")))
+    with open(f"/proc/{state['SupervisorPid']}/cmdline", "rb") as f:
+        assert b"--zygote" in f.read()  # forked by the pre-imported factory
+    wait_for(lambda: "two" in ok(strata(strata_root, "logs", cid)), what="the output")
+    ok(strata(strata_root, "rm", "-f", cid))
+    wait_for(lambda: not os.path.exists(zygote_pid), timeout=20, what="the idle zygote to leave")
