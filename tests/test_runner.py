@@ -47,15 +47,16 @@ def ok(proc) -> str:
 class PtySession:
     """The CLI on a pseudo-terminal the test drives, as a user at a terminal would."""
 
-    def __init__(self, root: str, *args: str):
+    def __init__(self, root: str, *args: str, prefix: tuple = (), python: str = sys.executable,
+                 pythonpath: str = REPO, env: dict | None = None):
         self.master, slave = os.openpty()
-        env = dict(os.environ, STRATA_ROOT=root, PYTHONPATH=REPO)
+        env = dict(env or os.environ, STRATA_ROOT=root, PYTHONPATH=pythonpath)
         def controlling_terminal():  # as a login shell has it: SIGWINCH reaches the CLI
             import fcntl
             import termios
             os.setsid()
             fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-        self.proc = subprocess.Popen([sys.executable, "-m", "runner.cli", *args], stdin=slave, stdout=slave,
+        self.proc = subprocess.Popen([*prefix, python, "-m", "runner.cli", *args], stdin=slave, stdout=slave,
                                      stderr=slave, env=env, cwd=REPO, preexec_fn=controlling_terminal)
         os.close(slave)
         self.output = b""
@@ -87,20 +88,31 @@ class PtySession:
             os.close(self.master)
 
 
-def test_seed_story_with_a_terminal(strata_root):
-    session = PtySession(strata_root, "run", "-it", "--name", "seed", "busybox", "sh")
+def seed_story_on_a_terminal(strata_root: str, **session_options) -> None:
+    """run -it, make files, detach with Ctrl-P Ctrl-Q, ps shows it Up, attach, exit."""
+    def cli(*args):
+        return PtySession(strata_root, *args, **session_options)
+    session = cli("run", "-it", "--name", "seed", "busybox", "sh")
     session.send(b"mkdir /data && echo hi > /data/file && echo made-$((40+2))\n")
     session.expect(b"made-42")
     session.send(b"\x10\x11")  # Ctrl-P Ctrl-Q
     assert session.wait() == 0
-    ps = ok(strata(strata_root, "ps"))
-    assert "seed" in ps and "Up " in ps
-    again = PtySession(strata_root, "attach", "seed")
+    ps = cli("ps")
+    ps.expect(b"NAMES")
+    ps.wait()
+    assert b"seed" in ps.output and b"Up " in ps.output
+    again = cli("attach", "seed")
     again.send(b"cat /data/file; tty; exit 7\n")
     again.expect(b"/dev/pts/")
     assert again.wait() == 7
+    logs = cli("logs", "seed")
+    logs.expect(b"made-42")
+    logs.wait()
+
+
+def test_seed_story_with_a_terminal(strata_root):
+    seed_story_on_a_terminal(strata_root)
     assert "Exited (7)" in ok(strata(strata_root, "ps", "-a"))
-    assert "made-42" in ok(strata(strata_root, "logs", "seed"))
 
 
 def test_run_three_times_with_start_and_logs(strata_root):
@@ -202,6 +214,7 @@ UNPRIVILEGED = textwrap.dedent("""\
     S="$PY -m runner.cli"
     $S run --name u1 busybox sh -c 'echo hi > /f; chown 1000:1000 /f; stat -c %u:%g /f; id -u'
     $S start -a u1
+    $S start -a u1
     $S logs u1
     $S run -d --name ud busybox sh -c 'while true; do sleep 0.1; done' > /dev/null
     $S ps --format '{{.Names}} {{.State}}'
@@ -213,6 +226,7 @@ UNPRIVILEGED = textwrap.dedent("""\
 
 def test_unprivileged_user(unprivileged_python):
     python, pythonpath = unprivileged_python
+    nobody = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
     work = "/tmp/strata-unpriv-runner"
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(work)
@@ -222,8 +236,10 @@ def test_unprivileged_user(unprivileged_python):
                               capture_output=True, text=True, timeout=240,
                               env={"PATH": os.environ["PATH"], "WORK": work, "PY": python, "PYTHONPATH": pythonpath})
         assert proc.returncode == 0, proc.stdout + proc.stderr
-        assert proc.stdout.split("\n") == ["1000:1000", "0", "1000:1000", "0", "1000:1000", "0", "1000:1000", "0",
-                                           "ud running", "u1", "ud", "0", ""]
+        seed_story_on_a_terminal(f"{work}/store", prefix=nobody, python=python, pythonpath=pythonpath,
+                                 env={"PATH": os.environ["PATH"], "HOME": work})
+        three_runs = ["1000:1000", "0"] * 3
+        assert proc.stdout.split("\n") == three_runs + three_runs + ["ud running", "u1", "ud", "0", ""]
     finally:
         subprocess.run(["pkill", "-KILL", "-u", "65534", "-f", "runner.supervisor"], capture_output=True)
         shutil.rmtree(work, ignore_errors=True)
