@@ -147,7 +147,8 @@ def layer_chains(draw):
     return chain
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=150, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(chain=layer_chains())
 def test_random_chains_match_brute_force(tmp_path_factory, chain):
     tmp = tmp_path_factory.mktemp("chain")
