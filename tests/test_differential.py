@@ -199,6 +199,16 @@ class UnionVsOverlay(RuleBasedStateMachine):
         assert results[0] == results[1], (fn.__name__, paths_and_args, results)
         return results[1]
 
+    def through_symlink(self, *paths) -> bool:
+        """Whether a path's parent goes through a symlink (then path bookkeeping cannot
+        tell which inode an operation touched, and the map is taken afresh)."""
+        for p in paths:
+            parts = p.split("/")[:-1]
+            for i in range(1, len(parts) + 1):
+                if os.path.islink(os.path.join(self.mnt, *parts[:i])):
+                    return True
+        return False
+
     def forget_inodes(self, *paths):
         for p in paths:
             for known in list(self.inodes):
@@ -236,8 +246,11 @@ class UnionVsOverlay(RuleBasedStateMachine):
 
     @rule(src=path_st, dst=path_st)
     def rename(self, src, dst):
+        indirect = self.through_symlink(src, dst)
         outcome = self.both(os.rename, src, dst, paths=2)
-        if outcome[0] == "ok" and src != dst:
+        if indirect:
+            self.inodes = self.strata_inodes()
+        elif outcome[0] == "ok" and src != dst:
             moved = {k: v for k, v in self.inodes.items() if k == src or k.startswith(src + "/")}
             self.forget_inodes(src, dst)
             for k, v in moved.items():
@@ -253,8 +266,11 @@ class UnionVsOverlay(RuleBasedStateMachine):
 
     @rule(path=path_st)
     def unlink(self, path):
+        indirect = self.through_symlink(path)
         if self.both(os.unlink, path)[0] == "ok":
             self.forget_inodes(path)
+            if indirect:
+                self.inodes = self.strata_inodes()
 
     @rule(path=path_st)
     def mkdir(self, path):
@@ -262,8 +278,11 @@ class UnionVsOverlay(RuleBasedStateMachine):
 
     @rule(path=path_st)
     def rmdir(self, path):
+        indirect = self.through_symlink(path)
         if self.both(os.rmdir, path)[0] == "ok":
             self.forget_inodes(path)
+            if indirect:
+                self.inodes = self.strata_inodes()
 
     @rule(path=path_st, name=st.sampled_from(["user.a", "user.b"]), value=st.binary(max_size=16))
     def setxattr(self, path, name, value):
