@@ -361,6 +361,10 @@ def cmd_exec(args, store: Store) -> int:
         if os.readlink(path) != os.readlink(f"/proc/self/ns/{ns}"):
             fds[ns] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     root_fd = os.open(f"/proc/{pid1}/root", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    console_ours = console_theirs = None
+    if args.tty:  # a terminal from the container's devpts; its master comes back to relay
+        import socket
+        console_ours, console_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     child = os.fork()
     if child == 0:
         try:
@@ -376,6 +380,19 @@ def cmd_exec(args, store: Store) -> int:
                 _, status = os.waitpid(grandchild, 0)
                 os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
 
+            if console_theirs is not None:
+                import socket
+                master, slave = sandbox.open_container_pty()
+                socket.send_fds(console_theirs, [b"pty"], [master])
+                os.close(master)
+                os.setsid()
+                for target in range(3):
+                    os.dup2(slave, target)
+                os.close(slave)
+                import fcntl
+                import termios
+                fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
             def fail(code, message):
                 os.write(2, f"strata: error: {message}\n".encode())
                 os._exit(code)
@@ -386,6 +403,13 @@ def cmd_exec(args, store: Store) -> int:
             os._exit(125)
     for fd in list(fds.values()) + [root_fd]:
         os.close(fd)
+    if console_ours is not None:
+        import socket
+        console_theirs.close()
+        _, received, _, _ = socket.recv_fds(console_ours, 16, 1)
+        console_ours.close()
+        if received:
+            relay_terminal(received[0], child)
     while True:
         try:
             _, status = os.waitpid(child, 0)
@@ -393,6 +417,51 @@ def cmd_exec(args, store: Store) -> int:
         except InterruptedError:
             continue
     return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
+
+
+def relay_terminal(master: int, child: int) -> None:
+    """Between this terminal and the exec'd command's pty, until the command's side closes."""
+    import fcntl
+    import selectors
+    import struct
+    import termios
+    import tty as ttymod
+    from .attach import terminal_size
+    stdin_is_tty = os.isatty(0)
+    saved = termios.tcgetattr(0) if stdin_is_tty else None
+
+    def resize(*_):
+        rows, cols = (int(x) for x in terminal_size().split())
+        fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+    resize()
+    old = signal.signal(signal.SIGWINCH, resize)
+    sel = selectors.DefaultSelector()
+    sel.register(master, selectors.EVENT_READ)
+    sel.register(0, selectors.EVENT_READ)
+    try:
+        if stdin_is_tty:
+            ttymod.setraw(0, termios.TCSANOW)
+        while True:
+            for key, _ in sel.select():
+                if key.fd == master:
+                    try:
+                        data = os.read(master, 65536)
+                    except OSError:  # EIO: the command and its children are gone
+                        return
+                    if not data:
+                        return
+                    os.write(1, data)
+                else:
+                    data = os.read(0, 65536)
+                    if not data:
+                        sel.unregister(0)
+                        continue
+                    os.write(master, data)
+    finally:
+        signal.signal(signal.SIGWINCH, old)
+        if saved is not None:
+            termios.tcsetattr(0, termios.TCSADRAIN, saved)
+        os.close(master)
 
 
 def processes_of(pid1: int) -> list[int]:

@@ -364,3 +364,12 @@ def test_prefork_serves_later_starts_and_leaves_when_idle(strata_root):
     wait_for(lambda: "two" in ok(strata(strata_root, "logs", cid)), what="the output")
     ok(strata(strata_root, "rm", "-f", cid))
     wait_for(lambda: not os.path.exists(zygote_pid), timeout=20, what="the idle zygote to leave")
+
+
+def test_exec_with_a_terminal(strata_root):
+    ok(strata(strata_root, "run", "-d", "--name", "host", "busybox", "sh", "-c", "while true; do sleep 0.1; done"))
+    session = PtySession(strata_root, "exec", "-it", "host", "sh")
+    session.send(b"tty; echo exit-$((3+4)); exit 3\n")
+    session.expect(b"exit-7")
+    assert b"/dev/pts/" in session.output  # a terminal of the container's own devpts
+    assert session.wait() == 3
