@@ -381,17 +381,8 @@ def cmd_exec(args, store: Store) -> int:
                 os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
 
             if console_theirs is not None:
-                import socket
-                master, slave = sandbox.open_container_pty()
-                socket.send_fds(console_theirs, [b"pty"], [master])
-                os.close(master)
                 os.setsid()
-                for target in range(3):
-                    os.dup2(slave, target)
-                os.close(slave)
-                import fcntl
-                import termios
-                fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+                sandbox.take_terminal(console_theirs)
 
             def fail(code, message):
                 os.write(2, f"strata: error: {message}\n".encode())

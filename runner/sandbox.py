@@ -229,17 +229,23 @@ def setup_pid1(spec: dict, stdio: tuple[int, int, int]) -> None:
     # its master goes to the supervisor over the console socket, as runc does
     if spec.get("tty"):
         console = socket.socket(fileno=stdio[0])
-        master, slave = open_container_pty()
-        socket.send_fds(console, [b"pty"], [master])
-        os.close(master)
+        take_terminal(console)
         console.detach()
-        for target in range(3):
-            os.dup2(slave, target)
-        os.close(slave)
-        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
 
 TIOCGPTN, TIOCSPTLCK = 0x80045430, 0x40045431
+
+
+def take_terminal(console: socket.socket) -> None:
+    """Make a pty in the container's devpts, send its master over `console` and make
+    the slave this process's stdio and controlling terminal (the caller leads a session)."""
+    master, slave = open_container_pty()
+    socket.send_fds(console, [b"pty"], [master])
+    os.close(master)
+    for target in range(3):
+        os.dup2(slave, target)
+    os.close(slave)
+    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
 
 
 def open_container_pty() -> tuple[int, int]:
