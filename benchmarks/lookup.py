@@ -1,7 +1,7 @@
 """Lookup benchmark: strata against native ext4, kernel overlayfs, fuse-overlayfs,
 unionfs-fuse and the pyfuse3 floor, side by side in one run, on the same layer chains.
 
-    sudo .venv/bin/python benchmarks/lookup.py [--depths 1,16,64,128] [--rounds 3]
+    sudo .venv/bin/python benchmarks/lookup.py [--depths 1,16,64,128] [--rounds 5]
 
 For each depth: cold stat of 10,000 files in 100 directories (caches dropped
 first), warm stat of the same, 5,000 negative lookups (cold), and a full
@@ -183,13 +183,15 @@ def measure(mnt: str, rounds: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--depths", default="1,16,64,128")
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args()
     assert os.geteuid() == 0, "run as root: kernel overlayfs and drop_caches need it"
     py = sys.executable
     work = tempfile.mkdtemp(prefix="strata-bench-")
     table: dict[int, dict[str, dict[str, float]]] = {}
+    images: dict[int, tuple[str, str]] = {}
+    growth = None
     mount_times: dict[int, float] = {}
     try:
         for depth in [int(d) for d in args.depths.split(",")]:
@@ -202,6 +204,7 @@ def main() -> None:
             flatten(layers, flat)
             store_root = os.path.join(root, "store")
             image = store_image(store_root, layers)
+            images[depth] = (store_root, image)
             def mnt(name: str) -> str:
                 path = os.path.join(root, "mnt-" + name.replace(" ", "-"))
                 os.makedirs(path, exist_ok=True)
@@ -234,10 +237,37 @@ def main() -> None:
                 table[depth] = {name: {m: statistics.median(s[m] for s in runs) for m in runs[0]}
                                 for name, runs in samples.items()}
             print(f"depth {depth:3} measured", file=sys.stderr)
+        growth = measure_growth(images, work, args.rounds * 2, py)
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     report(table, mount_times)
+    if growth:
+        (low, low_us), (high, high_us) = growth
+        print(f"  strata cold stat, depths {low} and {high} mounted together and measured in turn: "
+              f"{low_us:.1f} vs {high_us:.1f} us ({(high_us / low_us - 1) * 100:+.1f}%)")
+
+
+def measure_growth(images: dict, work: str, rounds: int, py: str):
+    """Cold stat of the shallowest and deepest image, mounted together and measured in
+    alternation: the depth comparison without the minutes of load drift between them."""
+    if len(images) < 2:
+        return None
+    low, high = min(images), max(images)
+    samples: dict[int, list[float]] = {low: [], high: []}
+    with contextlib.ExitStack() as stack:
+        mounts = {}
+        for depth in (low, high):
+            store_root, image = images[depth]
+            m = os.path.join(work, f"growth-{depth}")
+            os.makedirs(m, exist_ok=True)
+            stack.enter_context(server([py, "-m", "runner.cli", "mount", "-f", image, m], m,
+                                       {"STRATA_ROOT": store_root}))
+            mounts[depth] = m
+        for _ in range(rounds):
+            for depth, m in mounts.items():
+                samples[depth].append(measure(m, 1)["cold stat"])
+    return (low, statistics.median(samples[low])), (high, statistics.median(samples[high]))
 
 
 def report(table, mount_times) -> None:

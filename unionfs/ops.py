@@ -55,6 +55,9 @@ class UnionOperations(pyfuse3.Operations):
         self.negative.entry_timeout = CACHE_SECONDS  # (one object: pyfuse3 copies it into the reply)
 
     def entry(self, n) -> pyfuse3.EntryAttributes:
+        generation = self.view.generation
+        if n.attr_generation == generation:  # nothing changed since it was built
+            return n.attr
         e = pyfuse3.EntryAttributes()
         e.st_ino = n.ino
         e.generation = 0
@@ -71,6 +74,7 @@ class UnionOperations(pyfuse3.Operations):
         e.st_atime_ns = n.atime_ns
         e.st_mtime_ns = n.mtime_ns
         e.st_ctime_ns = n.ctime_ns
+        n.attr, n.attr_generation = e, generation  # pyfuse3 copies it into each reply
         return e
 
     async def lookup(self, parent_inode, name, ctx=None):

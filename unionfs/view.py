@@ -35,7 +35,8 @@ class Node:
     """One inode of the merged view (materialised on first use, kept while mounted)."""
 
     __slots__ = ("ino", "mode", "uid", "gid", "size", "atime_ns", "mtime_ns", "ctime_ns", "rdev",
-                 "nlink", "target", "xattrs", "lower_ino", "has_data", "parent", "opens", "dirty")
+                 "nlink", "target", "xattrs", "lower_ino", "has_data", "parent", "opens", "dirty",
+                 "attr", "attr_generation")  # attr: the adapter's cached reply, valid for one generation
 
     def is_dir(self) -> bool:
         return self.mode & 0o170000 == S_IFDIR
@@ -66,6 +67,10 @@ class UnionView:
         self.upper = upper
         self.nodes: dict[int, Node] = {}
         self.handles: dict[int, Node] = {}  # open fd -> node
+        # Bumped by every change to the view: a cached attribute reply (Node.attr) is
+        # valid while the generation it was made in lasts. Lookups and listings change
+        # nothing, so they are answered from the cache; any write invalidates it all.
+        self.generation = 0
         self.upper_rows = upper.load_inodes() if upper else {}
         self.upper_dirents = upper.load_dirents() if upper else {}
         root = self.node(1)
@@ -80,6 +85,7 @@ class UnionView:
         row = self.upper_rows.pop(ino, None)
         n = Node()
         n.ino, n.parent, n.opens, n.dirty = ino, None, 0, False
+        n.attr, n.attr_generation = None, -1
         if row is not None:
             (_, n.lower_ino, n.mode, n.uid, n.gid, n.size, n.atime_ns, n.mtime_ns, n.ctime_ns,
              n.rdev, n.nlink, n.target, xattrs, has_data) = row
@@ -100,6 +106,7 @@ class UnionView:
         return n
 
     def _persist(self, n: Node) -> None:
+        self.generation += 1
         if n.nlink <= 0 and n.opens == 0 and not n.is_dir():
             return  # gone for good; its row was deleted with its last name
         self.upper.put_inode(n.row())
@@ -109,6 +116,7 @@ class UnionView:
     def _changing(self):
         """One atomic change of the upper layer; if it fails (ENOSPC, say), the
         in-memory view is reloaded from disk so it never shows what was not stored."""
+        self.generation += 1
         try:
             with self.upper.transaction():
                 yield
@@ -117,6 +125,7 @@ class UnionView:
             raise
 
     def _resync(self) -> None:
+        self.generation += 1
         from .lower import decode_xattrs
         rows = self.upper.load_inodes()
         self.upper_dirents = self.upper.load_dirents()
@@ -147,6 +156,8 @@ class UnionView:
         n.atime_ns = n.mtime_ns = n.ctime_ns = now
         n.nlink = 2 if stat.S_ISDIR(mode) else 1
         n.xattrs, n.lower_ino, n.has_data, n.parent, n.opens, n.dirty = {}, None, False, None, 0, False
+        n.attr, n.attr_generation = None, -1
+        self.generation += 1
         self.nodes[n.ino] = n
         return n
 
@@ -297,6 +308,7 @@ class UnionView:
 
     def _drop_link(self, n: Node) -> None:
         """One name fewer; free the inode when none is left and nobody has it open."""
+        self.generation += 1
         n.nlink -= 1 if not n.is_dir() else n.nlink
         n.ctime_ns = time.time_ns()
         if n.nlink > 0 or n.opens > 0:
@@ -418,6 +430,7 @@ class UnionView:
 
     def open(self, ino: int, flags: int) -> tuple[int, bool]:
         """Return (fd, data_is_immutable)."""
+        self.generation += 1
         n = self.node(ino)
         if n.is_dir():
             raise fs_error(errno.EISDIR)
@@ -442,6 +455,7 @@ class UnionView:
         return os.pread(fd, size, offset)
 
     def write(self, fd: int, offset: int, data: bytes) -> int:
+        self.generation += 1
         n = self.handles[fd]
         written = os.pwrite(fd, data, offset)
         end = offset + written
@@ -466,6 +480,7 @@ class UnionView:
             self.upper.sync()
 
     def release(self, fd: int) -> None:
+        self.generation += 1
         n = self.handles.pop(fd)
         os.close(fd)
         n.opens -= 1
