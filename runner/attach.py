@@ -15,8 +15,8 @@ import sys
 import termios
 import tty as ttymod
 
-FRAME = struct.Struct(">BI")
-STDIN, STDOUT, STDERR, EXIT, STDIN_CLOSED, RESIZE = 0, 1, 2, 3, 4, 5
+from .protocol import EXIT, RESIZE, STDIN, STDIN_CLOSED, STDOUT, frame, split_frames
+
 DETACHED = object()
 
 
@@ -41,7 +41,7 @@ def parse_detach_keys(spec: str) -> bytes:
 
 
 def send_frame(sock: socket.socket, kind: int, payload: bytes = b"") -> None:
-    sock.sendall(FRAME.pack(kind, len(payload)) + payload)
+    sock.sendall(frame(kind, payload))
 
 
 def terminal_size() -> bytes:
@@ -115,12 +115,8 @@ def _relay(sock: socket.socket, stdin_fd: int | None, detach_keys: bytes):
                 chunk = sock.recv(65536)
                 if not chunk:
                     return None  # the supervisor went away without an exit status
-                buf += chunk
-                while len(buf) >= FRAME.size:
-                    kind, size = FRAME.unpack_from(buf)
-                    if len(buf) < FRAME.size + size:
-                        break
-                    payload, buf = buf[FRAME.size:FRAME.size + size], buf[FRAME.size + size:]
+                frames, buf = split_frames(buf + chunk)
+                for kind, payload in frames:
                     if kind == EXIT:
                         return int(payload)
                     os.write(1 if kind == STDOUT else 2, payload)

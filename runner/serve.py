@@ -18,8 +18,8 @@ import trio
 
 from store.containers import container_dir, write_state
 
-from .supervisor import (EXIT, FRAME, LOG_MAX_BYTES_DEFAULT, LOG_MAX_FILES_DEFAULT, RESIZE, STDERR, STDIN,
-                         STDIN_CLOSED, STDOUT, JsonLog, frame)
+from .protocol import EXIT, RESIZE, STDERR, STDIN, STDIN_CLOSED, STDOUT, frame, split_frames
+from .supervisor import LOG_MAX_BYTES_DEFAULT, LOG_MAX_FILES_DEFAULT, JsonLog
 
 INIT_DIRS = ("proc", "dev", "sys", "etc")
 INIT_FILES = ("etc/hosts", "etc/hostname", "etc/resolv.conf")
@@ -117,12 +117,8 @@ async def _serve(store, config, cdir, child, sync_w, status_r, ours, wait_attach
                 data = await client.recv(65536)
                 if not data:
                     return
-                buf += data
-                while len(buf) >= FRAME.size:
-                    kind, size = FRAME.unpack_from(buf)
-                    if len(buf) < FRAME.size + size:
-                        break
-                    payload, buf = buf[FRAME.size:FRAME.size + size], buf[FRAME.size + size:]
+                frames, buf = split_frames(buf + data)
+                for kind, payload in frames:
                     if kind == STDIN and input_stream is None:
                         pending_input.append(payload)
                     elif kind == STDIN and input_stream is not None:

@@ -13,10 +13,7 @@ Steps, in order (DESIGN.md, process model); each names the process it runs in:
   4. supervisor: output to the json-file log and to attached clients, input
      from them, the attach socket; the exit status recorded; unmount.
 
-Attach protocol on containers/<id>/attach.sock, both directions framed as
-1 byte type + 4 bytes big-endian length + payload. Server to client: 1
-stdout, 2 stderr, 3 exit (payload: the exit code in ASCII). Client to
-server: 0 stdin data, 4 stdin closed, 5 resize (payload "rows cols").
+Clients attach on containers/<id>/attach.sock (runner.protocol).
 """
 from __future__ import annotations
 
@@ -25,7 +22,6 @@ import os
 import pwd
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import time
@@ -37,14 +33,9 @@ from store.store import now_rfc3339
 from . import sandbox
 from . import syscalls as sc
 
-STDOUT, STDERR, EXIT, STDIN, STDIN_CLOSED, RESIZE = 1, 2, 3, 0, 4, 5
-FRAME = struct.Struct(">BI")
+from .protocol import STDERR, STDOUT
 LOG_MAX_BYTES_DEFAULT = 10 * 1024 * 1024
 LOG_MAX_FILES_DEFAULT = 3
-
-
-def frame(kind: int, payload: bytes) -> bytes:
-    return FRAME.pack(kind, len(payload)) + payload
 
 
 # -- step 1: namespaces -------------------------------------------------------------

@@ -97,10 +97,10 @@ def seed_story_on_a_terminal(strata_root: str, **session_options) -> None:
     session.expect(b"made-42")
     session.send(b"\x10\x11")  # Ctrl-P Ctrl-Q
     assert session.wait() == 0
-    ps = cli("ps")
-    ps.expect(b"NAMES")
+    ps = cli("ps", "--format", "{{.Names}} {{.Status}} end")
+    ps.expect(b" end")  # the whole row, not just the first chunk of output
     ps.wait()
-    assert b"seed" in ps.output and b"Up " in ps.output
+    assert b"seed Up " in ps.output
     again = cli("attach", "seed")
     again.send(b"cat /data/file; tty; exit 7\n")
     again.expect(b"/dev/pts/")

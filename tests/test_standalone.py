@@ -9,7 +9,6 @@ import textwrap
 
 import pytest
 
-from .helpers import REPO
 from .mounts import is_mounted, require_fuse, served, standalone_argv, wait_for
 
 VENV_BIN = os.path.dirname(sys.executable)
@@ -56,7 +55,7 @@ def test_debug_option_logs_requests(layers, tmp_path):
     mnt = str(tmp_path / "mnt")
     argv = standalone_argv(layers, None, None, mnt)
     argv[argv.index("-o") + 1] += ",debug"
-    with served(argv, mnt) as proc:
+    with served(argv, mnt):
         os.listdir(mnt)
     log = open(os.path.join(tmp_path, ".mnt.log")).read()
     assert "LOOKUP" in log or "READDIRPLUS" in log or "unique:" in log, log[:500]
