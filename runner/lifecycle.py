@@ -57,17 +57,35 @@ def merge_env(base: list[str], extra: list[str]) -> list[str]:
     return list(env.values())
 
 
+LOG_MAX_BYTES_DEFAULT = 10 * 1024 * 1024
+LOG_MAX_FILES_DEFAULT = 3
+SIZE_UNITS = {"k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}
+
+
+def log_limits(opts: dict) -> tuple[int, int]:
+    """(max bytes per file, files kept) from Docker's json-file options; ValueError if bad."""
+    size = opts.get("max-size")
+    max_bytes = LOG_MAX_BYTES_DEFAULT
+    if size:
+        unit = SIZE_UNITS.get(size[-1].lower())
+        max_bytes = int(size[:-1]) * unit if unit else int(size)
+    max_files = int(opts.get("max-file") or LOG_MAX_FILES_DEFAULT)
+    if max_bytes < 0 or max_files < 0:
+        raise ValueError("negative log limit")
+    return max_bytes, max_files
+
+
 def parse_log_opts(values: list[str]) -> dict:
     opts = {}
     for value in values:
         key, eq, val = value.partition("=")
         if not eq or key not in ("max-size", "max-file"):
             raise StoreError(f"unknown log opt {value!r} (supported: max-size=, max-file=)")
-        if key == "max-file" and not val.isdigit():
-            raise StoreError(f"invalid max-file {val!r}")
-        if key == "max-size" and not (val[:-1].isdigit() and val[-1].lower() in "kmg" or val.isdigit()):
-            raise StoreError(f"invalid max-size {val!r}")
         opts[key] = val
+    try:
+        log_limits(opts)  # the supervisor reads them the same way
+    except ValueError:
+        raise StoreError(f"invalid log opts {', '.join(values)!r}") from None
     return opts
 
 

@@ -19,7 +19,8 @@ import trio
 from store.containers import container_dir, write_state
 
 from .protocol import EXIT, RESIZE, STDERR, STDIN, STDIN_CLOSED, STDOUT, frame, split_frames
-from .supervisor import LOG_MAX_BYTES_DEFAULT, LOG_MAX_FILES_DEFAULT, JsonLog
+from .lifecycle import log_limits
+from .supervisor import JsonLog
 
 INIT_DIRS = ("proc", "dev", "sys", "etc")
 INIT_FILES = ("etc/hosts", "etc/hostname", "etc/resolv.conf")
@@ -42,43 +43,25 @@ def ensure_mount_points(view) -> None:
             view.release(fd)
 
 
-def parse_log_options(config: dict) -> tuple[int, int]:
-    opts = config.get("LogOpts") or {}
-    size = opts.get("max-size")
-    max_bytes = LOG_MAX_BYTES_DEFAULT
-    if size:
-        units = {"k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}
-        max_bytes = int(size[:-1]) * units[size[-1].lower()] if size[-1].lower() in units else int(size)
-    return max_bytes, int(opts.get("max-file") or LOG_MAX_FILES_DEFAULT)
-
-
 def serve_container(store, config, rootfs, child, sync_w, status_r, ours, wait_attach, state, container_id):
-    from unionfs.mount import fuse_options
-    from unionfs.ops import UnionOperations
+    """Returns (exit code, error). On an exception the supervisor kills the child."""
+    from unionfs.mount import fuse_options, mounted
     from unionfs.storeview import make_view_factory
 
     cdir = container_dir(store, container_id)
     view = make_view_factory(store, config["Image"], os.path.join(cdir, "upper"))()
     try:
         ensure_mount_points(view)
-        pyfuse3.init(UnionOperations(view), rootfs, fuse_options(f"strata:{config['Name']}", False))
     except BaseException:
-        os.kill(child, 9)
-        os.waitpid(child, 0)
         view.close()
         raise
-    try:
+    with mounted(view, rootfs, fuse_options(f"strata:{config['Name']}", False)):
         return trio.run(functools.partial(_serve, store, config, cdir, child, sync_w, status_r, ours,
                                           wait_attach, state, container_id))
-    finally:
-        try:
-            pyfuse3.close(unmount=True)
-        finally:
-            view.close()
 
 
 async def _serve(store, config, cdir, child, sync_w, status_r, ours, wait_attach, state, container_id):
-    max_bytes, max_files = parse_log_options(config)
+    max_bytes, max_files = log_limits(config.get("LogOpts") or {})
     log = JsonLog(os.path.join(cdir, "json.log"), max_bytes, max_files)
     clients: set = set()
     pending_size: list = []

@@ -34,8 +34,6 @@ from . import sandbox
 from . import syscalls as sc
 
 from .protocol import STDERR, STDOUT
-LOG_MAX_BYTES_DEFAULT = 10 * 1024 * 1024
-LOG_MAX_FILES_DEFAULT = 3
 
 
 # -- step 1: namespaces -------------------------------------------------------------

@@ -164,7 +164,7 @@ def test_dir_lower_merges_lazily_with_all_whiteout_spellings(tmp_path):
         d = v.lookup(ROOT, b"dir")
         assert [n for n, _ in v.listdir(d.ino)] == [b"kept"]
         assert [n for n, _ in v.listdir(v.lookup(ROOT, b"opaque").ino)] == [b"visible"]
-        assert d.ino in lower.dir_children  # merged once, then served from memory
+        assert d.ino in lower.dirs  # merged once, then served from memory
         first = v.lookup(d.ino, b"kept").ino
         assert lower.lookup(d.ino, b"kept") == first
     finally:

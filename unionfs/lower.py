@@ -31,44 +31,16 @@ def decode_xattrs(text: str | None) -> dict:
     return {os.fsencode(k): base64.b64decode(v) for k, v in json.loads(text).items()}
 
 
-class IndexLower:
-    """The merged index of a store image plus the fds of its layer directories.
+class LowerSource:
+    """What both lower sources share: the layer directory fds, and each directory's
+    children loaded once, on first use, by `_load_dir`; later lookups are dict hits."""
 
-    The first lookup in a directory loads that directory's entries and their
-    attributes in one query; later lookups there are dict hits. Nothing is
-    read at mount, and memory grows only with the directories actually used.
-    """
-
-    __slots__ = ("db", "layer_fds", "first_free_ino", "dirs", "attr_rows")
-
-    DIR_SQL = ("SELECT d.name, i.ino, i.mode, i.uid, i.gid, i.size, i.mtime_ns, i.rdev, i.nlink, "
-               "i.target, i.xattrs FROM dirents d JOIN inodes i ON i.ino = d.ino WHERE d.parent=?")
-    ATTR_SQL = "SELECT mode, uid, gid, size, mtime_ns, rdev, nlink, target, xattrs FROM inodes WHERE ino=?"
-
-    def __init__(self, index_path: str, layer_roots: list[str]):
-        # immutable=1: the index never changes, so SQLite skips locking and change checks
-        self.db = sqlite3.connect(f"file:{index_path}?mode=ro&immutable=1", uri=True,
-                                  check_same_thread=False)
+    def __init__(self, layer_roots: list[str]):
         self.layer_fds = [os.open(p, DIR_FLAGS) for p in layer_roots]
-        row = self.db.execute("SELECT value FROM meta WHERE key='next_ino'").fetchone()
-        self.first_free_ino = int(row[0])
         self.dirs: dict[int, dict[bytes, int]] = {}
-        self.attr_rows: dict[int, tuple] = {}
-
-    def close(self) -> None:
-        self.db.close()
-        for fd in self.layer_fds:
-            os.close(fd)
-        self.layer_fds = []
 
     def _load_dir(self, dir_ino: int) -> dict[bytes, int]:
-        children = {}
-        attr_rows = self.attr_rows
-        for row in self.db.execute(self.DIR_SQL, (dir_ino,)):
-            children[row[0]] = row[1]
-            attr_rows[row[1]] = row[2:]
-        self.dirs[dir_ino] = children
-        return children
+        raise NotImplementedError
 
     def lookup(self, dir_ino: int, name: bytes) -> int | None:
         children = self.dirs.get(dir_ino)
@@ -81,6 +53,46 @@ class IndexLower:
         if children is None:
             children = self._load_dir(dir_ino)
         return sorted(children.items())
+
+    def close(self) -> None:
+        for fd in self.layer_fds:
+            os.close(fd)
+        self.layer_fds = []
+
+
+class IndexLower(LowerSource):
+    """The merged index of a store image plus the fds of its layer directories.
+
+    The first lookup in a directory loads that directory's entries and their
+    attributes in one query; later lookups there are dict hits. Nothing is
+    read at mount, and memory grows only with the directories actually used.
+    """
+
+    DIR_SQL = ("SELECT d.name, i.ino, i.mode, i.uid, i.gid, i.size, i.mtime_ns, i.rdev, i.nlink, "
+               "i.target, i.xattrs FROM dirents d JOIN inodes i ON i.ino = d.ino WHERE d.parent=?")
+    ATTR_SQL = "SELECT mode, uid, gid, size, mtime_ns, rdev, nlink, target, xattrs FROM inodes WHERE ino=?"
+
+    def __init__(self, index_path: str, layer_roots: list[str]):
+        # immutable=1: the index never changes, so SQLite skips locking and change checks
+        self.db = sqlite3.connect(f"file:{index_path}?mode=ro&immutable=1", uri=True,
+                                  check_same_thread=False)
+        super().__init__(layer_roots)
+        row = self.db.execute("SELECT value FROM meta WHERE key='next_ino'").fetchone()
+        self.first_free_ino = int(row[0])
+        self.attr_rows: dict[int, tuple] = {}
+
+    def close(self) -> None:
+        self.db.close()
+        super().close()
+
+    def _load_dir(self, dir_ino: int) -> dict[bytes, int]:
+        children = {}
+        attr_rows = self.attr_rows
+        for row in self.db.execute(self.DIR_SQL, (dir_ino,)):
+            children[row[0]] = row[1]
+            attr_rows[row[1]] = row[2:]
+        self.dirs[dir_ino] = children
+        return children
 
     def attrs(self, ino: int) -> tuple | None:
         row = self.attr_rows.pop(ino, None)  # the view keeps the node; the row is not needed twice
@@ -100,27 +112,21 @@ OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque", "user.fuseover
 LAYER_SHIFT = 48  # ino = (layer + 1) << 48 | host st_ino: stable across remounts
 
 
-class DirLower:
+class DirLower(LowerSource):
     """Overlay-style lower directories (top first), merged one directory at a time."""
 
     def __init__(self, lowerdirs: list[str]):
-        self.layer_fds = [os.open(p, DIR_FLAGS) for p in lowerdirs]
+        super().__init__(lowerdirs)
         self.first_free_ino = 1 << 62
         # ino -> (layer, relpath, lstat) of the entry that serves it
         self.entries: dict[int, tuple[int, bytes, os.stat_result]] = {}
         # dir ino -> [(layer, relpath)] of the directories merged into it, top first
         self.dir_sources: dict[int, list[tuple[int, bytes]]] = {ROOT_INO: [(i, b"") for i in range(len(lowerdirs))]}
-        self.dir_children: dict[int, dict[bytes, int]] = {}
         self.ino_of: dict[tuple[int, int], int] = {}
         self.taken: set[int] = set()
         self.next_spare = 1 << 61
         st = os.fstat(self.layer_fds[0])
         self.entries[ROOT_INO] = (0, b"", st)
-
-    def close(self) -> None:
-        for fd in self.layer_fds:
-            os.close(fd)
-        self.layer_fds = []
 
     def _inode_number(self, layer: int, st: os.stat_result) -> int:
         """(layer + 1) << 48 | st_ino, stable across remounts; a clash (another
@@ -151,7 +157,7 @@ class DirLower:
                 continue
         return False
 
-    def _merge(self, dir_ino: int) -> dict[bytes, int]:
+    def _load_dir(self, dir_ino: int) -> dict[bytes, int]:
         """Read every layer's copy of one directory once; later lookups are dict hits."""
         children: dict[bytes, int] = {}
         sealed: set[bytes] = set()  # names lower layers can no longer add to (whiteout, non-dir above)
@@ -209,20 +215,8 @@ class DirLower:
                 finally:
                     os.close(fd)
             self.dir_sources[ino] = sources_fixed
-        self.dir_children[dir_ino] = children
+        self.dirs[dir_ino] = children
         return children
-
-    def lookup(self, dir_ino: int, name: bytes) -> int | None:
-        children = self.dir_children.get(dir_ino)
-        if children is None:
-            children = self._merge(dir_ino)
-        return children.get(name)
-
-    def children(self, dir_ino: int) -> list[tuple[bytes, int]]:
-        children = self.dir_children.get(dir_ino)
-        if children is None:
-            children = self._merge(dir_ino)
-        return sorted(children.items())
 
     def attrs(self, ino: int) -> tuple | None:
         entry = self.entries.get(ino)
@@ -247,7 +241,7 @@ class DirLower:
         if stat.S_ISLNK(st.st_mode):
             return {}
         try:
-            fd = open_beneath(self.layer_fds[layer], rel or b".", os.O_RDONLY | os.O_PATH) if rel else os.dup(self.layer_fds[layer])
+            fd = open_beneath(self.layer_fds[layer], rel, os.O_RDONLY | os.O_PATH) if rel else os.dup(self.layer_fds[layer])
         except OSError:
             return {}
         try:

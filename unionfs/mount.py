@@ -6,6 +6,7 @@ the mount is usable, and with the real error when it is not.
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -13,6 +14,7 @@ import signal
 import subprocess
 import sys
 import traceback
+from typing import Iterator
 
 log = logging.getLogger("strata.unionfs")
 
@@ -36,24 +38,39 @@ def in_user_namespace() -> bool:
         return False
 
 
+@contextlib.contextmanager
+def mounted(view, mountpoint: str, options: set[str]) -> Iterator[None]:
+    """`view` mounted with pyfuse3 for the block; unmounted and closed afterwards, whatever
+    happened (the standalone server and the container supervisor both serve this way)."""
+    import pyfuse3
+
+    from .ops import UnionOperations
+    try:
+        pyfuse3.init(UnionOperations(view), mountpoint, options)
+    except BaseException:
+        view.close()
+        raise
+    try:
+        yield
+    finally:
+        try:
+            pyfuse3.close(unmount=True)
+        finally:
+            view.close()
+
+
 def serve(make_view, mountpoint: str, fsname: str, readonly: bool, debug: bool = False,
           on_ready=None) -> None:
     """Mount and serve until unmounted or SIGTERM/SIGINT; always unmount on the way out."""
     import pyfuse3
     import trio
 
-    from .ops import UnionOperations
-
     logging.basicConfig(level=logging.DEBUG if debug else logging.WARNING,
                         format="strata-fuse: %(levelname)s %(message)s")
-    view = make_view()
-    ops = UnionOperations(view, debug)
     opts = fuse_options(fsname, readonly)
     if debug:
         opts.add("debug")
-    pyfuse3.init(ops, mountpoint, opts)
-    mounted = True
-    try:
+    with mounted(make_view(), mountpoint, opts):
         if on_ready is not None:
             on_ready()
 
@@ -69,11 +86,6 @@ def serve(make_view, mountpoint: str, fsname: str, readonly: bool, debug: bool =
                 nursery.cancel_scope.cancel()
 
         trio.run(run)
-    finally:
-        try:
-            pyfuse3.close(unmount=mounted)
-        finally:
-            view.close()
 
 
 def serve_in_background(make_view, mountpoint: str, fsname: str, readonly: bool,

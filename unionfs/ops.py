@@ -6,7 +6,10 @@ logged and answered with EIO instead.
 
 Kernel caching: the view's contents change only through this mount, so the
 kernel may keep entries, attributes and negative lookups for a long time
-(invariant 2); what the kernel cannot see change is invalidated explicitly.
+(invariant 2). Every change reaches the kernel in the reply to the request
+that made it (or the kernel updates its own caches for unlink, rename and
+link), so no explicit invalidation is needed; readdirplus entries are
+revalidated against the view before they are sent.
 """
 from __future__ import annotations
 
@@ -45,11 +48,10 @@ class UnionOperations(pyfuse3.Operations):
     enable_writeback_cache = True
     supports_dot_lookup = False
 
-    def __init__(self, view: UnionView, debug: bool = False):
+    def __init__(self, view: UnionView):
         super().__init__()
         self.view = view
-        self.debug = debug
-        self.dir_handles: dict[int, list] = {}
+        self.dir_handles: dict[int, tuple] = {}  # fh -> (directory inode, snapshot or None)
         self.next_dir_handle = 1
         self.negative = pyfuse3.EntryAttributes()  # st_ino 0: the kernel caches the miss
         self.negative.entry_timeout = CACHE_SECONDS  # (one object: pyfuse3 copies it into the reply)
@@ -148,7 +150,7 @@ class UnionOperations(pyfuse3.Operations):
 
     @answer_errors
     async def open(self, inode, flags, ctx):
-        fd, immutable = self.view.open(inode, flags)
+        fd, _ = self.view.open(inode, flags)
         return pyfuse3.FileInfo(fh=fd, keep_cache=True)
 
     @answer_errors

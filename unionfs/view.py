@@ -16,7 +16,8 @@ import os
 import stat
 import time
 
-from .upper import INODE_COLUMNS, UpperLayer, encode_xattrs
+from .lower import decode_xattrs
+from .upper import UpperLayer, encode_xattrs
 
 NAME_MAX = 255
 XATTR_NAME_MAX = 255
@@ -24,7 +25,7 @@ XATTR_SIZE_MAX = 65536
 XATTR_CREATE, XATTR_REPLACE = 1, 2
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
 ALLOWED_XATTR_PREFIXES = (b"user.", b"trusted.", b"security.")
-S_IFMT, S_IFDIR, S_IFREG, S_IFLNK = stat.S_IFMT(0o170000), stat.S_IFDIR, stat.S_IFREG, stat.S_IFLNK
+S_IFDIR, S_IFREG, S_IFLNK = stat.S_IFDIR, stat.S_IFREG, stat.S_IFLNK
 
 
 def fs_error(code: int) -> OSError:
@@ -37,6 +38,22 @@ class Node:
     __slots__ = ("ino", "mode", "uid", "gid", "size", "atime_ns", "mtime_ns", "ctime_ns", "rdev",
                  "nlink", "target", "xattrs", "lower_ino", "has_data", "parent", "opens", "dirty",
                  "attr", "attr_generation")  # attr: the adapter's cached reply, valid for one generation
+
+    def __init__(self, ino: int):
+        self.ino, self.parent, self.opens, self.dirty = ino, None, 0, False
+        self.attr, self.attr_generation = None, -1
+
+    def load_row(self, row: tuple) -> None:
+        """Take every attribute from an upper-layer row (unionfs.upper's inodes table)."""
+        (_, self.lower_ino, self.mode, self.uid, self.gid, self.size, self.atime_ns, self.mtime_ns,
+         self.ctime_ns, self.rdev, self.nlink, self.target, xattrs, has_data) = row
+        self.xattrs, self.has_data = decode_xattrs(xattrs), bool(has_data)
+
+    def load_lower(self, attrs: tuple) -> None:
+        """Take every attribute from a lower source's attrs() tuple."""
+        self.mode, self.uid, self.gid, self.size, self.mtime_ns, self.rdev, self.nlink, self.target, \
+            self.xattrs = attrs
+        self.atime_ns = self.ctime_ns = self.mtime_ns
 
     def is_dir(self) -> bool:
         return self.mode & 0o170000 == S_IFDIR
@@ -83,15 +100,9 @@ class UnionView:
         if n is not None:
             return n
         row = self.upper_rows.pop(ino, None)
-        n = Node()
-        n.ino, n.parent, n.opens, n.dirty = ino, None, 0, False
-        n.attr, n.attr_generation = None, -1
+        n = Node(ino)
         if row is not None:
-            (_, n.lower_ino, n.mode, n.uid, n.gid, n.size, n.atime_ns, n.mtime_ns, n.ctime_ns,
-             n.rdev, n.nlink, n.target, xattrs, has_data) = row
-            from .lower import decode_xattrs
-            n.xattrs = decode_xattrs(xattrs)
-            n.has_data = bool(has_data)
+            n.load_row(row)
             if n.has_data:
                 size = self.upper.data_size(ino)
                 n.size = n.size if size is None else size  # the data file is the truth after a crash
@@ -99,8 +110,7 @@ class UnionView:
             attrs = self.lower.attrs(ino)
             if attrs is None:
                 raise fs_error(errno.ESTALE)
-            n.mode, n.uid, n.gid, n.size, n.mtime_ns, n.rdev, n.nlink, n.target, n.xattrs = attrs
-            n.atime_ns = n.ctime_ns = n.mtime_ns
+            n.load_lower(attrs)
             n.lower_ino, n.has_data = ino, False
         self.nodes[ino] = n
         return n
@@ -126,19 +136,16 @@ class UnionView:
 
     def _resync(self) -> None:
         self.generation += 1
-        from .lower import decode_xattrs
         rows = self.upper.load_inodes()
         self.upper_dirents = self.upper.load_dirents()
         for ino, n in self.nodes.items():
             row = rows.pop(ino, None)
             if row is not None:
-                (_, n.lower_ino, n.mode, n.uid, n.gid, n.size, n.atime_ns, n.mtime_ns, n.ctime_ns,
-                 n.rdev, n.nlink, n.target, xattrs, has_data) = row
-                n.xattrs, n.has_data = decode_xattrs(xattrs), bool(has_data)
+                n.load_row(row)
             elif n.lower_ino is not None and not n.has_data:
                 attrs = self.lower.attrs(n.lower_ino)
                 if attrs is not None:
-                    n.mode, n.uid, n.gid, n.size, n.mtime_ns, n.rdev, n.nlink, n.target, n.xattrs = attrs
+                    n.load_lower(attrs)
         self.upper_rows = rows
 
     def _writable(self) -> UpperLayer:
@@ -148,16 +155,13 @@ class UnionView:
 
     def _new_node(self, mode: int, uid: int, gid: int, rdev: int = 0, target: bytes | None = None) -> Node:
         upper = self._writable()
-        n = Node()
+        n = Node(upper.allocate_ino())
         now = time.time_ns()
-        n.ino = upper.allocate_ino()
         n.mode, n.uid, n.gid, n.rdev, n.target = mode, uid, gid, rdev, target
         n.size = len(target) if target is not None else 0
         n.atime_ns = n.mtime_ns = n.ctime_ns = now
         n.nlink = 2 if stat.S_ISDIR(mode) else 1
-        n.xattrs, n.lower_ino, n.has_data, n.parent, n.opens, n.dirty = {}, None, False, None, 0, False
-        n.attr, n.attr_generation = None, -1
-        self.generation += 1
+        n.xattrs, n.lower_ino, n.has_data = {}, None, False
         self.nodes[n.ino] = n
         return n
 
@@ -429,8 +433,8 @@ class UnionView:
                 os.close(new)
 
     def open(self, ino: int, flags: int) -> tuple[int, bool]:
-        """Return (fd, data_is_immutable)."""
-        self.generation += 1
+        """Return (fd, data_is_immutable). Opening changes no attribute: copy-up and
+        truncation persist (and so invalidate cached replies) themselves."""
         n = self.node(ino)
         if n.is_dir():
             raise fs_error(errno.EISDIR)
@@ -450,9 +454,6 @@ class UnionView:
         n.opens += 1
         self.handles[fd] = n
         return fd, not n.has_data
-
-    def read(self, fd: int, offset: int, size: int) -> bytes:
-        return os.pread(fd, size, offset)
 
     def write(self, fd: int, offset: int, data: bytes) -> int:
         self.generation += 1
@@ -480,7 +481,6 @@ class UnionView:
             self.upper.sync()
 
     def release(self, fd: int) -> None:
-        self.generation += 1
         n = self.handles.pop(fd)
         os.close(fd)
         n.opens -= 1
@@ -588,5 +588,3 @@ class UnionView:
             self.upper.close()
         self.lower.close()
 
-
-assert INODE_COLUMNS == 14
