@@ -68,8 +68,6 @@ def cmd_create(args, store: Store) -> int:
 
 
 def cmd_run(args, store: Store) -> int:
-    if args.detach and args.rm:
-        pass  # allowed, as in Docker: removed when it exits
     supervisor = lifecycle.spawn_supervisor(store, wait_attach=not args.detach)  # loads while we create
     try:
         config = lifecycle.create(store, args)
@@ -378,7 +376,7 @@ def cmd_exec(args, store: Store) -> int:
             grandchild = os.fork()  # the pid namespace applies to children only
             if grandchild:
                 _, status = os.waitpid(grandchild, 0)
-                os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
+                os._exit(sandbox.exit_code(status))
 
             if console_theirs is not None:
                 os.setsid()
@@ -401,13 +399,8 @@ def cmd_exec(args, store: Store) -> int:
         console_ours.close()
         if received:
             relay_terminal(received[0], child)
-    while True:
-        try:
-            _, status = os.waitpid(child, 0)
-            break
-        except InterruptedError:
-            continue
-    return os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
+    _, status = os.waitpid(child, 0)  # EINTR is retried by Python (PEP 475)
+    return sandbox.exit_code(status)
 
 
 def relay_terminal(master: int, child: int) -> None:

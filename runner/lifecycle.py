@@ -10,7 +10,8 @@ import sys
 import time
 
 from store import Store, StoreError
-from store.containers import container_dir, create_container, current_state, read_state, remove_container
+from store.containers import (container_dir, create_container, current_state, list_containers, read_state,
+                              remove_container)
 
 ADJECTIVES = ["admiring", "bold", "brave", "clever", "cool", "eager", "elated", "focused", "gentle",
               "happy", "jolly", "keen", "kind", "lucid", "modest", "nifty", "quirky", "serene",
@@ -23,17 +24,12 @@ PATH_ENV = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 def random_name(store: Store) -> str:
     import random
-    taken = {c.get("Name") for c in _all(store)}
+    taken = {c.get("Name") for c in list_containers(store)}
     for _ in range(100):
         name = f"{random.choice(ADJECTIVES)}_{random.choice(NOUNS)}"
         if name not in taken:
             return name
     return f"{random.choice(ADJECTIVES)}_{random.choice(NOUNS)}{random.randint(0, 9999)}"
-
-
-def _all(store: Store) -> list[dict]:
-    from store.containers import list_containers
-    return list_containers(store)
 
 
 def parse_env_file(path: str) -> list[str]:
@@ -116,10 +112,8 @@ def create(store: Store, args) -> dict:
              "OpenStdin": args.interactive, "NetworkMode": args.network, "AutoRemove": args.rm,
              "LogOpts": parse_log_opts(args.log_opt or []), "DetachKeys": args.detach_keys or "",
              "ImageRef": args.image}
-    config = create_container(store, image_id, name, extra)
-    config["Hostname"] = args.hostname or config["Id"][:12]
-    from store.containers import update_config
-    return update_config(store, config["Id"], {"Hostname": config["Hostname"]})
+    extra["Hostname"] = args.hostname  # None: create_container names it after the id, as Docker does
+    return create_container(store, image_id, name, extra)
 
 
 class Handoff:

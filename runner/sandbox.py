@@ -121,40 +121,43 @@ def drop_capabilities(keep: list[str]) -> None:
         prctl.cap_permitted.limit(*wanted)
 
 
-def resolve_user(user: str) -> tuple[int, int, list[int]]:
-    """USER[:GROUP] by name or number, from the container's /etc/passwd and /etc/group."""
-    name, _, group = user.partition(":")
-    uid = gid = None
-    groups: list[int] = []
+def exit_code(wait_status: int) -> int:
+    """A shell's view of how a process ended: its status, or 128 + the signal that killed it."""
+    return os.WEXITSTATUS(wait_status) if os.WIFEXITED(wait_status) else 128 + os.WTERMSIG(wait_status)
+
+
+def _database_entry(path: str, key: str, min_fields: int) -> list[str] | None:
+    """The line of /etc/passwd or /etc/group whose name or number is `key`, split."""
     try:
-        with open("/etc/passwd") as f:
+        with open(path) as f:
             for line in f:
                 fields = line.rstrip("\n").split(":")
-                if len(fields) >= 4 and (fields[0] == name or fields[2] == name):
-                    uid, gid = int(fields[2]), int(fields[3])
-                    break
+                if len(fields) >= min_fields and key in (fields[0], fields[2]):
+                    return fields
     except OSError:
         pass
-    if uid is None:
-        if not name.isdigit():
-            raise LookupError(f"unable to find user {name}: no matching entries in passwd file")
+    return None
+
+
+def resolve_user(user: str) -> tuple[int, int]:
+    """USER[:GROUP] by name or number, from the container's /etc/passwd and /etc/group."""
+    name, _, group = user.partition(":")
+    entry = _database_entry("/etc/passwd", name, 4)
+    if entry is not None:
+        uid, gid = int(entry[2]), int(entry[3])
+    elif name.isdigit():
         uid, gid = int(name), 0
+    else:
+        raise LookupError(f"unable to find user {name}: no matching entries in passwd file")
     if group:
-        gid = None
-        try:
-            with open("/etc/group") as f:
-                for line in f:
-                    fields = line.rstrip("\n").split(":")
-                    if len(fields) >= 3 and (fields[0] == group or fields[2] == group):
-                        gid = int(fields[2])
-                        break
-        except OSError:
-            pass
-        if gid is None:
-            if not group.isdigit():
-                raise LookupError(f"unable to find group {group}: no matching entries in group file")
+        entry = _database_entry("/etc/group", group, 3)
+        if entry is not None:
+            gid = int(entry[2])
+        elif group.isdigit():
             gid = int(group)
-    return uid, gid, groups
+        else:
+            raise LookupError(f"unable to find group {group}: no matching entries in group file")
+    return uid, gid
 
 
 def enter_container(spec: dict, sync_read: int, stdio: tuple[int, int, int], status_write: int) -> None:
@@ -186,7 +189,7 @@ def enter_container(spec: dict, sync_read: int, stdio: tuple[int, int, int], sta
             for fd in set(stdio):  # a pty's slave is all three
                 os.close(fd)
             _, status = os.waitpid(pid, 0)
-            os._exit(os.waitstatus_to_exitcode(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status))
+            os._exit(exit_code(status))
         prctl.set_pdeathsig(signal.SIGKILL)
         setup_pid1(spec, stdio)
         exec_command(spec, fail, status_write)
@@ -269,10 +272,10 @@ def exec_command(spec: dict, fail, status_write: int) -> None:
         fail(125, f"cannot change to working directory {workdir}: {e.strerror}")
     if spec.get("user"):
         try:
-            uid, gid, groups = resolve_user(spec["user"])
+            uid, gid = resolve_user(spec["user"])
         except LookupError as e:
             fail(125, str(e))
-        os.setgroups(groups)
+        os.setgroups([])
         os.setgid(gid)
         os.setuid(uid)
     # step 10: no host fd survives (CVE-2024-21626); the status pipe closes at exec

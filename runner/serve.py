@@ -19,6 +19,7 @@ import trio
 from store.containers import container_dir, write_state
 
 from .protocol import EXIT, RESIZE, STDERR, STDIN, STDIN_CLOSED, STDOUT, frame, split_frames
+from . import sandbox
 from .lifecycle import log_limits
 from .supervisor import JsonLog
 
@@ -197,8 +198,7 @@ async def _serve(store, config, cdir, child, sync_w, status_r, ours, wait_attach
             finally:
                 os.close(pidfd)
             _, status = os.waitpid(child, 0)
-            exit_code = os.waitstatus_to_exitcode(status)
-            exit_code = exit_code if exit_code >= 0 else 128 - exit_code
+            exit_code = sandbox.exit_code(status)
         log.flush_partial()
         await broadcast(EXIT, str(exit_code).encode())
         for client in list(clients):

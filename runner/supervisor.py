@@ -226,7 +226,6 @@ def main(argv: list[str]) -> int:
         for fd in ours.values():
             if fd is not None:
                 os.close(fd)
-        os.set_inheritable(child_stdio[0], True)
         sandbox.enter_container(spec, sync_r, child_stdio, status_w)
         os._exit(125)  # not reached
     os.close(sync_r)

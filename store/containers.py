@@ -47,6 +47,8 @@ def create_container(store: Store, image_id: str, name: str | None = None, extra
     config = {"Id": container_id, "Name": name or f"strata_{container_id[:8]}", "Image": image_id,
               "Created": now_rfc3339()}
     config.update(extra or {})
+    if not config.get("Hostname"):
+        config["Hostname"] = container_id[:12]
     with store.staging() as staging:
         stage = os.path.join(staging, "container")
         os.mkdir(stage, 0o700)
