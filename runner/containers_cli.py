@@ -283,11 +283,8 @@ def cmd_rm(args, store: Store) -> int:
 
 
 def cmd_rename(args, store: Store) -> int:
-    config = resolve_container(store, args.old)
-    with store.locked():
-        if any(c.get("Name") == args.new for c in list_containers(store)):
-            raise StoreError(f'Conflict. The container name "{args.new}" is already in use')
-    update_config(store, config["Id"], {"Name": args.new})
+    from store.containers import rename_container
+    rename_container(store, resolve_container(store, args.old)["Id"], args.new)
     return 0
 
 

@@ -120,9 +120,21 @@ def current_state(store: Store, container_id: str) -> dict:
 
 def update_config(store: Store, container_id: str, changes: dict) -> dict:
     with store.locked():
-        path = os.path.join(container_dir(store, container_id), "config.json")
-        with open(path, "rb") as f:
-            config = json.load(f)
-        config.update(changes)
-        write_atomic(path, canonical_json(config))
+        return _update_config_locked(store, container_id, changes)
+
+
+def rename_container(store: Store, container_id: str, new_name: str) -> dict:
+    """Check and take the name under one lock, so two renames cannot both win it."""
+    with store.locked():
+        if any(c.get("Name") == new_name for c in list_containers(store)):
+            raise StoreError(f'Conflict. The container name "{new_name}" is already in use')
+        return _update_config_locked(store, container_id, {"Name": new_name})
+
+
+def _update_config_locked(store: Store, container_id: str, changes: dict) -> dict:
+    path = os.path.join(container_dir(store, container_id), "config.json")
+    with open(path, "rb") as f:
+        config = json.load(f)
+    config.update(changes)
+    write_atomic(path, canonical_json(config))
     return config
