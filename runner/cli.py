@@ -466,8 +466,21 @@ def build_parser(only: str | None = None) -> CliParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, early_supervisor: tuple[int, int] | None = None) -> int:
+    """`early_supervisor`: (pid, stdin fd) of one runner.launch spawned for `run`."""
     argv = sys.argv[1:] if argv is None else argv
+    early = None
+    if early_supervisor is not None:
+        from .lifecycle import ProcessHandoff
+        early = ProcessHandoff(*early_supervisor, wait_attach=False)
+    try:
+        return run_command(argv, early)
+    finally:
+        if early is not None:
+            early.abandon()  # unless the run handed it a container
+
+
+def run_command(argv: list[str], early_supervisor) -> int:
     words = [a for a in argv if not a.startswith("-")]
     command = words[0] if words and "--root" not in argv and words[0] in COMMANDS else None
     parser = build_parser(command)
@@ -477,6 +490,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.print_help()
             return 0
         store = Store(args.root)
+        args.early_supervisor = early_supervisor
         status = args.func(args, store)
         sys.stdout.flush()  # a closed pipe must surface here, not at interpreter exit
         return status

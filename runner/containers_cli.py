@@ -39,7 +39,8 @@ def detach_keys_for(config: dict, override: str | None) -> bytes:
         raise StoreError(str(e)) from None
 
 
-def attach_and_wait(store: Store, config: dict, with_stdin: bool, keys: bytes) -> int:
+def attach_and_wait(store: Store, config: dict, with_stdin: bool, keys: bytes) -> int | None:
+    """The container's exit code, or None when the user detached (it runs on)."""
     from .attach import DETACHED, attach
     sock = os.path.join(container_dir(store, config["Id"]), "attach.sock")
     if not os.path.exists(sock):  # the run already ended
@@ -54,7 +55,7 @@ def attach_and_wait(store: Store, config: dict, with_stdin: bool, keys: bytes) -
     if code is DETACHED:
         if config.get("Tty"):
             sys.stdout.write("\r\n")
-        return 0
+        return None
     if code is None:
         state = lifecycle.wait_exited(store, config["Id"], 10) or {}
         code = state.get("ExitCode", 125)
@@ -68,7 +69,8 @@ def cmd_create(args, store: Store) -> int:
 
 
 def cmd_run(args, store: Store) -> int:
-    supervisor = lifecycle.spawn_supervisor(store, wait_attach=not args.detach)  # loads while we create
+    supervisor = lifecycle.spawn_supervisor(store, wait_attach=not args.detach,  # loads while we create
+                                            early=args.early_supervisor)
     try:
         config = lifecycle.create(store, args)
         keys = detach_keys_for(config, args.detach_keys)
@@ -84,8 +86,10 @@ def cmd_run(args, store: Store) -> int:
         print(config["Id"])
         return 0
     code = attach_and_wait(store, config, args.interactive, keys)
-    if args.rm and lifecycle.wait_exited(store, config["Id"], 30) is not None:
-        lifecycle.remove(store, config, force=False)  # the supervisor has unmounted and gone
+    if code is None:
+        return 0
+    if args.rm:  # the supervisor removes it (runner.supervisor); docker run --rm returns after that
+        supervisor.wait_exit(30)
     return code
 
 
@@ -95,7 +99,8 @@ def cmd_start(args, store: Store) -> int:
         config = resolve_container(store, ref)
         lifecycle.start(store, config, wait_attach=args.attach)
         if args.attach:
-            status = attach_and_wait(store, config, args.interactive, detach_keys_for(config, args.detach_keys))
+            status = attach_and_wait(store, config, args.interactive,
+                                     detach_keys_for(config, args.detach_keys)) or 0
         else:
             print(ref)
     return status
@@ -106,7 +111,7 @@ def cmd_attach(args, store: Store) -> int:
     if current_state(store, config["Id"]).get("Status") != "running":
         raise StoreError("You cannot attach to a stopped container, start it first")
     return attach_and_wait(store, config, not args.no_stdin and bool(config.get("OpenStdin")),
-                           detach_keys_for(config, args.detach_keys))
+                           detach_keys_for(config, args.detach_keys)) or 0
 
 
 def parse_since(text: str | None) -> datetime.datetime | None:

@@ -117,11 +117,11 @@ def create(store: Store, args) -> dict:
 
 
 class Handoff:
-    """A supervisor that is starting up and waits for the id of its container."""
+    """A supervisor that is starting up and waits to be told its store and container."""
 
     pid = 0
 
-    def send_id(self, container_id: str) -> None:
+    def send_id(self, store: Store, container_id: str) -> None:
         raise NotImplementedError
 
     def alive(self) -> bool:
@@ -134,30 +134,61 @@ class Handoff:
     def abandon(self) -> None:
         """The container could not be made: the supervisor leaves without one."""
 
+    def wait_exit(self, timeout: float) -> None:
+        """Until the supervisor has gone (a pidfd: no polling interval to wait out)."""
+        import select
+        try:
+            pidfd = os.pidfd_open(self.pid)
+        except ProcessLookupError:
+            return
+        try:
+            select.select([pidfd], [], [], timeout)
+        finally:
+            os.close(pidfd)
+
+
+def supervisor_request(store: Store, container_id: str, wait_attach: bool) -> bytes:
+    import json
+    return json.dumps({"root": store.root, "id": container_id, "wait_attach": wait_attach}).encode() + b"\n"
+
 
 class ProcessHandoff(Handoff):
-    def __init__(self, proc):
-        self.proc, self.pid = proc, proc.pid
+    """A supervisor this CLI spawned (runner.launch); it reads one request line on its stdin."""
 
-    def send_id(self, container_id: str) -> None:
-        self.proc.stdin.write(container_id.encode() + b"\n")
-        self.proc.stdin.close()
+    def __init__(self, pid: int, stdin_fd: int, wait_attach: bool):
+        self.pid, self.stdin_fd, self.wait_attach = pid, stdin_fd, wait_attach
+        self.exited = False
+
+    def send_id(self, store: Store, container_id: str) -> None:
+        os.write(self.stdin_fd, supervisor_request(store, container_id, self.wait_attach))
+        os.close(self.stdin_fd)
+        self.stdin_fd = None
 
     def alive(self) -> bool:
-        return self.proc.poll() is None
+        if not self.exited:
+            self.exited = os.waitpid(self.pid, os.WNOHANG)[0] == self.pid
+        return not self.exited
+
+    def wait_exit(self, timeout: float) -> None:
+        super().wait_exit(timeout)
+        self.alive()  # reap it
 
     def abandon(self) -> None:
-        self.proc.stdin.close()
-        self.proc.wait()
+        if self.stdin_fd is None:  # told its container already: it is the container's now
+            return
+        os.close(self.stdin_fd)
+        self.stdin_fd = None
+        if not self.exited:
+            os.waitpid(self.pid, 0)  # it exits once it sees EOF: nothing is left behind
+            self.exited = True
 
 
 class ZygoteHandoff(Handoff):
     def __init__(self, conn, wait_attach: bool):
         self.conn, self.wait_attach = conn, wait_attach
 
-    def send_id(self, container_id: str) -> None:
-        import json
-        self.conn.sendall(json.dumps({"id": container_id, "wait_attach": self.wait_attach}).encode() + b"\n")
+    def send_id(self, store: Store, container_id: str) -> None:
+        self.conn.sendall(supervisor_request(store, container_id, self.wait_attach))
         reply = b""
         while not reply.endswith(b"\n"):
             chunk = self.conn.recv(64)
@@ -169,13 +200,6 @@ class ZygoteHandoff(Handoff):
 
     def abandon(self) -> None:
         self.conn.close()
-
-
-def _supervisor_env() -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                                     env.get("PYTHONPATH")]))
-    return env
 
 
 def _connect_zygote(store: Store):
@@ -193,27 +217,26 @@ def _connect_zygote(store: Store):
         return None
 
 
-def spawn_supervisor(store: Store, wait_attach: bool) -> Handoff:
+def spawn_supervisor(store: Store, wait_attach: bool, early: ProcessHandoff | None = None) -> Handoff:
     """A supervisor that loads trio and pyfuse3 while the CLI is still making the
-    container, then waits for the container id (a start-up overlap).
+    container, then waits for the container id (a start-up overlap). `early` is
+    one runner.launch spawned before the CLI itself was imported.
 
     With STRATA_PREFORK=1 a pre-imported supervisor factory (the zygote) forks
     it instead, and one is started for the next run when none is listening."""
-    import subprocess
+    from .launch import spawn_blank_supervisor, supervisor_env
+    if early is not None:
+        early.wait_attach = wait_attach
+        return early
     if os.environ.get("STRATA_PREFORK") == "1":
         conn = _connect_zygote(store)
         if conn is not None:
             return ZygoteHandoff(conn, wait_attach)
+        import subprocess
         subprocess.Popen([sys.executable, "-m", "runner.supervisor", "--zygote", store.root],
                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         start_new_session=True, close_fds=True, env=_supervisor_env())
-    argv = [sys.executable, "-m", "runner.supervisor", store.root, "-"]
-    if wait_attach:
-        argv.append("--wait-attach")
-    # its own session: it outlives this CLI, like conmon
-    return ProcessHandoff(subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                           stderr=subprocess.DEVNULL, start_new_session=True, close_fds=True,
-                                           env=_supervisor_env()))
+                         start_new_session=True, close_fds=True, env=supervisor_env())
+    return ProcessHandoff(*spawn_blank_supervisor(), wait_attach)
 
 
 def start(store: Store, config: dict, wait_attach: bool, supervisor: Handoff | None = None) -> None:
@@ -228,7 +251,7 @@ def start(store: Store, config: dict, wait_attach: bool, supervisor: Handoff | N
     if os.path.exists(sock):  # left by a supervisor that died
         os.unlink(sock)
     handoff = supervisor or spawn_supervisor(store, wait_attach)
-    handoff.send_id(config["Id"])
+    handoff.send_id(store, config["Id"])
     deadline = time.monotonic() + 30
     while True:  # up when the supervisor listens (or the run already ended)
         state = read_state(store, config["Id"])

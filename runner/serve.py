@@ -17,6 +17,8 @@ import pyfuse3
 import trio
 
 from store.containers import container_dir, write_state
+from unionfs.mount import fuse_options, mounted
+from unionfs.storeview import make_view_factory
 
 from .protocol import EXIT, RESIZE, STDERR, STDIN, STDIN_CLOSED, STDOUT, frame, split_frames
 from . import sandbox
@@ -46,9 +48,6 @@ def ensure_mount_points(view) -> None:
 
 def serve_container(store, config, rootfs, child, sync_w, status_r, ours, wait_attach, state, container_id):
     """Returns (exit code, error). On an exception the supervisor kills the child."""
-    from unionfs.mount import fuse_options, mounted
-    from unionfs.storeview import make_view_factory
-
     cdir = container_dir(store, container_id)
     view = make_view_factory(store, config["Image"], os.path.join(cdir, "upper"))()
     try:

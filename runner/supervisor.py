@@ -1,6 +1,7 @@
 """The supervisor: one per running container, like conmon. The CLI is only a client.
 
     python -m runner.supervisor STORE_ROOT CONTAINER_ID [--wait-attach]
+    python -m runner.supervisor -     (the CLI sends {"root", "id", "wait_attach"} on stdin)
 
 Steps, in order (DESIGN.md, process model); each names the process it runs in:
   1. supervisor: user namespace when not root (newuidmap ranges from
@@ -27,7 +28,7 @@ import sys
 import time
 
 from store import Store
-from store.containers import container_dir, read_state, write_state
+from store.containers import container_dir, read_state, remove_container, write_state
 from store.store import now_rfc3339
 
 from . import sandbox
@@ -163,14 +164,19 @@ def load_event_loop_modules() -> None:
         ctypes.util.find_library = real
 
 
-def main(argv: list[str]) -> int:
-    root, container_id = argv[0], argv[1]
-    wait_attach = "--wait-attach" in argv
+def serve_request_on_stdin() -> int:
+    """Spawned early by the CLI (runner.launch): load the modules, then learn the
+    store and container from one JSON line; EOF means the CLI failed to make one."""
     load_event_loop_modules()
-    if container_id == "-":  # spawned early by the CLI: the id comes once the container exists
-        container_id = sys.stdin.readline().strip()
-        if not container_id:
-            return 0  # the CLI failed to make the container; nothing to supervise
+    line = sys.stdin.readline()
+    if not line.strip():
+        return 0
+    request = json.loads(line)
+    return main(request["root"], request["id"], request["wait_attach"])
+
+
+def main(root: str, container_id: str, wait_attach: bool) -> int:
+    load_event_loop_modules()
     store = Store(root)
     cdir = container_dir(store, container_id)
     log = os.open(os.path.join(cdir, "supervisor.log"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
@@ -254,6 +260,8 @@ def main(argv: list[str]) -> int:
                  SupervisorPeakRSSKiB=peak_rss_kib())
     runs[-1].update(FinishedAt=state["FinishedAt"], ExitCode=exit_code)
     write_state(store, container_id, state)
+    if config.get("AutoRemove"):  # --rm: removed here, as dockerd does, also when detached
+        remove_container(store, container_id)
     return 0
 
 
@@ -309,7 +317,7 @@ def serve_as_zygote(root: str, idle_seconds: float) -> int:
                     continue
                 if not request.endswith(b"\n"):
                     continue  # the CLI gave up (its create failed)
-                wanted = json.loads(request)
+                wanted = json.loads(request)  # as serve_request_on_stdin reads it
                 pid = os.fork()
                 if pid == 0:
                     listener.close()
@@ -320,7 +328,7 @@ def serve_as_zygote(root: str, idle_seconds: float) -> int:
                     conn.close()
                     code = 1
                     try:
-                        code = main([root, wanted["id"]] + (["--wait-attach"] if wanted.get("wait_attach") else []))
+                        code = main(wanted["root"], wanted["id"], wanted["wait_attach"])
                     finally:
                         sys.stdout.flush()
                         sys.stderr.flush()
@@ -340,4 +348,10 @@ if __name__ == "__main__":
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     if sys.argv[1:2] == ["--zygote"]:
         sys.exit(serve_as_zygote(sys.argv[2], float(os.environ.get("STRATA_PREFORK_IDLE", "10"))))
-    sys.exit(main(sys.argv[1:]))
+    if sys.argv[1:] == ["-"]:
+        code = serve_request_on_stdin()
+    else:
+        code = main(sys.argv[1], sys.argv[2], "--wait-attach" in sys.argv[3:])
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # everything is on disk; interpreter teardown only delays `run --rm`

@@ -61,7 +61,7 @@ def run_strata(root: str, *args: str, input: bytes | None = None, check: bool = 
     full_env = dict(os.environ, STRATA_ROOT=root, PYTHONPATH=REPO)
     if env:
         full_env.update(env)
-    proc = subprocess.run([sys.executable, "-m", "runner.cli", *args], input=input,
+    proc = subprocess.run([sys.executable, "-m", "runner", *args], input=input,
                           capture_output=True, env=full_env, cwd=REPO, timeout=120)
     if check and proc.returncode != 0:
         raise AssertionError(f"strata {' '.join(args)} failed ({proc.returncode}): "

@@ -63,7 +63,7 @@ def served(argv: list[str], mountpoint: str, env: dict | None = None):
 
 
 def strata_mount_argv(store_root: str, obj: str, mountpoint: str) -> tuple[list[str], dict]:
-    return ([sys.executable, "-m", "runner.cli", "mount", "-f", obj, mountpoint], {"STRATA_ROOT": store_root})
+    return ([sys.executable, "-m", "runner", "mount", "-f", obj, mountpoint], {"STRATA_ROOT": store_root})
 
 
 def standalone_argv(lowers: list[str], upper: str | None, work: str | None, mountpoint: str) -> list[str]:

@@ -151,7 +151,7 @@ def test_templates_follow_go(strata, app_tar):
 
 def test_closed_pipe_is_not_an_error(store_root, app_tar):
     run_strata(store_root, "import", app_tar, "app:1", check=True)
-    proc = subprocess.run(f"{sys.executable} -m runner.cli images | head -c 1", shell=True, cwd=REPO,
+    proc = subprocess.run(f"{sys.executable} -m runner images | head -c 1", shell=True, cwd=REPO,
                           capture_output=True, env=dict(os.environ, STRATA_ROOT=store_root, PYTHONPATH=REPO))
     assert proc.stderr == b"" and proc.stdout == b"R"
 

@@ -14,7 +14,7 @@ def test_parallel_imports_and_tags_lose_nothing(store_root, tmp_path):
     env = dict(os.environ, STRATA_ROOT=store_root, PYTHONPATH=REPO)
     first = tmp_path / "base.tar"
     first.write_bytes(build_tar([member("base", data=b"b")]))
-    subprocess.run([sys.executable, "-m", "runner.cli", "import", str(first), "base"], env=env, check=True)
+    subprocess.run([sys.executable, "-m", "runner", "import", str(first), "base"], env=env, check=True)
     commands = []
     for n in range(12):
         tar = tmp_path / f"img{n}.tar"
@@ -24,7 +24,7 @@ def test_parallel_imports_and_tags_lose_nothing(store_root, tmp_path):
         commands.append(["tag", "base", f"alias:{n}"])
         commands.append(["import", "-", f"same:{n}"])
     same = build_tar([member("same", data=b"identical")])
-    procs = [subprocess.Popen([sys.executable, "-m", "runner.cli", *c], env=env, stdin=subprocess.PIPE,
+    procs = [subprocess.Popen([sys.executable, "-m", "runner", *c], env=env, stdin=subprocess.PIPE,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for c in commands]
     for c, p in zip(commands, procs):
         stdout, stderr = p.communicate(same if c[1] == "-" else b"", timeout=120)

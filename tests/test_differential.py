@@ -176,7 +176,7 @@ class UnionVsOverlay(RuleBasedStateMachine):
                         "redirect_dir=on,index=on", self.ovl], check=True)
         self.mounts.append(self.ovl)
         self.mnt = os.path.join(self.tmp, "strata")
-        ctx = served([sys.executable, "-m", "runner.cli", "mount", "-f", "diff", self.mnt], self.mnt,
+        ctx = served([sys.executable, "-m", "runner", "mount", "-f", "diff", self.mnt], self.mnt,
                      {"STRATA_ROOT": store.root, "PYTHONPATH": REPO})
         ctx.__enter__()
         self.servers.append(ctx)

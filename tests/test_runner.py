@@ -56,7 +56,7 @@ class PtySession:
             import termios
             os.setsid()
             fcntl.ioctl(0, termios.TIOCSCTTY, 0)
-        self.proc = subprocess.Popen([*prefix, python, "-m", "runner.cli", *args], stdin=slave, stdout=slave,
+        self.proc = subprocess.Popen([*prefix, python, "-m", "runner", *args], stdin=slave, stdout=slave,
                                      stderr=slave, env=env, cwd=REPO, preexec_fn=controlling_terminal)
         os.close(slave)
         self.output = b""
@@ -146,6 +146,14 @@ def test_detached_daemon_stop_and_rm(strata_root):
     assert not os.path.exists(os.path.join(strata_root, "containers", cid))
 
 
+def test_detached_run_with_rm_is_removed_when_it_exits(strata_root):
+    cid = ok(strata(strata_root, "run", "-d", "--rm", "busybox", "sh", "-c", "echo bye")).strip()
+    wait_for(lambda: not os.path.exists(os.path.join(strata_root, "containers", cid)),
+             what="the supervisor to remove the --rm container")
+    assert ok(strata(strata_root, "ps", "-aq")) == ""
+    wait_for(lambda: supervisors_of(strata_root) == [], what="the supervisor to leave")
+
+
 @pytest.mark.parametrize("command,code,message", [
     (["sh", "-c", "exit 3"], 3, ""),
     (["nosuchcommand"], 127, 'exec: "nosuchcommand": executable file not found in $PATH'),
@@ -179,9 +187,27 @@ def test_containment(strata_root):
     assert "Read-only file system" in out or "Permission denied" in out
 
 
+def supervisors_of(store_root: str) -> list[int]:
+    """Supervisors this test's CLI spawned: their environment names the test's store."""
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"runner.supervisor" not in f.read():
+                    continue
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if f"STRATA_ROOT={store_root}".encode() in f.read().split(b"\0"):
+                    pids.append(int(pid))
+        except OSError:
+            pass
+    return pids
+
+
 def test_bad_input_leaves_nothing_behind(strata_root):
     proc = strata(strata_root, "run", "nosuchimage", "true")
     assert proc.returncode == 125 and "No such image: nosuchimage" in proc.stderr.decode()
+    # the supervisor spawned before the CLI knew the image was bad is gone too
+    assert supervisors_of(strata_root) == []
     ok(strata(strata_root, "run", "--name", "taken", "busybox", "true"))
     proc = strata(strata_root, "run", "--name", "taken", "busybox", "true")
     assert proc.returncode == 125 and 'name "taken" is already in use' in proc.stderr.decode()
@@ -211,7 +237,7 @@ def test_killed_supervisor_takes_the_container_and_the_mount(strata_root):
 UNPRIVILEGED = textwrap.dedent("""\
     set -e
     export STRATA_ROOT=$WORK/store HOME=$WORK
-    S="$PY -m runner.cli"
+    S="$PY -m runner"
     $S run --name u1 busybox sh -c 'echo hi > /f; chown 1000:1000 /f; stat -c %u:%g /f; id -u'
     $S start -a u1
     $S start -a u1
@@ -264,7 +290,7 @@ def test_exec_top_pause_unpause(strata_root):
 
 def test_signals_reach_a_foreground_container(strata_root):
     env = dict(os.environ, STRATA_ROOT=strata_root, PYTHONPATH=REPO)
-    proc = subprocess.Popen([sys.executable, "-m", "runner.cli", "run", "--name", "sig", "busybox", "sh", "-c",
+    proc = subprocess.Popen([sys.executable, "-m", "runner", "run", "--name", "sig", "busybox", "sh", "-c",
                              "trap 'echo got TERM; exit 5' TERM; echo waiting; while true; do sleep 0.1; done"],
                             stdout=subprocess.PIPE, env=env, cwd=REPO)
     assert proc.stdout.readline() == b"waiting\n"
@@ -337,7 +363,7 @@ def test_kill_rename_attach_without_stdin_and_ps_json(strata_root):
     rows = [json.loads(line) for line in ok(strata(strata_root, "ps", "--format", "json")).splitlines()]
     assert [(r["Names"], r["State"]) for r in rows] == [("second", "running")]
     env = dict(os.environ, STRATA_ROOT=strata_root, PYTHONPATH=REPO)
-    watcher = subprocess.Popen([sys.executable, "-m", "runner.cli", "attach", "--no-stdin", "second"],
+    watcher = subprocess.Popen([sys.executable, "-m", "runner", "attach", "--no-stdin", "second"],
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, cwd=REPO)
     seen = b""
     for _ in range(100):  # until the attached client shows output (it may still be connecting)

@@ -132,11 +132,11 @@ STORE_SCRIPT = textwrap.dedent("""\
     set -eu
     cd "$WORK"
     export STRATA_ROOT=$WORK/store
-    "$PY" -m runner.cli import $WORK/rootfs.tar app >/dev/null
+    "$PY" -m runner import $WORK/rootfs.tar app >/dev/null
     "$PY" -c 'from store import Store; from store.containers import create_container
     s = Store(); create_container(s, s.resolve_image("app"), "c1")'
     for round in 1 2; do
-        "$PY" -m runner.cli mount -f c1 $WORK/mnt > $WORK/server$round.log 2>&1 &
+        "$PY" -m runner mount -f c1 $WORK/mnt > $WORK/server$round.log 2>&1 &
         server=$!
         i=0
         until grep -q " $WORK/mnt " /proc/self/mountinfo; do
