@@ -31,10 +31,31 @@ def add_create_flags(p) -> None:
     p.add_argument("command", metavar="COMMAND", nargs=argparse.REMAINDER)
 
 
-def detach_keys_for(config: dict, override: str | None) -> bytes:
-    from .attach import parse_detach_keys
+def configured_detach_keys() -> str:
+    """`detachKeys` of strata's config file, as Docker reads ~/.docker/config.json:
+    $STRATA_CONFIG, else $XDG_CONFIG_HOME/strata/config.json (~/.config/...)."""
+    path = os.environ.get("STRATA_CONFIG") or os.path.join(
+        os.environ.get("XDG_CONFIG_HOME") or os.path.expanduser("~/.config"), "strata", "config.json")
     try:
-        return parse_detach_keys(override or config.get("DetachKeys") or os.environ.get("STRATA_DETACH_KEYS", ""))
+        with open(path, "rb") as f:
+            config = json.load(f)
+    except FileNotFoundError:
+        return ""
+    except (OSError, ValueError) as e:
+        raise StoreError(f"cannot read config file {path}: {e}") from None
+    keys = config.get("detachKeys", "") if isinstance(config, dict) else None
+    if not isinstance(keys, str):
+        raise StoreError(f"config file {path}: detachKeys must be a string")
+    return keys
+
+
+def detach_keys_for(config: dict, override: str | None) -> bytes:
+    """The flag, else the keys stored with the container, else $STRATA_DETACH_KEYS,
+    else the config file, else Docker's ctrl-p,ctrl-q."""
+    from .attach import parse_detach_keys
+    keys = override or config.get("DetachKeys") or os.environ.get("STRATA_DETACH_KEYS") or configured_detach_keys()
+    try:
+        return parse_detach_keys(keys)
     except ValueError as e:
         raise StoreError(str(e)) from None
 

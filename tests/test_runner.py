@@ -115,6 +115,28 @@ def test_seed_story_with_a_terminal(strata_root):
     assert "Exited (7)" in ok(strata(strata_root, "ps", "-a"))
 
 
+def test_detach_keys_from_the_config_file_and_the_flag(strata_root, tmp_path):
+    config = tmp_path / "config.json"
+    config.write_text('{"detachKeys": "ctrl-x,x"}')
+    env = dict(os.environ, STRATA_CONFIG=str(config))
+    env.pop("STRATA_DETACH_KEYS", None)
+    session = PtySession(strata_root, "run", "-it", "--name", "keys", "busybox", "sh", env=env)
+    session.send(b"\x10\x11echo still-$((1+1))\n")  # Ctrl-P Ctrl-Q is only input now
+    session.expect(b"still-2")
+    session.send(b"\x18x")  # the configured Ctrl-X x
+    assert session.wait() == 0
+    assert "keys Up " in ok(strata(strata_root, "ps", "--format", "{{.Names}} {{.Status}}"))
+    again = PtySession(strata_root, "attach", "--detach-keys", "ctrl-a,d", "keys", env=env)
+    again.send(b"echo back-$((2+2))\n")
+    again.expect(b"back-4")
+    again.send(b"\x01d")  # the flag wins over the config file
+    assert again.wait() == 0
+    config.write_text('{"detachKeys": 5}')
+    proc = strata(strata_root, "attach", "keys", env={"STRATA_CONFIG": str(config)})
+    assert proc.returncode == 125 and "detachKeys must be a string" in proc.stderr.decode()
+    ok(strata(strata_root, "rm", "-f", "keys"))
+
+
 def test_run_three_times_with_start_and_logs(strata_root):
     out = ok(strata(strata_root, "run", "--name", "thrice", "busybox", "sh", "-c",
                     "echo run >> /runs; echo run $(wc -l < /runs)"))
