@@ -17,7 +17,7 @@ import pyfuse3
 import trio
 
 from store.containers import container_dir, write_state
-from unionfs.mount import fuse_options, mounted
+from unionfs.mount import fuse_options, mounted, serve_session
 from unionfs.storeview import make_view_factory
 
 from .protocol import EXIT, RESIZE, STDERR, STDIN, STDIN_CLOSED, STDOUT, frame, split_frames
@@ -158,7 +158,7 @@ async def _serve(store, config, cdir, child, sync_w, status_r, ours, wait_attach
             await broadcast(STDERR, f"strata: error: {message}\n".encode())
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(functools.partial(pyfuse3.main, 1, 1))
+        nursery.start_soon(serve_session)
         nursery.start_soon(accept_loop, nursery)
         if wait_attach:
             with trio.move_on_after(30):

@@ -347,3 +347,37 @@ def test_read_only_open_with_trunc_and_far_future_times(mounted):
     os.utime(f"{mnt}/d/top", (far, far))
     os.chmod(f"{mnt}/d/top", 0o600)
     assert stat.S_IMODE(os.lstat(f"{mnt}/d/top").st_mode) == 0o600
+
+
+def test_the_lock_free_session_wait_is_installed_and_ends_on_terminate():
+    """unionfs.mount swaps pyfuse3's per-request lock out; a pyfuse3 that renamed the
+    hook would silently cost a quarter of every lookup, so this pins it."""
+    import pyfuse3
+    import trio
+
+    from unionfs.mount import install_single_task_wait
+    stock = pyfuse3._wait_fuse_readable
+    read_end, write_end = os.pipe()
+    try:
+        assert install_single_task_wait(read_end)
+        assert pyfuse3._wait_fuse_readable is not stock
+
+        async def both():
+            os.write(write_end, b"x")
+            readable = await pyfuse3._wait_fuse_readable()  # data waiting: True
+            async with trio.open_nursery() as nursery:
+                results = []
+
+                async def waiter():
+                    os.read(read_end, 1)
+                    results.append(await pyfuse3._wait_fuse_readable())
+                nursery.start_soon(waiter)
+                await trio.testing.wait_all_tasks_blocked()
+                trio.lowlevel.notify_closing(read_end)  # what pyfuse3.terminate() does
+            return readable, results
+        import trio.testing
+        assert trio.run(both) == (True, [False])
+    finally:
+        pyfuse3._wait_fuse_readable = stock
+        os.close(read_end)
+        os.close(write_end)
