@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import functools
+import json
 import os
 import struct
 import socket
@@ -29,29 +30,45 @@ INIT_DIRS = ("proc", "dev", "sys", "etc")
 INIT_FILES = ("etc/hosts", "etc/hostname", "etc/resolv.conf")
 
 
-def ensure_mount_points(view) -> None:
-    """The container's runtime mount points, as Docker's init layer provides them."""
-    for name in INIT_DIRS:
-        try:
-            view.lookup(1, name.encode())
-        except FileNotFoundError:
-            view.mkdir(1, name.encode(), 0o755, 0, 0)
-    etc = view.lookup(1, b"etc").ino
-    for path in INIT_FILES:
-        name = path.split("/")[1].encode()
-        try:
-            view.lookup(etc, name)
-        except FileNotFoundError:
-            _, fd = view.create(etc, name, 0o644, os.O_RDWR, 0, 0)
-            view.release(fd)
+def ensure_init_layer(view) -> None:
+    """The container's runtime mount points, as Docker's init layer provides them.
+
+    They are made outside the journal and listed in the upper layer's meta
+    `init_paths`, so diff and commit never show them; the directories they
+    are made in keep their times, so those do not show as changed either."""
+    if view.upper.get_meta("init_paths") is not None:
+        return
+    journal, view.journal = view.journal, None
+    made = []
+    try:
+        for path in INIT_DIRS + INIT_FILES:
+            parent_path, _, name = path.rpartition("/")
+            parent = view.lookup(1, parent_path.encode()) if parent_path else view.node(1)
+            try:
+                view.lookup(parent.ino, name.encode())
+                continue
+            except FileNotFoundError:
+                pass
+            times = parent.atime_ns, parent.mtime_ns
+            if path in INIT_DIRS:
+                view.mkdir(parent.ino, name.encode(), 0o755, 0, 0)
+            else:
+                _, fd = view.create(parent.ino, name.encode(), 0o644, os.O_RDWR, 0, 0)
+                view.release(fd)
+            view.setattr(parent.ino, atime_ns=times[0], mtime_ns=times[1])
+            made.append("/" + path)
+        view.upper.set_meta("init_paths", json.dumps(made))
+    finally:
+        view.journal = journal
 
 
 def serve_container(store, config, rootfs, child, sync_w, status_r, ours, wait_attach, state, container_id):
     """Returns (exit code, error). On an exception the supervisor kills the child."""
     cdir = container_dir(store, container_id)
-    view = make_view_factory(store, config["Image"], os.path.join(cdir, "upper"))()
+    run = state["Runs"][-1]["Run"]
+    view = make_view_factory(store, config["Image"], os.path.join(cdir, "upper"), run)()
     try:
-        ensure_mount_points(view)
+        ensure_init_layer(view)
     except BaseException:
         view.close()
         raise

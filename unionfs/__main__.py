@@ -15,7 +15,7 @@ import sys
 
 from .lower import DirLower
 from .mount import serve, serve_in_background
-from .upper import UpperLayer
+from .storeview import open_upper
 from .view import UnionView
 
 # accepted for compatibility with fuse-overlayfs command lines; they change nothing here
@@ -63,11 +63,10 @@ def main(argv: list[str] | None = None) -> int:
 
     def make_view() -> UnionView:
         lower = DirLower([os.path.abspath(d) for d in lowers])
-        upper = None
-        if upper_dir is not None and "ro" not in opts:
-            upper = UpperLayer(os.path.abspath(upper_dir), lower.first_free_ino)
-            upper.check()
-        return UnionView(lower, upper)
+        if upper_dir is None or "ro" in opts:
+            return UnionView(lower)
+        upper, journal = open_upper(os.path.abspath(upper_dir), lower, run=0)
+        return UnionView(lower, upper, journal)
 
     mountpoint = os.path.abspath(args.mountpoint)
     if args.foreground or debug:

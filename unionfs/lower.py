@@ -54,6 +54,10 @@ class LowerSource:
             children = self._load_dir(dir_ino)
         return sorted(children.items())
 
+    def path_of(self, ino: int) -> bytes | None:
+        """The image path of a lower inode, where the source knows it (the journal's fallback)."""
+        return None
+
     def close(self) -> None:
         for fd in self.layer_fds:
             os.close(fd)
@@ -72,7 +76,13 @@ class IndexLower(LowerSource):
                "i.target, i.xattrs FROM dirents d JOIN inodes i ON i.ino = d.ino WHERE d.parent=?")
     ATTR_SQL = "SELECT mode, uid, gid, size, mtime_ns, rdev, nlink, target, xattrs FROM inodes WHERE ino=?"
 
-    def __init__(self, index_path: str, layer_roots: list[str]):
+    POINT_SQL = ("SELECT i.ino, i.mode, i.uid, i.gid, i.size, i.mtime_ns, i.rdev, i.nlink, i.target, i.xattrs "
+                 "FROM dirents d JOIN inodes i ON i.ino = d.ino WHERE d.parent=? AND d.name=?")
+
+    def __init__(self, index_path: str, layer_roots: list[str], point_lookups: bool = False):
+        """`point_lookups`: look names up one by one instead of loading each directory whole
+        (diff and commit visit a few names of possibly huge directories)."""
+        self.point_lookups = point_lookups
         # immutable=1: the index never changes, so SQLite skips locking and change checks
         self.db = sqlite3.connect(f"file:{index_path}?mode=ro&immutable=1", uri=True,
                                   check_same_thread=False)
@@ -84,6 +94,18 @@ class IndexLower(LowerSource):
     def close(self) -> None:
         self.db.close()
         super().close()
+
+    def lookup(self, dir_ino: int, name: bytes) -> int | None:
+        children = self.dirs.get(dir_ino)
+        if children is None:
+            if self.point_lookups:
+                row = self.db.execute(self.POINT_SQL, (dir_ino, name)).fetchone()
+                if row is None:
+                    return None
+                self.attr_rows[row[0]] = row[1:]
+                return row[0]
+            children = self._load_dir(dir_ino)
+        return children.get(name)
 
     def _load_dir(self, dir_ino: int) -> dict[bytes, int]:
         children = {}
@@ -101,6 +123,16 @@ class IndexLower(LowerSource):
             if row is None:
                 return None
         return row[:8] + (decode_xattrs(row[8]),)
+
+    def path_of(self, ino: int) -> bytes | None:
+        parts = []
+        while ino != 1 and len(parts) < 4096:
+            row = self.db.execute("SELECT parent, name FROM dirents WHERE ino=? LIMIT 1", (ino,)).fetchone()
+            if row is None:
+                return None
+            ino = row[0]
+            parts.append(bytes(row[1]))
+        return b"/" + b"/".join(reversed(parts))
 
     def open_data(self, ino: int) -> int:
         layer, path = self.db.execute("SELECT layer, path FROM inodes WHERE ino=?", (ino,)).fetchone()

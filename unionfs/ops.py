@@ -100,6 +100,7 @@ class UnionOperations(pyfuse3.Operations):
 
     @answer_errors
     async def setattr(self, inode, attr, fields, fh, ctx):
+        self.view.caller = (ctx.pid, ctx.uid, ctx.gid)  # the journal's who
         n = self.view.setattr(
             inode, fh,
             mode=attr.st_mode if fields.update_mode else None,
@@ -150,11 +151,13 @@ class UnionOperations(pyfuse3.Operations):
 
     @answer_errors
     async def open(self, inode, flags, ctx):
+        self.view.caller = (ctx.pid, ctx.uid, ctx.gid)  # the journal's who
         fd, _ = self.view.open(inode, flags)
         return pyfuse3.FileInfo(fh=fd, keep_cache=True)
 
     @answer_errors
     async def create(self, parent_inode, name, mode, flags, ctx):
+        self.view.caller = (ctx.pid, ctx.uid, ctx.gid)  # the journal's who
         n, fd = self.view.create(parent_inode, name, mode & ~ctx.umask, flags, ctx.uid, ctx.gid)
         return pyfuse3.FileInfo(fh=fd, keep_cache=True), self.entry(n)
 
@@ -180,30 +183,37 @@ class UnionOperations(pyfuse3.Operations):
 
     @answer_errors
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
+        self.view.caller = (ctx.pid, ctx.uid, ctx.gid)  # the journal's who
         return self.entry(self.view.mknod(parent_inode, name, mode & ~ctx.umask, rdev, ctx.uid, ctx.gid))
 
     @answer_errors
     async def mkdir(self, parent_inode, name, mode, ctx):
+        self.view.caller = (ctx.pid, ctx.uid, ctx.gid)  # the journal's who
         return self.entry(self.view.mkdir(parent_inode, name, mode & ~ctx.umask, ctx.uid, ctx.gid))
 
     @answer_errors
     async def symlink(self, parent_inode, name, target, ctx):
+        self.view.caller = (ctx.pid, ctx.uid, ctx.gid)  # the journal's who
         return self.entry(self.view.symlink(parent_inode, name, target, ctx.uid, ctx.gid))
 
     @answer_errors
     async def link(self, inode, new_parent_inode, new_name, ctx):
+        self.view.caller = (ctx.pid, ctx.uid, ctx.gid)  # the journal's who
         return self.entry(self.view.link(inode, new_parent_inode, new_name))
 
     @answer_errors
     async def unlink(self, parent_inode, name, ctx):
+        self.view.caller = (ctx.pid, ctx.uid, ctx.gid)  # the journal's who
         self.view.unlink(parent_inode, name)
 
     @answer_errors
     async def rmdir(self, parent_inode, name, ctx):
+        self.view.caller = (ctx.pid, ctx.uid, ctx.gid)  # the journal's who
         self.view.rmdir(parent_inode, name)
 
     @answer_errors
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
+        self.view.caller = (ctx.pid, ctx.uid, ctx.gid)  # the journal's who
         self.view.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
 
     @answer_errors
@@ -216,10 +226,12 @@ class UnionOperations(pyfuse3.Operations):
 
     @answer_errors
     async def setxattr(self, inode, name, value, ctx):
+        self.view.caller = (ctx.pid, ctx.uid, ctx.gid)  # the journal's who
         self.view.setxattr(inode, name, value)
 
     @answer_errors
     async def removexattr(self, inode, name, ctx):
+        self.view.caller = (ctx.pid, ctx.uid, ctx.gid)  # the journal's who
         self.view.removexattr(inode, name)
 
     @answer_errors

@@ -1,27 +1,116 @@
 """Views of store objects: an image (read-only) or a container (image + upper layer)."""
 from __future__ import annotations
 
+import json
 import os
 
 from store import Store
 
+from .diff import Differ, ImageTree, ViewTree, journal_diff, tree_diff
+
+from .journal import Journal, read_records
 from .lower import IndexLower
 from .upper import UpperLayer
 from .view import UnionView
 
 
-def image_lower(store: Store, image_id: str) -> IndexLower:
+def image_lower(store: Store, image_id: str, point_lookups: bool = False) -> IndexLower:
     config = store.image_config(image_id)
     roots = [os.path.join(store.layer_dir(d), "root") for d in config["rootfs"]["diff_ids"]]
-    return IndexLower(store.index_path(image_id), roots)
+    return IndexLower(store.index_path(image_id), roots, point_lookups)
 
 
-def make_view_factory(store: Store, image_id: str, upper_path: str | None = None):
-    """A function that opens the view; called in the server process, after any fork."""
+def open_upper(upper_path: str, lower, run: int) -> tuple[UpperLayer, Journal]:
+    """The upper layer and its journal, repaired after a crash (fsck) before any change."""
+    upper = UpperLayer(upper_path, lower.first_free_ino)
+    try:
+        upper.check()
+        journal = Journal(upper, run)
+        journal.recover(lambda ino: lower.path_of(ino) or b"/?%d" % ino)
+    except BaseException:
+        upper.close()
+        raise
+    return upper, journal
+
+
+def make_view_factory(store: Store, image_id: str, upper_path: str | None = None, run: int = 0):
+    """A function that opens the view; called in the server process, after any fork.
+    `run`: the container's run the journal attributes changes to (0: outside a run)."""
     def make() -> UnionView:
         lower = image_lower(store, image_id)
-        upper = UpperLayer(upper_path, lower.first_free_ino) if upper_path else None
-        if upper is not None:
-            upper.check()
-        return UnionView(lower, upper)
+        if upper_path is None:
+            return UnionView(lower)
+        upper, journal = open_upper(upper_path, lower, run)
+        return UnionView(lower, upper, journal)
     return make
+
+
+class ContainerChanges:
+    """A container's image and merged view, its journal and init-layer paths, opened
+    beside a live supervisor (SQLite WAL readers) for diff and commit; no fsck here,
+    that is the server's to run. Close it when done."""
+
+    def __init__(self, store: Store, image_id: str, upper_path: str):
+        self.image_lower = image_lower(store, image_id, point_lookups=True)
+        self.before = ImageTree(self.image_lower)
+        lower = image_lower(store, image_id, point_lookups=True)
+        try:
+            self.upper = UpperLayer(upper_path, lower.first_free_ino)
+        except BaseException:
+            lower.close()
+            self.image_lower.close()
+            raise
+        self.view = UnionView(lower, self.upper)
+        self.after = ViewTree(self.view)
+        self.hidden = set(json.loads(self.upper.get_meta("init_paths") or "[]"))
+
+    def records(self, run: int | None = None, since_ns: int | None = None) -> list[dict]:
+        return read_records(self.upper.db, run, since_ns)
+
+    def diff(self) -> list[tuple[str, str]]:
+        return journal_diff(self.before, self.view, self.records(), self.hidden)
+
+    def full_diff(self) -> list[tuple[str, str]]:
+        return tree_diff(self.before, self.after, self.hidden)
+
+    def close(self) -> None:
+        self.view.close()
+        self.image_lower.close()
+
+
+class EmptyTree:
+    """No files at all: what a squash with no ancestor starts from."""
+
+    def stat(self, path: str):
+        return None
+
+    def children(self, path: str) -> list[str]:
+        return []
+
+    def close(self) -> None:
+        pass
+
+
+def image_diff(store: Store, old_id: str | None, new_id: str) -> tuple[list[tuple[str, str]], object, object]:
+    """(changes, before tree, after tree) from image `old_id` (None: nothing) to `new_id`.
+    When `new_id` extends `old_id`'s chain, only the paths its extra layers name are
+    compared; otherwise every path of both."""
+    after = ImageTree(image_lower(store, new_id, point_lookups=True))
+    if old_id is None:
+        before = EmptyTree()
+        return tree_diff(before, after), before, after
+    before = ImageTree(image_lower(store, old_id, point_lookups=True))
+    old_layers = store.image_config(old_id)["rootfs"]["diff_ids"]
+    new_layers = store.image_config(new_id)["rootfs"]["diff_ids"]
+    if new_layers[:len(old_layers)] != old_layers:
+        return tree_diff(before, after), before, after
+    differ = Differ(before, after)
+    for diff_id in new_layers[len(old_layers):]:
+        for entry in store.layer_entries(diff_id):
+            if not entry.path:
+                continue
+            path = "/" + entry.path
+            differ.add_path(path)
+            if entry.opaque:  # its lower children are gone, whatever its inode says
+                differ.walk_once(path)
+    return differ.result(), before, after

@@ -29,6 +29,8 @@ import stat
 
 from store.fsutil import DIR_FLAGS
 
+from . import journal
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS inodes(ino INTEGER PRIMARY KEY, lower_ino INTEGER, mode INTEGER NOT NULL,
     uid INTEGER NOT NULL, gid INTEGER NOT NULL, size INTEGER NOT NULL, atime_ns INTEGER NOT NULL,
@@ -105,7 +107,7 @@ class UpperLayer:
                                   check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")  # survives kill -9; fsync() syncs explicitly
-        self.db.executescript(SCHEMA)
+        self.db.executescript(SCHEMA + journal.SCHEMA)
         row = self.db.execute("SELECT value FROM meta WHERE key='next_ino'").fetchone()
         if row is None:
             self.db.execute("INSERT INTO meta VALUES('next_ino', ?)", (str(first_free_ino),))
@@ -177,6 +179,19 @@ class UpperLayer:
         except sqlite3.Error as e:
             raise storage_errors(e) from None
 
+    def execute_returning(self, sql: str, args: tuple = ()) -> sqlite3.Cursor:
+        try:
+            return self.db.execute(sql, args)
+        except sqlite3.Error as e:
+            raise storage_errors(e) from None
+
+    def get_meta(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return None if row is None else row[0]
+
+    def set_meta(self, key: str, value: str) -> None:
+        self.execute("INSERT OR REPLACE INTO meta VALUES(?, ?)", (key, value))
+
     def put_inode(self, row: tuple) -> None:
         self.execute("INSERT OR REPLACE INTO inodes VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?)", row)
 
@@ -222,10 +237,19 @@ class UpperLayer:
             os.unlink(self.data_name(ino), dir_fd=self.data_fd)
 
     def data_size(self, ino: int) -> int | None:
+        size_mtime = self.data_stat(ino)
+        return None if size_mtime is None else size_mtime[0]
+
+    def data_stat(self, ino: int) -> tuple[int, int] | None:
+        """(size, host mtime in ns) of data/<ino>, or None when it has no data file."""
         try:
-            return os.stat(self.data_name(ino), dir_fd=self.data_fd, follow_symlinks=False).st_size
+            st = os.stat(self.data_name(ino), dir_fd=self.data_fd, follow_symlinks=False)
         except FileNotFoundError:
             return None
+        return st.st_size, st.st_mtime_ns
+
+    def data_inodes(self) -> list[int]:
+        return sorted(int(name) for name in os.listdir(self.data_fd) if name.isdigit())
 
     def sync(self) -> None:
         self.db.execute("PRAGMA wal_checkpoint(PASSIVE)")

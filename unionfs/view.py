@@ -16,6 +16,7 @@ import os
 import stat
 import time
 
+from .journal import NOBODY, WriteLog, add_range
 from .lower import decode_xattrs
 from .upper import UpperLayer, encode_xattrs
 
@@ -36,11 +37,12 @@ class Node:
     """One inode of the merged view (materialised on first use, kept while mounted)."""
 
     __slots__ = ("ino", "mode", "uid", "gid", "size", "atime_ns", "mtime_ns", "ctime_ns", "rdev",
-                 "nlink", "target", "xattrs", "lower_ino", "has_data", "parent", "opens", "dirty",
+                 "nlink", "target", "xattrs", "lower_ino", "has_data", "parent", "name", "opens", "dirty",
                  "attr", "attr_generation")  # attr: the adapter's cached reply, valid for one generation
+    # parent, name: the name the kernel last reached it by (the journal's paths)
 
     def __init__(self, ino: int):
-        self.ino, self.parent, self.opens, self.dirty = ino, None, 0, False
+        self.ino, self.parent, self.name, self.opens, self.dirty = ino, None, None, 0, False
         self.attr, self.attr_generation = None, -1
 
     def load_row(self, row: tuple) -> None:
@@ -77,11 +79,18 @@ def check_name(name: bytes) -> None:
 
 
 class UnionView:
-    """Collaborators: `lower` (IndexLower or DirLower), `upper` (UpperLayer, or None: read-only)."""
+    """Collaborators: `lower` (IndexLower or DirLower), `upper` (UpperLayer, or None: read-only),
+    `journal` (unionfs.journal.Journal, or None: changes are not recorded).
 
-    def __init__(self, lower, upper: UpperLayer | None = None):
+    `caller` is (pid, uid, gid) of the request being served; the adapter sets
+    it before every change, and the journal records it."""
+
+    def __init__(self, lower, upper: UpperLayer | None = None, journal=None):
         self.lower = lower
         self.upper = upper
+        self.journal = journal
+        self.caller = NOBODY
+        self.write_logs: dict[int, WriteLog] = {}  # open fd -> what it wrote (journal)
         self.nodes: dict[int, Node] = {}
         self.handles: dict[int, Node] = {}  # open fd -> node
         # Bumped by every change to the view: a cached attribute reply (Node.attr) is
@@ -148,6 +157,35 @@ class UnionView:
                     n.load_lower(attrs)
         self.upper_rows = rows
 
+    # -- the journal ---------------------------------------------------------------
+
+    def path_of(self, n: Node) -> bytes:
+        """The path the kernel last reached `n` by (the lower path if it never did)."""
+        parts = []
+        for _ in range(4096):  # deeper than PATH_MAX allows: a loop would be a bug, not a hang
+            if n.ino == 1:
+                break
+            if n.name is None or n.parent is None:
+                lower_path = self.lower.path_of(n.lower_ino) if n.lower_ino is not None else None
+                parts.append(lower_path.lstrip(b"/") if lower_path is not None else b"?%d" % n.ino)
+                break
+            parts.append(n.name)
+            n = self.nodes.get(n.parent) or self.node(n.parent)
+        return b"/" + b"/".join(reversed(parts))
+
+    def child_path(self, parent: Node, name: bytes) -> bytes:
+        base = self.path_of(parent)
+        return base + name if base == b"/" else base + b"/" + name
+
+    def _record(self, op: str, path: bytes, n: Node, path2: bytes | None = None, detail: dict | None = None,
+                data: bool = False) -> None:
+        """Journal one change, in the transaction that makes it; `data`: it changed data/<ino>."""
+        journal = self.journal
+        if journal is not None:
+            journal.record(self.caller, op, path, n.ino, n.mode & 0o170000, path2, detail)
+            if data:
+                journal.note_data(n.ino)
+
     def _writable(self) -> UpperLayer:
         if self.upper is None:
             raise fs_error(errno.EROFS)
@@ -187,8 +225,7 @@ class UnionView:
         if ino is None:
             raise fs_error(errno.ENOENT)
         n = self.nodes.get(ino) or self.node(ino)
-        if n.mode & 0o170000 == S_IFDIR:
-            n.parent = parent_ino
+        n.parent, n.name = parent_ino, name
         return n
 
     def listdir(self, dir_ino: int) -> list[tuple[bytes, Node]]:
@@ -207,8 +244,7 @@ class UnionView:
         out = []
         for name in sorted(merged):
             n = self.node(merged[name])
-            if n.is_dir():
-                n.parent = dir_ino
+            n.parent, n.name = dir_ino, name  # readdirplus: the kernel will not look these up
             out.append((name, n))
         return out
 
@@ -255,7 +291,7 @@ class UnionView:
 
     # -- creating --------------------------------------------------------------
 
-    def _make(self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int, rdev: int = 0,
+    def _make(self, op: str, parent_ino: int, name: bytes, mode: int, uid: int, gid: int, rdev: int = 0,
               target: bytes | None = None) -> Node:
         parent = self.node(parent_ino)
         self._check_new(parent, name)
@@ -265,34 +301,36 @@ class UnionView:
             if stat.S_ISREG(mode):
                 self.upper.create_data(n.ino)
                 n.has_data = True
-            if n.is_dir():
-                n.parent = parent.ino
+            n.parent, n.name = parent.ino, name
             self._persist(n)
             self._link_name(parent, name, n.ino)
             self._touch_dir(parent, 1 if n.is_dir() else 0)
+            self._record(op, self.child_path(parent, name), n, path2=target, data=n.has_data)
         return n
 
     def create(self, parent_ino: int, name: bytes, mode: int, flags: int, uid: int, gid: int) -> tuple[Node, int]:
-        n = self._make(parent_ino, name, S_IFREG | stat.S_IMODE(mode), uid, gid)
+        n = self._make("create", parent_ino, name, S_IFREG | stat.S_IMODE(mode), uid, gid)
         fd = self.upper.open_data(n.ino, os.O_RDWR)
         n.opens += 1
         self.handles[fd] = n
+        if self.journal is not None:  # its writes are recorded at release: the create names the file already
+            self.write_logs[fd] = WriteLog(self.caller, created=True)
         return n, fd
 
     def mkdir(self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int) -> Node:
-        return self._make(parent_ino, name, S_IFDIR | stat.S_IMODE(mode), uid, gid)
+        return self._make("mkdir", parent_ino, name, S_IFDIR | stat.S_IMODE(mode), uid, gid)
 
     def mknod(self, parent_ino: int, name: bytes, mode: int, rdev: int, uid: int, gid: int) -> Node:
         kind = stat.S_IFMT(mode) or S_IFREG
         if kind not in (S_IFREG, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK):
             raise fs_error(errno.EINVAL)
-        return self._make(parent_ino, name, kind | stat.S_IMODE(mode), uid, gid,
+        return self._make("mknod", parent_ino, name, kind | stat.S_IMODE(mode), uid, gid,
                           rdev if kind in (stat.S_IFCHR, stat.S_IFBLK) else 0)
 
     def symlink(self, parent_ino: int, name: bytes, target: bytes, uid: int, gid: int) -> Node:
         if len(target) >= 4096:
             raise fs_error(errno.ENAMETOOLONG)
-        return self._make(parent_ino, name, S_IFLNK | 0o777, uid, gid, target=target)
+        return self._make("symlink", parent_ino, name, S_IFLNK | 0o777, uid, gid, target=target)
 
     def link(self, ino: int, new_parent_ino: int, new_name: bytes) -> Node:
         n = self.node(ino)
@@ -301,11 +339,13 @@ class UnionView:
         parent = self.node(new_parent_ino)
         self._check_new(parent, new_name)
         with self._changing():
+            old_path = self.path_of(n)
             n.nlink += 1
             n.ctime_ns = time.time_ns()
             self._persist(n)
             self._link_name(parent, new_name, ino)
             self._touch_dir(parent)
+            self._record("link", self.child_path(parent, new_name), n, path2=old_path)
         return n
 
     # -- removing ----------------------------------------------------------------
@@ -330,6 +370,7 @@ class UnionView:
         if n.is_dir():
             raise fs_error(errno.EISDIR)
         with self._changing():
+            self._record("unlink", self.child_path(parent, name), n)
             self._unlink_name(parent, name)
             self._drop_link(n)
             self._touch_dir(parent)
@@ -343,6 +384,7 @@ class UnionView:
         if not self._is_empty(n):
             raise fs_error(errno.ENOTEMPTY)
         with self._changing():
+            self._record("rmdir", self.child_path(parent, name), n)
             self._unlink_name(parent, name)
             self._drop_link(n)
             self._touch_dir(parent, -1)
@@ -359,6 +401,8 @@ class UnionView:
             if dst is None:
                 raise fs_error(errno.ENOENT)
             with self._changing():
+                self._record("rename", self.child_path(old_parent, old_name), src,
+                             path2=self.child_path(new_parent, new_name), detail={"exchange": True})
                 self._link_name(old_parent, old_name, dst.ino)
                 self._link_name(new_parent, new_name, src.ino)
                 delta = int(src.is_dir()) - int(dst.is_dir())
@@ -369,10 +413,9 @@ class UnionView:
                     self._touch_dir(old_parent)
                     if new_parent is not old_parent:
                         self._touch_dir(new_parent)
-                for n, p in ((src, new_parent), (dst, old_parent)):
+                for n, p, name in ((src, new_parent, new_name), (dst, old_parent, old_name)):
                     n.ctime_ns = time.time_ns()
-                    if n.is_dir():
-                        n.parent = p.ino
+                    n.parent, n.name = p.ino, name
                     self._persist(n)
             return
         if dst is not None:
@@ -387,14 +430,17 @@ class UnionView:
             if dst.is_dir() and not self._is_empty(dst):
                 raise fs_error(errno.ENOTEMPTY)
         with self._changing():
+            self._record("rename", self.child_path(old_parent, old_name), src,
+                         path2=self.child_path(new_parent, new_name),
+                         detail={"replaced": dst.ino} if dst is not None else None)
             if dst is not None:
                 self._drop_link(dst)
                 if dst.is_dir() and new_parent.nlink > 2:
                     new_parent.nlink -= 1
             self._unlink_name(old_parent, old_name)
             self._link_name(new_parent, new_name, src.ino)
+            src.parent, src.name = new_parent.ino, new_name
             if src.is_dir():
-                src.parent = new_parent.ino
                 if old_parent is not new_parent:
                     if old_parent.nlink > 2:
                         old_parent.nlink -= 1
@@ -424,6 +470,8 @@ class UnionView:
                 os.close(src)
         n.has_data = True
         self._persist(n)
+        if self.journal is not None:  # a copy is no change of content: no record, but accounted for
+            self.journal.note_data(n.ino)
         # descriptors opened on the lower file must now read the upper one, or a
         # page-cache refill through them would write old data back (keep_cache)
         for fd, held in self.handles.items():
@@ -450,9 +498,13 @@ class UnionView:
             os.ftruncate(fd, 0)
             n.size = 0
             n.mtime_ns = n.ctime_ns = time.time_ns()
-            self._persist(n)
+            with self._changing():
+                self._persist(n)
+                self._record("truncate", self.path_of(n), n, detail={"size": 0}, data=True)
         n.opens += 1
         self.handles[fd] = n
+        if writing and self.journal is not None:
+            self.write_logs[fd] = WriteLog(self.caller, created=False)
         return fd, not n.has_data
 
     def write(self, fd: int, offset: int, data: bytes) -> int:
@@ -464,6 +516,14 @@ class UnionView:
             n.size = end
         n.mtime_ns = n.ctime_ns = time.time_ns()
         n.dirty = True
+        log = self.write_logs.get(fd)
+        if log is not None:
+            add_range(log.ranges, offset, end)
+            if log.seq is None and not log.created:
+                # an existing file: on record from its first write, so diff sees it while it is open
+                with self.upper.transaction():
+                    log.seq = self.journal.record(log.caller, "write", self.path_of(n), n.ino, n.mode & 0o170000,
+                                                  detail={"ranges": log.ranges})
         return written
 
     def flush(self, fd: int) -> None:
@@ -484,6 +544,18 @@ class UnionView:
         n = self.handles.pop(fd)
         os.close(fd)
         n.opens -= 1
+        log = self.write_logs.pop(fd, None)
+        if log is not None and log.ranges:
+            with self._changing():
+                if log.seq is None:
+                    self.journal.record(log.caller, "write", self.path_of(n), n.ino, n.mode & 0o170000,
+                                        detail={"ranges": log.ranges})
+                else:
+                    self.journal.update_write(log.seq, log.ranges)
+                if n.nlink > 0 or n.opens > 0:
+                    self.journal.note_data(n.ino)
+                if n.dirty:
+                    self._persist(n)
         if n.nlink <= 0 and n.opens == 0 and self.upper is not None:
             self.upper.delete_inode(n.ino)  # last close of an unlinked file
         elif n.dirty:
@@ -512,6 +584,7 @@ class UnionView:
                         os.close(dfd)
                 n.size = size
                 n.mtime_ns = now
+                self._record("truncate", self.path_of(n), n, detail={"size": size}, data=True)
             if mode is not None:
                 n.mode = (n.mode & 0o170000) | stat.S_IMODE(mode)
             if uid is not None:
@@ -524,6 +597,14 @@ class UnionView:
                 n.mtime_ns = clamp_ns(mtime_ns)
             n.ctime_ns = now
             self._persist(n)
+            if self.journal is not None:
+                path = self.path_of(n)
+                if mode is not None:
+                    self._record("chmod", path, n, detail={"mode": "%o" % stat.S_IMODE(n.mode)})
+                if uid is not None or gid is not None:
+                    self._record("chown", path, n, detail={"uid": n.uid, "gid": n.gid})
+                if atime_ns is not None or mtime_ns is not None:
+                    self._record("utimens", path, n, detail={"mtime_ns": n.mtime_ns})
         return n
 
     def readlink(self, ino: int) -> bytes:
@@ -563,6 +644,7 @@ class UnionView:
             n.xattrs[name] = bytes(value)
             n.ctime_ns = time.time_ns()
             self._persist(n)
+            self._record("setxattr", self.path_of(n), n, detail={"name": os.fsdecode(name)})
 
     def removexattr(self, ino: int, name: bytes) -> None:
         n = self.node(ino)
@@ -573,6 +655,7 @@ class UnionView:
             n.xattrs = {k: v for k, v in n.xattrs.items() if k != name}
             n.ctime_ns = time.time_ns()
             self._persist(n)
+            self._record("removexattr", self.path_of(n), n, detail={"name": os.fsdecode(name)})
 
     def statfs(self) -> os.statvfs_result:
         if self.upper is not None:

@@ -1,0 +1,196 @@
+"""Unit tests: the change journal and the diffs made from it, on the merged view without FUSE."""
+import os
+import stat
+
+import pytest
+
+from store import Store
+from unionfs.diff import ImageTree, ViewTree, journal_diff, run_diff, tree_diff
+from unionfs.journal import add_range, read_records
+from unionfs.storeview import ContainerChanges, image_lower, make_view_factory
+from unionfs.view import RENAME_EXCHANGE
+
+from .helpers import member
+from .images import make_chain
+
+ROOT = 1
+
+
+@pytest.fixture
+def image(store_root):
+    store = Store(store_root)
+    image_id = make_chain(store, [
+        [member("d", "dir"), member("d/f", data=b"lower"), member("d/sub", "dir"),
+         member("d/sub/x", data=b"x"), member("h1", data=b"h"), member("h2", "hardlink", link="h1"),
+         member("etc", "dir"), member("etc/passwd", data=b"root:x:0:0\n")],
+        [member("d/g", data=b"top", uid=7)],
+    ])
+    return store, image_id
+
+
+@pytest.fixture
+def upper_path(tmp_path):
+    return str(tmp_path / "upper")
+
+
+@pytest.fixture
+def view(image, upper_path):
+    store, image_id = image
+    v = make_view_factory(store, image_id, upper_path, run=1)()
+    v.caller = (os.getpid(), 0, 0)
+    yield v
+    v.close()
+
+
+def diffs(image, upper_path, view=None):
+    """(journal diff, full tree diff), read from disk as `strata diff` reads them."""
+    if view is not None:
+        view.close()
+    store, image_id = image
+    changes = ContainerChanges(store, image_id, upper_path)
+    try:
+        return changes.diff(), changes.full_diff()
+    finally:
+        changes.close()
+
+
+def lookup_path(view, path):
+    n = view.node(ROOT)
+    for part in path.strip("/").split("/"):
+        n = view.lookup(n.ino, part.encode())
+    return n
+
+
+def write_file(view, path, data, offset=0):
+    n = lookup_path(view, path)
+    fd, _ = view.open(n.ino, os.O_WRONLY)
+    view.write(fd, offset, data)
+    view.release(fd)
+
+
+def test_records_say_who_what_when_and_which_run(view, image, upper_path):
+    d = view.lookup(ROOT, b"d")
+    _, fd = view.create(d.ino, b"new", 0o644, os.O_RDWR, 0, 0)
+    for offset in range(0, 3 * 4096, 4096):  # three writes, one record
+        view.write(fd, offset, b"x" * 4096)
+    view.release(fd)
+    view.setattr(view.lookup(d.ino, b"f").ino, mode=0o600)
+    view.rename(d.ino, b"new", ROOT, b"moved")
+    records = read_records(view.upper.db)
+    assert [r["op"] for r in records] == ["create", "write", "chmod", "rename"]
+    create, write, chmod, rename = records
+    assert create["path"] == "/d/new" and create["run"] == 1 and create["pid"] == os.getpid()
+    assert create["comm"] == open("/proc/self/comm").read().strip() and os.path.isabs(create["exe"])
+    assert write["detail"] == {"ranges": [[0, 3 * 4096]]}
+    assert chmod["detail"] == {"mode": "600"} and chmod["path"] == "/d/f"
+    assert (rename["path"], rename["path2"]) == ("/d/new", "/moved")
+    assert records[0]["time_ns"] <= records[-1]["time_ns"]
+
+
+def test_write_ranges_coalesce():
+    ranges = []
+    for start, end in [(0, 10), (10, 20), (40, 50), (15, 45), (100, 110)]:
+        add_range(ranges, start, end)
+    assert ranges == [[0, 50], [100, 110]]
+
+
+def test_net_effect_rules(view, image, upper_path):
+    d = view.lookup(ROOT, b"d")
+    view.mkdir(ROOT, b"data", 0o755, 0, 0)                       # A /data
+    data = view.lookup(ROOT, b"data")
+    _, fd = view.create(data.ino, b"file", 0o644, os.O_RDWR, 0, 0)  # A /data/file
+    view.write(fd, 0, b"hello")
+    view.release(fd)
+    _, fd = view.create(ROOT, b"tmp", 0o644, os.O_RDWR, 0, 0)     # create + delete = nothing
+    view.release(fd)
+    view.unlink(ROOT, b"tmp")
+    view.unlink(d.ino, b"f")                                     # delete + create = C
+    _, fd = view.create(d.ino, b"f", 0o644, os.O_RDWR, 0, 0)
+    view.release(fd)
+    view.rename(d.ino, b"sub", ROOT, b"sub2")                     # rename = D old + A new (+ subtree)
+    write_file(view, "/etc/passwd", b"R")                        # C, parent C
+    j, full = diffs(image, upper_path, view)
+    assert j == full
+    assert j == [("C", "/d"), ("C", "/d/f"), ("D", "/d/sub"), ("A", "/data"), ("A", "/data/file"),
+                 ("C", "/etc"), ("C", "/etc/passwd"), ("A", "/sub2"), ("A", "/sub2/x")]
+
+
+def test_a_directory_renamed_after_its_entries_changed(view, image, upper_path):
+    d = view.lookup(ROOT, b"d")
+    sub = view.lookup(d.ino, b"sub")
+    view.rename(ROOT, b"d", ROOT, b"e")
+    view.rename(sub.ino, b"x", sub.ino, b"y")   # recorded as /e/sub/x -> /e/sub/y
+    view.rename(ROOT, b"e", ROOT, b"d")         # and back: /d/sub/x is gone, /d/sub/y is new
+    j, full = diffs(image, upper_path, view)
+    assert j == full
+    assert ("D", "/d/sub/x") in j and ("A", "/d/sub/y") in j and ("C", "/d/sub") in j
+
+
+def test_replaced_directory_and_hard_links(view, image, upper_path):
+    d = view.lookup(ROOT, b"d")
+    sub = view.lookup(d.ino, b"sub")
+    view.unlink(sub.ino, b"x")
+    view.rmdir(d.ino, b"sub")
+    view.mkdir(d.ino, b"sub", 0o700, 0, 0)
+    write_file(view, "/h1", b"H")   # h2 is the same file: it changed too
+    j, full = diffs(image, upper_path, view)
+    assert j == full
+    assert ("C", "/d/sub") in j and ("D", "/d/sub/x") in j and ("C", "/h1") in j and ("C", "/h2") in j
+
+
+def test_rename_exchange_and_metadata_only(view, image, upper_path):
+    d = view.lookup(ROOT, b"d")
+    view.rename(d.ino, b"f", d.ino, b"g", RENAME_EXCHANGE)
+    view.setxattr(view.lookup(ROOT, b"h1").ino, b"user.note", b"v")
+    j, full = diffs(image, upper_path, view)
+    assert j == full
+    assert j == [("C", "/d"), ("C", "/d/f"), ("C", "/d/g"), ("C", "/h1"), ("C", "/h2")]
+
+
+def test_open_for_writing_without_writes_changes_nothing(view, image, upper_path):
+    n = lookup_path(view, "/etc/passwd")
+    fd, _ = view.open(n.ino, os.O_RDWR)   # copied up, but the same bytes
+    view.release(fd)
+    write_file(view, "/d/g", b"top")      # the same bytes again: the content is equal, mtime is not
+    j, full = diffs(image, upper_path, view)
+    assert j == full == [("C", "/d"), ("C", "/d/g")]  # /etc/passwd is not there
+
+
+def test_run_diff_from_one_runs_records(view, image, upper_path):
+    view.mkdir(ROOT, b"a", 0o755, 0, 0)
+    view.unlink(view.lookup(ROOT, b"d").ino, b"f")
+    records = read_records(view.upper.db)
+    assert run_diff(records) == [("A", "/a"), ("C", "/d"), ("D", "/d/f")]
+
+
+def test_a_write_lost_with_the_server_is_recovered_by_fsck(image, upper_path):
+    store, image_id = image
+    v = make_view_factory(store, image_id, upper_path, run=1)()
+    n = lookup_path(v, "/etc/passwd")
+    fd, _ = v.open(n.ino, os.O_RDWR)
+    os.pwrite(fd, b"X", 0)  # the data reached the upper layer; the server dies before recording it
+    v.handles.clear()
+    v.write_logs.clear()
+    os.close(fd)
+    v.close()
+    again = make_view_factory(store, image_id, upper_path, run=2)()  # fsck at the next start
+    try:
+        records = read_records(again.upper.db)
+        assert records[-1]["op"] == "write" and records[-1]["detail"]["recovered"] == "fsck"
+        assert records[-1]["path"] == "/etc/passwd"
+    finally:
+        again.close()
+    j, full = diffs(image, upper_path)
+    assert j == full == [("C", "/etc"), ("C", "/etc/passwd")]
+
+
+def test_tree_diff_of_images(image, store_root):
+    store, image_id = image
+    parent = store.image_parent(image_id)
+    before = ImageTree(image_lower(store, parent, point_lookups=True))
+    after = ImageTree(image_lower(store, image_id, point_lookups=True))
+    try:
+        assert tree_diff(before, after) == [("C", "/d"), ("A", "/d/g")]
+    finally:
+        before.close()
+        after.close()

@@ -1,0 +1,448 @@
+"""What changed between two trees, as `docker diff` prints it: A (added), C (changed), D (deleted).
+
+A tree is an image's merged index (ImageTree) or a container's merged view
+(ViewTree), both read path by path with point queries, so nothing is loaded
+whole. There are two ways to the same answer:
+
+- `journal_diff`: the candidate paths are those the change journal names,
+  replayed so that a directory renamed later carries its earlier entries
+  along: O(number of changes), whatever the image's size;
+- `tree_diff`: every path of both trees (O(image)), what Docker's naive
+  differ does over overlay; the tests' reference and the benchmark's peer.
+
+Both classify a candidate by comparing the two trees' states at that path
+(`classify`), so the journal only has to name a superset of what changed,
+and both apply Docker's rules the same way: an added directory lists all it
+holds as A, a deleted one is one D line, a directory replaced by a new one
+(opaque) is C with its old and new children compared, and every ancestor
+of a change is C. The container's init layer (runner.serve) is part of
+"before": its paths never show.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+
+S_IFDIR = stat.S_IFDIR
+CHUNK = 1 << 20
+
+
+class Stat:
+    """One path's state. `ident` says which file it is: equal idents are the same
+    file (copy-up keeps it); `own_data`: the content lives in the upper layer."""
+
+    __slots__ = ("ident", "fmt", "mode", "uid", "gid", "size", "mtime_ns", "rdev", "target", "xattrs",
+                 "own_data", "nlink")
+
+    def __init__(self, ident, mode, uid, gid, size, mtime_ns, rdev, target, xattrs, own_data, nlink):
+        self.ident, self.fmt, self.mode = ident, stat.S_IFMT(mode), stat.S_IMODE(mode)
+        self.uid, self.gid, self.size, self.mtime_ns, self.rdev = uid, gid, size, mtime_ns, rdev
+        self.target, self.xattrs, self.own_data, self.nlink = target, xattrs, own_data, nlink
+
+    def is_dir(self) -> bool:
+        return self.fmt == S_IFDIR
+
+    def describe(self, content: str | None = None) -> dict:
+        out = {"type": KIND_NAMES.get(self.fmt, "unknown"), "mode": "%04o" % self.mode, "uid": self.uid,
+               "gid": self.gid, "mtime_ns": self.mtime_ns}
+        if self.fmt == stat.S_IFREG:
+            out["size"] = self.size
+        if content is not None:
+            out["sha256"] = content
+        if self.target is not None:
+            out["target"] = os.fsdecode(self.target)
+        if self.rdev:
+            out["rdev"] = [os.major(self.rdev), os.minor(self.rdev)]
+        if self.xattrs:
+            out["xattrs"] = {os.fsdecode(k): v.decode("utf-8", "backslashreplace") for k, v in sorted(self.xattrs.items())}
+        return out
+
+
+KIND_NAMES = {stat.S_IFREG: "file", S_IFDIR: "dir", stat.S_IFLNK: "symlink", stat.S_IFCHR: "char",
+              stat.S_IFBLK: "block", stat.S_IFIFO: "fifo", stat.S_IFSOCK: "socket"}
+
+
+def join(parent: str, name: str) -> str:
+    return "/" + name if parent == "/" else f"{parent}/{name}"
+
+
+def ancestors(path: str):
+    while True:
+        path = path.rpartition("/")[0]
+        if not path:
+            return
+        yield path
+
+
+class ImageTree:
+    """An image's merged index (an IndexLower), read path by path."""
+
+    def __init__(self, lower):
+        self.lower, self.db = lower, lower.db
+        self.inos: dict[str, int | None] = {"/": 1}
+
+    def ino_of(self, path: str) -> int | None:
+        if path in self.inos:
+            return self.inos[path]
+        head, _, name = path.rpartition("/")
+        parent = self.ino_of(head or "/")
+        ino = None
+        if parent is not None:
+            row = self.db.execute("SELECT ino FROM dirents WHERE parent=? AND name=?",
+                                  (parent, os.fsencode(name))).fetchone()
+            ino = row[0] if row else None
+        self.inos[path] = ino
+        return ino
+
+    def stat(self, path: str) -> Stat | None:
+        ino = self.ino_of(path)
+        if ino is None:
+            return None
+        mode, uid, gid, size, mtime_ns, rdev, nlink, target, xattrs = self.lower.attrs(ino)
+        return Stat(("lower", ino), mode, uid, gid, size, mtime_ns, rdev, target, xattrs, False, nlink)
+
+    def children(self, path: str) -> list[str]:
+        ino = self.ino_of(path)
+        if ino is None:
+            return []
+        return [os.fsdecode(name) for (name,) in self.db.execute("SELECT name FROM dirents WHERE parent=?", (ino,))]
+
+    def open(self, path: str) -> int:
+        return self.lower.open_data(self.ino_of(path))
+
+    def close(self) -> None:
+        self.lower.close()
+
+
+class ViewTree:
+    """A container's merged view (a UnionView over a point-lookup IndexLower), read path by path."""
+
+    def __init__(self, view):
+        self.view = view
+        self.nodes: dict[str, object] = {"/": view.node(1)}
+
+    def node_of(self, path: str):
+        if path in self.nodes:
+            return self.nodes[path]
+        head, _, name = path.rpartition("/")
+        parent = self.node_of(head or "/")
+        node = None
+        if parent is not None and parent.is_dir():
+            try:
+                node = self.view.lookup(parent.ino, os.fsencode(name))
+            except OSError:
+                node = None
+        self.nodes[path] = node
+        return node
+
+    def stat(self, path: str) -> Stat | None:
+        n = self.node_of(path)
+        if n is None:
+            return None
+        ident = ("lower", n.lower_ino) if n.lower_ino is not None else ("upper", n.ino)
+        return Stat(ident, n.mode, n.uid, n.gid, n.size, n.mtime_ns, n.rdev, n.target, n.xattrs, n.has_data,
+                    n.nlink)
+
+    def children(self, path: str) -> list[str]:
+        n = self.node_of(path)
+        if n is None or not n.is_dir():
+            return []
+        return [os.fsdecode(name) for name, _ in self.view.listdir(n.ino)]
+
+    def open(self, path: str) -> int:
+        fd, _ = self.view.open(self.node_of(path).ino, os.O_RDONLY)
+        return fd
+
+    def close_fd(self, fd: int) -> None:
+        self.view.release(fd)
+
+
+def read_all_equal(before, after, path: str) -> bool:
+    fa, fb = before.open(path), after.open(path)
+    try:
+        offset = 0
+        while True:
+            a, b = os.pread(fa, CHUNK, offset), os.pread(fb, CHUNK, offset)
+            if a != b:
+                return False
+            if not a:
+                return True
+            offset += len(a)
+    finally:
+        close(before, fa)
+        close(after, fb)
+
+
+def close(tree, fd: int) -> None:
+    if hasattr(tree, "close_fd"):
+        tree.close_fd(fd)
+    else:
+        os.close(fd)
+
+
+def content_digest(tree, path: str) -> str:
+    fd = tree.open(path)
+    try:
+        h = hashlib.sha256()
+        offset = 0
+        while True:
+            chunk = os.pread(fd, CHUNK, offset)
+            if not chunk:
+                return "sha256:" + h.hexdigest()
+            h.update(chunk)
+            offset += len(chunk)
+    finally:
+        close(tree, fd)
+
+
+def metadata_differs(a: Stat, b: Stat) -> bool:
+    return ((a.fmt, a.mode, a.uid, a.gid, a.rdev, a.target, a.xattrs, a.mtime_ns)
+            != (b.fmt, b.mode, b.uid, b.gid, b.rdev, b.target, b.xattrs, b.mtime_ns)
+            or (a.fmt != S_IFDIR and a.size != b.size))
+
+
+def data_differs(before, after, path: str, a: Stat, b: Stat) -> bool:
+    if a.fmt != stat.S_IFREG or b.fmt != stat.S_IFREG:
+        return False
+    if a.ident != b.ident or a.size != b.size:
+        return True
+    if b.own_data and not a.own_data:  # copied up: the bytes may or may not differ
+        return not read_all_equal(before, after, path)
+    return False
+
+
+def classify(before, after, path: str) -> str | None:
+    a, b = before.stat(path), after.stat(path)
+    if a is None:
+        return None if b is None else "A"
+    if b is None:
+        return "D"
+    if a.ident != b.ident or metadata_differs(a, b) or data_differs(before, after, path, a, b):
+        return "C"
+    return None
+
+
+class Differ:
+    """Collects A/C/D for paths of `before` -> `after`, skipping `hidden` paths."""
+
+    def __init__(self, before, after, hidden: set[str] = frozenset()):
+        self.before, self.after, self.hidden = before, after, hidden
+        self.changes: dict[str, str] = {}
+        self.done: set[str] = set()
+
+    def add_path(self, path: str) -> None:
+        """Classify `path`; descend where the rules say its subtree must be compared."""
+        if path in self.done or path == "/":
+            return
+        self.done.add(path)
+        if path in self.hidden:
+            b = self.after.stat(path)
+            if b is not None and b.is_dir():  # an init-layer directory: "before" has it too
+                self.walk_once(path)
+            return
+        kind = classify(self.before, self.after, path)
+        if kind is not None:
+            self.changes[path] = kind
+        if kind == "A":
+            if self.after.stat(path).is_dir():
+                self.walk_once(path)
+        elif kind == "C" and self.replaced(path):  # compare its old and new children
+            self.walk_once(path)
+
+    def replaced(self, path: str) -> bool:
+        """A directory removed and made again (overlay's opaque directory)."""
+        a, b = self.before.stat(path), self.after.stat(path)
+        return a is not None and b is not None and a.is_dir() and b.is_dir() and a.ident != b.ident
+
+    def walk(self, path: str) -> None:
+        names = set(self.before.children(path)) | set(self.after.children(path))
+        for name in sorted(names):
+            child = join(path, name)
+            self.add_path(child)
+            a, b = self.before.stat(child), self.after.stat(child)
+            if a is not None and b is not None and a.is_dir() and b.is_dir() and child not in self.hidden:
+                self.walk_once(child)
+
+    def walk_once(self, path: str) -> None:
+        key = "walk:" + path
+        if key not in self.done:
+            self.done.add(key)
+            self.walk(path)
+
+    def result(self) -> list[tuple[str, str]]:
+        """Sorted (kind, path): D only at the top of a deleted tree, every ancestor of a change C."""
+        changes = dict(self.changes)
+        for path in list(changes):
+            if changes[path] == "D" and any(changes.get(a) == "D" for a in ancestors(path)):
+                del changes[path]
+        for path in list(changes):
+            for a in ancestors(path):
+                changes.setdefault(a, "C")
+        return sorted(((kind, path) for path, kind in changes.items()), key=lambda kp: kp[1])
+
+
+def tree_diff(before, after, hidden: set[str] = frozenset()) -> list[tuple[str, str]]:
+    """Every path of both trees: O(image)."""
+    differ = Differ(before, after, hidden)
+    differ.walk("/")
+    return differ.result()
+
+
+def replay(records: list[dict]) -> tuple[set[str], set[int]]:
+    """The paths the journal names, each under its name at the end (a directory renamed
+    later carries the entries recorded inside it), and the inodes it names."""
+    touched: set[str] = set()
+    inos: set[int] = set()
+    for r in records:
+        path, path2 = r["path"], r["path2"]
+        inos.add(r["ino"])
+        touched.add(path)
+        if r["op"] != "rename":
+            if r["op"] == "link":
+                touched.add(path2)
+            continue
+        touched.add(path2)
+        moves = [(path, path2)]
+        if r["detail"].get("exchange"):
+            moves.append((path2, path))
+        if r["kind"] == S_IFDIR or r["detail"].get("exchange"):
+            prefixes = [(src + "/", dst + "/") for src, dst in moves]
+            renamed = set()
+            for t in touched:
+                for src, dst in prefixes:
+                    if t.startswith(src):
+                        renamed.add(dst + t[len(src):])
+                        break
+                else:
+                    renamed.add(t)
+            touched = renamed
+    return touched, inos
+
+
+def other_names(view, inos: set[int]) -> set[str]:
+    """Every current name of the journal's hard-linked inodes: a write through one
+    name changes all of them."""
+    linked = set()
+    for ino in inos:
+        n = view.nodes.get(ino)
+        if n is None:
+            try:
+                n = view.node(ino)
+            except OSError:
+                continue
+        if not n.is_dir() and n.nlink > 1:
+            linked.add(ino)
+    if not linked:
+        return set()
+    names = set()
+    upper_parents = {}  # directory ino -> (parent, name) among the upper layer's names
+    for parent, entries in view.upper_dirents.items():
+        for name, child in entries.items():
+            if child:
+                upper_parents[child] = (parent, name)
+                if child in linked:
+                    names.add((parent, name))
+    db = getattr(view.lower, "db", None)
+    if db is not None:
+        for ino in linked:
+            for parent, name in db.execute("SELECT parent, name FROM dirents WHERE ino=?", (ino,)):
+                names.add((parent, bytes(name)))
+    out = set()
+    for parent, name in names:
+        parent_path = dir_path(view, parent, upper_parents)
+        if parent_path is not None:
+            out.add(join(parent_path, os.fsdecode(name)))
+    return out
+
+
+def dir_path(view, ino: int, upper_parents: dict) -> str | None:
+    parts = []
+    while ino != 1 and len(parts) < 4096:
+        if ino in upper_parents:
+            ino, name = upper_parents[ino]
+        else:
+            lower_path = view.lower.path_of(ino)
+            if lower_path is None:
+                return None
+            return ("/" + "/".join([os.fsdecode(lower_path).strip("/")] + list(reversed(parts)))).replace("//", "/")
+        parts.append(os.fsdecode(name))
+    return "/" + "/".join(reversed(parts))
+
+
+def journal_diff(before, after_view, records: list[dict], hidden: set[str] = frozenset()) -> list[tuple[str, str]]:
+    """The journal's paths, classified: O(number of changes)."""
+    touched, inos = replay(records)
+    touched |= other_names(after_view, inos)
+    differ = Differ(before, ViewTree(after_view), hidden)
+    for path in sorted(touched):
+        differ.add_path(path)
+    return differ.result()
+
+
+def run_diff(records: list[dict]) -> list[tuple[str, str]]:
+    """What one run's records did, from the records alone (no tree is kept from before
+    or after a run): made and still there A, there before and removed D, touched C."""
+    existed: dict[str, bool] = {}  # path -> it existed before its first record in the run
+    exists: dict[str, bool] = {}
+    for r in records:
+        path, op = r["path"], r["op"]
+        if op == "rename":
+            existed.setdefault(path, True)
+            exists[path] = False
+            existed.setdefault(r["path2"], "replaced" in r["detail"] or bool(r["detail"].get("exchange")))
+            exists[r["path2"]] = True
+            if r["detail"].get("exchange"):
+                exists[path] = True
+        elif op in ("create", "mkdir", "mknod", "symlink", "link"):
+            existed.setdefault(path, False)
+            exists[path] = True
+        elif op in ("unlink", "rmdir"):
+            existed.setdefault(path, True)
+            exists[path] = False
+        else:
+            existed.setdefault(path, True)
+            exists[path] = True
+    changes = {}
+    for path, before in existed.items():
+        after = exists[path]
+        if after and not before:
+            changes[path] = "A"
+        elif before and not after:
+            changes[path] = "D"
+        elif before and after:
+            changes[path] = "C"
+    for path in list(changes):
+        for a in ancestors(path):
+            changes.setdefault(a, "C")
+    return sorted(((k, p) for p, k in changes.items() if p != "/"), key=lambda kp: kp[1])
+
+
+def describe_changes(before, after, changes: list[tuple[str, str]]) -> list[dict]:
+    """`diff --json`: per path the kind and, for C, what changed, before and after."""
+    out = []
+    for kind, path in changes:
+        a, b = before.stat(path), after.stat(path)
+        item = {"path": path, "kind": kind}
+        if kind == "A":
+            item["after"] = b.describe(content_digest(after, path) if b.fmt == stat.S_IFREG else None)
+        elif kind == "D":
+            item["before"] = a.describe(content_digest(before, path) if a.fmt == stat.S_IFREG else None)
+        else:
+            changed = {}
+            data = data_differs(before, after, path, a, b) or (a.ident != b.ident and a.fmt == stat.S_IFREG)
+            if data:
+                changed["content"] = {"before": {"size": a.size, "sha256": content_digest(before, path)},
+                                      "after": {"size": b.size, "sha256": content_digest(after, path)}}
+            for field in ("mode", "uid", "gid", "mtime_ns", "target", "xattrs", "rdev"):
+                va, vb = a.describe().get(field), b.describe().get(field)
+                if va != vb:
+                    changed[field] = {"before": va, "after": vb}
+            if a.fmt != b.fmt:
+                changed["type"] = {"before": KIND_NAMES.get(a.fmt), "after": KIND_NAMES.get(b.fmt)}
+            if a.ident != b.ident and a.fmt != stat.S_IFREG:
+                changed["replaced"] = True
+            item["changes"] = changed
+            item["metadata_only"] = not data and a.ident == b.ident
+        out.append(item)
+    return out
