@@ -17,7 +17,7 @@ from . import fmt
 
 COMMANDS = ("import", "images", "history", "tag", "rmi", "inspect", "run", "create", "start", "attach",
             "logs", "ps", "stop", "restart", "kill", "wait", "rm", "rename", "update", "exec", "top",
-            "pause", "unpause", "mount", "umount", "base")
+            "pause", "unpause", "mount", "umount", "base", "diff", "commit", "squash")
 
 # argparse looks up a translation catalogue on disk for every help string it
 # stores (gettext); building the parser's 30 subcommands did ~80 such lookups,
@@ -463,7 +463,51 @@ def build_parser(only: str | None = None) -> CliParser:
                        "that need busybox create it on first use; this makes it explicitly.")
     p.add_argument("--tag", default="busybox:latest", metavar="NAME[:TAG]")
     p.set_defaults(func=cmd_base)
+
+    p = add_parser("diff", help="what a container changed (or between two images)",
+                   description="A (added), C (changed), D (deleted) paths of CONTAINER against its "
+                   "image, from the filesystem's change journal; or IMAGE1 -> IMAGE2.")
+    p.add_argument("target", metavar="CONTAINER|IMAGE1")
+    p.add_argument("second", metavar="IMAGE2", nargs="?")
+    p.add_argument("--json", action="store_true", help="each change with what changed, before and after")
+    p.add_argument("--audit", action="store_true", help="the journal: one line per operation, who and when")
+    p.add_argument("--run", type=int, metavar="N", help="what run N changed (with --audit: its operations)")
+    p.add_argument("--since", metavar="TIME", help="operations from TIME on (RFC 3339 or 10s/5m/2h)")
+    p.add_argument("--full", action="store_true", help="compare the whole trees instead of reading the journal")
+    p.set_defaults(func=changes_command("cmd_diff"))
+
+    p = add_parser("commit", help="create an image from a container's changes",
+                   description="The container's net changes become one new layer on its image.")
+    p.add_argument("container", metavar="CONTAINER")
+    p.add_argument("reference", metavar="NAME[:TAG]", nargs="?")
+    p.add_argument("-m", "--message", help="commit message (the history entry's comment)")
+    p.add_argument("-a", "--author", help="author (e.g. \"Jane Doe <jane@example.com>\")")
+    p.add_argument("-c", "--change", action="append", default=[], metavar="INSTRUCTION",
+                   help="apply a Dockerfile instruction (CMD, ENTRYPOINT, ENV, WORKDIR, USER, LABEL)")
+    p.add_argument("-p", "--pause", action=argparse.BooleanOptionalAction, default=True,
+                   help="stop a running container's processes while committing (default: yes)")
+    p.add_argument("--squash", action="store_true", help="make the whole image one layer")
+    p.add_argument("--source-date-epoch", type=int, metavar="SECONDS",
+                   default=int(os.environ["SOURCE_DATE_EPOCH"]) if os.environ.get("SOURCE_DATE_EPOCH", "").isdigit()
+                   else None, help="clamp timestamps to this time (reproducible layers)")
+    p.set_defaults(func=changes_command("cmd_commit"))
+
+    p = add_parser("squash", help="merge an image's layers into one",
+                   description="A new image whose layers above ANCESTOR (all, without --from) are one "
+                   "layer; every history entry is kept (squashed steps become empty_layer entries).")
+    p.add_argument("image", metavar="IMAGE")
+    p.add_argument("reference", metavar="NAME[:TAG]", nargs="?")
+    p.add_argument("--from", dest="from_image", metavar="ANCESTOR")
+    p.set_defaults(func=changes_command("cmd_squash"))
     return parser
+
+
+def changes_command(name: str):
+    """diff/commit/squash live in runner.changes_cli, imported only when one of them runs."""
+    def run(args, store: Store) -> int:
+        from . import changes_cli
+        return getattr(changes_cli, name)(args, store)
+    return run
 
 
 def main(argv: list[str] | None = None, early_supervisor: tuple[int, int] | None = None) -> int:

@@ -39,7 +39,7 @@ def ensure_init_layer(view) -> None:
     if view.upper.get_meta("init_paths") is not None:
         return
     journal, view.journal = view.journal, None
-    made = []
+    made, files = [], []
     try:
         for path in INIT_DIRS + INIT_FILES:
             parent_path, _, name = path.rpartition("/")
@@ -53,11 +53,15 @@ def ensure_init_layer(view) -> None:
             if path in INIT_DIRS:
                 view.mkdir(parent.ino, name.encode(), 0o755, 0, 0)
             else:
-                _, fd = view.create(parent.ino, name.encode(), 0o644, os.O_RDWR, 0, 0)
+                n, fd = view.create(parent.ino, name.encode(), 0o644, os.O_RDWR, 0, 0)
                 view.release(fd)
+                files.append(n.ino)
             view.setattr(parent.ino, atime_ns=times[0], mtime_ns=times[1])
             made.append("/" + path)
         view.upper.set_meta("init_paths", json.dumps(made))
+        if journal is not None:  # their (empty) data files are accounted for: fsck must not see writes
+            for ino in files:
+                journal.note_data(ino)
     finally:
         view.journal = journal
 

@@ -65,3 +65,8 @@ def umount2(target: str, flags: int = 0) -> None:
 
 def pivot_root(new_root: str, put_old: str) -> None:
     _check(_libc.syscall(SYS_PIVOT_ROOT, _b(new_root), _b(put_old)), "pivot_root")
+
+
+def syncfs(fd: int) -> None:
+    """Write back the filesystem `fd` is on (a FUSE mount: the kernel's dirty pages reach the server)."""
+    _check(_libc.syncfs(fd), "syncfs")

@@ -20,13 +20,29 @@ def image_lower(store: Store, image_id: str, point_lookups: bool = False) -> Ind
     return IndexLower(store.index_path(image_id), roots, point_lookups)
 
 
+def upper_path_of(upper: UpperLayer, lower, ino: int) -> bytes:
+    """A path of `ino` from the stored names alone (fsck runs before any view exists)."""
+    parts = []
+    while ino != 1 and len(parts) < 4096:
+        row = upper.db.execute("SELECT parent, name FROM dirents WHERE ino=? LIMIT 1", (ino,)).fetchone()
+        if row is None:
+            lower_path = lower.path_of(ino)
+            if lower_path is None:
+                return b"/?%d" % ino
+            parts.append(lower_path.lstrip(b"/"))
+            break
+        ino = row[0]
+        parts.append(bytes(row[1]))
+    return b"/" + b"/".join(reversed(parts))
+
+
 def open_upper(upper_path: str, lower, run: int) -> tuple[UpperLayer, Journal]:
     """The upper layer and its journal, repaired after a crash (fsck) before any change."""
     upper = UpperLayer(upper_path, lower.first_free_ino)
     try:
         upper.check()
         journal = Journal(upper, run)
-        journal.recover(lambda ino: lower.path_of(ino) or b"/?%d" % ino)
+        journal.recover(lambda ino: upper_path_of(upper, lower, ino))
     except BaseException:
         upper.close()
         raise

@@ -1,0 +1,263 @@
+"""`strata diff`, `commit` and `squash`: changes read from the journal, written as layers."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import sys
+import time
+
+from store import Store, StoreError
+from store.changes import apply_changes
+from store.containers import container_dir, current_state, read_state, resolve_container
+from store.store import canonical_json, new_image_config, now_rfc3339, parse_reference
+
+from .containers_cli import parse_since, processes_of
+from .lifecycle import container_init_pid, describe_command
+
+AUDIT_HEADER = ("TIME", "RUN", "PID", "COMMAND", "UID", "OPERATION", "PATH")
+
+
+def open_changes(store: Store, config: dict):
+    from unionfs.storeview import ContainerChanges
+    return ContainerChanges(store, config["Image"], os.path.join(container_dir(store, config["Id"]), "upper"))
+
+
+# -- diff -------------------------------------------------------------------------------
+
+def cmd_diff(args, store: Store) -> int:
+    from unionfs.diff import describe_changes, run_diff
+    if args.second is not None:
+        return diff_images(args, store)
+    config = resolve_container(store, args.target)
+    since = parse_since(args.since)
+    since_ns = None if since is None else int(since.timestamp() * 1_000_000_000)
+    changes = open_changes(store, config)
+    try:
+        if args.audit:
+            print_audit(changes.records(args.run, since_ns), sys.stdout)
+            return 0
+        if args.run is not None or since_ns is not None:
+            found = run_diff(changes.records(args.run, since_ns))
+        elif args.full:
+            found = changes.full_diff()
+        else:
+            found = changes.diff()
+        if args.json:
+            found = [(k, p) for k, p in found if p not in changes.hidden]
+            json.dump(describe_changes(changes.before, changes.after, found), sys.stdout, indent=2)
+            sys.stdout.write("\n")
+        else:
+            sys.stdout.write("".join(f"{kind} {path}\n" for kind, path in found))
+    finally:
+        changes.close()
+    return 0
+
+
+def diff_images(args, store: Store) -> int:
+    from unionfs.diff import describe_changes
+    from unionfs.storeview import image_diff
+    old, new = store.resolve_image(args.target), store.resolve_image(args.second)
+    found, before, after = image_diff(store, old, new)
+    try:
+        if args.json:
+            json.dump(describe_changes(before, after, found), sys.stdout, indent=2)
+            sys.stdout.write("\n")
+        else:
+            sys.stdout.write("".join(f"{kind} {path}\n" for kind, path in found))
+    finally:
+        before.close()
+        after.close()
+    return 0
+
+
+def audit_detail(record: dict) -> str:
+    d = record["detail"]
+    if "ranges" in d:
+        return "bytes " + ",".join(f"{s}-{e}" for s, e in d["ranges"])
+    if d.get("recovered"):
+        return f"recovered by fsck (size {d.get('size')})"
+    if "mode" in d:
+        return f"mode {d['mode']}"
+    if "uid" in d:
+        return f"owner {d['uid']}:{d['gid']}"
+    if "size" in d:
+        return f"size {d['size']}"
+    if "name" in d:
+        return d["name"]
+    if d.get("exchange"):
+        return "exchanged"
+    return ""
+
+
+def print_audit(records: list[dict], out) -> None:
+    """The journal itself, one line per operation: what no other engine can tell."""
+    from . import fmt
+    rows = []
+    for r in records:
+        ns = r["time_ns"]
+        when = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ns // 10**9)) + f".{ns % 10**9:09d}Z"
+        path = r["path"]
+        if r["op"] == "rename":
+            path = f"{r['path']} -> {r['path2']}"
+        elif r["op"] == "link":
+            path = f"{r['path']} = {r['path2']}"
+        elif r["op"] == "symlink":
+            path = f"{r['path']} -> {r['path2']}"
+        detail = audit_detail(r)
+        rows.append([when, str(r["run"]), str(r["pid"]) if r["pid"] else "-", r["comm"], str(r["uid"]), r["op"],
+                     path + (f"  ({detail})" if detail else "")])
+    fmt.print_table(list(AUDIT_HEADER), rows, out)
+
+
+# -- commit -----------------------------------------------------------------------------
+
+def committed_config(image_config: dict, container: dict) -> dict:
+    """The new image's config: the image's, with the container's command, env, workdir and user."""
+    cc = dict(image_config)
+    entrypoint = image_config.get("Entrypoint") or []
+    cmd = list(container["Cmd"])
+    if entrypoint and cmd[:len(entrypoint)] == entrypoint:
+        cmd = cmd[len(entrypoint):]
+    cc["Cmd"] = cmd
+    cc["Env"] = list(container.get("Env") or cc.get("Env") or [])
+    for key in ("WorkingDir", "User"):
+        if container.get(key):
+            cc[key] = container[key]
+    return cc
+
+
+def journal_digest(records: list[dict]) -> str:
+    return "sha256:" + hashlib.sha256(canonical_json(records)).hexdigest()
+
+
+def provenance(store: Store, config: dict, records: list[dict]) -> tuple[dict, dict]:
+    """(history entry fields, image annotations) naming the container, its runs and its journal."""
+    runs = [{"run": r["Run"], "cmd": r["Cmd"], "started": r.get("StartedAt", ""), "finished": r.get("FinishedAt", ""),
+             "exit_code": r.get("ExitCode")} for r in read_state(store, config["Id"]).get("Runs", [])]
+    digest = journal_digest(records)
+    history = {"provenance": {"container": config["Id"], "runs": [r["run"] for r in runs], "journal": digest}}
+    annotations = {"org.strata.container.id": config["Id"], "org.strata.container.name": config["Name"],
+                   "org.strata.container.runs": json.dumps(runs, sort_keys=True),
+                   "org.strata.journal.digest": digest, "org.strata.journal.records": str(len(records))}
+    return history, annotations
+
+
+def rfc3339_of_epoch(epoch: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+
+
+class Paused:
+    """A running container stopped (SIGSTOP) for a consistent commit, its kernel-cached
+    writes pushed to the filesystem server (syncfs through its root), resumed after."""
+
+    def __init__(self, store: Store, config: dict):
+        self.pids: list[int] = []
+        state = current_state(store, config["Id"])
+        if state.get("Status") != "running" or not state.get("Pid"):
+            return
+        pid1 = container_init_pid(state["Pid"])
+        if pid1 is None:
+            return
+        self.pids = processes_of(pid1)
+        self.signal(signal.SIGSTOP)
+        try:
+            fd = os.open(f"/proc/{pid1}/root", os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            return  # not ours to reach: files closed so far are on disk anyway
+        try:
+            from .syscalls import syncfs
+            syncfs(fd)
+        finally:
+            os.close(fd)
+
+    def signal(self, sig: int) -> None:
+        for pid in self.pids:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def resume(self) -> None:
+        self.signal(signal.SIGCONT)
+
+
+def cmd_commit(args, store: Store) -> int:
+    from unionfs.commit import fill_layer
+    config = resolve_container(store, args.container)
+    tag = parse_reference(args.reference) if args.reference else None
+    epoch = args.source_date_epoch
+    image_id = config["Image"]
+    image = store.image_config(image_id)
+    container_config = apply_changes(committed_config(image.get("config", {}), config), args.change)
+    paused = Paused(store, config) if args.pause else None
+    try:
+        with store.staging() as staging:
+            changes = open_changes(store, config)
+            try:
+                found = changes.diff()
+                records = changes.records()
+                layer = store.prepare_layer(staging, lambda w: fill_layer(
+                    w, changes.before, changes.after, found, changes.hidden, epoch))
+            finally:
+                changes.close()
+            created = rfc3339_of_epoch(epoch) if epoch is not None else now_rfc3339()
+            entry_extra, annotations = provenance(store, config, records)
+            entry = {"created": created, "created_by": describe_command(config["Cmd"]), **entry_extra}
+            if args.message:
+                entry["comment"] = args.message
+            if args.author:
+                entry["author"] = args.author
+            new = new_image_config(image["rootfs"]["diff_ids"] + [layer.diff_id], image.get("history", []) + [entry],
+                                   container_config, created, args.author or "")
+            new["annotations"] = annotations
+            new_id = store.create_image(new, image_id, [layer], staging, None if args.squash else tag)
+    finally:
+        if paused is not None:
+            paused.resume()
+    if args.squash:  # one layer for the whole image; the unsquashed commit is not kept
+        squashed = squash(store, new_id, None, tag)
+        store.remove_image(new_id)
+        new_id = squashed
+    print(new_id)
+    return 0
+
+
+# -- squash -----------------------------------------------------------------------------
+
+def squash(store: Store, image_id: str, ancestor_id: str | None, tag: str | None) -> str:
+    """One layer for IMAGE's layers above ANCESTOR (all of them without one); every
+    squashed history step stays, as an empty_layer entry."""
+    from unionfs.commit import fill_layer
+    from unionfs.storeview import image_diff
+    image = store.image_config(image_id)
+    base = store.image_config(ancestor_id) if ancestor_id else {"rootfs": {"diff_ids": []}, "history": []}
+    base_layers = base["rootfs"]["diff_ids"]
+    if image["rootfs"]["diff_ids"][:len(base_layers)] != base_layers:
+        raise StoreError(f"{ancestor_id} is not an ancestor of {image_id}")
+    squashed_steps = image.get("history", [])[len(base.get("history", [])):]
+    layers = len(image["rootfs"]["diff_ids"]) - len(base_layers)
+    found, before, after = image_diff(store, ancestor_id, image_id)
+    try:
+        with store.staging() as staging:
+            layer = store.prepare_layer(staging, lambda w: fill_layer(w, before, after, found,
+                                                                      root=ancestor_id is None))
+            created = now_rfc3339()
+            history = base.get("history", []) + [dict(h, empty_layer=True) for h in squashed_steps] + [
+                {"created": created, "created_by": "strata squash",
+                 "comment": f"{layers} layer{'s' if layers != 1 else ''} squashed into one"}]
+            new = new_image_config(base_layers + [layer.diff_id], history, image.get("config", {}), created,
+                                   image.get("author", ""))
+            return store.create_image(new, ancestor_id, [layer], staging, tag)
+    finally:
+        before.close()
+        after.close()
+
+
+def cmd_squash(args, store: Store) -> int:
+    tag = parse_reference(args.reference) if args.reference else None
+    image_id = store.resolve_image(args.image)
+    ancestor = store.resolve_image(args.from_image) if args.from_image else None
+    print(squash(store, image_id, ancestor, tag))
+    return 0
