@@ -194,3 +194,99 @@ def test_tree_diff_of_images(image, store_root):
     finally:
         before.close()
         after.close()
+
+
+# -- differential: the journal's diff equals the brute-force tree diff ---------------------
+
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+NAMES = [b"a", b"b", b"f", b"g", b"x"]
+OPS = ["create", "write", "truncate", "chmod", "chown", "utimens", "rename", "exchange", "link", "symlink",
+       "unlink", "mkdir", "rmdir", "setxattr", "removexattr", "remount"]
+# (operation, an existing entry, a directory, a name): entries and directories are picked
+# by index from the tree as it is when the operation runs, so most operations do something
+operation = st.tuples(st.sampled_from(OPS), st.integers(0, 1000), st.integers(0, 1000), st.sampled_from(NAMES))
+
+
+def current_entries(view):
+    """(path, parent node, name, node) of every entry now, sorted by path."""
+    out = []
+
+    def walk(d, path):
+        for name, n in view.listdir(d.ino):
+            child = path.rstrip("/") + "/" + name.decode()
+            out.append((child, d, name, n))
+            if n.is_dir():
+                walk(n, child)
+    walk(view.node(ROOT), "/")
+    return out
+
+
+def apply_op(view, op, pick, pick_dir, name):
+    """One operation; POSIX errors are outcomes too, not failures."""
+    entries = current_entries(view)
+    dirs = [view.node(ROOT)] + [n for _, _, _, n in entries if n.is_dir()]
+    d = dirs[pick_dir % len(dirs)]
+    _, parent, old_name, target = entries[pick % len(entries)] if entries else (None, None, None, None)
+    try:
+        if op == "create":
+            _, fd = view.create(d.ino, name, 0o644, os.O_RDWR, 0, 0)
+            view.write(fd, 0, b"new " + name)
+            view.release(fd)
+        elif op == "mkdir":
+            view.mkdir(d.ino, name, 0o755, 0, 0)
+        elif op == "symlink":
+            view.symlink(d.ino, name, b"../" + name, 0, 0)
+        elif target is None:
+            return
+        elif op == "rename":
+            view.rename(parent.ino, old_name, d.ino, name)
+        elif op == "exchange":
+            view.rename(parent.ino, old_name, d.ino, name, RENAME_EXCHANGE)
+        elif op == "link":
+            view.link(target.ino, d.ino, name)
+        elif op == "unlink":
+            view.unlink(parent.ino, old_name)
+        elif op == "rmdir":
+            view.rmdir(parent.ino, old_name)
+        elif op == "write" and stat.S_ISREG(target.mode):
+            fd, _ = view.open(target.ino, os.O_WRONLY)
+            view.write(fd, 1, b"w")
+            view.release(fd)
+        elif op == "truncate" and stat.S_ISREG(target.mode):
+            view.setattr(target.ino, size=2)
+        elif op == "chmod":
+            view.setattr(target.ino, mode=0o700)
+        elif op == "chown":
+            view.setattr(target.ino, uid=1000, gid=1000)
+        elif op == "utimens":
+            view.setattr(target.ino, atime_ns=10**18, mtime_ns=10**18)
+        elif op == "setxattr":
+            view.setxattr(target.ino, b"user.k", b"v")
+        elif op == "removexattr":
+            view.removexattr(target.ino, b"user.k")
+    except OSError:
+        pass
+
+
+@settings(max_examples=int(os.environ.get("STRATA_JOURNAL_EXAMPLES", "120")), deadline=None,
+          derandomize=os.environ.get("STRATA_DIFF_RANDOM") != "1",
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(st.lists(operation, min_size=1, max_size=30))
+def test_journal_diff_equals_tree_diff(image, tmp_path_factory, ops):
+    store, image_id = image
+    upper_path = str(tmp_path_factory.mktemp("upper") / "upper")
+    view = make_view_factory(store, image_id, upper_path, run=1)()
+    run = 1
+    try:
+        for op in ops:
+            if op[0] == "remount":  # a new run: the journal carries on across mounts
+                view.close()
+                run += 1
+                view = make_view_factory(store, image_id, upper_path, run=run)()
+                continue
+            apply_op(view, *op)
+    finally:
+        view.close()
+    journal, full = diffs(image, upper_path)
+    assert journal == full, ops

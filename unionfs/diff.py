@@ -247,13 +247,10 @@ class Differ:
         if kind == "A":
             if self.after.stat(path).is_dir():
                 self.walk_once(path)
-        elif kind == "C" and self.replaced(path):  # compare its old and new children
-            self.walk_once(path)
-
-    def replaced(self, path: str) -> bool:
-        """A directory removed and made again (overlay's opaque directory)."""
-        a, b = self.before.stat(path), self.after.stat(path)
-        return a is not None and b is not None and a.is_dir() and b.is_dir() and a.ident != b.ident
+        elif kind == "C":
+            a, b = self.before.stat(path), self.after.stat(path)
+            if b.is_dir() and (not a.is_dir() or a.ident != b.ident):  # a new directory where one
+                self.walk_once(path)                                 # was: compare what each holds
 
     def walk(self, path: str) -> None:
         names = set(self.before.children(path)) | set(self.after.children(path))
@@ -289,20 +286,31 @@ def tree_diff(before, after, hidden: set[str] = frozenset()) -> list[tuple[str, 
     return differ.result()
 
 
+NAME_OPS = {"create", "mkdir", "mknod", "symlink", "link", "unlink", "rmdir", "rename"}
+
+
+def parent_path(path: str) -> str:
+    return path.rpartition("/")[0] or "/"
+
+
 def replay(records: list[dict]) -> tuple[set[str], set[int]]:
     """The paths the journal names, each under its name at the end (a directory renamed
-    later carries the entries recorded inside it), and the inodes it names."""
+    later carries the entries recorded inside it), and the inodes it names. A name
+    made or removed changes its directory too (its times)."""
     touched: set[str] = set()
     inos: set[int] = set()
     for r in records:
-        path, path2 = r["path"], r["path2"]
+        op, path, path2 = r["op"], r["path"], r["path2"]
         inos.add(r["ino"])
         touched.add(path)
-        if r["op"] != "rename":
-            if r["op"] == "link":
-                touched.add(path2)
+        if op in NAME_OPS:
+            touched.add(parent_path(path))
+        if op == "link":
+            touched.add(path2)
+        if op != "rename":
             continue
         touched.add(path2)
+        touched.add(parent_path(path2))
         moves = [(path, path2)]
         if r["detail"].get("exchange"):
             moves.append((path2, path))
@@ -320,10 +328,10 @@ def replay(records: list[dict]) -> tuple[set[str], set[int]]:
     return touched, inos
 
 
-def other_names(view, inos: set[int]) -> set[str]:
-    """Every current name of the journal's hard-linked inodes: a write through one
-    name changes all of them."""
-    linked = set()
+def other_names(view, inos: set[int], linked_by_journal: set[int]) -> set[str]:
+    """Every name of the journal's hard-linked inodes (linked now, in the image, or by a
+    recorded link): a change through one name changes all of them."""
+    linked = set(linked_by_journal)
     for ino in inos:
         n = view.nodes.get(ino)
         if n is None:
@@ -331,7 +339,10 @@ def other_names(view, inos: set[int]) -> set[str]:
                 n = view.node(ino)
             except OSError:
                 continue
-        if not n.is_dir() and n.nlink > 1:
+        if n.is_dir():
+            continue
+        image_attrs = view.lower.attrs(n.lower_ino) if n.lower_ino is not None else None
+        if n.nlink > 1 or (image_attrs is not None and image_attrs[6] > 1):
             linked.add(ino)
     if not linked:
         return set()
@@ -373,7 +384,7 @@ def dir_path(view, ino: int, upper_parents: dict) -> str | None:
 def journal_diff(before, after_view, records: list[dict], hidden: set[str] = frozenset()) -> list[tuple[str, str]]:
     """The journal's paths, classified: O(number of changes)."""
     touched, inos = replay(records)
-    touched |= other_names(after_view, inos)
+    touched |= other_names(after_view, inos, {r["ino"] for r in records if r["op"] == "link"})
     differ = Differ(before, ViewTree(after_view), hidden)
     for path in sorted(touched):
         differ.add_path(path)

@@ -397,6 +397,10 @@ class UnionView:
         src = self.lookup(old_parent_ino, old_name)
         dst_ino = self._find(new_parent, new_name)
         dst = self.node(dst_ino) if dst_ino is not None else None
+        # a directory into itself (the kernel checks this before FUSE; callers of the view may not)
+        if self._contains(src, new_parent) or (flags & RENAME_EXCHANGE and dst is not None
+                                                and self._contains(dst, old_parent)):
+            raise fs_error(errno.EINVAL)
         if flags & RENAME_EXCHANGE:
             if dst is None:
                 raise fs_error(errno.ENOENT)
@@ -451,6 +455,18 @@ class UnionView:
             self._touch_dir(old_parent)
             if new_parent is not old_parent:
                 self._touch_dir(new_parent)
+
+    def _contains(self, d: Node, n: Node) -> bool:
+        """Is `n` the directory `d` or inside it (by the parents the kernel reached them by)?"""
+        if not d.is_dir():
+            return False
+        for _ in range(4096):
+            if n is d:
+                return True
+            if n.ino == 1 or n.parent is None:
+                return False
+            n = self.node(n.parent)
+        return False
 
     # -- data ------------------------------------------------------------------
 
