@@ -39,7 +39,7 @@ def ensure_init_layer(view) -> None:
     if view.upper.get_meta("init_paths") is not None:
         return
     journal, view.journal = view.journal, None
-    made, files = [], []
+    made = []
     try:
         for path in INIT_DIRS + INIT_FILES:
             parent_path, _, name = path.rpartition("/")
@@ -53,15 +53,11 @@ def ensure_init_layer(view) -> None:
             if path in INIT_DIRS:
                 view.mkdir(parent.ino, name.encode(), 0o755, 0, 0)
             else:
-                n, fd = view.create(parent.ino, name.encode(), 0o644, os.O_RDWR, 0, 0)
+                _, fd = view.create(parent.ino, name.encode(), 0o644, os.O_RDWR, 0, 0)
                 view.release(fd)
-                files.append(n.ino)
             view.setattr(parent.ino, atime_ns=times[0], mtime_ns=times[1])
             made.append("/" + path)
         view.upper.set_meta("init_paths", json.dumps(made))
-        if journal is not None:  # their (empty) data files are accounted for: fsck must not see writes
-            for ino in files:
-                journal.note_data(ino)
     finally:
         view.journal = journal
 
@@ -78,10 +74,10 @@ def serve_container(store, config, rootfs, child, sync_w, status_r, ours, wait_a
         raise
     with mounted(view, rootfs, fuse_options(f"strata:{config['Name']}", False)):
         return trio.run(functools.partial(_serve, store, config, cdir, child, sync_w, status_r, ours,
-                                          wait_attach, state, container_id))
+                                          wait_attach, state, container_id, view))
 
 
-async def _serve(store, config, cdir, child, sync_w, status_r, ours, wait_attach, state, container_id):
+async def _serve(store, config, cdir, child, sync_w, status_r, ours, wait_attach, state, container_id, view):
     max_bytes, max_files = log_limits(config.get("LogOpts") or {})
     log = JsonLog(os.path.join(cdir, "json.log"), max_bytes, max_files)
     clients: set = set()
@@ -179,7 +175,7 @@ async def _serve(store, config, cdir, child, sync_w, status_r, ours, wait_attach
             await broadcast(STDERR, f"strata: error: {message}\n".encode())
 
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve_session)
+        nursery.start_soon(serve_session, view)
         nursery.start_soon(accept_loop, nursery)
         if wait_attach:
             with trio.move_on_after(30):

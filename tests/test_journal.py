@@ -74,6 +74,10 @@ def test_records_say_who_what_when_and_which_run(view, image, upper_path):
     for offset in range(0, 3 * 4096, 4096):  # three writes, one record
         view.write(fd, offset, b"x" * 4096)
     view.release(fd)
+    fd, _ = view.open(view.lookup(d.ino, b"g").ino, os.O_WRONLY)  # an existing file: a write record
+    view.write(fd, 4096, b"y")
+    view.write(fd, 0, b"z")
+    view.release(fd)
     view.setattr(view.lookup(d.ino, b"f").ino, mode=0o600)
     view.rename(d.ino, b"new", ROOT, b"moved")
     records = read_records(view.upper.db)
@@ -81,7 +85,8 @@ def test_records_say_who_what_when_and_which_run(view, image, upper_path):
     create, write, chmod, rename = records
     assert create["path"] == "/d/new" and create["run"] == 1 and create["pid"] == os.getpid()
     assert create["comm"] == open("/proc/self/comm").read().strip() and os.path.isabs(create["exe"])
-    assert write["detail"] == {"ranges": [[0, 3 * 4096]]}
+    assert create["detail"] == {"ranges": [[0, 3 * 4096]]}  # made and written in one open: one record
+    assert write["path"] == "/d/g" and write["detail"] == {"ranges": [[0, 1], [4096, 4097]]}
     assert chmod["detail"] == {"mode": "600"} and chmod["path"] == "/d/f"
     assert (rename["path"], rename["path2"]) == ("/d/new", "/moved")
     assert records[0]["time_ns"] <= records[-1]["time_ns"]

@@ -6,15 +6,17 @@ describe: the journal and the upper layer never disagree about metadata.
 
 Data is the one thing written outside a transaction (pwrite on data/<ino>).
 Writes are coalesced: one record per file per open/close, holding the byte
-ranges. So that a `kill -9` cannot hide a write, `data_seen` keeps, per data
-file, the (mtime, size) the journal last accounted for; `recover` (the fsck
-run before every mount) records a write for each data file that differs.
+ranges (a file made and written in one open has one record, its create).
+So that a `kill -9` cannot hide a write, each upper inode row keeps the
+(size, mtime) of its data file as the journal last accounted for it
+(seen_size, seen_mtime_ns; none yet for a file `create` made empty), and
+`recover` (the fsck run before every mount) records a write for each data
+file that differs.
 
   journal(seq, time_ns, run, pid, uid, gid, comm, exe, op, path, path2, ino, kind, detail)
       run: which run of the container (0: a `strata mount` outside any run);
       comm/exe: read from /proc/<pid> when the change is made; kind: the
       entry's S_IFMT; detail: JSON (write ranges, new mode, xattr name, ...)
-  data_seen(ino, mtime_ns, size)
 """
 from __future__ import annotations
 
@@ -27,29 +29,65 @@ CREATE TABLE IF NOT EXISTS journal(seq INTEGER PRIMARY KEY, time_ns INTEGER NOT 
     run INTEGER NOT NULL, pid INTEGER NOT NULL, uid INTEGER NOT NULL, gid INTEGER NOT NULL,
     comm TEXT NOT NULL, exe TEXT NOT NULL, op TEXT NOT NULL, path BLOB NOT NULL, path2 BLOB,
     ino INTEGER NOT NULL, kind INTEGER NOT NULL, detail TEXT);
-CREATE TABLE IF NOT EXISTS data_seen(ino INTEGER PRIMARY KEY, mtime_ns INTEGER NOT NULL,
-    size INTEGER NOT NULL);
 """
+INSERT_SQL = ("INSERT INTO journal(time_ns, run, pid, uid, gid, comm, exe, op, path, path2, ino, kind, detail) "
+              "VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?)")
 COLUMNS = ("seq", "time_ns", "run", "pid", "uid", "gid", "comm", "exe", "op", "path", "path2", "ino",
            "kind", "detail")
 NOBODY = (0, 0, 0)  # the caller of a change made outside any request (fsck, the init layer)
 MAX_RANGES = 32  # beyond this many separate ranges a write record keeps their overall span
 
 
-def describe_process(pid: int) -> tuple[str, str]:
-    """(command name, executable) of `pid` now; "?" for what cannot be read (it exited)."""
-    if pid <= 0:
-        return "?", "?"
-    try:
-        with open(f"/proc/{pid}/comm", "rb") as f:
-            comm = f.read().rstrip(b"\n").decode("utf-8", "replace")
-    except OSError:
-        comm = "?"
-    try:
-        exe = os.readlink(f"/proc/{pid}/exe")
-    except OSError:
-        exe = "?"
-    return comm, exe
+class ProcessNames:
+    """(command name, executable) of a pid as they are now: one pread of its comm file,
+    kept open between requests; the executable is read again only when the command
+    name changed (an exec renames the process). "?" for what cannot be read."""
+
+    MAX_OPEN = 64
+
+    def __init__(self):
+        self.comm_fds: dict[int, int] = {}
+        self.known: dict[int, tuple[str, str]] = {}  # pid -> (comm, exe) last read
+
+    def describe(self, pid: int) -> tuple[str, str]:
+        if pid <= 0:
+            return "?", "?"
+        comm = self._comm(pid)
+        known = self.known.get(pid)
+        if known is not None and known[0] == comm:
+            return known
+        try:
+            exe = os.readlink(f"/proc/{pid}/exe")
+        except OSError:
+            exe = "?"
+        if len(self.known) >= 4 * self.MAX_OPEN:
+            self.known.clear()
+        self.known[pid] = (comm, exe)
+        return comm, exe
+
+    def _comm(self, pid: int) -> str:
+        fd = self.comm_fds.get(pid)
+        for _ in range(2):  # a cached fd of an exited process fails (ESRCH): open the pid's new one
+            if fd is None:
+                try:
+                    fd = os.open(f"/proc/{pid}/comm", os.O_RDONLY | os.O_CLOEXEC)
+                except OSError:
+                    return "?"
+                if len(self.comm_fds) >= self.MAX_OPEN:
+                    os.close(self.comm_fds.pop(next(iter(self.comm_fds))))
+                self.comm_fds[pid] = fd
+            try:
+                return os.pread(fd, 64, 0).rstrip(b"\n").decode("utf-8", "replace")
+            except OSError:
+                os.close(self.comm_fds.pop(pid))
+                self.known.pop(pid, None)
+                fd = None
+        return "?"
+
+    def close(self) -> None:
+        for fd in self.comm_fds.values():
+            os.close(fd)
+        self.comm_fds.clear()
 
 
 def add_range(ranges: list[list[int]], start: int, end: int) -> None:
@@ -71,12 +109,13 @@ def add_range(ranges: list[list[int]], start: int, end: int) -> None:
 
 
 class WriteLog:
-    """What one open file handle has written, and by whom (the opener)."""
+    """What one open file handle has written, and by whom: the opener, named as it
+    was when it opened the file (`names`, filled by the first record)."""
 
-    __slots__ = ("caller", "ranges", "seq", "created")
+    __slots__ = ("caller", "ranges", "seq", "created", "names")
 
     def __init__(self, caller: tuple[int, int, int], created: bool):
-        self.caller, self.ranges, self.seq, self.created = caller, [], None, created
+        self.caller, self.ranges, self.seq, self.created, self.names = caller, [], None, created, None
 
 
 class Journal:
@@ -86,46 +125,57 @@ class Journal:
 
     def __init__(self, upper, run: int):
         self.upper, self.run = upper, run
+        self.processes = ProcessNames()
+
+    def close(self) -> None:
+        self.processes.close()
 
     def record(self, caller: tuple[int, int, int], op: str, path: bytes, ino: int, kind: int,
-               path2: bytes | None = None, detail: dict | None = None) -> int:
+               path2: bytes | None = None, detail: dict | None = None,
+               names: tuple[str, str] | None = None, time_ns: int | None = None) -> int:
         pid, uid, gid = caller
-        comm, exe = describe_process(pid)
-        cur = self.upper.execute_returning(
-            "INSERT INTO journal(time_ns, run, pid, uid, gid, comm, exe, op, path, path2, ino, kind, detail) "
-            "VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            (time.time_ns(), self.run, pid, uid, gid, comm, exe, op, path, path2, ino, kind,
-             json.dumps(detail, sort_keys=True) if detail else None))
-        return cur.lastrowid
+        comm, exe = names or self.processes.describe(pid)
+        # inside the change's transaction: UpperLayer.transaction turns SQLite's errors into errno
+        return self.upper.db.execute(INSERT_SQL, (time_ns or time.time_ns(), self.run, pid, uid, gid, comm, exe, op,
+                                                  path, path2, ino, kind,
+                                                  detail_json(detail) if detail else None)).lastrowid
 
     def update_write(self, seq: int, ranges: list[list[int]]) -> None:
-        self.upper.execute("UPDATE journal SET detail=? WHERE seq=?", (json.dumps({"ranges": ranges}), seq))
-
-    def note_data(self, ino: int) -> None:
-        """The data file of `ino` as it is now is accounted for by the journal."""
-        size_mtime = self.upper.data_stat(ino)
-        if size_mtime is None:
-            self.upper.execute("DELETE FROM data_seen WHERE ino=?", (ino,))
-        else:
-            self.upper.execute("INSERT OR REPLACE INTO data_seen VALUES(?,?,?)", (ino, size_mtime[1], size_mtime[0]))
+        """The byte ranges of a handle's writes, on the record its first write (or its create) made."""
+        self.upper.execute("UPDATE journal SET detail=? WHERE seq=?", (ranges_json(ranges), seq))
 
     def recover(self, path_of_ino) -> list[str]:
         """fsck: a write record for every data file the journal has not accounted for
         (the server was killed between a write and the close that records it)."""
-        seen = {ino: (size, mtime) for ino, mtime, size in self.upper.db.execute("SELECT * FROM data_seen")}
+        seen = {ino: (size, mtime) for ino, size, mtime in
+                self.upper.db.execute("SELECT ino, seen_size, seen_mtime_ns FROM inodes")}
         repairs = []
         with self.upper.transaction():
             for ino in self.upper.data_inodes():
                 now = self.upper.data_stat(ino)
-                if now is None or seen.get(ino) == now:
+                if now is None or ino not in seen:
+                    continue  # an orphan: UpperLayer.check removes it
+                expected = seen[ino] if seen[ino][0] is not None else (0, now[1])  # made empty by create
+                if expected == now:
                     continue
                 row = self.upper.db.execute("SELECT path, kind FROM journal WHERE ino=? ORDER BY seq DESC LIMIT 1",
                                             (ino,)).fetchone()
                 path, kind = row if row else (path_of_ino(ino), 0o100000)
                 self.record(NOBODY, "write", path, ino, kind, detail={"recovered": "fsck", "size": now[0]})
-                self.note_data(ino)
+                self.upper.execute("UPDATE inodes SET seen_size=?, seen_mtime_ns=? WHERE ino=?", (*now, ino))
                 repairs.append(f"journal: recovered a write to {os.fsdecode(path)}")
         return repairs
+
+
+def ranges_json(ranges: list[list[int]]) -> str:
+    """json.dumps({"ranges": ranges}), without its cost on the path of every written file."""
+    return '{"ranges": [' + ", ".join(f"[{s}, {e}]" for s, e in ranges) + "]}"
+
+
+def detail_json(detail: dict) -> str:
+    if len(detail) == 1 and "ranges" in detail:
+        return ranges_json(detail["ranges"])
+    return json.dumps(detail, sort_keys=True)
 
 
 def read_records(db, run: int | None = None, since_ns: int | None = None) -> list[dict]:

@@ -8,7 +8,7 @@ pyfuse3 quirk: before every request its session loop takes a trio.Lock that
 only matters when several tasks read /dev/fuse. Taking it is a checkpoint, one
 more pass through trio's scheduler per request: about a quarter of a cold
 lookup (45 -> 33 us in benchmarks/floorfs.py's tree). strata serves with one
-task (max_tasks=1), so `serve_session` swaps in a lock-free wait. pyfuse3's
+task (max_tasks=1), so `mounted` swaps in a lock-free wait. pyfuse3's
 loop finds `_wait_fuse_readable` among its module globals at every call; if a
 pyfuse3 release drops that name, the stock wait is used.
 """
@@ -70,10 +70,28 @@ def install_single_task_wait(fuse_fd: int) -> bool:
     return True
 
 
-async def serve_session() -> None:
-    """pyfuse3's loop with one task: requests are answered in order, each without a lock."""
+async def serve_session(view) -> None:
+    """pyfuse3's loop with one task: requests are answered in order, each without a lock;
+    beside it, what writes left pending is stored when the mount is idle for a moment."""
     import pyfuse3
-    await pyfuse3.main(min_tasks=1, max_tasks=1)
+    import trio
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(store_pending_writes, view)
+        await pyfuse3.main(min_tasks=1, max_tasks=1)
+        nursery.cancel_scope.cancel()
+    view.flush_journal()
+
+
+async def store_pending_writes(view, interval: float = 0.5) -> None:
+    """UnionView.store_when_idle every `interval` seconds (no request is being served
+    then: one task serves them all, in order)."""
+    import trio
+    while True:
+        await trio.sleep(interval)
+        try:
+            view.store_when_idle()
+        except OSError as e:  # a full disk, say: the next transaction tries again
+            log.warning("storing pending writes failed: %s", e)
 
 
 @contextlib.contextmanager
@@ -112,7 +130,8 @@ def serve(make_view, mountpoint: str, fsname: str, readonly: bool, debug: bool =
     opts = fuse_options(fsname, readonly)
     if debug:
         opts.add("debug")
-    with mounted(make_view(), mountpoint, opts):
+    view = make_view()
+    with mounted(view, mountpoint, opts):
         if on_ready is not None:
             on_ready()
 
@@ -124,7 +143,7 @@ def serve(make_view, mountpoint: str, fsname: str, readonly: bool, debug: bool =
                             pyfuse3.terminate()
                             return
                 nursery.start_soon(stop_on_signal)
-                await serve_session()
+                await serve_session(view)
                 nursery.cancel_scope.cancel()
 
         trio.run(run)

@@ -1,7 +1,9 @@
 """The writable upper layer on disk: a SQLite metadata file and data files by inode.
 
   <upper>/upper.db     inodes(ino, lower_ino, mode, uid, gid, size, atime_ns, mtime_ns,
-                              ctime_ns, rdev, nlink, target, xattrs, has_data)
+                              ctime_ns, rdev, nlink, target, xattrs, has_data,
+                              seen_size, seen_mtime_ns)  seen: data/<ino> as the journal
+                                                         last accounted for it
                        dirents(parent, name, ino)    ino 0 = whiteout of a lower name
                        meta(key, value)              next_ino
   <upper>/data/<ino>   the content of every regular file changed or created here
@@ -35,7 +37,8 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS inodes(ino INTEGER PRIMARY KEY, lower_ino INTEGER, mode INTEGER NOT NULL,
     uid INTEGER NOT NULL, gid INTEGER NOT NULL, size INTEGER NOT NULL, atime_ns INTEGER NOT NULL,
     mtime_ns INTEGER NOT NULL, ctime_ns INTEGER NOT NULL, rdev INTEGER NOT NULL,
-    nlink INTEGER NOT NULL, target BLOB, xattrs TEXT, has_data INTEGER NOT NULL);
+    nlink INTEGER NOT NULL, target BLOB, xattrs TEXT, has_data INTEGER NOT NULL,
+    seen_size INTEGER, seen_mtime_ns INTEGER);
 CREATE TABLE IF NOT EXISTS dirents(parent INTEGER NOT NULL, name BLOB NOT NULL, ino INTEGER NOT NULL,
     PRIMARY KEY(parent, name)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -107,7 +110,14 @@ class UpperLayer:
                                   check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")  # survives kill -9; fsync() syncs explicitly
+        # checkpoints (they fsync) run when the server is idle (checkpoint()), not inside a
+        # request's commit; past 10,000 pages (40 MiB of log) SQLite does one itself
+        self.db.execute("PRAGMA wal_autocheckpoint=10000")
         self.db.executescript(SCHEMA + journal.SCHEMA)
+        columns = {row[1] for row in self.db.execute("PRAGMA table_info(inodes)")}
+        for column in ("seen_size", "seen_mtime_ns"):  # an upper layer made before the journal
+            if column not in columns:
+                self.db.execute(f"ALTER TABLE inodes ADD COLUMN {column} INTEGER")
         row = self.db.execute("SELECT value FROM meta WHERE key='next_ino'").fetchone()
         if row is None:
             self.db.execute("INSERT INTO meta VALUES('next_ino', ?)", (str(first_free_ino),))
@@ -193,7 +203,7 @@ class UpperLayer:
         self.execute("INSERT OR REPLACE INTO meta VALUES(?, ?)", (key, value))
 
     def put_inode(self, row: tuple) -> None:
-        self.execute("INSERT OR REPLACE INTO inodes VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?)", row)
+        self.execute("INSERT OR REPLACE INTO inodes VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", row)
 
     def delete_inode(self, ino: int) -> None:
         """The row now; the data only after the commit, so a crash never leaves a name
@@ -250,6 +260,13 @@ class UpperLayer:
 
     def data_inodes(self) -> list[int]:
         return sorted(int(name) for name in os.listdir(self.data_fd) if name.isdigit())
+
+    def checkpoint(self) -> None:
+        """Fold the write-ahead log into the database (PASSIVE: never waits for readers)."""
+        try:
+            self.db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+        except sqlite3.Error as e:
+            raise storage_errors(e) from None
 
     def sync(self) -> None:
         self.db.execute("PRAGMA wal_checkpoint(PASSIVE)")

@@ -38,17 +38,20 @@ class Node:
 
     __slots__ = ("ino", "mode", "uid", "gid", "size", "atime_ns", "mtime_ns", "ctime_ns", "rdev",
                  "nlink", "target", "xattrs", "lower_ino", "has_data", "parent", "name", "opens", "dirty",
-                 "attr", "attr_generation")  # attr: the adapter's cached reply, valid for one generation
+                 "attr", "attr_generation", "seen_size", "seen_mtime_ns")
+    # attr: the adapter's cached reply, valid for one generation; seen_*: the journal's (upper.py)
     # parent, name: the name the kernel last reached it by (the journal's paths)
 
     def __init__(self, ino: int):
         self.ino, self.parent, self.name, self.opens, self.dirty = ino, None, None, 0, False
         self.attr, self.attr_generation = None, -1
+        self.seen_size = self.seen_mtime_ns = None
 
     def load_row(self, row: tuple) -> None:
         """Take every attribute from an upper-layer row (unionfs.upper's inodes table)."""
         (_, self.lower_ino, self.mode, self.uid, self.gid, self.size, self.atime_ns, self.mtime_ns,
-         self.ctime_ns, self.rdev, self.nlink, self.target, xattrs, has_data) = row
+         self.ctime_ns, self.rdev, self.nlink, self.target, xattrs, has_data, self.seen_size,
+         self.seen_mtime_ns) = row
         self.xattrs, self.has_data = decode_xattrs(xattrs), bool(has_data)
 
     def load_lower(self, attrs: tuple) -> None:
@@ -63,7 +66,7 @@ class Node:
     def row(self) -> tuple:
         return (self.ino, self.lower_ino, self.mode, self.uid, self.gid, self.size, self.atime_ns,
                 self.mtime_ns, self.ctime_ns, self.rdev, self.nlink, self.target,
-                encode_xattrs(self.xattrs), int(self.has_data))
+                encode_xattrs(self.xattrs), int(self.has_data), self.seen_size, self.seen_mtime_ns)
 
 
 def clamp_ns(ns: int) -> int:
@@ -90,7 +93,12 @@ class UnionView:
         self.upper = upper
         self.journal = journal
         self.caller = NOBODY
+        self.last_record: int | None = None  # the sequence number of the last create's record
         self.write_logs: dict[int, WriteLog] = {}  # open fd -> what it wrote (journal)
+        # what writes left to store: the new size and times of written files, and (journal)
+        # the write records of closed handles; they go with the next transaction (a group
+        # commit, see flush_journal), so writing a file costs no transaction of its own
+        self.pending_writes: list[tuple[WriteLog | None, Node, bytes | None, int]] = []
         self.nodes: dict[int, Node] = {}
         self.handles: dict[int, Node] = {}  # open fd -> node
         # Bumped by every change to the view: a cached attribute reply (Node.attr) is
@@ -138,6 +146,8 @@ class UnionView:
         self.generation += 1
         try:
             with self.upper.transaction():
+                if self.pending_writes:
+                    self._store_pending_writes()
                 yield
         except BaseException:
             self._resync()
@@ -178,13 +188,67 @@ class UnionView:
         return base + name if base == b"/" else base + b"/" + name
 
     def _record(self, op: str, path: bytes, n: Node, path2: bytes | None = None, detail: dict | None = None,
-                data: bool = False) -> None:
-        """Journal one change, in the transaction that makes it; `data`: it changed data/<ino>."""
+                data: bool = False) -> int | None:
+        """Journal one change, in the transaction that makes it; `data`: it changed data/<ino>.
+        Returns the record's sequence number."""
         journal = self.journal
-        if journal is not None:
-            journal.record(self.caller, op, path, n.ino, n.mode & 0o170000, path2, detail)
-            if data:
-                journal.note_data(n.ino)
+        if journal is None:
+            return None
+        seq = journal.record(self.caller, op, path, n.ino, n.mode & 0o170000, path2, detail)
+        if data:
+            self._note_data(n)
+            self._persist(n)
+        return seq
+
+    def _note_data(self, n: Node) -> None:
+        """The data file as it is now is accounted for by the journal (stored with `n`'s row)."""
+        size_mtime = self.upper.data_stat(n.ino)
+        n.seen_size, n.seen_mtime_ns = size_mtime if size_mtime is not None else (None, None)
+
+    def flush_journal(self) -> None:
+        """Store what writes left pending now: flush and release leave a written file's
+        size and times, and its write record, for the next transaction; the server calls
+        this when idle, and fsync and close call it. A kill -9 before then loses no
+        change: fsck takes the size from the data file (UpperLayer.check) and records
+        the write (journal.recover)."""
+        if self.pending_writes:
+            with self.upper.transaction():
+                self._store_pending_writes()
+
+    def store_when_idle(self) -> None:
+        """What the server does between requests: store pending writes, checkpoint the log."""
+        if self.upper is not None:
+            self.flush_journal()
+            self.upper.checkpoint()
+
+    def _store_pending_writes(self) -> None:
+        pending, self.pending_writes = self.pending_writes, []
+        try:
+            self._store_writes(pending)
+        except BaseException:  # the transaction is rolled back: try again with the next one
+            self.pending_writes[:0] = pending
+            raise
+
+    def _store_writes(self, pending: list) -> None:
+        journal = self.journal
+        for log, n, path, when in pending:
+            if log is None:
+                pass
+            elif log.seq is None:
+                journal.record(log.caller, "write", path, n.ino, n.mode & 0o170000, detail={"ranges": log.ranges},
+                               names=log.names, time_ns=when)
+            else:
+                journal.update_write(log.seq, log.ranges)
+            if log is not None and (n.nlink > 0 or n.opens > 0):
+                self._note_data(n)
+                n.dirty = True
+            if n.dirty:
+                self._persist(n)
+
+    def _being_written(self, n: Node) -> bool:
+        """Open for writing: the kernel's own time updates of a write (writeback cache)
+        belong to that write's record, not to a utimens of their own."""
+        return any(self.handles.get(fd) is n for fd in self.write_logs)
 
     def _writable(self) -> UpperLayer:
         if self.upper is None:
@@ -305,7 +369,7 @@ class UnionView:
             self._persist(n)
             self._link_name(parent, name, n.ino)
             self._touch_dir(parent, 1 if n.is_dir() else 0)
-            self._record(op, self.child_path(parent, name), n, path2=target, data=n.has_data)
+            self.last_record = self._record(op, self.child_path(parent, name), n, path2=target)  # data: empty
         return n
 
     def create(self, parent_ino: int, name: bytes, mode: int, flags: int, uid: int, gid: int) -> tuple[Node, int]:
@@ -313,8 +377,9 @@ class UnionView:
         fd = self.upper.open_data(n.ino, os.O_RDWR)
         n.opens += 1
         self.handles[fd] = n
-        if self.journal is not None:  # its writes are recorded at release: the create names the file already
-            self.write_logs[fd] = WriteLog(self.caller, created=True)
+        if self.journal is not None:  # its writes go on its create record: one record per file
+            log = self.write_logs[fd] = WriteLog(self.caller, created=True)
+            log.seq = self.last_record
         return n, fd
 
     def mkdir(self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int) -> Node:
@@ -485,9 +550,9 @@ class UnionView:
             finally:
                 os.close(src)
         n.has_data = True
-        self._persist(n)
         if self.journal is not None:  # a copy is no change of content: no record, but accounted for
-            self.journal.note_data(n.ino)
+            self._note_data(n)
+        self._persist(n)
         # descriptors opened on the lower file must now read the upper one, or a
         # page-cache refill through them would write old data back (keep_cache)
         for fd, held in self.handles.items():
@@ -544,10 +609,11 @@ class UnionView:
 
     def flush(self, fd: int) -> None:
         n = self.handles[fd]
-        if n.dirty:
-            self._persist(n)
+        if n.dirty:  # stored with the next transaction (flush_journal)
+            self.pending_writes.append((None, n, None, 0))
 
     def fsync(self, fd: int, datasync: bool) -> None:
+        self.flush_journal()
         n = self.handles[fd]
         if n.has_data:
             os.fdatasync(fd) if datasync else os.fsync(fd)
@@ -561,21 +627,12 @@ class UnionView:
         os.close(fd)
         n.opens -= 1
         log = self.write_logs.pop(fd, None)
-        if log is not None and log.ranges:
-            with self._changing():
-                if log.seq is None:
-                    self.journal.record(log.caller, "write", self.path_of(n), n.ino, n.mode & 0o170000,
-                                        detail={"ranges": log.ranges})
-                else:
-                    self.journal.update_write(log.seq, log.ranges)
-                if n.nlink > 0 or n.opens > 0:
-                    self.journal.note_data(n.ino)
-                if n.dirty:
-                    self._persist(n)
+        if log is not None and log.ranges:  # the record, and the size it gave the file, go later
+            self.pending_writes.append((log, n, self.path_of(n), time.time_ns()))
+        elif n.dirty:
+            self.pending_writes.append((None, n, None, 0))
         if n.nlink <= 0 and n.opens == 0 and self.upper is not None:
             self.upper.delete_inode(n.ino)  # last close of an unlinked file
-        elif n.dirty:
-            self._persist(n)
 
     # -- attributes ---------------------------------------------------------------
 
@@ -613,13 +670,14 @@ class UnionView:
                 n.mtime_ns = clamp_ns(mtime_ns)
             n.ctime_ns = now
             self._persist(n)
-            if self.journal is not None:
+            if self.journal is not None and (mode is not None or uid is not None or gid is not None
+                                             or not self._being_written(n)):
                 path = self.path_of(n)
                 if mode is not None:
                     self._record("chmod", path, n, detail={"mode": "%o" % stat.S_IMODE(n.mode)})
                 if uid is not None or gid is not None:
                     self._record("chown", path, n, detail={"uid": n.uid, "gid": n.gid})
-                if atime_ns is not None or mtime_ns is not None:
+                if (atime_ns is not None or mtime_ns is not None) and not self._being_written(n):
                     self._record("utimens", path, n, detail={"mtime_ns": n.mtime_ns})
         return n
 
@@ -680,9 +738,13 @@ class UnionView:
 
     def close(self) -> None:
         """Idempotent: the server closes on every way out."""
+        if self.upper is not None and self.upper.data_fd >= 0:
+            self.flush_journal()
         for fd in list(self.handles):
             os.close(fd)
         self.handles.clear()
+        if self.journal is not None:
+            self.journal.close()
         if self.upper is not None:
             self.upper.close()
         self.lower.close()
