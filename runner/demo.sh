@@ -1,8 +1,11 @@
 #!/bin/sh
 # The main job, as `make demo` runs it: the busybox base image, images and
-# history, then containers: a command run three times with start, its logs,
-# and a detached one stopped again. Uses its own store, so a second run
-# shows the same thing.
+# history; containers: a command run three times with start, its logs, and a
+# detached one stopped again; then the seed story: run, make a directory and
+# a file, diff, commit, diff again, history and images --tree, a second
+# commit under the same name, start, logs, and diff --audit saying which
+# process made each change. Uses its own store, so a second run shows the
+# same thing.
 set -eu
 STRATA=${STRATA:-strata}
 export STRATA_ROOT=${STRATA_ROOT:-$(pwd)/.demo-store}
@@ -39,3 +42,20 @@ step $STRATA stop -t 1 ticker
 step $STRATA ps -a
 step $STRATA logs --tail 2 ticker
 step $STRATA rm counter ticker
+
+# the seed story: what a container changed, kept as an image, and who changed it
+step $STRATA run --name seed busybox sh -c 'mkdir /data && echo hello > /data/file && echo made it'
+step $STRATA diff seed
+step $STRATA commit -m "the data directory" seed local
+step $STRATA diff seed
+step $STRATA history local
+step $STRATA images --tree
+step $STRATA update --cmd 'sh -c "echo again >> /data/file; chmod 600 /data/file; rm /bin/vi; cat /data/file"' seed
+step $STRATA start -a seed
+step $STRATA logs seed
+step $STRATA diff seed
+step $STRATA commit -m "a second commit, same name" seed local
+step $STRATA images
+step $STRATA diff --audit seed
+step $STRATA run --rm local cat /data/file
+step $STRATA rm seed
