@@ -167,3 +167,15 @@ def test_a_write_the_killed_supervisor_never_recorded_is_recovered(root):
     recovered = [line for line in audit if " write " in line]
     assert len(recovered) == 1 and "/log" in recovered[0] and "recovered by fsck (size 4)" in recovered[0]
     assert ok(root, "diff", "crash") == "A /log\n"
+
+
+def test_committing_a_running_container_pauses_it_and_lets_it_go_on(root):
+    ok(root, "run", "-d", "--name", "live", "busybox", "sh", "-c",
+       "exec 3>/log; n=0; while true; do n=$((n+1)); echo $n >&3; echo $n > /count; sleep 0.05; done")
+    wait_for(lambda: "A /count" in ok(root, "diff", "live"), what="the container's first writes")
+    image = ok(root, "commit", "live", "snap").strip()
+    count = int(ok(root, "run", "--rm", image, "cat", "/count"))
+    lines = ok(root, "run", "--rm", image, "cat", "/log").split()
+    assert count >= 1 and lines[-1] == str(count)  # a still-open file, as it was when paused
+    assert "Up " in ok(root, "ps", "--filter", "name=live")
+    wait_for(lambda: int(ok(root, "exec", "live", "cat", "/count")) > count, what="the container to go on")

@@ -264,6 +264,9 @@ UNPRIVILEGED = textwrap.dedent("""\
     $S start -a u1
     $S start -a u1
     $S logs u1
+    $S diff u1
+    $S commit u1 mine > /dev/null
+    $S run --rm mine stat -c %u:%g /f
     $S run -d --name ud busybox sh -c 'while true; do sleep 0.1; done' > /dev/null
     $S ps --format '{{.Names}} {{.State}}'
     $S stop -t 1 ud > /dev/null
@@ -287,7 +290,8 @@ def test_unprivileged_user(unprivileged_python):
         seed_story_on_a_terminal(f"{work}/store", prefix=nobody, python=python, pythonpath=pythonpath,
                                  env={"PATH": os.environ["PATH"], "HOME": work})
         three_runs = ["1000:1000", "0"] * 3
-        assert proc.stdout.split("\n") == three_runs + three_runs + ["ud running", "u1", "ud", "0", ""]
+        assert proc.stdout.split("\n") == three_runs + three_runs + ["A /f", "1000:1000", "ud running", "u1", "ud",
+                                                                      "0", ""]
     finally:
         subprocess.run(["pkill", "-KILL", "-u", "65534", "-f", "runner.supervisor"], capture_output=True)
         shutil.rmtree(work, ignore_errors=True)

@@ -76,13 +76,13 @@ async def serve_session(view) -> None:
     import pyfuse3
     import trio
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(store_pending_writes, view)
+        nursery.start_soon(store_while_idle, view)
         await pyfuse3.main(min_tasks=1, max_tasks=1)
         nursery.cancel_scope.cancel()
-    view.flush_journal()
+    view.store_pending()
 
 
-async def store_pending_writes(view, interval: float = 0.5) -> None:
+async def store_while_idle(view, interval: float = 0.5) -> None:
     """UnionView.store_when_idle every `interval` seconds (no request is being served
     then: one task serves them all, in order)."""
     import trio

@@ -97,8 +97,9 @@ class UnionView:
         self.write_logs: dict[int, WriteLog] = {}  # open fd -> what it wrote (journal)
         # what writes left to store: the new size and times of written files, and (journal)
         # the write records of closed handles; they go with the next transaction (a group
-        # commit, see flush_journal), so writing a file costs no transaction of its own
-        self.pending_writes: list[tuple[WriteLog | None, Node, bytes | None, int]] = []
+        # commit, see store_pending), so writing a file costs no transaction of its own
+        # (write log, node, path for a new record, (data size, mtime, time of the close))
+        self.pending_writes: list[tuple[WriteLog | None, Node, bytes | None, tuple | None]] = []
         self.nodes: dict[int, Node] = {}
         self.handles: dict[int, Node] = {}  # open fd -> node
         # Bumped by every change to the view: a cached attribute reply (Node.attr) is
@@ -205,7 +206,7 @@ class UnionView:
         size_mtime = self.upper.data_stat(n.ino)
         n.seen_size, n.seen_mtime_ns = size_mtime if size_mtime is not None else (None, None)
 
-    def flush_journal(self) -> None:
+    def store_pending(self) -> None:
         """Store what writes left pending now: flush and release leave a written file's
         size and times, and its write record, for the next transaction; the server calls
         this when idle, and fsync and close call it. A kill -9 before then loses no
@@ -218,7 +219,7 @@ class UnionView:
     def store_when_idle(self) -> None:
         """What the server does between requests: store pending writes, checkpoint the log."""
         if self.upper is not None:
-            self.flush_journal()
+            self.store_pending()
             self.upper.checkpoint()
 
     def _store_pending_writes(self) -> None:
@@ -231,17 +232,16 @@ class UnionView:
 
     def _store_writes(self, pending: list) -> None:
         journal = self.journal
-        for log, n, path, when in pending:
-            if log is None:
-                pass
-            elif log.seq is None:
-                journal.record(log.caller, "write", path, n.ino, n.mode & 0o170000, detail={"ranges": log.ranges},
-                               names=log.names, time_ns=when)
-            else:
-                journal.update_write(log.seq, log.ranges)
-            if log is not None and (n.nlink > 0 or n.opens > 0):
-                self._note_data(n)
-                n.dirty = True
+        for log, n, path, seen in pending:
+            if log is not None:
+                if log.seq is None:
+                    journal.record(log.caller, "write", path, n.ino, n.mode & 0o170000, detail={"ranges": log.ranges},
+                                   names=log.names, time_ns=seen[2])
+                else:
+                    journal.update_write(log.seq, log.ranges)
+                if n.nlink > 0 or n.opens > 0:
+                    n.seen_size, n.seen_mtime_ns = seen[0], seen[1]
+                    n.dirty = True
             if n.dirty:
                 self._persist(n)
 
@@ -609,11 +609,11 @@ class UnionView:
 
     def flush(self, fd: int) -> None:
         n = self.handles[fd]
-        if n.dirty:  # stored with the next transaction (flush_journal)
-            self.pending_writes.append((None, n, None, 0))
+        if n.dirty:  # stored with the next transaction (store_pending)
+            self.pending_writes.append((None, n, None, None))
 
     def fsync(self, fd: int, datasync: bool) -> None:
-        self.flush_journal()
+        self.store_pending()
         n = self.handles[fd]
         if n.has_data:
             os.fdatasync(fd) if datasync else os.fsync(fd)
@@ -624,13 +624,15 @@ class UnionView:
 
     def release(self, fd: int) -> None:
         n = self.handles.pop(fd)
-        os.close(fd)
-        n.opens -= 1
         log = self.write_logs.pop(fd, None)
         if log is not None and log.ranges:  # the record, and the size it gave the file, go later
-            self.pending_writes.append((log, n, self.path_of(n), time.time_ns()))
+            st = os.fstat(fd)  # the data file as this record accounts for it
+            self.pending_writes.append((log, n, self.path_of(n) if log.seq is None else None,
+                                        (st.st_size, st.st_mtime_ns, time.time_ns())))
         elif n.dirty:
-            self.pending_writes.append((None, n, None, 0))
+            self.pending_writes.append((None, n, None, None))
+        os.close(fd)
+        n.opens -= 1
         if n.nlink <= 0 and n.opens == 0 and self.upper is not None:
             self.upper.delete_inode(n.ino)  # last close of an unlinked file
 
@@ -739,7 +741,7 @@ class UnionView:
     def close(self) -> None:
         """Idempotent: the server closes on every way out."""
         if self.upper is not None and self.upper.data_fd >= 0:
-            self.flush_journal()
+            self.store_pending()
         for fd in list(self.handles):
             os.close(fd)
         self.handles.clear()
