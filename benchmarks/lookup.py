@@ -6,7 +6,10 @@ unionfs-fuse and the pyfuse3 floor, side by side in one run, on the same layer c
 For each depth: cold stat of 10,000 files in 100 directories (caches dropped
 first), warm stat of the same, 5,000 negative lookups (cold), and a full
 readdir walk (cold). Each layer above the first adds 5 files and overwrites
-5. Times are microseconds per operation, the median of --rounds runs.
+5. Times are microseconds per operation, the median of --rounds runs; the
+last column is the CPU time a FUSE server used for one round of all four
+(strata polls /dev/fuse briefly while requests come back to back, see
+unionfs/mount.py; "strata, no polling" is the same server with that off).
 """
 from __future__ import annotations
 
@@ -75,12 +78,26 @@ def is_mounted(mountpoint: str) -> bool:
         return any(line.split()[4] == mountpoint for line in f)
 
 
+SERVER_PIDS: dict[str, int] = {}  # mountpoint -> its FUSE server, for the CPU column
+
+
+def server_cpu_ms(mountpoint: str) -> float:
+    """User + system CPU the mount's server has used so far (0 for the kernel's)."""
+    pid = SERVER_PIDS.get(mountpoint)
+    if pid is None:
+        return 0.0
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) * 1000 / os.sysconf("SC_CLK_TCK")
+
+
 @contextlib.contextmanager
 def server(argv: list[str], mountpoint: str, env: dict | None = None):
     """Start a foreground FUSE server, wait for its mount; unmount and reap it afterwards."""
     started = time.perf_counter()
     proc = subprocess.Popen(argv, env=dict(os.environ, PYTHONPATH=REPO, **(env or {})),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    SERVER_PIDS[mountpoint] = proc.pid
     try:
         deadline = time.monotonic() + 60
         while not is_mounted(mountpoint):
@@ -216,7 +233,9 @@ def main() -> None:
                 "unionfs-fuse": lambda m: server(["unionfs", "-f", "-o", "ro", ":".join(f"{d}=RO" for d in top_first), m], m),
                 "pyfuse3 floor": lambda m: server([py, os.path.join(REPO, "benchmarks", "floorfs.py"), flat, m], m),
                 "floor, 1 task": lambda m: server([py, os.path.join(REPO, "benchmarks", "floorfs.py"), flat, m, "1"], m),
-                "strata": lambda m: server([py, "-m", "runner.cli", "mount", "-f", image, m], m, {"STRATA_ROOT": store_root}),
+                "strata": lambda m: server([py, "-m", "runner", "mount", "-f", image, m], m, {"STRATA_ROOT": store_root}),
+                "strata, no polling": lambda m: server([py, "-m", "runner", "mount", "-f", image, m], m,
+                                                       {"STRATA_ROOT": store_root, "STRATA_FUSE_SPIN_US": "0"}),
                 "strata-fuse (dirs)": lambda m: server([py, "-m", "unionfs", "-f", "-o", "lowerdir=" + ":".join(top_first), m], m),
             }
             if shutil.which("unionfs") is None:
@@ -233,7 +252,10 @@ def main() -> None:
                 samples: dict[str, list[dict[str, float]]] = {name: [] for name in mounts}
                 for _ in range(args.rounds):
                     for name, path in mounts.items():
-                        samples[name].append(measure(path, 1))
+                        cpu = server_cpu_ms(path)
+                        values = measure(path, 1)
+                        values["server CPU ms"] = server_cpu_ms(path) - cpu
+                        samples[name].append(values)
                 table[depth] = {name: {m: statistics.median(s[m] for s in runs) for m in runs[0]}
                                 for name, runs in samples.items()}
             print(f"depth {depth:3} measured", file=sys.stderr)
@@ -261,7 +283,7 @@ def measure_growth(images: dict, work: str, rounds: int, py: str):
             store_root, image = images[depth]
             m = os.path.join(work, f"growth-{depth}")
             os.makedirs(m, exist_ok=True)
-            stack.enter_context(server([py, "-m", "runner.cli", "mount", "-f", image, m], m,
+            stack.enter_context(server([py, "-m", "runner", "mount", "-f", image, m], m,
                                        {"STRATA_ROOT": store_root}))
             mounts[depth] = m
         for _ in range(rounds):
@@ -271,8 +293,8 @@ def measure_growth(images: dict, work: str, rounds: int, py: str):
 
 
 def report(table, mount_times) -> None:
-    metrics = ["cold stat", "warm stat", "negative", "readdir walk"]
-    print("microseconds per operation (median of rounds)\n")
+    metrics = ["cold stat", "warm stat", "negative", "readdir walk", "server CPU ms"]
+    print("microseconds per operation (median of rounds); the FUSE server's CPU time per round\n")
     for depth, rows in table.items():
         print(f"depth {depth}")
         print(f"  {'':20}" + "".join(f"{m:>14}" for m in metrics))

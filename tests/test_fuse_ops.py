@@ -381,3 +381,22 @@ def test_the_lock_free_session_wait_is_installed_and_ends_on_terminate():
         pyfuse3._wait_fuse_readable = stock
         os.close(read_end)
         os.close(write_end)
+
+
+def test_a_mount_serves_with_the_lock_free_wait(store_root, tmp_path):
+    """The wait is installed on the session's own /dev/fuse descriptor (a mount in this process)."""
+    import pyfuse3
+
+    from unionfs.mount import mounted, fuse_options
+    from unionfs.storeview import make_view_factory
+    store = Store(store_root)
+    image_id = make_chain(store, [[member("f", data=b"x")]])
+    stock = pyfuse3._wait_fuse_readable
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    try:
+        with mounted(make_view_factory(store, image_id)(), str(mnt), fuse_options("test", True)):
+            assert pyfuse3._wait_fuse_readable.__qualname__ == "install_single_task_wait.<locals>.wait_fuse_readable"
+        assert not is_mounted(str(mnt))
+    finally:
+        pyfuse3._wait_fuse_readable = stock

@@ -11,6 +11,16 @@ lookup (45 -> 33 us in benchmarks/floorfs.py's tree). strata serves with one
 task (max_tasks=1), so `mounted` swaps in a lock-free wait. pyfuse3's
 loop finds `_wait_fuse_readable` among its module globals at every call; if a
 pyfuse3 release drops that name, the stock wait is used.
+
+Wake-up latency: a request that arrives while the server sleeps in epoll
+waits for the scheduler to wake it, which on these VMs costs about as much
+as answering it. While requests come back to back (the last one arrived
+within BURST_GAP of the reply before it), the wait first polls /dev/fuse
+without sleeping for up to $STRATA_FUSE_SPIN_US microseconds (default 30):
+a sequential client's next request is usually there by then. A burst's end
+costs one unanswered poll window; an idle mount never polls. Only with two
+or more CPUs (on one, polling would only delay the client); 0 turns it off.
+benchmarks/lookup.py shows both, and what each costs in server CPU.
 """
 from __future__ import annotations
 
@@ -46,25 +56,64 @@ def in_user_namespace() -> bool:
         return False
 
 
-def open_fds() -> set[int]:
-    return {int(fd) for fd in os.listdir("/proc/self/fd")}
+def fuse_device_fds() -> set[int]:
+    """This process's open /dev/fuse descriptors."""
+    out = set()
+    for name in os.listdir("/proc/self/fd"):  # (its own directory fd shows too, and is gone)
+        try:
+            if os.readlink(f"/proc/self/fd/{name}") == "/dev/fuse":
+                out.add(int(name))
+        except OSError:
+            pass
+    return out
 
 
-def install_single_task_wait(fuse_fd: int) -> bool:
-    """Replace pyfuse3's per-request read lock (see the module comment); True if done."""
+BURST_GAP = 0.0002  # seconds between a reply and the next request that count as back to back
+
+
+def spin_seconds() -> float:
+    """How long to poll for the next request before sleeping (see the module comment)."""
+    try:
+        micros = float(os.environ.get("STRATA_FUSE_SPIN_US", "30"))
+    except ValueError:
+        micros = 30.0
+    return micros / 1e6 if len(os.sched_getaffinity(0)) > 1 else 0.0
+
+
+def install_single_task_wait(fuse_fd: int, spin: float | None = None) -> bool:
+    """Replace pyfuse3's per-request wait (see the module comment); True if done."""
     import inspect
+    import select
+    import time
 
     import pyfuse3
     import trio
     if not inspect.iscoroutinefunction(getattr(pyfuse3, "_wait_fuse_readable", None)):
         return False
     wait_readable, closed = trio.lowlevel.wait_readable, trio.ClosedResourceError
+    spin = spin_seconds() if spin is None else spin
+    poller = select.poll()
+    poller.register(fuse_fd, select.POLLIN)
+    poll, clock, checkpoint = poller.poll, time.perf_counter, trio.lowlevel.checkpoint
+    in_burst, caught = False, 0
 
     async def wait_fuse_readable() -> bool:  # pyfuse3's contract: False ends the loop
+        nonlocal in_burst, caught
+        if in_burst:
+            deadline = clock() + spin
+            while clock() < deadline:
+                if poll(0):
+                    caught += 1
+                    if caught % 16 == 0:  # a long burst must not starve the loop's other tasks
+                        await checkpoint()
+                    return True
+            in_burst = False  # the burst is over: sleep until the next one
+        started = clock()
         try:
             await wait_readable(fuse_fd)
         except closed:  # pyfuse3.terminate() closed the session
             return False
+        in_burst = spin > 0 and clock() - started < BURST_GAP
         return True
     pyfuse3._wait_fuse_readable = wait_fuse_readable
     return True
@@ -101,15 +150,15 @@ def mounted(view, mountpoint: str, options: set[str]) -> Iterator[None]:
     import pyfuse3
 
     from .ops import UnionOperations
-    before = open_fds()
+    before = fuse_device_fds()
     try:
         pyfuse3.init(UnionOperations(view), mountpoint, options)
     except BaseException:
         view.close()
         raise
-    fuse_fds = [fd for fd in open_fds() - before if os.path.realpath(f"/proc/self/fd/{fd}") == "/dev/fuse"]
+    fuse_fds = fuse_device_fds() - before
     if len(fuse_fds) == 1:  # the session's channel, found without pyfuse3's private C globals
-        install_single_task_wait(fuse_fds[0])
+        install_single_task_wait(fuse_fds.pop())
     try:
         yield
     finally:
