@@ -74,7 +74,7 @@ def main() -> None:
         for _ in range(args.rounds):
             for label, image in images.items():
                 times[f"strata {label}"].append(time_mount(
-                    [sys.executable, "-m", "runner.cli", "mount", image, mnt], mnt, env))
+                    [sys.executable, "-m", "runner", "mount", image, mnt], mnt, env))
                 times[f"fuse-overlayfs {label}"].append(time_mount(
                     ["fuse-overlayfs", "-o", f"lowerdir={trees[label]}", mnt], mnt, env))
         print("median time until the mount answers (ms)")
