@@ -179,3 +179,11 @@ def test_committing_a_running_container_pauses_it_and_lets_it_go_on(root):
     assert count >= 1 and lines[-1] == str(count)  # a still-open file, as it was when paused
     assert "Up " in ok(root, "ps", "--filter", "name=live")
     wait_for(lambda: int(ok(root, "exec", "live", "cat", "/count")) > count, what="the container to go on")
+
+
+def test_commit_keeps_hard_links_to_files_below(root):
+    ok(root, "run", "--name", "links", "busybox", "sh", "-c", "ln /etc/passwd /linked")
+    assert ok(root, "diff", "links") == "A /linked\n"  # the link changes /etc/passwd's ctime only
+    ok(root, "commit", "links", "linked")
+    out = ok(root, "run", "--rm", "linked", "stat", "-c", "%i %h", "/etc/passwd", "/linked").split("\n")
+    assert out[0] == out[1] and out[0].split()[1] == "2"  # one inode, two names, as in the container

@@ -143,6 +143,17 @@ def test_replaced_directory_and_hard_links(view, image, upper_path):
     assert ("C", "/d/sub") in j and ("D", "/d/sub/x") in j and ("C", "/h1") in j and ("C", "/h2") in j
 
 
+def test_a_directory_replaced_by_a_file_takes_its_old_tree_along(view, image, upper_path):
+    d = view.lookup(ROOT, b"d")
+    sub = view.lookup(d.ino, b"sub")
+    view.unlink(sub.ino, b"x")
+    view.rmdir(d.ino, b"sub")
+    _, fd = view.create(d.ino, b"sub", 0o644, os.O_RDWR, 0, 0)
+    view.release(fd)
+    j, full = diffs(image, upper_path, view)
+    assert j == full == [("C", "/d"), ("C", "/d/sub")]  # no D /d/sub/x: Docker's differ does not look below
+
+
 def test_rename_exchange_and_metadata_only(view, image, upper_path):
     d = view.lookup(ROOT, b"d")
     view.rename(d.ino, b"f", d.ino, b"g", RENAME_EXCHANGE)

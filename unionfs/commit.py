@@ -14,7 +14,7 @@ import stat
 
 from store.layer import Entry
 
-from .diff import ancestors, join
+from .diff import ancestors, join, other_names
 
 KINDS = {stat.S_IFREG: "file", stat.S_IFDIR: "dir", stat.S_IFLNK: "symlink", stat.S_IFCHR: "char",
          stat.S_IFBLK: "block", stat.S_IFIFO: "fifo", stat.S_IFSOCK: "socket"}
@@ -46,6 +46,21 @@ def entry_for(st, path: str, clamp_ns: int | None) -> Entry:
                  {os.fsdecode(k): bytes(v) for k, v in st.xattrs.items()})
 
 
+def other_links(after, paths: list[str]) -> set[str]:
+    """The other names of the hard-linked files among `paths` (a container's view only)."""
+    view = getattr(after, "view", None)
+    if view is None:
+        return set()
+    linked = set()
+    for path in paths:
+        st = after.stat(path)
+        if st is not None and st.fmt == stat.S_IFREG and st.nlink > 1:
+            linked.add(after.node_of(path).ino)
+    if not linked:
+        return set()
+    return {p for p in other_names(view, linked, linked) if after.stat(p) is not None}
+
+
 def subtree(tree, path: str) -> list[str]:
     out = []
     for name in sorted(tree.children(path)):
@@ -65,6 +80,8 @@ def fill_layer(writer, before, after, changes: list[tuple[str, str]], hidden: se
     if root:
         writer.add("", entry_for(after.stat("/"), "/", clamp_ns))
     kinds = dict((path, kind) for kind, path in changes)
+    for path in other_links(after, [p for p, k in kinds.items() if k != "D"]):
+        kinds.setdefault(path, "C")  # every name of a linked file, so the layer keeps the link
     opaque = set()
     for path, kind in kinds.items():
         a, b = before.stat(path), after.stat(path)

@@ -252,6 +252,10 @@ class Differ:
             if b.is_dir() and (not a.is_dir() or a.ident != b.ident):  # a new directory where one
                 self.walk_once(path)                                 # was: compare what each holds
 
+    def not_a_directory_now(self, path: str) -> bool:
+        st = self.after.stat(path)
+        return st is not None and not st.is_dir()
+
     def walk(self, path: str) -> None:
         names = set(self.before.children(path)) | set(self.after.children(path))
         for name in sorted(names):
@@ -268,10 +272,12 @@ class Differ:
             self.walk(path)
 
     def result(self) -> list[tuple[str, str]]:
-        """Sorted (kind, path): D only at the top of a deleted tree, every ancestor of a change C."""
+        """Sorted (kind, path): D only at the top of a deleted tree (a directory replaced by
+        a file takes its old tree with it, as in Docker), every ancestor of a change C."""
         changes = dict(self.changes)
         for path in list(changes):
-            if changes[path] == "D" and any(changes.get(a) == "D" for a in ancestors(path)):
+            if changes[path] == "D" and any(changes.get(a) == "D" or self.not_a_directory_now(a)
+                                            for a in ancestors(path)):
                 del changes[path]
         for path in list(changes):
             for a in ancestors(path):
