@@ -183,3 +183,9 @@ def test_data_of_a_removed_inode_goes_only_after_the_commit(view, tmp_path):
             raise RuntimeError("the server dies before COMMIT")
     assert (tmp_path / "upper" / "data" / str(n.ino)).read_bytes() == b"precious"
     assert view.lookup(ROOT, b"keep").ino == n.ino
+
+
+def test_a_character_device_0_0_is_refused_as_overlayfs_refuses_it(view):
+    """It is overlayfs's whiteout: a layer committed from it would delete, not add, the name."""
+    assert errno_of(view.mknod, ROOT, b"n", stat.S_IFCHR | 0o644, 0, 0, 0) == errno.EPERM
+    assert view.mknod(ROOT, b"null", stat.S_IFCHR | 0o666, os.makedev(1, 3), 0, 0).rdev == os.makedev(1, 3)

@@ -389,6 +389,8 @@ class UnionView:
         kind = stat.S_IFMT(mode) or S_IFREG
         if kind not in (S_IFREG, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK):
             raise fs_error(errno.EINVAL)
+        if kind == stat.S_IFCHR and rdev == 0:  # overlayfs's whiteout: refused as overlayfs refuses it,
+            raise fs_error(errno.EPERM)        # so a layer made from this view means what it says
         return self._make("mknod", parent_ino, name, kind | stat.S_IMODE(mode), uid, gid,
                           rdev if kind in (stat.S_IFCHR, stat.S_IFBLK) else 0)
 
