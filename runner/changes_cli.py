@@ -28,6 +28,7 @@ def open_changes(store: Store, config: dict):
 
 def cmd_diff(args, store: Store) -> int:
     from unionfs.diff import describe_changes, run_diff
+    from unionfs.storeview import while_steady
     if args.second is not None:
         return diff_images(args, store)
     config = resolve_container(store, args.target)
@@ -41,12 +42,13 @@ def cmd_diff(args, store: Store) -> int:
         if args.run is not None or since_ns is not None:
             found = run_diff(changes.records(args.run, since_ns))
         elif args.full:
-            found = changes.full_diff()
+            found = while_steady(changes, lambda c: c.full_diff())
         else:
-            found = changes.diff()
+            found = while_steady(changes, lambda c: c.diff())
         if args.json:
             found = [(k, p) for k, p in found if p not in changes.hidden]
-            json.dump(describe_changes(changes.before, changes.after, found), sys.stdout, indent=2)
+            described = while_steady(changes, lambda c: describe_changes(c.before, c.after, found))
+            json.dump(described, sys.stdout, indent=2)
             sys.stdout.write("\n")
         else:
             sys.stdout.write("".join(f"{kind} {path}\n" for kind, path in found))
@@ -191,12 +193,14 @@ def cmd_commit(args, store: Store) -> int:
     image_id = config["Image"]
     image = store.image_config(image_id)
     container_config = apply_changes(committed_config(image.get("config", {}), config), args.change)
+    existed = set(store.image_ids())
     paused = Paused(store, config) if args.pause else None
     try:
         with store.staging() as staging:
             changes = open_changes(store, config)
             try:
-                found = changes.diff()
+                from unionfs.storeview import while_steady
+                found = while_steady(changes, lambda c: c.diff())
                 records = changes.records()
                 layer = store.prepare_layer(staging, lambda w: fill_layer(
                     w, changes.before, changes.after, found, changes.hidden, epoch))
@@ -216,9 +220,10 @@ def cmd_commit(args, store: Store) -> int:
     finally:
         if paused is not None:
             paused.resume()
-    if args.squash:  # one layer for the whole image; the unsquashed commit is not kept
+    if args.squash:  # one layer for the whole image; the unsquashed commit is not kept (unless it was there)
         squashed = squash(store, new_id, None, tag)
-        store.remove_image(new_id)
+        if new_id not in existed and new_id != squashed:
+            store.remove_image(new_id)
         new_id = squashed
     print(new_id)
     return 0

@@ -544,7 +544,7 @@ def run_command(argv: list[str], early_supervisor) -> int:
     except UsageError as e:
         print(f"strata: error: {e}", file=sys.stderr)
         return 125
-    except (StoreError, ValueError) as e:
+    except (StoreError, ValueError, OverflowError) as e:
         print(f"strata: error: {e}", file=sys.stderr)
         return 125
     except OSError as e:

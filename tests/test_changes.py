@@ -134,6 +134,10 @@ def test_squash_keeps_history_and_contents(root):
     assert ok(root, "run", "--rm", "chain:above", "cat", "/two") == "2\n"
     flat_commit = ok(root, "commit", "--squash", "two", "chain:onelayer").strip()
     assert len(json.loads(ok(root, "inspect", "-f", "{{json .RootFS}}", flat_commit))["Layers"]) == 1
+    assert ok(root, "diff", "chain:2", "chain:flat") == ""  # unrelated chains: compared by content
+    same = ok(root, "commit", "--source-date-epoch", "1000", "two", "kept").strip()
+    ok(root, "commit", "--squash", "--source-date-epoch", "1000", "two", "kept:flat")
+    assert ok(root, "inspect", "-f", "{{.Id}}", "kept").strip() == same  # --squash left it alone
 
 
 def test_bad_input_changes_nothing(root):

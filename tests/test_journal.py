@@ -172,6 +172,25 @@ def test_open_for_writing_without_writes_changes_nothing(view, image, upper_path
     assert j == full == [("C", "/d"), ("C", "/d/g")]  # /etc/passwd is not there
 
 
+def test_truncating_a_lower_file_by_opening_it_is_recorded(view, image, upper_path):
+    fd, _ = view.open(lookup_path(view, "/etc/passwd").ino, os.O_WRONLY | os.O_TRUNC)
+    view.release(fd)
+    assert [r["op"] for r in read_records(view.upper.db)] == ["truncate"]
+    j, full = diffs(image, upper_path, view)
+    assert j == full == [("C", "/etc"), ("C", "/etc/passwd")]
+
+
+def test_many_directory_renames_replay_in_linear_time(view, image, upper_path):
+    d = view.mkdir(ROOT, b"w", 0o755, 0, 0)
+    for n in range(2000):
+        view.mkdir(d.ino, b"%d" % n, 0o755, 0, 0)
+        view.rename(d.ino, b"%d" % n, d.ino, b"m%d" % n)
+    records = read_records(view.upper.db)
+    from unionfs.diff import replay
+    touched, _ = replay(records * 5)  # 20,000 directory renames: quadratic replay took minutes
+    assert "/w/m1999" in touched and "/w/1999" in touched
+
+
 def test_run_diff_from_one_runs_records(view, image, upper_path):
     view.mkdir(ROOT, b"a", 0o755, 0, 0)
     view.unlink(view.lookup(ROOT, b"d").ino, b"f")

@@ -76,10 +76,12 @@ def ancestors(path: str):
 
 
 class ImageTree:
-    """An image's merged index (an IndexLower), read path by path."""
+    """An image's merged index (an IndexLower), read path by path. `same_chain`: the
+    other tree is an image of the same layer chain, so equal inode numbers are the same
+    file; across unrelated indexes they mean nothing, and content is compared instead."""
 
-    def __init__(self, lower):
-        self.lower, self.db = lower, lower.db
+    def __init__(self, lower, same_chain: bool = True):
+        self.lower, self.db, self.same_chain = lower, lower.db, same_chain
         self.inos: dict[str, int | None] = {"/": 1}
 
     def ino_of(self, path: str) -> int | None:
@@ -100,7 +102,8 @@ class ImageTree:
         if ino is None:
             return None
         mode, uid, gid, size, mtime_ns, rdev, nlink, target, xattrs = self.lower.attrs(ino)
-        return Stat(("lower", ino), mode, uid, gid, size, mtime_ns, rdev, target, xattrs, False, nlink)
+        return Stat(("lower", ino) if self.same_chain else None, mode, uid, gid, size, mtime_ns, rdev, target,
+                    xattrs, not self.same_chain, nlink)
 
     def children(self, path: str) -> list[str]:
         ino = self.ino_of(path)
@@ -207,7 +210,7 @@ def data_differs(before, after, path: str, a: Stat, b: Stat) -> bool:
         return False
     if a.ident != b.ident or a.size != b.size:
         return True
-    if b.own_data and not a.own_data:  # copied up: the bytes may or may not differ
+    if (b.own_data and not a.own_data) or a.ident is None:  # copied up, or no identity: compare the bytes
         return not read_all_equal(before, after, path)
     return False
 
@@ -299,39 +302,83 @@ def parent_path(path: str) -> str:
     return path.rpartition("/")[0] or "/"
 
 
+class PathTree:
+    """The journal's paths as a tree, so that renaming a directory moves its recorded
+    entries in O(depth), not O(paths recorded so far)."""
+
+    __slots__ = ("children", "marked")
+
+    def __init__(self):
+        self.children: dict[str, PathTree] = {}
+        self.marked = False
+
+    def add(self, path: str) -> None:
+        node = self
+        for part in path.strip("/").split("/"):
+            if part:
+                node = node.children.setdefault(part, PathTree())
+        node.marked = True
+
+    def detach(self, path: str):
+        parts = [p for p in path.strip("/").split("/") if p]
+        node = self
+        for part in parts[:-1]:
+            node = node.children.get(part)
+            if node is None:
+                return None
+        return node.children.pop(parts[-1], None) if parts else None
+
+    def attach(self, path: str, subtree) -> None:
+        parts = [p for p in path.strip("/").split("/") if p]
+        node = self
+        for part in parts[:-1]:
+            node = node.children.setdefault(part, PathTree())
+        existing = node.children.get(parts[-1])
+        node.children[parts[-1]] = subtree if existing is None else existing.merge(subtree)
+
+    def merge(self, other) -> "PathTree":
+        self.marked = self.marked or other.marked
+        for name, child in other.children.items():
+            mine = self.children.get(name)
+            self.children[name] = child if mine is None else mine.merge(child)
+        return self
+
+    def paths(self, prefix: str = "") -> list[str]:
+        out = []
+        stack = [(prefix, self)]
+        while stack:
+            path, node = stack.pop()
+            if node.marked:
+                out.append(path or "/")
+            stack.extend((f"{path}/{name}", child) for name, child in node.children.items())
+        return out
+
+
 def replay(records: list[dict]) -> tuple[set[str], set[int]]:
     """The paths the journal names, each under its name at the end (a directory renamed
     later carries the entries recorded inside it), and the inodes it names. A name
     made or removed changes its directory too (its times)."""
-    touched: set[str] = set()
+    tree = PathTree()
     inos: set[int] = set()
     for r in records:
         op, path, path2 = r["op"], r["path"], r["path2"]
         inos.add(r["ino"])
-        touched.add(path)
+        if op == "rename":
+            moved = tree.detach(path)
+            if r["detail"].get("exchange"):
+                other = tree.detach(path2)
+                if other is not None:
+                    tree.attach(path, other)
+            if moved is not None:
+                tree.attach(path2, moved)
+            tree.add(path2)
+            tree.add(parent_path(path2))
+        elif op == "link":
+            tree.add(path2)
+        tree.add(path)
         if op in NAME_OPS:
-            touched.add(parent_path(path))
-        if op == "link":
-            touched.add(path2)
-        if op != "rename":
-            continue
-        touched.add(path2)
-        touched.add(parent_path(path2))
-        moves = [(path, path2)]
-        if r["detail"].get("exchange"):
-            moves.append((path2, path))
-        if r["kind"] == S_IFDIR or r["detail"].get("exchange"):
-            prefixes = [(src + "/", dst + "/") for src, dst in moves]
-            renamed = set()
-            for t in touched:
-                for src, dst in prefixes:
-                    if t.startswith(src):
-                        renamed.add(dst + t[len(src):])
-                        break
-                else:
-                    renamed.add(t)
-            touched = renamed
-    return touched, inos
+            tree.add(parent_path(path))
+    return set(tree.paths()), inos
 
 
 def other_names(view, inos: set[int], linked_by_journal: set[int]) -> set[str]:

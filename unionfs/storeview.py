@@ -67,6 +67,7 @@ class ContainerChanges:
     that is the server's to run. Close it when done."""
 
     def __init__(self, store: Store, image_id: str, upper_path: str):
+        self.store, self.image_id, self.upper_path = store, image_id, upper_path
         self.image_lower = image_lower(store, image_id, point_lookups=True)
         self.before = ImageTree(self.image_lower)
         lower = image_lower(store, image_id, point_lookups=True)
@@ -85,6 +86,14 @@ class ContainerChanges:
 
     def diff(self) -> list[tuple[str, str]]:
         return journal_diff(self.before, self.view, self.records(), self.hidden)
+
+    def reopen(self) -> None:
+        """A fresh view: the container's files changed under this one (it is running)."""
+        self.view.close()
+        lower = image_lower(self.store, self.image_id, point_lookups=True)
+        self.upper = UpperLayer(self.upper_path, lower.first_free_ino)
+        self.view = UnionView(lower, self.upper)
+        self.after = ViewTree(self.view)
 
     def full_diff(self) -> list[tuple[str, str]]:
         return tree_diff(self.before, self.after, self.hidden)
@@ -107,18 +116,32 @@ class EmptyTree:
         pass
 
 
+def while_steady(changes: ContainerChanges, read, attempts: int = 5):
+    """`read(changes)`, again on a fresh view when a running container removed a file
+    while it was being read (ENOENT, ESTALE): a diff of a moving tree is of one moment."""
+    import errno
+    for attempt in range(attempts):
+        try:
+            return read(changes)
+        except OSError as e:
+            if e.errno not in (errno.ENOENT, errno.ESTALE) or attempt == attempts - 1:
+                raise
+            changes.reopen()
+
+
 def image_diff(store: Store, old_id: str | None, new_id: str) -> tuple[list[tuple[str, str]], object, object]:
     """(changes, before tree, after tree) from image `old_id` (None: nothing) to `new_id`.
     When `new_id` extends `old_id`'s chain, only the paths its extra layers name are
     compared; otherwise every path of both."""
-    after = ImageTree(image_lower(store, new_id, point_lookups=True))
     if old_id is None:
-        before = EmptyTree()
+        before, after = EmptyTree(), ImageTree(image_lower(store, new_id, point_lookups=True))
         return tree_diff(before, after), before, after
-    before = ImageTree(image_lower(store, old_id, point_lookups=True))
     old_layers = store.image_config(old_id)["rootfs"]["diff_ids"]
     new_layers = store.image_config(new_id)["rootfs"]["diff_ids"]
-    if new_layers[:len(old_layers)] != old_layers:
+    same_chain = new_layers[:len(old_layers)] == old_layers
+    before = ImageTree(image_lower(store, old_id, point_lookups=True), same_chain)
+    after = ImageTree(image_lower(store, new_id, point_lookups=True), same_chain)
+    if not same_chain:
         return tree_diff(before, after), before, after
     differ = Differ(before, after)
     for diff_id in new_layers[len(old_layers):]:

@@ -145,12 +145,15 @@ class UnionView:
         """One atomic change of the upper layer; if it fails (ENOSPC, say), the
         in-memory view is reloaded from disk so it never shows what was not stored."""
         self.generation += 1
+        stored: list = []
         try:
             with self.upper.transaction():
                 if self.pending_writes:
-                    self._store_pending_writes()
+                    stored, self.pending_writes = self.pending_writes, []
+                    self._store_writes(stored)
                 yield
         except BaseException:
+            self.pending_writes[:0] = stored  # rolled back with the change: stored next time
             self._resync()
             raise
 
@@ -162,6 +165,8 @@ class UnionView:
             row = rows.pop(ino, None)
             if row is not None:
                 n.load_row(row)
+                size = self.upper.data_size(ino) if n.has_data else None
+                n.size = n.size if size is None else size  # writes not stored yet are in the data file
             elif n.lower_ino is not None and not n.has_data:
                 attrs = self.lower.attrs(n.lower_ino)
                 if attrs is not None:
@@ -213,22 +218,19 @@ class UnionView:
         change: fsck takes the size from the data file (UpperLayer.check) and records
         the write (journal.recover)."""
         if self.pending_writes:
-            with self.upper.transaction():
-                self._store_pending_writes()
+            stored, self.pending_writes = self.pending_writes, []
+            try:
+                with self.upper.transaction():
+                    self._store_writes(stored)
+            except BaseException:
+                self.pending_writes[:0] = stored
+                raise
 
     def store_when_idle(self) -> None:
         """What the server does between requests: store pending writes, checkpoint the log."""
         if self.upper is not None:
             self.store_pending()
             self.upper.checkpoint()
-
-    def _store_pending_writes(self) -> None:
-        pending, self.pending_writes = self.pending_writes, []
-        try:
-            self._store_writes(pending)
-        except BaseException:  # the transaction is rolled back: try again with the next one
-            self.pending_writes[:0] = pending
-            raise
 
     def _store_writes(self, pending: list) -> None:
         journal = self.journal
@@ -571,14 +573,20 @@ class UnionView:
             raise fs_error(errno.EISDIR)
         writing = flags & os.O_ACCMODE != os.O_RDONLY
         truncate = bool(flags & os.O_TRUNC)  # O_RDONLY|O_TRUNC truncates too (the kernel checked access)
+        truncating = truncate and n.size > 0  # (a truncating copy-up empties it before we look again)
         if writing or truncate:
             self._copy_up(n, truncate)
         if n.has_data:
             fd = self.upper.open_data(ino, os.O_RDWR if writing else os.O_RDONLY)
         else:
             fd = self.lower.open_data(n.lower_ino)
-        if truncate and n.size:
-            os.ftruncate(fd, 0)
+        if truncating:
+            if n.size:  # an upper file (a truncating copy-up made an empty one); `fd` may be read-only
+                wfd = self.upper.open_data(ino, os.O_WRONLY)
+                try:
+                    os.ftruncate(wfd, 0)
+                finally:
+                    os.close(wfd)
             n.size = 0
             n.mtime_ns = n.ctime_ns = time.time_ns()
             with self._changing():
