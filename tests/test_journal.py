@@ -1,6 +1,7 @@
 """Unit tests: the change journal and the diffs made from it, on the merged view without FUSE."""
 import os
 import stat
+import time
 
 import pytest
 
@@ -90,6 +91,15 @@ def test_records_say_who_what_when_and_which_run(view, image, upper_path):
     assert chmod["detail"] == {"mode": "600"} and chmod["path"] == "/d/f"
     assert (rename["path"], rename["path2"]) == ("/d/new", "/moved")
     assert records[0]["time_ns"] <= records[-1]["time_ns"]
+
+
+def test_a_touch_while_another_handle_writes_is_recorded(view, image, upper_path):
+    n = lookup_path(view, "/etc/passwd")
+    fd, _ = view.open(n.ino, os.O_WRONLY)  # someone holds it open for writing
+    view.setattr(n.ino, mtime_ns=946684800 * 10**9)  # touch -d 2000-01-01
+    view.setattr(n.ino, mtime_ns=time.time_ns())  # the kernel's stamp of a write: no record of its own
+    view.release(fd)
+    assert [r["op"] for r in read_records(view.upper.db)] == ["utimens"]
 
 
 def test_write_ranges_coalesce():

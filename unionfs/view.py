@@ -682,14 +682,15 @@ class UnionView:
                 n.mtime_ns = clamp_ns(mtime_ns)
             n.ctime_ns = now
             self._persist(n)
-            if self.journal is not None and (mode is not None or uid is not None or gid is not None
-                                             or not self._being_written(n)):
+            if self.journal is not None:
                 path = self.path_of(n)
                 if mode is not None:
                     self._record("chmod", path, n, detail={"mode": "%o" % stat.S_IMODE(n.mode)})
                 if uid is not None or gid is not None:
                     self._record("chown", path, n, detail={"uid": n.uid, "gid": n.gid})
-                if (atime_ns is not None or mtime_ns is not None) and not self._being_written(n):
+                # the kernel's own "now" stamps of a write in progress belong to that write's record
+                kernel_stamp = mtime_ns is not None and abs(mtime_ns - now) < 2_000_000_000 and self._being_written(n)
+                if (atime_ns is not None or mtime_ns is not None) and not kernel_stamp:
                     self._record("utimens", path, n, detail={"mtime_ns": n.mtime_ns})
         return n
 
