@@ -202,10 +202,15 @@ def test_many_directory_renames_replay_in_linear_time(view, image, upper_path):
 
 
 def test_run_diff_from_one_runs_records(view, image, upper_path):
-    view.mkdir(ROOT, b"a", 0o755, 0, 0)
+    a = view.mkdir(ROOT, b"a", 0o755, 0, 0)
+    _, fd = view.create(a.ino, b"f", 0o644, os.O_RDWR, 0, 0)
+    view.release(fd)
+    view.rename(ROOT, b"a", ROOT, b"b")  # the new directory carries its file along
     view.unlink(view.lookup(ROOT, b"d").ino, b"f")
+    view.rename(view.lookup(ROOT, b"d").ino, b"sub", ROOT, b"s")  # an image directory moved
     records = read_records(view.upper.db)
-    assert run_diff(records) == [("A", "/a"), ("C", "/d"), ("D", "/d/f")]
+    assert run_diff(records) == [("A", "/b"), ("A", "/b/f"), ("C", "/d"), ("D", "/d/f"), ("D", "/d/sub"),
+                                 ("A", "/s")]
 
 
 def test_a_write_lost_with_the_server_is_recovered_by_fsck(image, upper_path):

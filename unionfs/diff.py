@@ -316,7 +316,7 @@ class PathTree:
         node = self
         for part in path.strip("/").split("/"):
             if part:
-                node = node.children.setdefault(part, PathTree())
+                node = node.children.setdefault(part, type(self)())
         node.marked = True
 
     def detach(self, path: str):
@@ -332,7 +332,7 @@ class PathTree:
         parts = [p for p in path.strip("/").split("/") if p]
         node = self
         for part in parts[:-1]:
-            node = node.children.setdefault(part, PathTree())
+            node = node.children.setdefault(part, type(self)())
         existing = node.children.get(parts[-1])
         node.children[parts[-1]] = subtree if existing is None else existing.merge(subtree)
 
@@ -444,42 +444,91 @@ def journal_diff(before, after_view, records: list[dict], hidden: set[str] = fro
     return differ.result()
 
 
+class RunState(PathTree):
+    """PathTree nodes that also say whether their path existed before the run and now."""
+
+    __slots__ = ("existed", "exists")
+
+    def __init__(self):
+        super().__init__()
+        self.existed: bool | None = None  # unknown until the path's first record
+        self.exists = True
+
+    def node(self, path: str) -> "RunState":
+        node = self
+        for part in path.strip("/").split("/"):
+            if part:
+                node = node.children.setdefault(part, RunState())
+        return node
+
+    def first(self, path: str, existed: bool, exists: bool) -> None:
+        n = self.node(path)
+        if n.existed is None:
+            n.existed = existed
+        n.exists = exists
+
+    def moved_in(self, sub: "RunState | None", existed: bool) -> "RunState":
+        """What a rename puts at a path: the entity, and below it only new paths."""
+        sub = sub if sub is not None else RunState()
+        stack = list(sub.children.values())
+        while stack:  # recorded entries under it: their new paths were not there before
+            n = stack.pop()
+            if n.existed is not None:
+                n.existed = False
+            stack.extend(n.children.values())
+        sub.existed, sub.exists = existed, True
+        return sub
+
+    def states(self, prefix: str = ""):
+        stack = [(prefix, self)]
+        while stack:
+            path, n = stack.pop()
+            if path and n.existed is not None:
+                yield path, n.existed, n.exists
+            stack.extend((f"{path}/{name}", child) for name, child in n.children.items())
+
+
 def run_diff(records: list[dict]) -> list[tuple[str, str]]:
     """What one run's records did, from the records alone (no tree is kept from before
-    or after a run): made and still there A, there before and removed D, touched C."""
-    existed: dict[str, bool] = {}  # path -> it existed before its first record in the run
-    exists: dict[str, bool] = {}
+    or after a run): made and still there A, there before and removed D, touched C.
+    A renamed directory carries its recorded entries to their new paths."""
+    tree = RunState()
     for r in records:
-        path, op = r["path"], r["op"]
+        op, path, path2, detail = r["op"], r["path"], r["path2"], r["detail"]
         if op == "rename":
-            existed.setdefault(path, True)
-            exists[path] = False
-            existed.setdefault(r["path2"], "replaced" in r["detail"] or bool(r["detail"].get("exchange")))
-            exists[r["path2"]] = True
-            if r["detail"].get("exchange"):
-                exists[path] = True
+            moved = tree.detach(path)
+            existed_at_src = moved.existed if moved is not None and moved.existed is not None else True
+            target = tree.detach(path2)
+            existed_at_dst = (target.existed if target is not None and target.existed is not None
+                              else bool(detail.get("replaced") is not None or detail.get("exchange")))
+            if detail.get("exchange"):
+                tree.attach(path, tree.moved_in(target, existed_at_src))
+            else:
+                gone = RunState()
+                gone.existed, gone.exists = existed_at_src, False
+                tree.attach(path, gone)
+            tree.attach(path2, tree.moved_in(moved, existed_at_dst))
         elif op in ("create", "mkdir", "mknod", "symlink", "link"):
-            existed.setdefault(path, False)
-            exists[path] = True
+            tree.first(path, False, True)
         elif op in ("unlink", "rmdir"):
-            existed.setdefault(path, True)
-            exists[path] = False
+            tree.first(path, True, False)
         else:
-            existed.setdefault(path, True)
-            exists[path] = True
+            tree.first(path, True, True)
     changes = {}
-    for path, before in existed.items():
-        after = exists[path]
-        if after and not before:
+    for path, existed, exists in tree.states():
+        if exists and not existed:
             changes[path] = "A"
-        elif before and not after:
+        elif existed and not exists:
             changes[path] = "D"
-        elif before and after:
+        elif existed and exists:
             changes[path] = "C"
+    for path in list(changes):
+        if changes[path] == "D" and any(changes.get(a) == "D" for a in ancestors(path)):
+            del changes[path]
     for path in list(changes):
         for a in ancestors(path):
             changes.setdefault(a, "C")
-    return sorted(((k, p) for p, k in changes.items() if p != "/"), key=lambda kp: kp[1])
+    return sorted(((k, p) for p, k in changes.items()), key=lambda kp: kp[1])
 
 
 def describe_changes(before, after, changes: list[tuple[str, str]]) -> list[dict]:
