@@ -282,7 +282,11 @@ def exec_command(spec: dict, fail, status_write: int) -> None:
     os.closerange(3, status_write)
     os.closerange(status_write + 1, 65536)
     os.set_inheritable(status_write, False)
-    # step 11: capabilities, last
+    # step 11: the signal dispositions a program expects: Python ignores SIGPIPE and
+    # SIGXFSZ, and an ignored signal stays ignored across exec (`yes | head` must end)
+    for sig in (signal.SIGPIPE, signal.SIGXFSZ):
+        signal.signal(sig, signal.SIG_DFL)
+    # step 12: capabilities, last
     drop_capabilities(DOCKER_CAPS)
     cmd = spec["cmd"]
     path = env.get("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")

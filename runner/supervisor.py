@@ -22,7 +22,6 @@ import json
 import os
 import pwd
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -345,7 +344,8 @@ def serve_as_zygote(root: str, idle_seconds: float) -> int:
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    # SIGPIPE stays ignored (Python's default): a client that detaches while output is
+    # on its way must cost an EPIPE, not the supervisor (the container resets it, sandbox step 11)
     if sys.argv[1:2] == ["--zygote"]:
         sys.exit(serve_as_zygote(sys.argv[2], float(os.environ.get("STRATA_PREFORK_IDLE", "10"))))
     if sys.argv[1:] == ["-"]:

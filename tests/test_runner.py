@@ -97,10 +97,13 @@ def seed_story_on_a_terminal(strata_root: str, **session_options) -> None:
     session.expect(b"made-42")
     session.send(b"\x10\x11")  # Ctrl-P Ctrl-Q
     assert session.wait() == 0
-    ps = cli("ps", "--format", "{{.Names}} {{.Status}} end")
-    ps.expect(b" end")  # the whole row, not just the first chunk of output
-    ps.wait()
-    assert b"seed Up " in ps.output
+    # ps needs no terminal: read through a pipe (a pty may drop the output of a process
+    # that has already exited when the test reads it)
+    ps = subprocess.run([*session_options.get("prefix", ()), session_options.get("python", sys.executable), "-m",
+                         "runner", "ps", "--format", "{{.Names}} {{.Status}}"], capture_output=True, cwd=REPO,
+                        env=dict(session_options.get("env") or os.environ, STRATA_ROOT=strata_root,
+                                 PYTHONPATH=session_options.get("pythonpath", REPO)), timeout=60)
+    assert b"seed Up " in ps.stdout, ps
     again = cli("attach", "seed")
     again.send(b"cat /data/file; tty; exit 7\n")
     again.expect(b"/dev/pts/")
