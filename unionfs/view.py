@@ -690,7 +690,8 @@ class UnionView:
                     self._record("chown", path, n, detail={"uid": n.uid, "gid": n.gid})
                 # the kernel's own "now" stamps of a write in progress belong to that write's record
                 kernel_stamp = mtime_ns is not None and abs(mtime_ns - now) < 2_000_000_000 and self._being_written(n)
-                if (atime_ns is not None or mtime_ns is not None) and not kernel_stamp:
+                # (and the times of an unlinked file change no path: the kernel sends them after rm)
+                if (atime_ns is not None or mtime_ns is not None) and not kernel_stamp and n.nlink > 0:
                     self._record("utimens", path, n, detail={"mtime_ns": n.mtime_ns})
         return n
 
