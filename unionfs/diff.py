@@ -89,11 +89,7 @@ class ImageTree:
             return self.inos[path]
         head, _, name = path.rpartition("/")
         parent = self.ino_of(head or "/")
-        ino = None
-        if parent is not None:
-            row = self.db.execute("SELECT ino FROM dirents WHERE parent=? AND name=?",
-                                  (parent, os.fsencode(name))).fetchone()
-            ino = row[0] if row else None
+        ino = None if parent is None else self.lower.lookup(parent, os.fsencode(name))  # a point query
         self.inos[path] = ino
         return ino
 

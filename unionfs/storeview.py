@@ -70,16 +70,22 @@ class ContainerChanges:
         self.store, self.image_id, self.upper_path = store, image_id, upper_path
         self.image_lower = image_lower(store, image_id, point_lookups=True)
         self.before = ImageTree(self.image_lower)
-        lower = image_lower(store, image_id, point_lookups=True)
         try:
-            self.upper = UpperLayer(upper_path, lower.first_free_ino)
+            self._open_view()
+        except BaseException:
+            self.image_lower.close()
+            raise
+        self.hidden = set(json.loads(self.upper.get_meta("init_paths") or "[]"))
+
+    def _open_view(self) -> None:
+        lower = image_lower(self.store, self.image_id, point_lookups=True)
+        try:
+            self.upper = UpperLayer(self.upper_path, lower.first_free_ino)
         except BaseException:
             lower.close()
-            self.image_lower.close()
             raise
         self.view = UnionView(lower, self.upper)
         self.after = ViewTree(self.view)
-        self.hidden = set(json.loads(self.upper.get_meta("init_paths") or "[]"))
 
     def records(self, run: int | None = None, since_ns: int | None = None) -> list[dict]:
         return read_records(self.upper.db, run, since_ns)
@@ -90,10 +96,7 @@ class ContainerChanges:
     def reopen(self) -> None:
         """A fresh view: the container's files changed under this one (it is running)."""
         self.view.close()
-        lower = image_lower(self.store, self.image_id, point_lookups=True)
-        self.upper = UpperLayer(self.upper_path, lower.first_free_ino)
-        self.view = UnionView(lower, self.upper)
-        self.after = ViewTree(self.view)
+        self._open_view()
 
     def full_diff(self) -> list[tuple[str, str]]:
         return tree_diff(self.before, self.after, self.hidden)

@@ -189,12 +189,6 @@ class UpperLayer:
         except sqlite3.Error as e:
             raise storage_errors(e) from None
 
-    def execute_returning(self, sql: str, args: tuple = ()) -> sqlite3.Cursor:
-        try:
-            return self.db.execute(sql, args)
-        except sqlite3.Error as e:
-            raise storage_errors(e) from None
-
     def get_meta(self, key: str) -> str | None:
         row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
         return None if row is None else row[0]

@@ -93,8 +93,8 @@ class UnionView:
         self.upper = upper
         self.journal = journal
         self.caller = NOBODY
-        self.last_record: int | None = None  # the sequence number of the last create's record
         self.write_logs: dict[int, WriteLog] = {}  # open fd -> what it wrote (journal)
+        self.checkpointed_generation = -1  # the generation store_when_idle last checkpointed
         # what writes left to store: the new size and times of written files, and (journal)
         # the write records of closed handles; they go with the next transaction (a group
         # commit, see store_pending), so writing a file costs no transaction of its own
@@ -228,9 +228,10 @@ class UnionView:
 
     def store_when_idle(self) -> None:
         """What the server does between requests: store pending writes, checkpoint the log."""
-        if self.upper is not None:
+        if self.upper is not None and (self.pending_writes or self.generation != self.checkpointed_generation):
             self.store_pending()
-            self.upper.checkpoint()
+            self.upper.checkpoint()  # nothing changed since the last one: no work while idle
+            self.checkpointed_generation = self.generation
 
     def _store_writes(self, pending: list) -> None:
         journal = self.journal
@@ -358,7 +359,8 @@ class UnionView:
     # -- creating --------------------------------------------------------------
 
     def _make(self, op: str, parent_ino: int, name: bytes, mode: int, uid: int, gid: int, rdev: int = 0,
-              target: bytes | None = None) -> Node:
+              target: bytes | None = None) -> tuple[Node, int | None]:
+        """The new node, and its journal record's sequence number."""
         parent = self.node(parent_ino)
         self._check_new(parent, name)
         gid, mode = self._inherit_gid(parent, gid, mode)
@@ -371,21 +373,21 @@ class UnionView:
             self._persist(n)
             self._link_name(parent, name, n.ino)
             self._touch_dir(parent, 1 if n.is_dir() else 0)
-            self.last_record = self._record(op, self.child_path(parent, name), n, path2=target)  # data: empty
-        return n
+            seq = self._record(op, self.child_path(parent, name), n, path2=target)  # data: empty
+        return n, seq
 
     def create(self, parent_ino: int, name: bytes, mode: int, flags: int, uid: int, gid: int) -> tuple[Node, int]:
-        n = self._make("create", parent_ino, name, S_IFREG | stat.S_IMODE(mode), uid, gid)
+        n, seq = self._make("create", parent_ino, name, S_IFREG | stat.S_IMODE(mode), uid, gid)
         fd = self.upper.open_data(n.ino, os.O_RDWR)
         n.opens += 1
         self.handles[fd] = n
         if self.journal is not None:  # its writes go on its create record: one record per file
             log = self.write_logs[fd] = WriteLog(self.caller, created=True)
-            log.seq = self.last_record
+            log.seq = seq
         return n, fd
 
     def mkdir(self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int) -> Node:
-        return self._make("mkdir", parent_ino, name, S_IFDIR | stat.S_IMODE(mode), uid, gid)
+        return self._make("mkdir", parent_ino, name, S_IFDIR | stat.S_IMODE(mode), uid, gid)[0]
 
     def mknod(self, parent_ino: int, name: bytes, mode: int, rdev: int, uid: int, gid: int) -> Node:
         kind = stat.S_IFMT(mode) or S_IFREG
@@ -394,12 +396,12 @@ class UnionView:
         if kind == stat.S_IFCHR and rdev == 0:  # overlayfs's whiteout: refused as overlayfs refuses it,
             raise fs_error(errno.EPERM)        # so a layer made from this view means what it says
         return self._make("mknod", parent_ino, name, kind | stat.S_IMODE(mode), uid, gid,
-                          rdev if kind in (stat.S_IFCHR, stat.S_IFBLK) else 0)
+                          rdev if kind in (stat.S_IFCHR, stat.S_IFBLK) else 0)[0]
 
     def symlink(self, parent_ino: int, name: bytes, target: bytes, uid: int, gid: int) -> Node:
         if len(target) >= 4096:
             raise fs_error(errno.ENAMETOOLONG)
-        return self._make("symlink", parent_ino, name, S_IFLNK | 0o777, uid, gid, target=target)
+        return self._make("symlink", parent_ino, name, S_IFLNK | 0o777, uid, gid, target=target)[0]
 
     def link(self, ino: int, new_parent_ino: int, new_name: bytes) -> Node:
         n = self.node(ino)
