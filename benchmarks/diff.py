@@ -12,8 +12,11 @@ through a kernel overlayfs mount of the same rootfs. Then, in milliseconds
   overlay upper walk     Docker's overlay2 differ: walk the overlay upper
                          directory, whiteouts as D, lower names as C, else A
   strata commit          diff + layer + image (merged index from the parent's)
-and last, the journal's cost on file creation: 2,000 files of 4 KiB created
-through a strata mount with the journal and through one without, side by side.
+and last, the journal's cost on file creation: files of 4 KiB created through
+a strata mount with the journal and through one without, side by side, in
+--pairs pairs of rounds of 500 files taken back to back (the order alternating);
+the cost is the median of the pairs' ratios, so the host's drifts in speed,
+which on these VMs double a round's time within minutes, cancel out.
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from lookup import server  # noqa: E402  (benchmarks/lookup.py: a foreground FUSE server, reaped)
+from lookup import server, server_cpu_ms  # noqa: E402  (benchmarks/lookup.py: a foreground FUSE server, reaped)
 from mount import import_tree, make_tree  # noqa: E402
 
 STRATA = [sys.executable, "-m", "runner"]
@@ -157,18 +160,20 @@ def measure(store_root: str, image_ref: str, rootfs: str, count: int, rounds: in
     return out
 
 
-NOJOURNAL_SERVER = """
+# `strata mount` of a container's view, with its journal or without: the same process either way
+CONTAINER_SERVER = """
 import sys
 sys.path.insert(0, sys.argv[5])
 from store import Store
 from unionfs.mount import serve
 from unionfs.storeview import make_view_factory
 make = make_view_factory(Store(sys.argv[1]), sys.argv[2], sys.argv[3])
-def without_journal():
+def open_view():
     view = make()
-    view.journal = None
+    if sys.argv[6] == "nojournal":
+        view.journal = None
     return view
-serve(without_journal, sys.argv[4], "strata:nojournal", False)
+serve(open_view, sys.argv[4], "strata:" + sys.argv[6], False)
 """
 
 
@@ -181,7 +186,9 @@ def create_files(mnt: str, round_no: int, files: int) -> None:
             f.write(block)
 
 
-def journal_cost(store_root: str, work: str, rounds: int, files: int = 2000) -> tuple[float, float]:
+def journal_cost(store_root: str, work: str, pairs: int, files: int = 500) -> dict[str, float]:
+    """Median us per file and server CPU us per file of each mount, and the median of
+    the pairs' ratios (journal / none) of both."""
     from store import Store
     from store.containers import container_dir, resolve_container
     store = Store(store_root)
@@ -190,20 +197,27 @@ def journal_cost(store_root: str, work: str, rounds: int, files: int = 2000) -> 
         strata(store_root, "create", "--name", f"create-{label}", "busybox", "true")
         mounts[label] = os.path.join(work, f"create-{label}")
         os.makedirs(mounts[label])
-    nojournal = resolve_container(store, "create-nojournal")
     times = {"journal": [], "nojournal": []}
+    cpu = {"journal": [], "nojournal": []}
     with contextlib.ExitStack() as stack:
-        stack.enter_context(server(STRATA + ["mount", "-f", "create-journal", mounts["journal"]],
-                                   mounts["journal"], {"STRATA_ROOT": store_root}))
-        stack.enter_context(server([sys.executable, "-c", NOJOURNAL_SERVER, store_root, nojournal["Image"],
-                                    os.path.join(container_dir(store, nojournal["Id"]), "upper"),
-                                    mounts["nojournal"], REPO], mounts["nojournal"]))
-        for r in range(rounds):  # interleaved, the order alternating: a burst of load hits both
+        for label, mnt in mounts.items():
+            container = resolve_container(store, f"create-{label}")
+            stack.enter_context(server([sys.executable, "-c", CONTAINER_SERVER, store_root, container["Image"],
+                                        os.path.join(container_dir(store, container["Id"]), "upper"),
+                                        mnt, REPO, label], mnt))
+        for r in range(pairs):  # a pair back to back, the order alternating
             for label, mnt in (list(mounts.items()) if r % 2 else list(mounts.items())[::-1]):
+                cpu_before = server_cpu_ms(mnt)
                 start = time.perf_counter()
                 create_files(mnt, r, files)
                 times[label].append((time.perf_counter() - start) / files * 1e6)
-    return statistics.median(times["journal"]), statistics.median(times["nojournal"])
+                cpu[label].append((server_cpu_ms(mnt) - cpu_before) / files * 1e3)
+    pair_ratio = [j / n for j, n in zip(times["journal"], times["nojournal"])]
+    cpu_ratio = [j / n for j, n in zip(cpu["journal"], cpu["nojournal"]) if n]
+    return {"journal us": statistics.median(times["journal"]), "none us": statistics.median(times["nojournal"]),
+            "cost": statistics.median(pair_ratio) - 1,
+            "journal cpu us": statistics.median(cpu["journal"]), "none cpu us": statistics.median(cpu["nojournal"]),
+            "cpu cost": statistics.median(cpu_ratio) - 1 if cpu_ratio else float("nan")}
 
 
 def main() -> None:
@@ -211,6 +225,7 @@ def main() -> None:
     parser.add_argument("--files", type=int, default=100_000)
     parser.add_argument("--changes", default="10,100,10000")
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--pairs", type=int, default=30, help="pairs of 500-file rounds for the creation cost")
     args = parser.parse_args()
     assert os.geteuid() == 0, "run as root: kernel overlayfs needs it"
     work = tempfile.mkdtemp(prefix="strata-diff-bench-")
@@ -234,7 +249,7 @@ def main() -> None:
                 os.makedirs(case)
                 results[(label, count)] = measure(store_root, image_id, rootfs, count, args.rounds, case)
                 print(f"measured {label}, {count} changes", file=sys.stderr)
-        with_journal, without = journal_cost(store_root, work, args.rounds)
+        creation = journal_cost(store_root, work, args.pairs)
         columns = ["strata diff", "strata diff --full", "overlay upper walk", "strata commit"]
         print("milliseconds (median of rounds)")
         print(f"  {'image':16} {'changes':>8} " + " ".join(f"{c:>20}" for c in columns))
@@ -244,8 +259,11 @@ def main() -> None:
         for (label, count), row in results.items():
             print(f"  {label:16} {row['changes']:8}  diff / overlay upper walk {row['strata diff'] / row['overlay upper walk']:.2f}x,"
                   f" diff / full walk {row['strata diff'] / row['strata diff --full']:.3f}x")
-        print(f"file creation (us per 4 KiB file): journal {with_journal:.0f}, none {without:.0f}, "
-              f"cost {(with_journal / without - 1) * 100:+.1f}%")
+        print(f"file creation, us per 4 KiB file (median of {args.pairs} pairs of rounds): "
+              f"journal {creation['journal us']:.0f}, none {creation['none us']:.0f}; "
+              f"cost (median of the pairs' ratios) {creation['cost'] * 100:+.1f}%")
+        print(f"  server CPU us per file: journal {creation['journal cpu us']:.0f}, "
+              f"none {creation['none cpu us']:.0f}; cost {creation['cpu cost'] * 100:+.1f}%")
     finally:
         subprocess.run(STRATA + ["rm", "-f"] + strata(store_root, "ps", "-aq").split(),
                        env=dict(os.environ, STRATA_ROOT=store_root, PYTHONPATH=REPO), capture_output=True)

@@ -234,6 +234,71 @@ def test_a_write_lost_with_the_server_is_recovered_by_fsck(image, upper_path):
     assert j == full == [("C", "/etc"), ("C", "/etc/passwd")]
 
 
+def kill_server(view):
+    """The server killed -9: the upper layer stays as it is, nothing is stored on the way out."""
+    for fd in view.handles:
+        os.close(fd)
+    view.handles.clear()
+    view.write_logs.clear()
+    view.pending_writes.clear()
+    view.unrecorded_creates.clear()
+    view.close()
+
+
+def test_a_file_made_and_written_in_one_open_costs_one_journal_statement(image, tmp_path):
+    """Its create record goes with the next transaction, ranges and all: one INSERT, no
+    UPDATE, and no row stored more often than without a journal."""
+    store, image_id = image
+    statements = {}
+    for label in ("journal", "none"):
+        v = make_view_factory(store, image_id, str(tmp_path / label), run=1)()
+        try:
+            if label == "none":
+                v.journal = None
+            v.caller = (os.getpid(), 0, 0)
+            statements[label] = made = []
+            v.upper.db.set_trace_callback(made.append)
+            for name in (b"a", b"b"):
+                n, fd = v.create(ROOT, name, 0o644, os.O_RDWR, 0, 0)
+                v.write(fd, 0, b"x" * 4096)
+                v.flush(fd)
+                v.setattr(n.ino, mtime_ns=time.time_ns())  # the kernel's own stamp of the write
+                v.release(fd)
+            v.store_pending()
+            v.upper.db.set_trace_callback(None)
+            if label == "journal":
+                creates = [r for r in read_records(v.upper.db) if r["path"] in ("/a", "/b")]
+                assert [(r["op"], r["detail"]) for r in creates] == [("create", {"ranges": [[0, 4096]]})] * 2
+        finally:
+            v.close()
+    journal_statements = [s for s in statements["journal"] if "journal" in s]
+    assert len(journal_statements) == 2 and all(s.startswith("INSERT INTO journal") for s in journal_statements)
+    assert len(statements["journal"]) == len(statements["none"]) + 2
+
+
+def test_a_create_not_on_record_yet_shows_in_diff_and_is_recovered_by_fsck(image, upper_path):
+    store, image_id = image
+    v = make_view_factory(store, image_id, upper_path, run=1)()
+    v.caller = (os.getpid(), 0, 0)
+    _, fd = v.create(lookup_path(v, "/d").ino, b"new", 0o644, os.O_RDWR, 0, 0)
+    v.write(fd, 0, b"abc")
+    assert not [r for r in read_records(v.upper.db) if r["path"] == "/d/new"]
+    changes = ContainerChanges(store, image_id, upper_path)  # diff beside the live server
+    try:
+        assert changes.diff() == changes.full_diff() == [("C", "/d"), ("A", "/d/new")]
+    finally:
+        changes.close()
+    kill_server(v)
+    again = make_view_factory(store, image_id, upper_path, run=2)()  # fsck at the next start
+    try:
+        records = [(r["op"], r["path"], r["detail"]) for r in read_records(again.upper.db)]
+        assert records[-2:] == [("create", "/d/new", {"recovered": "fsck"}),
+                                ("write", "/d/new", {"recovered": "fsck", "size": 3})]
+    finally:
+        again.close()
+    assert diffs(image, upper_path) == ([("C", "/d"), ("A", "/d/new")],) * 2
+
+
 def test_tree_diff_of_images(image, store_root):
     store, image_id = image
     parent = store.image_parent(image_id)

@@ -430,9 +430,13 @@ def dir_path(view, ino: int, upper_parents: dict) -> str | None:
     return "/" + "/".join(reversed(parts))
 
 
-def journal_diff(before, after_view, records: list[dict], hidden: set[str] = frozenset()) -> list[tuple[str, str]]:
-    """The journal's paths, classified: O(number of changes)."""
+def journal_diff(before, after_view, records: list[dict], hidden: set[str] = frozenset(),
+                 unrecorded: list[str] = ()) -> list[tuple[str, str]]:
+    """The journal's paths, and `unrecorded` ones (made, their records not stored yet),
+    classified: O(number of changes)."""
     touched, inos = replay(records)
+    for path in unrecorded:
+        touched.update((path, parent_path(path)))
     touched |= other_names(after_view, inos, {r["ino"] for r in records if r["op"] == "link"})
     differ = Differ(before, ViewTree(after_view), hidden)
     for path in sorted(touched):

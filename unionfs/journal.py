@@ -13,6 +13,13 @@ So that a `kill -9` cannot hide a write, each upper inode row keeps the
 `recover` (the fsck run before every mount) records a write for each data
 file that differs.
 
+One record goes without a transaction of its own: a regular file's `create`
+is stored with the next transaction (a group commit, as the file's size is),
+carrying the ranges written by then, so a file made and written in one open
+costs one INSERT and no UPDATE. Until then its inode row, stored with the
+create, says so (seen_size = UNRECORDED): fsck records the create, and a diff
+takes such files as candidates (`unrecorded_creates`).
+
   journal(seq, time_ns, run, pid, uid, gid, comm, exe, op, path, path2, ino, kind, detail)
       run: which run of the container (0: a `strata mount` outside any run);
       comm/exe: read from /proc/<pid> when the change is made; kind: the
@@ -35,6 +42,7 @@ INSERT_SQL = ("INSERT INTO journal(time_ns, run, pid, uid, gid, comm, exe, op, p
 COLUMNS = ("seq", "time_ns", "run", "pid", "uid", "gid", "comm", "exe", "op", "path", "path2", "ino",
            "kind", "detail")
 NOBODY = (0, 0, 0)  # the caller of a change made outside any request (fsck, the init layer)
+UNRECORDED = -1  # seen_size of a created file whose create record is not stored yet
 MAX_RANGES = 32  # beyond this many separate ranges a write record keeps their overall span
 
 
@@ -110,12 +118,17 @@ def add_range(ranges: list[list[int]], start: int, end: int) -> None:
 
 class WriteLog:
     """What one open file handle has written, and by whom: the opener, named as it
-    was when it opened the file (`names`, filled by the first record)."""
+    was when it opened the file (`names`, filled by the first record). `stored`:
+    the ranges as its record holds them (an UPDATE only when they grew since)."""
 
-    __slots__ = ("caller", "ranges", "seq", "created", "names")
+    __slots__ = ("caller", "ranges", "seq", "created", "names", "stored", "path", "time_ns")
 
     def __init__(self, caller: tuple[int, int, int], created: bool):
         self.caller, self.ranges, self.seq, self.created, self.names = caller, [], None, created, None
+        self.stored = self.path = self.time_ns = None
+
+    def on_record(self, seq: int) -> None:
+        self.seq, self.stored = seq, [r[:] for r in self.ranges]
 
 
 class Journal:
@@ -140,9 +153,18 @@ class Journal:
                                                   path, path2, ino, kind,
                                                   detail_json(detail) if detail else None)).lastrowid
 
-    def update_write(self, seq: int, ranges: list[list[int]]) -> None:
-        """The byte ranges of a handle's writes, on the record its first write (or its create) made."""
-        self.upper.execute("UPDATE journal SET detail=? WHERE seq=?", (ranges_json(ranges), seq))
+    def record_create(self, log: WriteLog, ino: int) -> None:
+        """A create that went without a record (UnionView.create), with what was written since."""
+        log.on_record(self.record(log.caller, "create", log.path, ino, 0o100000,
+                                  detail={"ranges": log.ranges} if log.ranges else None,
+                                  names=log.names, time_ns=log.time_ns))
+
+    def update_write(self, log: WriteLog) -> None:
+        """The byte ranges of a handle's writes, on the record its first write (or its create)
+        made, if they grew since."""
+        if log.ranges != log.stored:
+            self.upper.execute("UPDATE journal SET detail=? WHERE seq=?", (ranges_json(log.ranges), log.seq))
+            log.stored = [r[:] for r in log.ranges]
 
     def recover(self, path_of_ino) -> list[str]:
         """fsck: a write record for every data file the journal has not accounted for
@@ -155,6 +177,11 @@ class Journal:
                 now = self.upper.data_stat(ino)
                 if now is None or ino not in seen:
                     continue  # an orphan: UpperLayer.check removes it
+                if seen[ino][0] == UNRECORDED:  # killed before the create's group commit
+                    self.record(NOBODY, "create", path_of_ino(ino), ino, 0o100000, detail={"recovered": "fsck"})
+                    self.upper.execute("UPDATE inodes SET seen_size=NULL WHERE ino=?", (ino,))
+                    repairs.append(f"journal: recovered the creation of {os.fsdecode(path_of_ino(ino))}")
+                    seen[ino] = (None, None)
                 expected = seen[ino] if seen[ino][0] is not None else (0, now[1])  # made empty by create
                 if expected == now:
                     continue
@@ -165,6 +192,11 @@ class Journal:
                 self.upper.execute("UPDATE inodes SET seen_size=?, seen_mtime_ns=? WHERE ino=?", (*now, ino))
                 repairs.append(f"journal: recovered a write to {os.fsdecode(path)}")
         return repairs
+
+
+def unrecorded_creates(db) -> list[int]:
+    """Created files whose create record is not stored yet (see the module docstring)."""
+    return [ino for (ino,) in db.execute("SELECT ino FROM inodes WHERE seen_size=?", (UNRECORDED,))]
 
 
 def ranges_json(ranges: list[list[int]]) -> str:

@@ -8,7 +8,7 @@ from store import Store
 
 from .diff import Differ, ImageTree, ViewTree, journal_diff, tree_diff
 
-from .journal import Journal, read_records
+from .journal import Journal, read_records, unrecorded_creates
 from .lower import IndexLower
 from .upper import UpperLayer
 from .view import UnionView
@@ -91,7 +91,10 @@ class ContainerChanges:
         return read_records(self.upper.db, run, since_ns)
 
     def diff(self) -> list[tuple[str, str]]:
-        return journal_diff(self.before, self.view, self.records(), self.hidden)
+        # files the running server made whose create records go with its next transaction
+        waiting = [os.fsdecode(upper_path_of(self.upper, self.view.lower, ino))
+                   for ino in unrecorded_creates(self.upper.db)]
+        return journal_diff(self.before, self.view, self.records(), self.hidden, waiting)
 
     def reopen(self) -> None:
         """A fresh view: the container's files changed under this one (it is running)."""

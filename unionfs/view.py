@@ -16,7 +16,7 @@ import os
 import stat
 import time
 
-from .journal import NOBODY, WriteLog, add_range
+from .journal import NOBODY, UNRECORDED, WriteLog, add_range
 from .lower import decode_xattrs
 from .upper import UpperLayer, encode_xattrs
 
@@ -100,6 +100,8 @@ class UnionView:
         # commit, see store_pending), so writing a file costs no transaction of its own
         # (write log, node, path for a new record, (data size, mtime, time of the close))
         self.pending_writes: list[tuple[WriteLog | None, Node, bytes | None, tuple | None]] = []
+        # (journal) the create records that go with the next transaction too (unionfs.journal)
+        self.unrecorded_creates: list[tuple[WriteLog, Node]] = []
         self.nodes: dict[int, Node] = {}
         self.handles: dict[int, Node] = {}  # open fd -> node
         # Bumped by every change to the view: a cached attribute reply (Node.attr) is
@@ -142,18 +144,27 @@ class UnionView:
 
     @contextlib.contextmanager
     def _changing(self):
-        """One atomic change of the upper layer; if it fails (ENOSPC, say), the
-        in-memory view is reloaded from disk so it never shows what was not stored."""
+        """One atomic change of the upper layer, which first stores what went without a
+        transaction of its own (store_pending); if it fails (ENOSPC, say), the in-memory
+        view is reloaded from disk so it never shows what was not stored."""
         self.generation += 1
-        stored: list = []
+        creates, writes = self.unrecorded_creates, self.pending_writes
+        if creates:
+            self.unrecorded_creates = []
+        if writes:
+            self.pending_writes = []
         try:
             with self.upper.transaction():
-                if self.pending_writes:
-                    stored, self.pending_writes = self.pending_writes, []
-                    self._store_writes(stored)
+                nodes = self._store_deferred(creates, writes) if creates or writes else ()
                 yield
+                for n in nodes:  # each row once, after the change (which may have stored it)
+                    if n.dirty:
+                        self._persist(n)
         except BaseException:
-            self.pending_writes[:0] = stored  # rolled back with the change: stored next time
+            for log, _ in creates:  # rolled back with the change: stored next time
+                log.seq = None
+            self.unrecorded_creates[:0] = creates
+            self.pending_writes[:0] = writes
             self._resync()
             raise
 
@@ -212,19 +223,15 @@ class UnionView:
         n.seen_size, n.seen_mtime_ns = size_mtime if size_mtime is not None else (None, None)
 
     def store_pending(self) -> None:
-        """Store what writes left pending now: flush and release leave a written file's
-        size and times, and its write record, for the next transaction; the server calls
-        this when idle, and fsync and close call it. A kill -9 before then loses no
-        change: fsck takes the size from the data file (UpperLayer.check) and records
-        the write (journal.recover)."""
-        if self.pending_writes:
-            stored, self.pending_writes = self.pending_writes, []
-            try:
-                with self.upper.transaction():
-                    self._store_writes(stored)
-            except BaseException:
-                self.pending_writes[:0] = stored
-                raise
+        """Store what went without a transaction of its own now: flush and release leave
+        a written file's size and times, and its write record, for the next transaction,
+        and create its create record; the server calls this when idle, and fsync and
+        close call it. A kill -9 before then loses no change: fsck takes the size from
+        the data file (UpperLayer.check) and records the create and the write
+        (journal.recover)."""
+        if self.pending_writes or self.unrecorded_creates:
+            with self._changing():
+                pass
 
     def store_when_idle(self) -> None:
         """What the server does between requests: store pending writes, checkpoint the log."""
@@ -233,20 +240,28 @@ class UnionView:
             self.upper.checkpoint()  # nothing changed since the last one: no work while idle
             self.checkpointed_generation = self.generation
 
-    def _store_writes(self, pending: list) -> None:
+    def _store_deferred(self, creates: list, writes: list) -> list[Node]:
+        """Store, in the transaction under way, the records of `creates` and `writes` (see
+        store_pending); returns the nodes whose rows must be stored before it ends."""
         journal = self.journal
-        for log, n, path, seen in pending:
+        nodes = []
+        for log, n in creates:
+            journal.record_create(log, n.ino)
+            self._note_data(n)  # what its ranges account for (all writes so far: each one adds its range)
+            n.dirty = True
+            nodes.append(n)
+        for log, n, path, seen in writes:
             if log is not None:
                 if log.seq is None:
                     journal.record(log.caller, "write", path, n.ino, n.mode & 0o170000, detail={"ranges": log.ranges},
                                    names=log.names, time_ns=seen[2])
                 else:
-                    journal.update_write(log.seq, log.ranges)
+                    journal.update_write(log)
                 if n.nlink > 0 or n.opens > 0:
                     n.seen_size, n.seen_mtime_ns = seen[0], seen[1]
                     n.dirty = True
-            if n.dirty:
-                self._persist(n)
+            nodes.append(n)
+        return nodes
 
     def _being_written(self, n: Node) -> bool:
         """Open for writing: the kernel's own time updates of a write (writeback cache)
@@ -359,8 +374,8 @@ class UnionView:
     # -- creating --------------------------------------------------------------
 
     def _make(self, op: str, parent_ino: int, name: bytes, mode: int, uid: int, gid: int, rdev: int = 0,
-              target: bytes | None = None) -> tuple[Node, int | None]:
-        """The new node, and its journal record's sequence number."""
+              target: bytes | None = None, log: WriteLog | None = None) -> Node:
+        """The new node; `log`: its record goes with the next transaction (create)."""
         parent = self.node(parent_ino)
         self._check_new(parent, name)
         gid, mode = self._inherit_gid(parent, gid, mode)
@@ -370,24 +385,35 @@ class UnionView:
                 self.upper.create_data(n.ino)
                 n.has_data = True
             n.parent, n.name = parent.ino, name
+            if log is not None:
+                n.seen_size = UNRECORDED
             self._persist(n)
             self._link_name(parent, name, n.ino)
             self._touch_dir(parent, 1 if n.is_dir() else 0)
-            seq = self._record(op, self.child_path(parent, name), n, path2=target)  # data: empty
-        return n, seq
+            if log is None:
+                self._record(op, self.child_path(parent, name), n, path2=target)  # data: empty
+            else:
+                log.path, log.time_ns = self.child_path(parent, name), time.time_ns()
+        return n
 
     def create(self, parent_ino: int, name: bytes, mode: int, flags: int, uid: int, gid: int) -> tuple[Node, int]:
-        n, seq = self._make("create", parent_ino, name, S_IFREG | stat.S_IMODE(mode), uid, gid)
+        journal = self.journal
+        log = None
+        if journal is not None:  # one record per file: its create, with what this handle writes
+            log = WriteLog(self.caller, created=True)
+            log.names = journal.processes.describe(self.caller[0])  # now: the caller may exit before the record
+        n = self._make("create", parent_ino, name, S_IFREG | stat.S_IMODE(mode), uid, gid, log=log)
+        if log is not None:
+            self.unrecorded_creates.append((log, n))
         fd = self.upper.open_data(n.ino, os.O_RDWR)
         n.opens += 1
         self.handles[fd] = n
-        if self.journal is not None:  # its writes go on its create record: one record per file
-            log = self.write_logs[fd] = WriteLog(self.caller, created=True)
-            log.seq = seq
+        if log is not None:
+            self.write_logs[fd] = log
         return n, fd
 
     def mkdir(self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int) -> Node:
-        return self._make("mkdir", parent_ino, name, S_IFDIR | stat.S_IMODE(mode), uid, gid)[0]
+        return self._make("mkdir", parent_ino, name, S_IFDIR | stat.S_IMODE(mode), uid, gid)
 
     def mknod(self, parent_ino: int, name: bytes, mode: int, rdev: int, uid: int, gid: int) -> Node:
         kind = stat.S_IFMT(mode) or S_IFREG
@@ -396,12 +422,12 @@ class UnionView:
         if kind == stat.S_IFCHR and rdev == 0:  # overlayfs's whiteout: refused as overlayfs refuses it,
             raise fs_error(errno.EPERM)        # so a layer made from this view means what it says
         return self._make("mknod", parent_ino, name, kind | stat.S_IMODE(mode), uid, gid,
-                          rdev if kind in (stat.S_IFCHR, stat.S_IFBLK) else 0)[0]
+                          rdev if kind in (stat.S_IFCHR, stat.S_IFBLK) else 0)
 
     def symlink(self, parent_ino: int, name: bytes, target: bytes, uid: int, gid: int) -> Node:
         if len(target) >= 4096:
             raise fs_error(errno.ENAMETOOLONG)
-        return self._make("symlink", parent_ino, name, S_IFLNK | 0o777, uid, gid, target=target)[0]
+        return self._make("symlink", parent_ino, name, S_IFLNK | 0o777, uid, gid, target=target)
 
     def link(self, ino: int, new_parent_ino: int, new_name: bytes) -> Node:
         n = self.node(ino)
@@ -614,9 +640,9 @@ class UnionView:
             add_range(log.ranges, offset, end)
             if log.seq is None and not log.created:
                 # an existing file: on record from its first write, so diff sees it while it is open
-                with self.upper.transaction():
-                    log.seq = self.journal.record(log.caller, "write", self.path_of(n), n.ino, n.mode & 0o170000,
-                                                  detail={"ranges": log.ranges})
+                with self._changing():
+                    log.on_record(self.journal.record(log.caller, "write", self.path_of(n), n.ino,
+                                                      n.mode & 0o170000, detail={"ranges": log.ranges}))
         return written
 
     def flush(self, fd: int) -> None:
@@ -637,10 +663,15 @@ class UnionView:
     def release(self, fd: int) -> None:
         n = self.handles.pop(fd)
         log = self.write_logs.pop(fd, None)
-        if log is not None and log.ranges:  # the record, and the size it gave the file, go later
-            st = os.fstat(fd)  # the data file as this record accounts for it
-            self.pending_writes.append((log, n, self.path_of(n) if log.seq is None else None,
-                                        (st.st_size, st.st_mtime_ns, time.time_ns())))
+        # a create not on record yet gets this handle's ranges, and the data's state, when it is stored
+        if log is not None and log.ranges and not (log.created and log.seq is None):
+            st = os.fstat(fd)  # the data file as this handle's record accounts for it
+            if log.seq is None or log.ranges != log.stored or st.st_size != n.seen_size \
+                    or st.st_mtime_ns != n.seen_mtime_ns:  # the record and the data's state go later
+                self.pending_writes.append((log, n, self.path_of(n) if log.seq is None else None,
+                                            (st.st_size, st.st_mtime_ns, time.time_ns())))
+            elif n.dirty:
+                self.pending_writes.append((None, n, None, None))
         elif n.dirty:
             self.pending_writes.append((None, n, None, None))
         os.close(fd)
@@ -685,16 +716,19 @@ class UnionView:
             n.ctime_ns = now
             self._persist(n)
             if self.journal is not None:
-                path = self.path_of(n)
+                records = []
                 if mode is not None:
-                    self._record("chmod", path, n, detail={"mode": "%o" % stat.S_IMODE(n.mode)})
+                    records.append(("chmod", {"mode": "%o" % stat.S_IMODE(n.mode)}))
                 if uid is not None or gid is not None:
-                    self._record("chown", path, n, detail={"uid": n.uid, "gid": n.gid})
+                    records.append(("chown", {"uid": n.uid, "gid": n.gid}))
                 # the kernel's own "now" stamps of a write in progress belong to that write's record
                 kernel_stamp = mtime_ns is not None and abs(mtime_ns - now) < 2_000_000_000 and self._being_written(n)
                 # (and the times of an unlinked file change no path: the kernel sends them after rm)
                 if (atime_ns is not None or mtime_ns is not None) and not kernel_stamp and n.nlink > 0:
-                    self._record("utimens", path, n, detail={"mtime_ns": n.mtime_ns})
+                    records.append(("utimens", {"mtime_ns": n.mtime_ns}))
+                path = self.path_of(n) if records else None
+                for op, detail in records:
+                    self._record(op, path, n, detail=detail)
         return n
 
     def readlink(self, ino: int) -> bytes:
