@@ -14,9 +14,14 @@ through a kernel overlayfs mount of the same rootfs. Then, in milliseconds
   strata commit          diff + layer + image (merged index from the parent's)
 and last, the journal's cost on file creation: files of 4 KiB created through
 a strata mount with the journal and through one without, side by side, in
---pairs pairs of rounds of 500 files taken back to back (the order alternating);
-the cost is the median of the pairs' ratios, so the host's drifts in speed,
-which on these VMs double a round's time within minutes, cancel out.
+--pairs pairs of rounds of 500 files taken back to back. The cost is the
+median of the pairs' ratios, so the host's drifts in speed, which on these VMs
+double a round's time within minutes, cancel out; the order alternates, and the
+medians of the two orders are averaged (geometric mean), so whatever running
+second does to a round cancels out too. Both stores are on a tmpfs (/dev/shm):
+on this VM's ext4, creating inodes soon after many were deleted scans for
+"recently deleted" ones (ext4 without a journal), which costs either mount up
+to a millisecond a file depending on its directory's block group.
 """
 from __future__ import annotations
 
@@ -36,7 +41,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from lookup import server, server_cpu_ms  # noqa: E402  (benchmarks/lookup.py: a foreground FUSE server, reaped)
+from lookup import SERVER_PIDS, server, server_cpu_ms  # noqa: E402  (benchmarks/lookup.py: a foreground FUSE server, reaped)
 from mount import import_tree, make_tree  # noqa: E402
 
 STRATA = [sys.executable, "-m", "runner"]
@@ -186,9 +191,19 @@ def create_files(mnt: str, round_no: int, files: int) -> None:
             f.write(block)
 
 
-def journal_cost(store_root: str, work: str, pairs: int, files: int = 500) -> dict[str, float]:
-    """Median us per file and server CPU us per file of each mount, and the median of
-    the pairs' ratios (journal / none) of both."""
+def journal_cost(pairs: int, files: int = 500) -> dict[str, float]:
+    """Median us per file and server CPU us per file of each mount, and the ratios
+    (journal / none) of both (balanced_ratio), with a store of its own on a tmpfs."""
+    work = tempfile.mkdtemp(prefix="strata-create-bench-", dir="/dev/shm")
+    try:
+        store_root = os.path.join(work, "store")
+        strata(store_root, "base")
+        return measure_creation(store_root, work, pairs, files)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def measure_creation(store_root: str, work: str, pairs: int, files: int) -> dict[str, float]:
     from store import Store
     from store.containers import container_dir, resolve_container
     store = Store(store_root)
@@ -205,6 +220,12 @@ def journal_cost(store_root: str, work: str, pairs: int, files: int = 500) -> di
             stack.enter_context(server([sys.executable, "-c", CONTAINER_SERVER, store_root, container["Image"],
                                         os.path.join(container_dir(store, container["Id"]), "upper"),
                                         mnt, REPO, label], mnt))
+        cpus = sorted(os.sched_getaffinity(0))
+        if len(cpus) > 1:  # the same placement for both: each server on one CPU, the creator on another
+            for mnt in mounts.values():
+                os.sched_setaffinity(SERVER_PIDS[mnt], {cpus[-1]})
+            stack.callback(os.sched_setaffinity, 0, set(cpus))
+            os.sched_setaffinity(0, {cpus[0]})
         for r in range(pairs):  # a pair back to back, the order alternating
             for label, mnt in (list(mounts.items()) if r % 2 else list(mounts.items())[::-1]):
                 cpu_before = server_cpu_ms(mnt)
@@ -212,12 +233,16 @@ def journal_cost(store_root: str, work: str, pairs: int, files: int = 500) -> di
                 create_files(mnt, r, files)
                 times[label].append((time.perf_counter() - start) / files * 1e6)
                 cpu[label].append((server_cpu_ms(mnt) - cpu_before) / files * 1e3)
-    pair_ratio = [j / n for j, n in zip(times["journal"], times["nojournal"])]
-    cpu_ratio = [j / n for j, n in zip(cpu["journal"], cpu["nojournal"]) if n]
     return {"journal us": statistics.median(times["journal"]), "none us": statistics.median(times["nojournal"]),
-            "cost": statistics.median(pair_ratio) - 1,
+            "cost": balanced_ratio(times["journal"], times["nojournal"]) - 1,
             "journal cpu us": statistics.median(cpu["journal"]), "none cpu us": statistics.median(cpu["nojournal"]),
-            "cpu cost": statistics.median(cpu_ratio) - 1 if cpu_ratio else float("nan")}
+            "cpu cost": balanced_ratio(cpu["journal"], cpu["nojournal"]) - 1}
+
+
+def balanced_ratio(a: list[float], b: list[float]) -> float:
+    """The geometric mean of the median ratio a/b of the even pairs and of the odd ones."""
+    medians = [statistics.median([x / y for x, y in list(zip(a, b))[order::2] if y]) for order in (0, 1)]
+    return (medians[0] * medians[1]) ** 0.5
 
 
 def main() -> None:
@@ -249,7 +274,7 @@ def main() -> None:
                 os.makedirs(case)
                 results[(label, count)] = measure(store_root, image_id, rootfs, count, args.rounds, case)
                 print(f"measured {label}, {count} changes", file=sys.stderr)
-        creation = journal_cost(store_root, work, args.pairs)
+        creation = journal_cost(args.pairs)
         columns = ["strata diff", "strata diff --full", "overlay upper walk", "strata commit"]
         print("milliseconds (median of rounds)")
         print(f"  {'image':16} {'changes':>8} " + " ".join(f"{c:>20}" for c in columns))

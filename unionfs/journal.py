@@ -9,16 +9,20 @@ Writes are coalesced: one record per file per open/close, holding the byte
 ranges (a file made and written in one open has one record, its create).
 So that a `kill -9` cannot hide a write, each upper inode row keeps the
 (size, mtime) of its data file as the journal last accounted for it
-(seen_size, seen_mtime_ns; none yet for a file `create` made empty), and
-`recover` (the fsck run before every mount) records a write for each data
-file that differs.
+(seen_size, seen_mtime_ns), and `recover` (the fsck run before every mount)
+records a write for each data file that differs. A file whose create record
+was stored after its creator closed it has none: that record's ranges
+account for its data, and any later writer is on record from its first write.
 
-One record goes without a transaction of its own: a regular file's `create`
-is stored with the next transaction (a group commit, as the file's size is),
-carrying the ranges written by then, so a file made and written in one open
-costs one INSERT and no UPDATE. Until then its inode row, stored with the
-create, says so (seen_size = UNRECORDED): fsck records the create, and a diff
-takes such files as candidates (`unrecorded_creates`).
+Regular files' `create` records are stored in batches (a group commit):
+with the create that fills a batch, or before any other record (the order
+stays that of the changes), or when the server is idle. Each carries the
+ranges written by then, so a file made and written in one open costs a share
+of one INSERT, and no UPDATE. Inode numbers only grow and every other record
+stores the batch first, so the created files not on record yet are exactly
+the inodes from the upper layer's meta `unrecorded_from` on, which is stored
+with the first create of a batch: fsck records their creates after a
+`kill -9`, and diff takes them as candidates (`unrecorded_creates`).
 
   journal(seq, time_ns, run, pid, uid, gid, comm, exe, op, path, path2, ino, kind, detail)
       run: which run of the container (0: a `strata mount` outside any run);
@@ -29,7 +33,10 @@ from __future__ import annotations
 
 import json
 import os
+import sqlite3
 import time
+
+from .upper import storage_errors
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS journal(seq INTEGER PRIMARY KEY, time_ns INTEGER NOT NULL,
@@ -39,10 +46,14 @@ CREATE TABLE IF NOT EXISTS journal(seq INTEGER PRIMARY KEY, time_ns INTEGER NOT 
 """
 INSERT_SQL = ("INSERT INTO journal(time_ns, run, pid, uid, gid, comm, exe, op, path, path2, ino, kind, detail) "
               "VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?)")
+# a batch of creates (Journal.record_creates): fewer values to bind, on the path of every new file
+CREATE_SQL = ("INSERT INTO journal(time_ns, run, pid, uid, gid, comm, exe, op, path, path2, ino, kind, detail) "
+              "VALUES(?,?,?,?,?,?,?,'create',?,NULL,?,32768,?)")
 COLUMNS = ("seq", "time_ns", "run", "pid", "uid", "gid", "comm", "exe", "op", "path", "path2", "ino",
            "kind", "detail")
 NOBODY = (0, 0, 0)  # the caller of a change made outside any request (fsck, the init layer)
-UNRECORDED = -1  # seen_size of a created file whose create record is not stored yet
+UNRECORDED_FROM = "unrecorded_from"  # meta: the first inode of the batch of creates not on record
+CREATE_BATCH = 64  # create records stored together
 MAX_RANGES = 32  # beyond this many separate ranges a write record keeps their overall span
 
 
@@ -55,42 +66,45 @@ class ProcessNames:
 
     def __init__(self):
         self.comm_fds: dict[int, int] = {}
-        self.known: dict[int, tuple[str, str]] = {}  # pid -> (comm, exe) last read
+        self.known: dict[int, tuple[bytes, tuple[str, str]]] = {}  # pid -> (comm file, names) last read
 
     def describe(self, pid: int) -> tuple[str, str]:
-        if pid <= 0:
-            return "?", "?"
-        comm = self._comm(pid)
+        try:  # the common case, on the path of every change: a pid seen before, still alive
+            comm = os.pread(self.comm_fds[pid], 64, 0)
+        except (KeyError, OSError):
+            comm = self._comm(pid)
         known = self.known.get(pid)
         if known is not None and known[0] == comm:
-            return known
+            return known[1]
         try:
-            exe = os.readlink(f"/proc/{pid}/exe")
+            exe = os.readlink(f"/proc/{pid}/exe") if comm else "?"
         except OSError:
             exe = "?"
         if len(self.known) >= 4 * self.MAX_OPEN:
             self.known.clear()
-        self.known[pid] = (comm, exe)
-        return comm, exe
+        names = (comm.rstrip(b"\n").decode("utf-8", "replace") or "?", exe)
+        self.known[pid] = (comm, names)
+        return names
 
-    def _comm(self, pid: int) -> str:
-        fd = self.comm_fds.get(pid)
-        for _ in range(2):  # a cached fd of an exited process fails (ESRCH): open the pid's new one
-            if fd is None:
-                try:
-                    fd = os.open(f"/proc/{pid}/comm", os.O_RDONLY | os.O_CLOEXEC)
-                except OSError:
-                    return "?"
-                if len(self.comm_fds) >= self.MAX_OPEN:
-                    os.close(self.comm_fds.pop(next(iter(self.comm_fds))))
-                self.comm_fds[pid] = fd
-            try:
-                return os.pread(fd, 64, 0).rstrip(b"\n").decode("utf-8", "replace")
-            except OSError:
-                os.close(self.comm_fds.pop(pid))
-                self.known.pop(pid, None)
-                fd = None
-        return "?"
+    def _comm(self, pid: int) -> bytes:
+        """The pid's comm file as read through a new fd (kept); empty if it cannot be read."""
+        stale = self.comm_fds.pop(pid, None)
+        if stale is not None:  # the fd of an exited process (ESRCH): the pid is another's now
+            os.close(stale)
+            self.known.pop(pid, None)
+        if pid <= 0:
+            return b""
+        try:
+            fd = os.open(f"/proc/{pid}/comm", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return b""
+        if len(self.comm_fds) >= self.MAX_OPEN:
+            os.close(self.comm_fds.pop(next(iter(self.comm_fds))))
+        self.comm_fds[pid] = fd
+        try:
+            return os.pread(fd, 64, 0)
+        except OSError:
+            return b""
 
     def close(self) -> None:
         for fd in self.comm_fds.values():
@@ -118,17 +132,18 @@ def add_range(ranges: list[list[int]], start: int, end: int) -> None:
 
 class WriteLog:
     """What one open file handle has written, and by whom: the opener, named as it
-    was when it opened the file (`names`, filled by the first record). `stored`:
-    the ranges as its record holds them (an UPDATE only when they grew since)."""
+    was when it opened the file (`names`, filled by the first record). `unstored`:
+    it wrote since its record was stored (an UPDATE is due); `open`: its handle is."""
 
-    __slots__ = ("caller", "ranges", "seq", "created", "names", "stored", "path", "time_ns")
+    __slots__ = ("caller", "ranges", "seq", "created", "names", "unstored", "open", "path", "time_ns")
 
-    def __init__(self, caller: tuple[int, int, int], created: bool):
-        self.caller, self.ranges, self.seq, self.created, self.names = caller, [], None, created, None
-        self.stored = self.path = self.time_ns = None
+    def __init__(self, caller: tuple[int, int, int], created: bool, names: tuple[str, str] | None = None):
+        self.caller, self.created, self.names, self.ranges, self.open = caller, created, names, [], True
+        self.seq = self.path = self.time_ns = None
+        self.unstored = False
 
-    def on_record(self, seq: int) -> None:
-        self.seq, self.stored = seq, [r[:] for r in self.ranges]
+    def on_record(self, seq: int | None) -> None:
+        self.seq, self.unstored = seq, False
 
 
 class Journal:
@@ -153,18 +168,31 @@ class Journal:
                                                   path, path2, ino, kind,
                                                   detail_json(detail) if detail else None)).lastrowid
 
-    def record_create(self, log: WriteLog, ino: int) -> None:
-        """A create that went without a record (UnionView.create), with what was written since."""
-        log.on_record(self.record(log.caller, "create", log.path, ino, 0o100000,
-                                  detail={"ranges": log.ranges} if log.ranges else None,
-                                  names=log.names, time_ns=log.time_ns))
+    def begin_creates(self, ino: int) -> None:
+        """`ino` is the first of a new batch of creates (in its create's transaction)."""
+        self.upper.set_meta(UNRECORDED_FROM, str(ino))
+
+    def record_creates(self, batch: list) -> None:
+        """The create records of a batch of (WriteLog, ino), with what each handle wrote so far."""
+        run, db = self.run, self.upper.db
+        rows = [(log.time_ns, run, *log.caller, *log.names, log.path, ino, ranges_json(log.ranges) if log.ranges else None)
+                for log, ino in batch]
+        try:
+            db.executemany(CREATE_SQL, rows)
+            last = db.execute("SELECT last_insert_rowid()").fetchone()[0]
+            db.execute("DELETE FROM meta WHERE key=?", (UNRECORDED_FROM,))
+        except sqlite3.Error as e:
+            raise storage_errors(e) from None
+        first = last - len(batch) + 1  # rowids of one transaction's inserts are consecutive
+        for i, (log, _) in enumerate(batch):
+            log.on_record(first + i if log.open else None)  # an UPDATE can only come from an open handle
 
     def update_write(self, log: WriteLog) -> None:
         """The byte ranges of a handle's writes, on the record its first write (or its create)
-        made, if they grew since."""
-        if log.ranges != log.stored:
+        made, if it wrote since."""
+        if log.unstored:
             self.upper.execute("UPDATE journal SET detail=? WHERE seq=?", (ranges_json(log.ranges), log.seq))
-            log.stored = [r[:] for r in log.ranges]
+            log.unstored = False
 
     def recover(self, path_of_ino) -> list[str]:
         """fsck: a write record for every data file the journal has not accounted for
@@ -173,17 +201,17 @@ class Journal:
                 self.upper.db.execute("SELECT ino, seen_size, seen_mtime_ns FROM inodes")}
         repairs = []
         with self.upper.transaction():
+            for ino in unrecorded_creates(self.upper.db):  # killed before their batch was stored
+                path = path_of_ino(ino)
+                size = (self.upper.data_stat(ino) or (0, 0))[0]
+                self.record(NOBODY, "create", path, ino, 0o100000, detail={"recovered": "fsck", "size": size})
+                repairs.append(f"journal: recovered the creation of {os.fsdecode(path)}")
+            self.upper.execute("DELETE FROM meta WHERE key=?", (UNRECORDED_FROM,))
             for ino in self.upper.data_inodes():
                 now = self.upper.data_stat(ino)
                 if now is None or ino not in seen:
                     continue  # an orphan: UpperLayer.check removes it
-                if seen[ino][0] == UNRECORDED:  # killed before the create's group commit
-                    self.record(NOBODY, "create", path_of_ino(ino), ino, 0o100000, detail={"recovered": "fsck"})
-                    self.upper.execute("UPDATE inodes SET seen_size=NULL WHERE ino=?", (ino,))
-                    repairs.append(f"journal: recovered the creation of {os.fsdecode(path_of_ino(ino))}")
-                    seen[ino] = (None, None)
-                expected = seen[ino] if seen[ino][0] is not None else (0, now[1])  # made empty by create
-                if expected == now:
+                if seen[ino][0] is None or seen[ino] == now:  # (none: its create record accounts for it)
                     continue
                 row = self.upper.db.execute("SELECT path, kind FROM journal WHERE ino=? ORDER BY seq DESC LIMIT 1",
                                             (ino,)).fetchone()
@@ -196,11 +224,16 @@ class Journal:
 
 def unrecorded_creates(db) -> list[int]:
     """Created files whose create record is not stored yet (see the module docstring)."""
-    return [ino for (ino,) in db.execute("SELECT ino FROM inodes WHERE seen_size=?", (UNRECORDED,))]
+    row = db.execute("SELECT value FROM meta WHERE key=?", (UNRECORDED_FROM,)).fetchone()
+    if row is None:
+        return []
+    return [ino for (ino,) in db.execute("SELECT ino FROM inodes WHERE ino>=? ORDER BY ino", (int(row[0]),))]
 
 
 def ranges_json(ranges: list[list[int]]) -> str:
     """json.dumps({"ranges": ranges}), without its cost on the path of every written file."""
+    if len(ranges) == 1:
+        return '{"ranges": [[%d, %d]]}' % (ranges[0][0], ranges[0][1])
     return '{"ranges": [' + ", ".join(f"[{s}, {e}]" for s, e in ranges) + "]}"
 
 

@@ -16,7 +16,7 @@ import os
 import stat
 import time
 
-from .journal import NOBODY, UNRECORDED, WriteLog, add_range
+from .journal import CREATE_BATCH, NOBODY, WriteLog, add_range
 from .lower import decode_xattrs
 from .upper import UpperLayer, encode_xattrs
 
@@ -100,8 +100,10 @@ class UnionView:
         # commit, see store_pending), so writing a file costs no transaction of its own
         # (write log, node, path for a new record, (data size, mtime, time of the close))
         self.pending_writes: list[tuple[WriteLog | None, Node, bytes | None, tuple | None]] = []
-        # (journal) the create records that go with the next transaction too (unionfs.journal)
-        self.unrecorded_creates: list[tuple[WriteLog, Node]] = []
+        # (journal) the batch of create records not stored yet (unionfs.journal), and those
+        # the transaction under way stored (they are not, if it rolls back)
+        self.unrecorded_creates: list[tuple[WriteLog, int]] = []
+        self.creates_stored: list[tuple[WriteLog, int]] = []
         self.nodes: dict[int, Node] = {}
         self.handles: dict[int, Node] = {}  # open fd -> node
         # Bumped by every change to the view: a cached attribute reply (Node.attr) is
@@ -148,25 +150,25 @@ class UnionView:
         transaction of its own (store_pending); if it fails (ENOSPC, say), the in-memory
         view is reloaded from disk so it never shows what was not stored."""
         self.generation += 1
-        creates, writes = self.unrecorded_creates, self.pending_writes
-        if creates:
-            self.unrecorded_creates = []
+        writes = self.pending_writes
         if writes:
             self.pending_writes = []
         try:
             with self.upper.transaction():
-                nodes = self._store_deferred(creates, writes) if creates or writes else ()
+                nodes = self._store_writes(writes) if writes else ()
                 yield
                 for n in nodes:  # each row once, after the change (which may have stored it)
                     if n.dirty:
                         self._persist(n)
-        except BaseException:
-            for log, _ in creates:  # rolled back with the change: stored next time
+        except BaseException:  # rolled back with the change: stored next time
+            for log, _ in self.creates_stored:
                 log.seq = None
-            self.unrecorded_creates[:0] = creates
+            self.unrecorded_creates[:0] = self.creates_stored
             self.pending_writes[:0] = writes
             self._resync()
             raise
+        finally:
+            self.creates_stored = []
 
     def _resync(self) -> None:
         self.generation += 1
@@ -205,17 +207,28 @@ class UnionView:
         return base + name if base == b"/" else base + b"/" + name
 
     def _record(self, op: str, path: bytes, n: Node, path2: bytes | None = None, detail: dict | None = None,
-                data: bool = False) -> int | None:
-        """Journal one change, in the transaction that makes it; `data`: it changed data/<ino>.
-        Returns the record's sequence number."""
+                data: bool = False) -> None:
+        """Journal one change, in the transaction that makes it; `data`: it changed data/<ino>."""
         journal = self.journal
         if journal is None:
-            return None
-        seq = journal.record(self.caller, op, path, n.ino, n.mode & 0o170000, path2, detail)
+            return
+        if self.unrecorded_creates:  # the records keep the order of the changes
+            self._store_creates()
+        journal.record(self.caller, op, path, n.ino, n.mode & 0o170000, path2, detail)
         if data:
             self._note_data(n)
             self._persist(n)
-        return seq
+
+    def _store_creates(self) -> None:
+        """Store the batch of create records (in the transaction under way)."""
+        batch, self.unrecorded_creates = self.unrecorded_creates, []
+        self.journal.record_creates(batch)
+        self.creates_stored += batch
+        for log, ino in batch:
+            if log.open:  # what its record's ranges account for: later writes change it (release)
+                n = self.nodes[ino]
+                self._note_data(n)
+                self._persist(n)
 
     def _note_data(self, n: Node) -> None:
         """The data file as it is now is accounted for by the journal (stored with `n`'s row)."""
@@ -231,7 +244,8 @@ class UnionView:
         (journal.recover)."""
         if self.pending_writes or self.unrecorded_creates:
             with self._changing():
-                pass
+                if self.unrecorded_creates:
+                    self._store_creates()
 
     def store_when_idle(self) -> None:
         """What the server does between requests: store pending writes, checkpoint the log."""
@@ -240,23 +254,20 @@ class UnionView:
             self.upper.checkpoint()  # nothing changed since the last one: no work while idle
             self.checkpointed_generation = self.generation
 
-    def _store_deferred(self, creates: list, writes: list) -> list[Node]:
-        """Store, in the transaction under way, the records of `creates` and `writes` (see
-        store_pending); returns the nodes whose rows must be stored before it ends."""
+    def _store_writes(self, writes: list) -> list[Node]:
+        """Store, in the transaction under way, what `writes` left (see store_pending);
+        returns the nodes whose rows must be stored before it ends."""
         journal = self.journal
         nodes = []
-        for log, n in creates:
-            journal.record_create(log, n.ino)
-            self._note_data(n)  # what its ranges account for (all writes so far: each one adds its range)
-            n.dirty = True
-            nodes.append(n)
         for log, n, path, seen in writes:
             if log is not None:
-                if log.seq is None:
+                if log.seq is not None:
+                    journal.update_write(log)
+                elif not log.created:  # (a create's record waits in its batch, ranges and all)
+                    if self.unrecorded_creates:
+                        self._store_creates()
                     journal.record(log.caller, "write", path, n.ino, n.mode & 0o170000, detail={"ranges": log.ranges},
                                    names=log.names, time_ns=seen[2])
-                else:
-                    journal.update_write(log)
                 if n.nlink > 0 or n.opens > 0:
                     n.seen_size, n.seen_mtime_ns = seen[0], seen[1]
                     n.dirty = True
@@ -266,7 +277,11 @@ class UnionView:
     def _being_written(self, n: Node) -> bool:
         """Open for writing: the kernel's own time updates of a write (writeback cache)
         belong to that write's record, not to a utimens of their own."""
-        return any(self.handles.get(fd) is n for fd in self.write_logs)
+        handles = self.handles
+        for fd in self.write_logs:
+            if handles.get(fd) is n:
+                return True
+        return False
 
     def _writable(self) -> UpperLayer:
         if self.upper is None:
@@ -375,18 +390,19 @@ class UnionView:
 
     def _make(self, op: str, parent_ino: int, name: bytes, mode: int, uid: int, gid: int, rdev: int = 0,
               target: bytes | None = None, log: WriteLog | None = None) -> Node:
-        """The new node; `log`: its record goes with the next transaction (create)."""
+        """The new node; `log`: its create record joins the batch (create)."""
         parent = self.node(parent_ino)
         self._check_new(parent, name)
         gid, mode = self._inherit_gid(parent, gid, mode)
         with self._changing():
+            if log is not None and len(self.unrecorded_creates) >= CREATE_BATCH or log is None and \
+                    self.unrecorded_creates and self.journal is not None:  # before this node's number
+                self._store_creates()
             n = self._new_node(mode, uid, gid, rdev, target)
             if stat.S_ISREG(mode):
                 self.upper.create_data(n.ino)
                 n.has_data = True
             n.parent, n.name = parent.ino, name
-            if log is not None:
-                n.seen_size = UNRECORDED
             self._persist(n)
             self._link_name(parent, name, n.ino)
             self._touch_dir(parent, 1 if n.is_dir() else 0)
@@ -394,17 +410,19 @@ class UnionView:
                 self._record(op, self.child_path(parent, name), n, path2=target)  # data: empty
             else:
                 log.path, log.time_ns = self.child_path(parent, name), time.time_ns()
+                if not self.unrecorded_creates:
+                    self.journal.begin_creates(n.ino)
+        if log is not None:
+            self.unrecorded_creates.append((log, n.ino))
         return n
 
     def create(self, parent_ino: int, name: bytes, mode: int, flags: int, uid: int, gid: int) -> tuple[Node, int]:
         journal = self.journal
         log = None
         if journal is not None:  # one record per file: its create, with what this handle writes
-            log = WriteLog(self.caller, created=True)
-            log.names = journal.processes.describe(self.caller[0])  # now: the caller may exit before the record
+            # named now: the caller may have exited when its batch is stored
+            log = WriteLog(self.caller, True, journal.processes.describe(self.caller[0]))
         n = self._make("create", parent_ino, name, S_IFREG | stat.S_IMODE(mode), uid, gid, log=log)
-        if log is not None:
-            self.unrecorded_creates.append((log, n))
         fd = self.upper.open_data(n.ino, os.O_RDWR)
         n.opens += 1
         self.handles[fd] = n
@@ -637,10 +655,20 @@ class UnionView:
         n.dirty = True
         log = self.write_logs.get(fd)
         if log is not None:
-            add_range(log.ranges, offset, end)
+            ranges = log.ranges
+            if not ranges:  # add_range's common cases, inline: the first write, and appending
+                ranges.append([offset, end])
+            elif ranges[-1][0] <= offset <= ranges[-1][1]:
+                if end > ranges[-1][1]:
+                    ranges[-1][1] = end
+            else:
+                add_range(ranges, offset, end)
+            log.unstored = True
             if log.seq is None and not log.created:
                 # an existing file: on record from its first write, so diff sees it while it is open
                 with self._changing():
+                    if self.unrecorded_creates:
+                        self._store_creates()
                     log.on_record(self.journal.record(log.caller, "write", self.path_of(n), n.ino,
                                                       n.mode & 0o170000, detail={"ranges": log.ranges}))
         return written
@@ -663,17 +691,19 @@ class UnionView:
     def release(self, fd: int) -> None:
         n = self.handles.pop(fd)
         log = self.write_logs.pop(fd, None)
-        # a create not on record yet gets this handle's ranges, and the data's state, when it is stored
-        if log is not None and log.ranges and not (log.created and log.seq is None):
-            st = os.fstat(fd)  # the data file as this handle's record accounts for it
-            if log.seq is None or log.ranges != log.stored or st.st_size != n.seen_size \
-                    or st.st_mtime_ns != n.seen_mtime_ns:  # the record and the data's state go later
-                self.pending_writes.append((log, n, self.path_of(n) if log.seq is None else None,
-                                            (st.st_size, st.st_mtime_ns, time.time_ns())))
-            elif n.dirty:
-                self.pending_writes.append((None, n, None, None))
-        elif n.dirty:
-            self.pending_writes.append((None, n, None, None))
+        left = (None, n, None, None) if n.dirty else None  # for the next transaction (store_pending)
+        if log is not None:
+            log.open = False
+            # a new record, or an update of the ranges on this handle's record (a create's
+            # record still waiting in its batch takes them as they are when it is stored)
+            record_due = log.seq is None and not log.created or log.seq is not None and log.unstored
+            if log.ranges and (record_due or not log.created):
+                st = os.fstat(fd)  # the data file as this handle's records account for it
+                if record_due or st.st_size != n.seen_size or st.st_mtime_ns != n.seen_mtime_ns:
+                    left = (log, n, self.path_of(n) if log.seq is None and not log.created else None,
+                            (st.st_size, st.st_mtime_ns, time.time_ns()))
+        if left is not None:
+            self.pending_writes.append(left)
         os.close(fd)
         n.opens -= 1
         if n.nlink <= 0 and n.opens == 0 and self.upper is not None:
@@ -714,15 +744,16 @@ class UnionView:
             if mtime_ns is not None:
                 n.mtime_ns = clamp_ns(mtime_ns)
             n.ctime_ns = now
+            # the kernel's own "now" stamps of a write in progress belong to that write's record
+            kernel_stamp = self.journal is not None and mtime_ns is not None \
+                and abs(mtime_ns - now) < 2_000_000_000 and self._being_written(n)
             self._persist(n)
-            if self.journal is not None:
+            if self.journal is not None and not (kernel_stamp and mode is None and uid is None and gid is None):
                 records = []
                 if mode is not None:
                     records.append(("chmod", {"mode": "%o" % stat.S_IMODE(n.mode)}))
                 if uid is not None or gid is not None:
                     records.append(("chown", {"uid": n.uid, "gid": n.gid}))
-                # the kernel's own "now" stamps of a write in progress belong to that write's record
-                kernel_stamp = mtime_ns is not None and abs(mtime_ns - now) < 2_000_000_000 and self._being_written(n)
                 # (and the times of an unlinked file change no path: the kernel sends them after rm)
                 if (atime_ns is not None or mtime_ns is not None) and not kernel_stamp and n.nlink > 0:
                     records.append(("utimens", {"mtime_ns": n.mtime_ns}))
