@@ -2,7 +2,8 @@
 
 Records live in the upper layer's SQLite file (unionfs.upper), in the
 `journal` table, and are inserted in the same transaction as the change they
-describe: the journal and the upper layer never disagree about metadata.
+describe, so the journal and the upper layer never disagree about metadata;
+regular files' creates are the exception, and are made up for (below).
 
 Data is the one thing written outside a transaction (pwrite on data/<ino>).
 Writes are coalesced: one record per file per open/close, holding the byte
@@ -17,17 +18,22 @@ account for its data, and any later writer is on record from its first write.
 Regular files' `create` records are stored in batches (a group commit):
 with the create that fills a batch, or before any other record (the order
 stays that of the changes), or when the server is idle. Each carries the
-ranges written by then, so a file made and written in one open costs a share
-of one INSERT, and no UPDATE. Inode numbers only grow and every other record
-stores the batch first, so the created files not on record yet are exactly
-the inodes from the upper layer's meta `unrecorded_from` on, which is stored
-with the first create of a batch: fsck records their creates after a
-`kill -9`, and diff takes them as candidates (`unrecorded_creates`).
+ranges written by then, so a file made and written in one open costs no
+UPDATE. The creates of files closed by then share one row (op `creates`:
+the paths NUL-joined in `path`, the rest in `detail`), which `read_records`
+expands: an INSERT per record was the larger part of the journal's cost.
+Inode numbers only grow and every other record stores the batch first, so
+the created files not on record yet are exactly the inodes from the upper
+layer's meta `unrecorded_from` on, which is stored with the first create of
+a batch: fsck records their creates after a `kill -9`, and diff takes them
+as candidates (`unrecorded_creates`).
 
   journal(seq, time_ns, run, pid, uid, gid, comm, exe, op, path, path2, ino, kind, detail)
       run: which run of the container (0: a `strata mount` outside any run);
       comm/exe: read from /proc/<pid> when the change is made; kind: the
-      entry's S_IFMT; detail: JSON (write ranges, new mode, xattr name, ...)
+      entry's S_IFMT; detail: JSON (write ranges, new mode, xattr name, ...);
+      a `creates` row: detail {"entries": [[time_ns, pid, uid, gid, comm, exe,
+      ino, ranges or null], ...]}, one per NUL-separated path
 """
 from __future__ import annotations
 
@@ -46,9 +52,7 @@ CREATE TABLE IF NOT EXISTS journal(seq INTEGER PRIMARY KEY, time_ns INTEGER NOT 
 """
 INSERT_SQL = ("INSERT INTO journal(time_ns, run, pid, uid, gid, comm, exe, op, path, path2, ino, kind, detail) "
               "VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?)")
-# a batch of creates (Journal.record_creates): fewer values to bind, on the path of every new file
-CREATE_SQL = ("INSERT INTO journal(time_ns, run, pid, uid, gid, comm, exe, op, path, path2, ino, kind, detail) "
-              "VALUES(?,?,?,?,?,?,?,'create',?,NULL,?,32768,?)")
+BATCH_OP = "creates"  # one row for several create records (see the module docstring)
 COLUMNS = ("seq", "time_ns", "run", "pid", "uid", "gid", "comm", "exe", "op", "path", "path2", "ino",
            "kind", "detail")
 NOBODY = (0, 0, 0)  # the caller of a change made outside any request (fsck, the init layer)
@@ -173,19 +177,33 @@ class Journal:
         self.upper.set_meta(UNRECORDED_FROM, str(ino))
 
     def record_creates(self, batch: list) -> None:
-        """The create records of a batch of (WriteLog, ino), with what each handle wrote so far."""
-        run, db = self.run, self.upper.db
-        rows = [(log.time_ns, run, *log.caller, *log.names, log.path, ino, ranges_json(log.ranges) if log.ranges else None)
-                for log, ino in batch]
+        """The create records of a batch of (WriteLog, ino), with what each handle wrote so far:
+        those of closed files in shared rows, those of open ones in rows of their own (an
+        UPDATE of their ranges may follow), in the batch's order."""
+        closed: list = []
         try:
-            db.executemany(CREATE_SQL, rows)
-            last = db.execute("SELECT last_insert_rowid()").fetchone()[0]
-            db.execute("DELETE FROM meta WHERE key=?", (UNRECORDED_FROM,))
+            for log, ino in batch:
+                if not log.open:
+                    closed.append((log, ino))
+                    continue
+                self._store_closed(closed)
+                log.on_record(self.record(log.caller, "create", log.path, ino, 0o100000,
+                                          detail={"ranges": log.ranges} if log.ranges else None,
+                                          names=log.names, time_ns=log.time_ns))
+            self._store_closed(closed)
+            self.upper.db.execute("DELETE FROM meta WHERE key=?", (UNRECORDED_FROM,))
         except sqlite3.Error as e:
             raise storage_errors(e) from None
-        first = last - len(batch) + 1  # rowids of one transaction's inserts are consecutive
-        for i, (log, _) in enumerate(batch):
-            log.on_record(first + i if log.open else None)  # an UPDATE can only come from an open handle
+
+    def _store_closed(self, closed: list) -> None:
+        if not closed:
+            return
+        first, first_ino = closed[0]
+        entries = [[log.time_ns, *log.caller, *log.names, ino, log.ranges or None] for log, ino in closed]
+        self.upper.db.execute(INSERT_SQL, (first.time_ns, self.run, *first.caller, *first.names, BATCH_OP,
+                                           b"\0".join([log.path for log, _ in closed]), None, first_ino,
+                                           0o100000, json.dumps({"entries": entries})))
+        closed.clear()
 
     def update_write(self, log: WriteLog) -> None:
         """The byte ranges of a handle's writes, on the record its first write (or its create)
@@ -222,6 +240,19 @@ class Journal:
         return repairs
 
 
+def expand_creates(row: dict, since_ns: int | None) -> list[dict]:
+    """The create records a `creates` row holds."""
+    out = []
+    paths = row["path"].split(b"\0")
+    for path, (time_ns, pid, uid, gid, comm, exe, ino, ranges) in zip(paths, json.loads(row["detail"])["entries"]):
+        if since_ns is not None and time_ns < since_ns:
+            continue
+        out.append({"seq": row["seq"], "time_ns": time_ns, "run": row["run"], "pid": pid, "uid": uid, "gid": gid,
+                    "comm": comm, "exe": exe, "op": "create", "path": os.fsdecode(path), "path2": None, "ino": ino,
+                    "kind": row["kind"], "detail": {"ranges": ranges} if ranges else {}})
+    return out
+
+
 def unrecorded_creates(db) -> list[int]:
     """Created files whose create record is not stored yet (see the module docstring)."""
     row = db.execute("SELECT value FROM meta WHERE key=?", (UNRECORDED_FROM,)).fetchone()
@@ -251,13 +282,16 @@ def read_records(db, run: int | None = None, since_ns: int | None = None) -> lis
         where.append("run=?")
         args.append(run)
     if since_ns is not None:
-        where.append("time_ns>=?")
+        where.append(f"(time_ns>=? OR op='{BATCH_OP}')")  # a batch's entries are filtered one by one
         args.append(since_ns)
     if where:
         sql += " WHERE " + " AND ".join(where)
     out = []
     for row in db.execute(sql + " ORDER BY seq", args):
         record = dict(zip(COLUMNS, row))
+        if record["op"] == BATCH_OP:
+            out += expand_creates(record, since_ns)
+            continue
         record["path"] = os.fsdecode(record["path"])
         if record["path2"] is not None:
             record["path2"] = os.fsdecode(record["path2"])
