@@ -243,6 +243,9 @@ def squash(store: Store, image_id: str, ancestor_id: str | None, tag: str | None
         raise StoreError(f"{ancestor_id} is not an ancestor of {image_id}")
     squashed_steps = image.get("history", [])[len(base.get("history", [])):]
     layers = len(image["rootfs"]["diff_ids"]) - len(base_layers)
+    if layers == 0:
+        above = f" above {ancestor_id[:12]}" if ancestor_id else ""
+        raise StoreError(f"nothing to squash: {image_id[:12]} has no layers{above}")
     found, before, after = image_diff(store, ancestor_id, image_id)
     try:
         with store.staging() as staging:

@@ -524,12 +524,23 @@ def main(argv: list[str] | None = None, early_supervisor: tuple[int, int] | None
             early.abandon()  # unless the run handed it a container
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """parser.parse_args, except that `commit C --squash NAME` works: argparse leaves an
+    optional positional that follows an option unparsed (CPython issue 14191)."""
+    args, extra = parser.parse_known_args(argv)
+    if len(extra) == 1 and not extra[0].startswith("-") and getattr(args, "reference", "") is None:
+        args.reference = extra[0]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def run_command(argv: list[str], early_supervisor) -> int:
     words = [a for a in argv if not a.startswith("-")]
     command = words[0] if words and "--root" not in argv and words[0] in COMMANDS else None
     parser = build_parser(command)
     try:
-        args = parser.parse_args(argv)
+        args = parse_args(parser, argv)
         if args.command is None:
             parser.print_help()
             return 0

@@ -133,7 +133,7 @@ def test_squash_keeps_history_and_contents(root):
     assert ok(root, "diff", "busybox", "chain:above") == ok(root, "diff", "busybox", "chain:2") == \
         "C /bin\nD /bin/vi\nA /two\n"
     assert ok(root, "run", "--rm", "chain:above", "cat", "/two") == "2\n"
-    flat_commit = ok(root, "commit", "--squash", "two", "chain:onelayer").strip()
+    flat_commit = ok(root, "commit", "two", "--squash", "chain:onelayer").strip()  # (an option between them)
     assert len(json.loads(ok(root, "inspect", "-f", "{{json .RootFS}}", flat_commit))["Layers"]) == 1
     assert ok(root, "diff", "chain:2", "chain:flat") == ""  # unrelated chains: compared by content
     same = ok(root, "commit", "--source-date-epoch", "1000", "two", "kept").strip()
@@ -153,6 +153,7 @@ def test_bad_input_changes_nothing(root):
     fails(root, "commit", "c", "Bad::Name")
     fails(root, "commit", "-c", "FROM scratch", "c")
     assert "not an ancestor" in fails(root, "squash", "--from", ok(root, "commit", "c").strip(), "busybox")
+    assert "nothing to squash" in fails(root, "squash", "--from", "busybox", "busybox")
     after = {k: v for k, v in snapshot(root).items() if not k.startswith("images/") and not k.startswith("layers/")}
     assert {k: v for k, v in before.items() if not k.startswith("images/") and not k.startswith("layers/")} == after
 
@@ -211,3 +212,13 @@ def test_commit_keeps_hard_links_to_files_below(root):
     ok(root, "commit", "links", "linked")
     out = ok(root, "run", "--rm", "linked", "stat", "-c", "%i %h", "/etc/passwd", "/linked").split("\n")
     assert out[0] == out[1] and out[0].split()[1] == "2"  # one inode, two names, as in the container
+
+
+def test_the_audit_names_the_hard_link_that_is_left(root):
+    """After `ln /f /g; rm /f`, the file's later changes are recorded under /g, and the
+    kernel writing back the inode's times after the rm is no utimens of its own."""
+    ok(root, "run", "--name", "links", "busybox", "sh", "-c", "echo a > /f; ln /f /g; rm /f; echo b >> /g")
+    audit = ok(root, "diff", "--audit", "links")
+    ops = [(m.group(1), m.group(2)) for m in re.finditer(r" (create|write|link|unlink|utimens) +(\S+)", audit)]
+    assert ops == [("create", "/f"), ("link", "/g"), ("unlink", "/f"), ("write", "/g")], audit
+    assert ok(root, "diff", "links") == "A /g\n"

@@ -489,6 +489,19 @@ class UnionView:
             self._unlink_name(parent, name)
             self._drop_link(n)
             self._touch_dir(parent)
+        if n.nlink > 0 and (n.parent, n.name) == (parent_ino, name):
+            self._rename_after_unlink(n)
+
+    def _rename_after_unlink(self, n: Node) -> None:
+        """`n` lost the name the journal calls it by, and has others (hard links): take
+        one, so its later records name a path that exists (the kernel reaches it through
+        a cached dentry, with no lookup to tell us which)."""
+        for parent_ino, names in self.upper_dirents.items():
+            for name, ino in names.items():
+                if ino == n.ino:
+                    n.parent, n.name = parent_ino, name
+                    return
+        n.parent = n.name = None  # an image's hard link: path_of falls back to the image's name
 
     def rmdir(self, parent_ino: int, name: bytes) -> None:
         parent = self.node(parent_ino)
@@ -739,6 +752,7 @@ class UnionView:
                 n.uid = uid
             if gid is not None:
                 n.gid = gid
+            times_before = n.atime_ns, n.mtime_ns
             if atime_ns is not None:
                 n.atime_ns = clamp_ns(atime_ns)
             if mtime_ns is not None:
@@ -754,8 +768,10 @@ class UnionView:
                     records.append(("chmod", {"mode": "%o" % stat.S_IMODE(n.mode)}))
                 if uid is not None or gid is not None:
                     records.append(("chown", {"uid": n.uid, "gid": n.gid}))
-                # (and the times of an unlinked file change no path: the kernel sends them after rm)
-                if (atime_ns is not None or mtime_ns is not None) and not kernel_stamp and n.nlink > 0:
+                # (and times set to what they were, or of an unlinked file, change nothing: the
+                # kernel writes back an inode's times, ctime among them, after an rm or a link)
+                if (atime_ns is not None or mtime_ns is not None) and not kernel_stamp and n.nlink > 0 \
+                        and (n.atime_ns, n.mtime_ns) != times_before:
                     records.append(("utimens", {"mtime_ns": n.mtime_ns}))
                 path = self.path_of(n) if records else None
                 for op, detail in records:
