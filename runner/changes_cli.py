@@ -150,6 +150,16 @@ def rfc3339_of_epoch(epoch: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
 
 
+def wait_for_creates_on_record(db, seconds: float = 2.0) -> None:
+    """A paused container's newest creates wait in the batch its server stores when idle
+    (within 0.5 s, unionfs.journal): the provenance's journal digest must cover them. (The
+    layer does not wait: diff takes such files from the upper layer.)"""
+    from unionfs.journal import unrecorded_creates
+    deadline = time.monotonic() + seconds
+    while unrecorded_creates(db) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
 class Paused:
     """A running container stopped (SIGSTOP) for a consistent commit, its kernel-cached
     writes pushed to the filesystem server (syncfs through its root), resumed after."""
@@ -200,6 +210,8 @@ def cmd_commit(args, store: Store) -> int:
             changes = open_changes(store, config)
             try:
                 from unionfs.storeview import while_steady
+                if paused is not None and paused.pids:
+                    wait_for_creates_on_record(changes.upper.db)
                 found = while_steady(changes, lambda c: c.diff())
                 records = changes.records()
                 layer = store.prepare_layer(staging, lambda w: fill_layer(
