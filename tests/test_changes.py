@@ -228,7 +228,8 @@ def test_a_commit_of_a_running_container_waits_for_its_newest_creates_to_be_on_r
     """They wait in a batch for the server to be idle: the commit's journal digest covers them."""
     ok(root, "run", "-d", "--name", "fresh", "busybox", "sh", "-c", "echo x > /new; echo ready; exec sleep 100")
     wait_for(lambda: "ready" in ok(root, "logs", "fresh"), what="the file")
-    new = ok(root, "commit", "fresh").strip()  # at once: the batch is not stored yet
+    assert ok(root, "diff", "--run", "1", "fresh") == ok(root, "diff", "fresh") == "A /new\n"
+    new = ok(root, "commit", "fresh").strip()  # at once: the batch is likely not stored yet
     notes = json.load(open(os.path.join(root, "images", new[7:], "config.json")))["annotations"]
     audit = [line for line in ok(root, "diff", "--audit", "fresh").splitlines()[1:] if line.strip()]
     assert " create " in audit[0] and "/new" in audit[0]

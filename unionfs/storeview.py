@@ -91,10 +91,23 @@ class ContainerChanges:
         return read_records(self.upper.db, run, since_ns)
 
     def diff(self) -> list[tuple[str, str]]:
-        # files the running server made whose create records go with its next transaction
+        # files the running server made whose create records still wait in its batch
         waiting = [os.fsdecode(upper_path_of(self.upper, self.view.lower, ino))
                    for ino in unrecorded_creates(self.upper.db)]
         return journal_diff(self.before, self.view, self.records(), self.hidden, waiting)
+
+    def waiting_creates(self, run: int, since_ns: int | None = None) -> list[dict]:
+        """Records, as far as the upper layer tells them, of the creates still in the
+        server's batch (made in `run`, the latest; their time is their inode's ctime)."""
+        out = []
+        for ino in unrecorded_creates(self.upper.db):
+            row = self.upper.db.execute("SELECT ctime_ns FROM inodes WHERE ino=?", (ino,)).fetchone()
+            if row is None or since_ns is not None and row[0] < since_ns:
+                continue
+            out.append({"seq": None, "time_ns": row[0], "run": run, "pid": 0, "uid": 0, "gid": 0, "comm": "?",
+                        "exe": "?", "op": "create", "path": os.fsdecode(upper_path_of(self.upper, self.view.lower, ino)),
+                        "path2": None, "ino": ino, "kind": 0o100000, "detail": {}})
+        return out
 
     def reopen(self) -> None:
         """A fresh view: the container's files changed under this one (it is running)."""
