@@ -1,7 +1,10 @@
 """Unit tests: the change journal and the diffs made from it, on the merged view without FUSE."""
 import collections
+import errno
 import os
+import shutil
 import stat
+import subprocess
 import time
 
 import pytest
@@ -97,10 +100,12 @@ def test_records_say_who_what_when_and_which_run(view, image, upper_path):
 def test_a_touch_while_another_handle_writes_is_recorded(view, image, upper_path):
     n = lookup_path(view, "/etc/passwd")
     fd, _ = view.open(n.ino, os.O_WRONLY)  # someone holds it open for writing
+    view.setattr(n.ino, mtime_ns=time.time_ns())  # a touch: the handle wrote nothing, so it is no stamp
+    view.write(fd, 0, b"R")
     view.setattr(n.ino, mtime_ns=946684800 * 10**9)  # touch -d 2000-01-01
-    view.setattr(n.ino, mtime_ns=time.time_ns())  # the kernel's stamp of a write: no record of its own
+    view.setattr(n.ino, mtime_ns=time.time_ns())  # the kernel's stamp of the write: no record of its own
     view.release(fd)
-    assert [r["op"] for r in read_records(view.upper.db)] == ["utimens"]
+    assert [r["op"] for r in read_records(view.upper.db)] == ["utimens", "write", "utimens"]
 
 
 def test_write_ranges_coalesce():
@@ -335,6 +340,132 @@ def test_writes_after_a_create_went_on_record_are_recovered_by_fsck(image, upper
         assert len([r for r in read_records(again.upper.db) if r["path"] == "/log"]) == 2
     finally:
         again.close()
+
+
+def test_a_full_disk_while_the_batch_is_stored_loses_no_create(image, upper_path):
+    """The change that would store the batch fails (SQLITE_FULL): the creates still wait."""
+    store, image_id = image
+    v = make_view_factory(store, image_id, upper_path, run=1)()
+    try:
+        v.caller = (os.getpid(), 0, 0)
+        for i in range(40):
+            _, fd = v.create(ROOT, b"%03d" % i + b"n" * 240, 0o644, os.O_RDWR, 0, 0)
+            v.release(fd)
+        pages = v.upper.db.execute("PRAGMA page_count").fetchone()[0]
+        v.upper.db.execute(f"PRAGMA max_page_count={pages}")  # the disk is full now
+        with pytest.raises(OSError) as failed:
+            v.mkdir(ROOT, b"dir", 0o755, 0, 0)
+        assert failed.value.errno == errno.ENOSPC and len(v.unrecorded_creates) == 40
+        v.upper.db.execute("PRAGMA max_page_count=1073741823")  # room again
+        v.mkdir(ROOT, b"dir", 0o755, 0, 0)
+    finally:
+        v.close()
+    j, full = diffs(image, upper_path)
+    assert j == full and len(j) == 41
+    assert len([r for r in read_records_of(store, image_id, upper_path) if r["op"] == "create"]) == 40
+
+
+def read_records_of(store, image_id, upper_path):
+    v = make_view_factory(store, image_id, upper_path, run=9)()
+    try:
+        return read_records(v.upper.db)
+    finally:
+        v.close()
+
+
+def test_a_change_rolled_back_keeps_the_range_updates_that_went_before_it(view, image, upper_path):
+    """truncate -s 4E fails (EFBIG) inside the transaction that first stores what the
+    closes before it left: those updates are stored by the next one."""
+    n, fd = view.create(ROOT, b"log", 0o644, os.O_RDWR, 0, 0)
+    view.write(fd, 0, b"first")
+    view.store_pending()  # the create on record while the file is open
+    view.write(fd, 5, b" and more")
+    view.release(fd)  # its new range waits for the next transaction
+    with pytest.raises(OSError) as failed:
+        view.setattr(lookup_path(view, "/d/f").ino, size=1 << 62)
+    assert failed.value.errno == errno.EFBIG
+    view.store_pending()
+    assert [r["detail"] for r in read_records(view.upper.db) if r["path"] == "/log"] == [{"ranges": [[0, 14]]}]
+
+
+def test_later_writes_to_a_file_its_create_accounted_for_are_recovered_by_fsck(image, upper_path):
+    store, image_id = image
+    v = make_view_factory(store, image_id, upper_path, run=1)()
+    v.caller = (os.getpid(), 0, 0)
+    n, fd = v.create(ROOT, b"f", 0o644, os.O_RDWR, 0, 0)
+    v.write(fd, 0, b"abc")
+    v.release(fd)
+    v.store_pending()  # the create on record after the close: its ranges account for the data
+    fd, _ = v.open(n.ino, os.O_RDWR)
+    v.write(fd, 0, b"X")  # on record at once
+    v.write(fd, 100, b"Y" * 50)  # and the server killed before the close
+    kill_server(v)
+    records = [(r["op"], r["detail"]) for r in read_records_of(store, image_id, upper_path) if r["path"] == "/f"]
+    assert records == [("create", {"ranges": [[0, 3]]}), ("write", {"ranges": [[0, 1]]}),
+                       ("write", {"recovered": "fsck", "size": 150})]
+
+
+def test_a_close_does_not_account_for_another_handles_writes(image, upper_path):
+    """Two writers: the first one's close must leave the second one's unrecorded bytes
+    for fsck to find."""
+    store, image_id = image
+    v = make_view_factory(store, image_id, upper_path, run=1)()
+    v.caller = (os.getpid(), 0, 0)
+    n = lookup_path(v, "/etc/passwd")
+    first, _ = v.open(n.ino, os.O_WRONLY)
+    second, _ = v.open(n.ino, os.O_WRONLY)
+    v.write(first, 0, b"A")
+    v.write(second, 1, b"B")
+    v.write(second, 100, b"C" * 20)  # not on record until this handle closes
+    v.release(first)
+    v.store_pending()
+    kill_server(v)
+    records = [r["detail"] for r in read_records_of(store, image_id, upper_path) if r["path"] == "/etc/passwd"]
+    assert records[-1] == {"recovered": "fsck", "size": 120}
+
+
+def test_recovered_creates_belong_to_the_run_that_made_them(image, upper_path):
+    store, image_id = image
+    v = make_view_factory(store, image_id, upper_path, run=1)()
+    v.caller = (os.getpid(), 0, 0)
+    _, fd = v.create(ROOT, b"made-in-run-1", 0o644, os.O_RDWR, 0, 0)
+    v.release(fd)
+    kill_server(v)
+    v = make_view_factory(store, image_id, upper_path, run=2)()  # fsck
+    try:
+        assert [(r["run"], r["op"], r["path"]) for r in read_records(v.upper.db, run=1)] == \
+            [(1, "create", "/made-in-run-1")]
+        assert run_diff(read_records(v.upper.db, run=2)) == []
+    finally:
+        v.close()
+
+
+def test_a_hard_link_of_the_image_takes_over_when_the_name_used_is_removed(view, image, upper_path):
+    n = lookup_path(view, "/h1")  # the kernel reached the file as /h1, and keeps /h2 cached
+    view.unlink(ROOT, b"h1")
+    fd, _ = view.open(n.ino, os.O_WRONLY)
+    view.write(fd, 0, b"H")
+    view.release(fd)
+    assert [(r["op"], r["path"]) for r in read_records(view.upper.db)] == [("unlink", "/h1"), ("write", "/h2")]
+
+
+def test_the_executable_of_a_caller_may_have_any_name(view, tmp_path):
+    """A path that is not UTF-8 still goes into the journal's TEXT column."""
+    odd = os.path.join(bytes(tmp_path), b"exe-\xff")
+    os.makedirs(odd)
+    shutil.copy(b"/bin/sleep", os.path.join(odd, b"sleep"))
+    sleeper = subprocess.Popen([os.path.join(odd, b"sleep"), b"30"])
+    try:
+        view.caller = (sleeper.pid, 0, 0)
+        _, fd = view.create(ROOT, b"by-odd-exe", 0o644, os.O_RDWR, 0, 0)
+        view.release(fd)
+        view.caller = (os.getpid(), 0, 0)
+        view.mkdir(ROOT, b"dir", 0o755, 0, 0)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    made = {r["path"]: r for r in read_records(view.upper.db)}
+    assert made["/by-odd-exe"]["comm"] == "sleep" and made["/by-odd-exe"]["exe"].endswith("/exe-\ufffd/sleep")
 
 
 def test_tree_diff_of_images(image, store_root):

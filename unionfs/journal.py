@@ -80,8 +80,8 @@ class ProcessNames:
         known = self.known.get(pid)
         if known is not None and known[0] == comm:
             return known[1]
-        try:
-            exe = os.readlink(f"/proc/{pid}/exe") if comm else "?"
+        try:  # (bytes: a path that is not UTF-8 must still go into a TEXT column)
+            exe = os.readlink(f"/proc/{pid}/exe".encode()).decode("utf-8", "replace") if comm else "?"
         except OSError:
             exe = "?"
         if len(self.known) >= 4 * self.MAX_OPEN:
@@ -173,8 +173,9 @@ class Journal:
                                                   detail_json(detail) if detail else None)).lastrowid
 
     def begin_creates(self, ino: int) -> None:
-        """`ino` is the first of a new batch of creates (in its create's transaction)."""
-        self.upper.set_meta(UNRECORDED_FROM, str(ino))
+        """`ino` is the first of a new batch of creates (in its create's transaction); the
+        run goes with it, so that fsck can credit a lost batch to the run that made it."""
+        self.upper.set_meta(UNRECORDED_FROM, f"{ino} {self.run}")
 
     def record_creates(self, batch: list) -> None:
         """The create records of a batch of (WriteLog, ino), with what each handle wrote so far:
@@ -219,10 +220,13 @@ class Journal:
                 self.upper.db.execute("SELECT ino, seen_size, seen_mtime_ns FROM inodes")}
         repairs = []
         with self.upper.transaction():
+            lost_run = unrecorded_run(self.upper.db) or self.run
             for ino in unrecorded_creates(self.upper.db):  # killed before their batch was stored
                 path = path_of_ino(ino)
                 size = (self.upper.data_stat(ino) or (0, 0))[0]
-                self.record(NOBODY, "create", path, ino, 0o100000, detail={"recovered": "fsck", "size": size})
+                made = self.upper.db.execute("SELECT ctime_ns FROM inodes WHERE ino=?", (ino,)).fetchone()[0]
+                self.upper.execute(INSERT_SQL, (made, lost_run, *NOBODY, "?", "?", "create", path, None, ino,
+                                                0o100000, json.dumps({"recovered": "fsck", "size": size})))
                 repairs.append(f"journal: recovered the creation of {os.fsdecode(path)}")
             self.upper.execute("DELETE FROM meta WHERE key=?", (UNRECORDED_FROM,))
             for ino in self.upper.data_inodes():
@@ -258,7 +262,15 @@ def unrecorded_creates(db) -> list[int]:
     row = db.execute("SELECT value FROM meta WHERE key=?", (UNRECORDED_FROM,)).fetchone()
     if row is None:
         return []
-    return [ino for (ino,) in db.execute("SELECT ino FROM inodes WHERE ino>=? ORDER BY ino", (int(row[0]),))]
+    first = int(row[0].split()[0])
+    return [ino for (ino,) in db.execute("SELECT ino FROM inodes WHERE ino>=? ORDER BY ino", (first,))]
+
+
+def unrecorded_run(db) -> int:
+    """The run whose creates wait in the batch `unrecorded_creates` names (0 if none)."""
+    row = db.execute("SELECT value FROM meta WHERE key=?", (UNRECORDED_FROM,)).fetchone()
+    parts = row[0].split() if row else []
+    return int(parts[1]) if len(parts) > 1 else 0
 
 
 def ranges_json(ranges: list[list[int]]) -> str:

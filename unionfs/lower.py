@@ -58,6 +58,10 @@ class LowerSource:
         """The image path of a lower inode, where the source knows it (the journal's fallback)."""
         return None
 
+    def names_of(self, ino: int) -> list[tuple[int, bytes]]:
+        """Every (parent, name) of a lower inode, where the source knows them (hard links)."""
+        return []
+
     def close(self) -> None:
         for fd in self.layer_fds:
             os.close(fd)
@@ -133,6 +137,10 @@ class IndexLower(LowerSource):
             ino = row[0]
             parts.append(bytes(row[1]))
         return b"/" + b"/".join(reversed(parts))
+
+    def names_of(self, ino: int) -> list[tuple[int, bytes]]:
+        return [(parent, bytes(name)) for parent, name in
+                self.db.execute("SELECT parent, name FROM dirents WHERE ino=?", (ino,))]
 
     def open_data(self, ino: int) -> int:
         layer, path = self.db.execute("SELECT layer, path FROM inodes WHERE ino=?", (ino,)).fetchone()

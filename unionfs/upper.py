@@ -147,7 +147,8 @@ class UpperLayer:
                 self._depth -= 1
                 if self._depth == 0:
                     self._doomed_data.clear()
-                    self.db.execute("ROLLBACK")
+                    if self.db.in_transaction:  # (SQLITE_FULL and others roll back by themselves)
+                        self.db.execute("ROLLBACK")
                 raise
             self._depth -= 1
             if self._depth == 0:

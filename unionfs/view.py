@@ -100,10 +100,11 @@ class UnionView:
         # commit, see store_pending), so writing a file costs no transaction of its own
         # (write log, node, path for a new record, (data size, mtime, time of the close))
         self.pending_writes: list[tuple[WriteLog | None, Node, bytes | None, tuple | None]] = []
-        # (journal) the batch of create records not stored yet (unionfs.journal), and those
-        # the transaction under way stored (they are not, if it rolls back)
+        # (journal) the batch of create records not stored yet (unionfs.journal); and what
+        # the transaction under way did to it and to write logs, undone if it rolls back
         self.unrecorded_creates: list[tuple[WriteLog, int]] = []
         self.creates_stored: list[tuple[WriteLog, int]] = []
+        self.logs_before: list[tuple[WriteLog, int | None, bool]] = []  # (log, seq, unstored)
         self.nodes: dict[int, Node] = {}
         self.handles: dict[int, Node] = {}  # open fd -> node
         # Bumped by every change to the view: a cached attribute reply (Node.attr) is
@@ -161,14 +162,14 @@ class UnionView:
                     if n.dirty:
                         self._persist(n)
         except BaseException:  # rolled back with the change: stored next time
-            for log, _ in self.creates_stored:
-                log.seq = None
+            for log, seq, unstored in reversed(self.logs_before):
+                log.seq, log.unstored = seq, unstored
             self.unrecorded_creates[:0] = self.creates_stored
             self.pending_writes[:0] = writes
             self._resync()
             raise
         finally:
-            self.creates_stored = []
+            self.creates_stored, self.logs_before = [], []
 
     def _resync(self) -> None:
         self.generation += 1
@@ -221,8 +222,10 @@ class UnionView:
 
     def _store_creates(self) -> None:
         """Store the batch of create records (in the transaction under way)."""
-        batch, self.unrecorded_creates = self.unrecorded_creates, []
-        self.journal.record_creates(batch)
+        batch = self.unrecorded_creates
+        self.logs_before += [(log, log.seq, log.unstored) for log, _ in batch]
+        self.journal.record_creates(batch)  # (if it fails, the batch is still there)
+        self.unrecorded_creates = []
         self.creates_stored += batch
         for log, ino in batch:
             if log.open:  # what its record's ranges account for: later writes change it (release)
@@ -262,24 +265,25 @@ class UnionView:
         for log, n, path, seen in writes:
             if log is not None:
                 if log.seq is not None:
+                    self.logs_before.append((log, log.seq, log.unstored))
                     journal.update_write(log)
                 elif not log.created:  # (a create's record waits in its batch, ranges and all)
                     if self.unrecorded_creates:
                         self._store_creates()
                     journal.record(log.caller, "write", path, n.ino, n.mode & 0o170000, detail={"ranges": log.ranges},
                                    names=log.names, time_ns=seen[2])
-                if n.nlink > 0 or n.opens > 0:
+                if (n.nlink > 0 or n.opens > 0) and seen[0] is not None:
                     n.seen_size, n.seen_mtime_ns = seen[0], seen[1]
                     n.dirty = True
             nodes.append(n)
         return nodes
 
     def _being_written(self, n: Node) -> bool:
-        """Open for writing: the kernel's own time updates of a write (writeback cache)
-        belong to that write's record, not to a utimens of their own."""
+        """Written through a handle still open: the kernel's own time updates of a write
+        (writeback cache) belong to that write's record, not to a utimens of their own."""
         handles = self.handles
-        for fd in self.write_logs:
-            if handles.get(fd) is n:
+        for fd, log in self.write_logs.items():
+            if log.ranges and handles.get(fd) is n:
                 return True
         return False
 
@@ -501,7 +505,14 @@ class UnionView:
                 if ino == n.ino:
                     n.parent, n.name = parent_ino, name
                     return
-        n.parent = n.name = None  # an image's hard link: path_of falls back to the image's name
+        for parent_ino, name in self.lower.names_of(n.lower_ino) if n.lower_ino is not None else ():
+            try:  # an image's hard link, unless this view removed or replaced it
+                if self._find(self.node(parent_ino), name) == n.ino:
+                    n.parent, n.name = parent_ino, name
+                    return
+            except OSError:
+                continue
+        n.parent = n.name = None  # path_of falls back to the image's name
 
     def rmdir(self, parent_ino: int, name: bytes) -> None:
         parent = self.node(parent_ino)
@@ -682,8 +693,12 @@ class UnionView:
                 with self._changing():
                     if self.unrecorded_creates:
                         self._store_creates()
-                    log.on_record(self.journal.record(log.caller, "write", self.path_of(n), n.ino,
-                                                      n.mode & 0o170000, detail={"ranges": log.ranges}))
+                    seq = self.journal.record(log.caller, "write", self.path_of(n), n.ino, n.mode & 0o170000,
+                                              detail={"ranges": log.ranges})
+                    if n.seen_size is None:  # a file its create record accounted for: from now
+                        self._note_data(n)   # on, what fsck compares (this write included)
+                        self._persist(n)
+                log.on_record(seq)
         return written
 
     def flush(self, fd: int) -> None:
@@ -713,8 +728,12 @@ class UnionView:
             if log.ranges and (record_due or not log.created):
                 st = os.fstat(fd)  # the data file as this handle's records account for it
                 if record_due or st.st_size != n.seen_size or st.st_mtime_ns != n.seen_mtime_ns:
+                    # (unless another handle wrote what its record does not hold yet: then
+                    # the data is not all accounted for, and fsck must still see it differ)
+                    accounted = not any(other.unstored and other.seq is not None and self.handles.get(other_fd) is n
+                                        for other_fd, other in self.write_logs.items())
                     left = (log, n, self.path_of(n) if log.seq is None and not log.created else None,
-                            (st.st_size, st.st_mtime_ns, time.time_ns()))
+                            (st.st_size if accounted else None, st.st_mtime_ns, time.time_ns()))
         if left is not None:
             self.pending_writes.append(left)
         os.close(fd)
