@@ -214,8 +214,9 @@ class Journal:
             log.unstored = False
 
     def recover(self, path_of_ino) -> list[str]:
-        """fsck: a write record for every data file the journal has not accounted for
-        (the server was killed between a write and the close that records it)."""
+        """fsck: a create record for every file made since the last batch was stored, and
+        a write record for every data file the journal has not accounted for (the server
+        was killed before it stored them)."""
         seen = {ino: (size, mtime) for ino, size, mtime in
                 self.upper.db.execute("SELECT ino, seen_size, seen_mtime_ns FROM inodes")}
         repairs = []
@@ -235,8 +236,8 @@ class Journal:
                     continue  # an orphan: UpperLayer.check removes it
                 if seen[ino][0] is None or seen[ino] == now:  # (none: its create record accounts for it)
                     continue
-                row = self.upper.db.execute("SELECT path, kind FROM journal WHERE ino=? ORDER BY seq DESC LIMIT 1",
-                                            (ino,)).fetchone()
+                row = self.upper.db.execute(f"SELECT path, kind FROM journal WHERE ino=? AND op!='{BATCH_OP}' "
+                                            "ORDER BY seq DESC LIMIT 1", (ino,)).fetchone()
                 path, kind = row if row else (path_of_ino(ino), 0o100000)
                 self.record(NOBODY, "write", path, ino, kind, detail={"recovered": "fsck", "size": now[0]})
                 self.upper.execute("UPDATE inodes SET seen_size=?, seen_mtime_ns=? WHERE ino=?", (*now, ino))

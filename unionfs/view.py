@@ -287,6 +287,12 @@ class UnionView:
                 return True
         return False
 
+    def _written_unrecorded(self, n: Node) -> bool:
+        """Another open handle wrote to `n` what its record does not hold yet."""
+        handles = self.handles
+        return any(log.unstored and log.seq is not None and handles.get(fd) is n
+                   for fd, log in self.write_logs.items())
+
     def _writable(self) -> UpperLayer:
         if self.upper is None:
             raise fs_error(errno.EROFS)
@@ -728,12 +734,10 @@ class UnionView:
             if log.ranges and (record_due or not log.created):
                 st = os.fstat(fd)  # the data file as this handle's records account for it
                 if record_due or st.st_size != n.seen_size or st.st_mtime_ns != n.seen_mtime_ns:
-                    # (unless another handle wrote what its record does not hold yet: then
-                    # the data is not all accounted for, and fsck must still see it differ)
-                    accounted = not any(other.unstored and other.seq is not None and self.handles.get(other_fd) is n
-                                        for other_fd, other in self.write_logs.items())
+                    # the data's new state, unless fsck must still see it differ (None)
+                    seen_size = None if self._written_unrecorded(n) else st.st_size
                     left = (log, n, self.path_of(n) if log.seq is None and not log.created else None,
-                            (st.st_size if accounted else None, st.st_mtime_ns, time.time_ns()))
+                            (seen_size, st.st_mtime_ns, time.time_ns()))
         if left is not None:
             self.pending_writes.append(left)
         os.close(fd)
