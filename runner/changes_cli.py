@@ -40,11 +40,9 @@ def cmd_diff(args, store: Store) -> int:
             print_audit(changes.records(args.run, since_ns), sys.stdout)
             return 0
         if args.run is not None or since_ns is not None:
-            runs = read_state(store, config["Id"]).get("Runs", [])
-            waiting = []
-            if runs and args.run in (None, runs[-1]["Run"]):  # the latest run's creates still in a batch,
-                waiting = changes.waiting_creates(runs[-1]["Run"], since_ns)  # read first: the server may
-            found = run_diff(changes.records(args.run, since_ns) + waiting)     # store them in between
+            # the creates still in the server's batch, read first: it may store them in between
+            waiting = [r for r in changes.waiting_creates(since_ns) if args.run in (None, r["run"])]
+            found = run_diff(changes.records(args.run, since_ns) + waiting)
         elif args.full:
             found = while_steady(changes, lambda c: c.full_diff())
         else:

@@ -8,7 +8,7 @@ from store import Store
 
 from .diff import Differ, ImageTree, ViewTree, journal_diff, tree_diff
 
-from .journal import Journal, read_records, unrecorded_creates
+from .journal import Journal, read_records, unrecorded_creates, unrecorded_run
 from .lower import IndexLower
 from .upper import UpperLayer
 from .view import UnionView
@@ -96,10 +96,11 @@ class ContainerChanges:
                    for ino in unrecorded_creates(self.upper.db)]
         return journal_diff(self.before, self.view, self.records(), self.hidden, waiting)
 
-    def waiting_creates(self, run: int, since_ns: int | None = None) -> list[dict]:
+    def waiting_creates(self, since_ns: int | None = None) -> list[dict]:
         """Records, as far as the upper layer tells them, of the creates still in the
-        server's batch (made in `run`, the latest; their time is their inode's ctime)."""
+        server's batch (their time is their inode's ctime)."""
         out = []
+        run = unrecorded_run(self.upper.db)
         for ino in unrecorded_creates(self.upper.db):
             row = self.upper.db.execute("SELECT ctime_ns FROM inodes WHERE ino=?", (ino,)).fetchone()
             if row is None or since_ns is not None and row[0] < since_ns:
