@@ -118,7 +118,10 @@ class ProcessNames:
 
 def add_range(ranges: list[list[int]], start: int, end: int) -> None:
     """Merge [start, end) into sorted, disjoint `ranges` (sequential writes stay one range)."""
-    if ranges and ranges[-1][0] <= start <= ranges[-1][1]:  # the common case: appending
+    if not ranges:  # the common cases: a handle's first write, and appending
+        ranges.append([start, end])
+        return
+    if ranges[-1][0] <= start <= ranges[-1][1]:
         ranges[-1][1] = max(ranges[-1][1], end)
         return
     ranges.append([start, end])

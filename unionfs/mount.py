@@ -121,14 +121,14 @@ def install_single_task_wait(fuse_fd: int, spin: float | None = None) -> bool:
 
 async def serve_session(view) -> None:
     """pyfuse3's loop with one task: requests are answered in order, each without a lock;
-    beside it, what writes left pending is stored when the mount is idle for a moment."""
+    beside it, what writes left pending is stored when the mount is idle for a moment
+    (and at the end by view.close, which `mounted` calls)."""
     import pyfuse3
     import trio
     async with trio.open_nursery() as nursery:
         nursery.start_soon(store_while_idle, view)
         await pyfuse3.main(min_tasks=1, max_tasks=1)
         nursery.cancel_scope.cancel()
-    view.store_pending()
 
 
 async def store_while_idle(view, interval: float = 0.5) -> None:

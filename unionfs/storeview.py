@@ -91,9 +91,7 @@ class ContainerChanges:
         return read_records(self.upper.db, run, since_ns)
 
     def diff(self) -> list[tuple[str, str]]:
-        # files the running server made whose create records still wait in its batch
-        waiting = [os.fsdecode(upper_path_of(self.upper, self.view.lower, ino))
-                   for ino in unrecorded_creates(self.upper.db)]
+        waiting = [r["path"] for r in self.waiting_creates()]  # read first: the server may store them
         return journal_diff(self.before, self.view, self.records(), self.hidden, waiting)
 
     def waiting_creates(self, since_ns: int | None = None) -> list[dict]:

@@ -405,9 +405,8 @@ class UnionView:
         self._check_new(parent, name)
         gid, mode = self._inherit_gid(parent, gid, mode)
         with self._changing():
-            if log is not None and len(self.unrecorded_creates) >= CREATE_BATCH or log is None and \
-                    self.unrecorded_creates and self.journal is not None:  # before this node's number
-                self._store_creates()
+            if self.unrecorded_creates and (log is None or len(self.unrecorded_creates) >= CREATE_BATCH):
+                self._store_creates()  # before this node's number: the batch's inodes stay one run
             n = self._new_node(mode, uid, gid, rdev, target)
             if stat.S_ISREG(mode):
                 self.upper.create_data(n.ino)
@@ -417,7 +416,8 @@ class UnionView:
             self._link_name(parent, name, n.ino)
             self._touch_dir(parent, 1 if n.is_dir() else 0)
             if log is None:
-                self._record(op, self.child_path(parent, name), n, path2=target)  # data: empty
+                if self.journal is not None:
+                    self._record(op, self.child_path(parent, name), n, path2=target)  # data: empty
             else:
                 log.path, log.time_ns = self.child_path(parent, name), time.time_ns()
                 if not self.unrecorded_creates:
@@ -685,14 +685,7 @@ class UnionView:
         n.dirty = True
         log = self.write_logs.get(fd)
         if log is not None:
-            ranges = log.ranges
-            if not ranges:  # add_range's common cases, inline: the first write, and appending
-                ranges.append([offset, end])
-            elif ranges[-1][0] <= offset <= ranges[-1][1]:
-                if end > ranges[-1][1]:
-                    ranges[-1][1] = end
-            else:
-                add_range(ranges, offset, end)
+            add_range(log.ranges, offset, end)
             log.unstored = True
             if log.seq is None and not log.created:
                 # an existing file: on record from its first write, so diff sees it while it is open
