@@ -25,6 +25,9 @@ def parse_detach_keys(spec: str) -> bytes:
     keys = b""
     for part in (spec or "ctrl-p,ctrl-q").split(","):
         part = part.strip()
+        if not part.isascii():  # one key is one byte, as Docker's term.ToBytes reads it
+            from store.containers import printable
+            raise ValueError(f"invalid detach key {printable(part)}")
         if part.startswith("ctrl-") and len(part) == 6:
             ch = part[5]
             if ch.isalpha():

@@ -61,6 +61,11 @@ def image_rows(store: Store, show_all: bool, reference: str | None):
     return rows
 
 
+IMAGE_FIELDS = ("Containers", "CreatedAt", "CreatedSince", "Digest", "ID", "Repository", "SharedSize", "Size",
+                "Tag", "UniqueSize", "VirtualSize")
+HISTORY_FIELDS = ("ID", "CreatedAt", "CreatedSince", "CreatedBy", "Size", "Comment")
+
+
 def image_object(info, repo: str, tag: str, full_id: bool) -> dict:
     return {"Containers": "N/A", "CreatedAt": fmt.docker_time(info.created),
             "CreatedSince": fmt.since(info.created), "Digest": "<none>",
@@ -70,22 +75,21 @@ def image_object(info, repo: str, tag: str, full_id: bool) -> dict:
 
 
 def print_image_tree(store: Store, out) -> None:
-    infos = {i.id: i for i in store.list_images()}
+    """Parent chains as a tree, depth first, oldest child first; iterative (a chain
+    can be deeper than Python's recursion limit)."""
     children: dict[str | None, list] = {}
-    for info in infos.values():
+    for info in store.list_images():
         children.setdefault(info.parent, []).append(info)
-
-    def walk(parent, prefix: str) -> None:
-        kids = sorted(children.get(parent, []), key=lambda i: (i.created, i.id))
-        for n, info in enumerate(kids):
-            last = n == len(kids) - 1
-            branch = "└─ " if last else "├─ "
-            tags = ", ".join(info.tags) if info.tags else "<none>"
-            out.write(f"{prefix}{branch}{short_id(info.id)} {tags} "
-                      f"({fmt.human_size(info.size)}, {fmt.since(info.created)})\n")
-            walk(info.id, prefix + ("   " if last else "│  "))
-
-    walk(None, "")
+    for kids in children.values():
+        kids.sort(key=lambda i: (i.created, i.id), reverse=True)  # popped from the end: oldest first
+    pending = [(info, "", n == 0) for n, info in enumerate(children.get(None, []))]  # (image, prefix, last)
+    while pending:
+        info, prefix, last = pending.pop()
+        tags = ", ".join(info.tags) if info.tags else "<none>"
+        out.write(f"{prefix}{'└─ ' if last else '├─ '}{short_id(info.id)} {tags} "
+                  f"({fmt.human_size(info.size)}, {fmt.since(info.created)})\n")
+        below = prefix + ("   " if last else "│  ")
+        pending += ((kid, below, n == 0) for n, kid in enumerate(children.get(info.id, [])))
 
 
 def cmd_images(args, store: Store) -> int:
@@ -103,7 +107,7 @@ def cmd_images(args, store: Store) -> int:
         return 0
     objects = [image_object(info, repo, tag, args.no_trunc) for info, repo, tag in rows]
     if args.format:
-        fmt.print_formatted(args.format, objects, sys.stdout)
+        fmt.print_formatted(args.format, objects, sys.stdout, IMAGE_FIELDS)
         return 0
     fmt.print_table(["REPOSITORY", "TAG", "IMAGE ID", "CREATED", "SIZE"],
                     [[o["Repository"], o["Tag"], o["ID"], o["CreatedSince"], o["Size"]] for o in objects],
@@ -151,7 +155,7 @@ def cmd_history(args, store: Store) -> int:
                         "CreatedSince": fmt.since(r["Created"]), "CreatedBy": created_by,
                         "Size": fmt.human_size(r["Size"]), "Comment": r["Comment"]})
     if args.format:
-        fmt.print_formatted(args.format, objects, sys.stdout)
+        fmt.print_formatted(args.format, objects, sys.stdout, HISTORY_FIELDS)
         return 0
     fmt.print_table(["IMAGE", "CREATED", "CREATED BY", "SIZE", "COMMENT"],
                     [[o["ID"], o["CreatedSince"], o["CreatedBy"], o["Size"], o["Comment"]] for o in objects],
@@ -200,6 +204,8 @@ def cmd_inspect(args, store: Store) -> int:
     from store import NoSuchContainer
     from store.containers import resolve_container
     from .containers_cli import inspect_container
+    if args.format:
+        fmt.check_template(args.format)  # before any lookup: a bad template is the whole command's error
     objects = []
     status = 0
     for ref in args.objects:

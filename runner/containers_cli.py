@@ -27,6 +27,8 @@ def add_create_flags(p) -> None:
     p.add_argument("--network", default="host", choices=["host", "none"], help="host (default) or none")
     p.add_argument("--detach-keys", metavar="KEYS", help="detach sequence (default ctrl-p,ctrl-q)")
     p.add_argument("--log-opt", action="append", metavar="OPT", help="max-size=10m, max-file=3")
+    p.add_argument("--security-opt", action="append", metavar="OPT",
+                   help=lifecycle.SECURITY_OPT_HELP)
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("command", metavar="COMMAND", nargs=argparse.REMAINDER)
 
@@ -93,8 +95,8 @@ def cmd_run(args, store: Store) -> int:
     supervisor = lifecycle.spawn_supervisor(store, wait_attach=not args.detach,  # loads while we create
                                             early=args.early_supervisor)
     try:
+        keys = detach_keys_for({}, args.detach_keys)  # a bad key must not leave a created container
         config = lifecycle.create(store, args)
-        keys = detach_keys_for(config, args.detach_keys)
     except BaseException:
         supervisor.abandon()
         raise
@@ -111,6 +113,9 @@ def cmd_run(args, store: Store) -> int:
         return 0
     if args.rm:  # the supervisor removes it (runner.supervisor); docker run --rm returns after that
         supervisor.wait_exit(30)
+        if not supervisor.alive() and os.path.exists(os.path.join(container_dir(store, config["Id"]),
+                                                                  "config.json")):
+            lifecycle.remove(store, config, force=True)  # the supervisor failed before it could
     return code
 
 
@@ -118,10 +123,10 @@ def cmd_start(args, store: Store) -> int:
     status = 0
     for ref in args.containers:
         config = resolve_container(store, ref)
+        keys = detach_keys_for(config, args.detach_keys) if args.attach else b""  # before it starts
         lifecycle.start(store, config, wait_attach=args.attach)
         if args.attach:
-            status = attach_and_wait(store, config, args.interactive,
-                                     detach_keys_for(config, args.detach_keys)) or 0
+            status = attach_and_wait(store, config, args.interactive, keys) or 0
         else:
             print(ref)
     return status
@@ -213,7 +218,19 @@ def age(stamp: str | None) -> float:
     return 0 if when is None else (datetime.datetime.now(datetime.timezone.utc) - when).total_seconds()
 
 
+PS_FIELDS = ("ID", "Image", "Command", "CreatedAt", "RunningFor", "Status", "State", "Names", "Ports")
+PS_FILTERS = ("status", "name", "ancestor")
+
+
 def cmd_ps(args, store: Store) -> int:
+    for f in args.filter or []:  # checked even when no container is there to filter
+        key, eq, _ = f.partition("=")
+        if not eq:
+            raise StoreError(f"bad filter {f!r} (status=, name=, ancestor=)")
+        if key not in PS_FILTERS:
+            raise StoreError(f"unsupported filter {key!r} (status, name, ancestor)")
+    if args.format:
+        fmt.check_template(args.format, PS_FIELDS)
     rows = []
     for config in sorted(list_containers(store), key=lambda c: c.get("Created", ""), reverse=True):
         state = current_state(store, config["Id"])
@@ -242,10 +259,9 @@ def cmd_ps(args, store: Store) -> int:
 
 
 def matches_filters(filters: list[str], config: dict, state: dict, store: Store) -> bool:
+    """`filters` were checked by cmd_ps."""
     for f in filters:
-        key, eq, value = f.partition("=")
-        if not eq:
-            raise StoreError(f"bad filter {f!r} (status=, name=, ancestor=)")
+        key, _, value = f.partition("=")
         if key == "status" and state.get("Status") != value:
             return False
         if key == "name" and value not in config.get("Name", ""):
@@ -256,8 +272,6 @@ def matches_filters(filters: list[str], config: dict, state: dict, store: Store)
                     return False
             except StoreError:
                 return False
-        if key not in ("status", "name", "ancestor"):
-            raise StoreError(f"unsupported filter {key!r} (status, name, ancestor)")
     return True
 
 
@@ -309,7 +323,8 @@ def cmd_rm(args, store: Store) -> int:
 
 
 def cmd_rename(args, store: Store) -> int:
-    from store.containers import rename_container
+    from store.containers import check_name, rename_container
+    check_name(args.new)
     rename_container(store, resolve_container(store, args.old)["Id"], args.new)
     return 0
 
@@ -317,6 +332,10 @@ def cmd_rename(args, store: Store) -> int:
 def cmd_update(args, store: Store) -> int:
     """Change a stopped container's stored command, env or working directory."""
     import shlex
+    lifecycle.check_env(args.env or [], "--env")
+    lifecycle.check_workdir(args.workdir, "--workdir")
+    if args.cmd is not None:
+        lifecycle.check_text(args.cmd, "--cmd")
     config = resolve_container(store, args.container)
     if current_state(store, config["Id"]).get("Status") == "running":
         raise StoreError(f"container {config['Name']} is running: stop it before changing its command")
@@ -325,6 +344,7 @@ def cmd_update(args, store: Store) -> int:
         from store.changes import parse_command_form
         text = args.cmd.strip()
         changes["Cmd"] = parse_command_form(text) if text.startswith("[") else shlex.split(text)
+        lifecycle.check_command(changes["Cmd"], "--cmd")  # a JSON array can spell \udcff
     if args.env:
         changes["Env"] = lifecycle.merge_env(config.get("Env", []), args.env)
     if args.workdir is not None:
@@ -348,6 +368,7 @@ def inspect_container(store: Store, config: dict) -> dict:
             "Config": {k: config.get(k) for k in ("Hostname", "User", "Tty", "OpenStdin", "Env", "Cmd",
                                                    "WorkingDir")} | {"Image": config.get("ImageRef")},
             "HostConfig": {"NetworkMode": config.get("NetworkMode"), "AutoRemove": config.get("AutoRemove"),
+                           "SecurityOpt": config.get("SecurityOpt"),
                            "LogConfig": {"Type": "json-file", "Config": config.get("LogOpts", {})}},
             "GraphDriver": {"Name": "strata", "Data": {"UpperDir": os.path.join(cdir, "upper"),
                                                        "MergedDir": os.path.join(cdir, "rootfs")}},
@@ -369,11 +390,16 @@ def cmd_exec(args, store: Store) -> int:
     """Join the running container's namespaces and root, then exec COMMAND there."""
     from . import sandbox
     from . import syscalls as sc
+    lifecycle.check_env(args.env or [], "-e/--env")
+    lifecycle.check_workdir(args.workdir, "-w/--workdir")
+    lifecycle.check_user(args.user, "-u/--user")
+    lifecycle.check_command(args.command)
     config = resolve_container(store, args.container)
     pid1 = container_pid1(store, config)
     env = lifecycle.merge_env(config.get("Env", []), args.env or [])
     spec = {"env": env, "workdir": args.workdir or config.get("WorkingDir") or "/",
-            "user": args.user if args.user is not None else config.get("User"), "cmd": args.command}
+            "user": args.user if args.user is not None else config.get("User"), "cmd": args.command,
+            "seccomp": config.get("SeccompProfile"), "no_new_privileges": bool(config.get("NoNewPrivileges"))}
     if not args.command:
         raise StoreError("exec needs a command")
     fds = {}
@@ -392,6 +418,7 @@ def cmd_exec(args, store: Store) -> int:
             import prctl
             prctl.set_dumpable(False)  # CVE-2019-5736: nothing in the container may open our memory
             prctl.set_pdeathsig(signal.SIGKILL)
+            syscalls_allowed = sandbox.syscall_filter(spec)  # the host's libseccomp, before the chroot
             for ns, fd in fds.items():
                 sc.setns(fd)
             os.fchdir(root_fd)
@@ -409,7 +436,7 @@ def cmd_exec(args, store: Store) -> int:
                 os.write(2, f"strata: error: {message}\n".encode())
                 os._exit(code)
             status_r, status_w = os.pipe()
-            sandbox.exec_command(spec, fail, status_w)
+            sandbox.exec_command(spec, fail, status_w, syscalls_allowed)
         except BaseException as e:
             os.write(2, f"strata: error: exec: {e}\n".encode())
             os._exit(125)

@@ -135,11 +135,26 @@ def header_name(field: str) -> str:
     return re.sub(r"(?<=[a-z])(?=[A-Z])", " ", field).upper()
 
 
-def print_formatted(fmt: str, objects: list[dict], out) -> None:
-    """--format json|TEMPLATE|table TEMPLATE, for any list of Docker-style objects."""
-    for action in TEMPLATE_ACTION.findall(fmt):  # reject what we cannot render, even with no rows
-        if not FIELD_EXPR.match(action):
+def check_template(fmt: str, fields: tuple[str, ...] | None = None) -> None:
+    """ValueError unless `fmt` renders; with `fields` (the objects' keys, flat values),
+    also a field no object has. For errors even when there is nothing to print."""
+    if fmt == "json":
+        return
+    for action in TEMPLATE_ACTION.findall(fmt):
+        parsed = FIELD_EXPR.match(action)
+        if not parsed:
             raise ValueError(f"template: unsupported action {{{{{action.strip()}}}}}")
+        name = (parsed[2] or "").partition(".")[0]
+        if fields is not None and name and name not in fields:
+            raise ValueError(f"template: can't evaluate field {name}")
+    if "{{" in TEMPLATE_ACTION.sub("", fmt):  # Go: an action without its }}
+        raise ValueError(f"template: unclosed action in {fmt!r}")
+
+
+def print_formatted(fmt: str, objects: list[dict], out, fields: tuple[str, ...] | None = None) -> None:
+    """--format json|TEMPLATE|table TEMPLATE, for any list of Docker-style objects.
+    Everything is rendered before anything is written: a bad template prints nothing."""
+    check_template(fmt, fields)
     if fmt == "json":
         for obj in objects:
             out.write(json.dumps(obj, sort_keys=True) + "\n")
@@ -152,5 +167,4 @@ def print_formatted(fmt: str, objects: list[dict], out) -> None:
         rows = [line.split("\t") for line in lines]
         print_table(rows[0], rows[1:], out)
         return
-    for obj in objects:
-        out.write(render_template(fmt, obj) + "\n")
+    out.write("".join(render_template(fmt, obj) + "\n" for obj in objects))

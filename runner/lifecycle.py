@@ -5,13 +5,14 @@ No trio and no pyfuse3 here: `ps`, `logs` and friends stay fast.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import sys
 import time
 
 from store import Store, StoreError
-from store.containers import (container_dir, create_container, current_state, list_containers, read_state,
-                              remove_container)
+from store.containers import (check_name, container_dir, create_container, current_state, list_containers,
+                              printable, read_state, remove_container)
 
 ADJECTIVES = ["admiring", "bold", "brave", "clever", "cool", "eager", "elated", "focused", "gentle",
               "happy", "jolly", "keen", "kind", "lucid", "modest", "nifty", "quirky", "serene",
@@ -33,24 +34,163 @@ def random_name(store: Store) -> str:
 
 
 def parse_env_file(path: str) -> list[str]:
-    out = []
+    """Docker's env file: KEY=VALUE lines, # comments; a bare KEY passes the caller's value on."""
     try:
-        with open(path) as f:
-            for line in f:
-                line = line.strip()
-                if line and not line.startswith("#"):
-                    out.append(line if "=" in line else f"{line}={os.environ.get(line, '')}")
+        with open(path, "rb") as f:
+            raw = f.read()
     except OSError as e:
         raise StoreError(f"cannot read env file {path}: {e.strerror}") from None
+    out = []
+    for number, line in enumerate(raw.split(b"\n"), 1):
+        try:
+            text = line.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            raise StoreError(f"--env-file {path}: line {number} is not valid UTF-8") from None
+        if text and not text.startswith("#"):
+            out.append(text)
+    check_env(out, f"--env-file {path}")
     return out
 
 
 def merge_env(base: list[str], extra: list[str]) -> list[str]:
+    """Docker's merge: KEY=VALUE sets KEY; a bare KEY takes the caller's value, or
+    unsets KEY when the caller has none."""
     env = {e.partition("=")[0]: e for e in base}
     for e in extra:
-        key = e.partition("=")[0]
-        env[key] = e if "=" in e else f"{key}={os.environ.get(key, '')}"
+        key, eq, _ = e.partition("=")
+        if eq:
+            env[key] = e
+        elif key in os.environ:
+            env[key] = f"{key}={os.environ[key]}"
+        else:
+            env.pop(key, None)
     return list(env.values())
+
+
+# -- checks of what the flags give, before anything is written ----------------
+
+UID_MAX = 2 ** 32 - 2  # (uid_t)-1 means "leave unchanged" to setresuid and chown
+HOST_NAME_MAX = 64
+HOSTNAME_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?")
+PATH_MAX = 4096
+
+
+def check_text(value: str, what: str) -> None:
+    """Stored values are UTF-8 (JSON, execve, the kernel) and C strings (no NUL)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise StoreError(f"{what}: {printable(value)} is not valid UTF-8") from None
+    if "\0" in value:
+        raise StoreError(f"{what}: {printable(value)} contains a NUL byte")
+
+
+def check_env(entries: list[str], what: str) -> None:
+    for entry in entries:
+        check_text(entry, what)
+        key, eq, _ = entry.partition("=")
+        if not key:
+            raise StoreError(f"{what}: invalid environment variable {printable(entry)}: no name")
+        if not eq and key in os.environ:
+            check_text(os.environ[key], f"{what}: the caller's ${key}")
+
+
+def check_workdir(path: str | None, what: str) -> None:
+    if not path:
+        return
+    check_text(path, what)
+    if not path.startswith("/"):
+        raise StoreError(f"{what}: the working directory {printable(path)} is invalid, "
+                         "it needs to be an absolute path")
+    if len(path.encode()) >= PATH_MAX:
+        raise StoreError(f"{what}: the working directory {printable(path)} is longer than PATH_MAX")
+
+
+def check_user(user: str | None, what: str) -> None:
+    """USER[:GROUP], names or numbers; a number must be a uid/gid the kernel can take."""
+    if not user:
+        return
+    check_text(user, what)
+    name, _, group = user.partition(":")
+    for kind, part in (("uid", name), ("gid", group)):
+        if part.isascii() and part.isdigit() and int(part) > UID_MAX:
+            raise StoreError(f"{what}: {kind} {part} in {printable(user)} is out of range "
+                             f"(0 to {UID_MAX})")
+
+
+def check_hostname(hostname: str | None) -> None:
+    """As Docker did (RFC 1123): dot-separated labels of letters, digits and inner '-',
+    at most HOST_NAME_MAX bytes, which is all sethostname takes. Empty: the default."""
+    if not hostname:
+        return
+    check_text(hostname, "--hostname")
+    if len(hostname.encode()) > HOST_NAME_MAX:
+        raise StoreError(f"--hostname: {printable(hostname)} is longer than {HOST_NAME_MAX} bytes")
+    if not all(HOSTNAME_LABEL.fullmatch(label) for label in hostname.split(".")):
+        raise StoreError(f"--hostname: invalid host name {printable(hostname)} "
+                         "(letters, digits and '-' between dots)")
+
+
+def check_command(words: list[str], what: str = "command") -> None:
+    for word in words:
+        check_text(word, what)
+
+
+def parse_detach_keys_flag(keys: str | None) -> bytes | None:
+    from .attach import parse_detach_keys
+    if not keys:
+        return None
+    try:
+        return parse_detach_keys(keys)
+    except ValueError as e:
+        raise StoreError(f"--detach-keys: {e}") from None
+
+
+SECURITY_OPT_HELP = "seccomp=unconfined, seccomp=PROFILE.json, no-new-privileges"
+
+
+def parse_security_opts(values: list[str]) -> dict:
+    """--security-opt, as the Docker CLI reads it: a seccomp profile file is read and
+    checked now; the config keys the sandbox reads, plus the raw strings for inspect."""
+    if not values:
+        return {}
+    out: dict = {"SecurityOpt": list(values)}
+    for value in values:
+        check_text(value, "--security-opt")
+        key, eq, arg = value.partition("=")
+        if key == "seccomp" and eq and arg == "unconfined":
+            out["SeccompProfile"] = "unconfined"
+        elif key == "seccomp" and eq and arg:
+            out["SeccompProfile"] = read_seccomp_profile(arg)
+        elif key == "no-new-privileges" and (not eq or arg in ("true", "false")):
+            if arg == "false":
+                out.pop("NoNewPrivileges", None)
+            else:
+                out["NoNewPrivileges"] = True
+        else:
+            raise StoreError(f"unsupported security option {printable(value)} ({SECURITY_OPT_HELP})")
+    return out
+
+
+def read_seccomp_profile(path: str) -> dict:
+    import json
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise StoreError(f"cannot read seccomp profile {path}: {e.strerror}") from None
+    try:
+        profile = json.loads(raw)
+    except ValueError as e:  # JSONDecodeError, or bytes that are no UTF-8/16/32
+        raise StoreError(f"seccomp profile {path}: invalid JSON: {e}") from None
+    if not isinstance(profile, dict):
+        raise StoreError(f"seccomp profile {path}: must be a JSON object")
+    from .seccomp import validate_profile  # pyseccomp: only when a profile is given
+    try:
+        validate_profile(profile)
+    except ValueError as e:
+        raise StoreError(f"seccomp profile {path}: {str(e).removeprefix('seccomp profile: ')}") from None
+    return profile
 
 
 LOG_MAX_BYTES_DEFAULT = 10 * 1024 * 1024
@@ -86,8 +226,23 @@ def parse_log_opts(values: list[str]) -> dict:
 
 
 def create(store: Store, args) -> dict:
-    """`strata create`: everything stored, nothing started."""
+    """`strata create`: everything stored, nothing started. Every flag is checked
+    before anything is written (the embedded base image included), so a bad one
+    leaves the store as it was."""
     from store.busybox import BASE_TAG, ensure_busybox
+    if args.name:
+        check_name(args.name)
+    check_command(args.command)
+    check_env(args.env or [], "-e/--env")
+    env_from_files = [e for path in args.env_file or [] for e in parse_env_file(path)]
+    check_workdir(args.workdir, "-w/--workdir")
+    check_user(args.user, "-u/--user")
+    check_hostname(args.hostname)
+    parse_detach_keys_flag(args.detach_keys)
+    if args.network not in ("host", "none"):
+        raise StoreError(f"network {args.network!r} is not supported (host, none)")
+    log_opts = parse_log_opts(args.log_opt or [])
+    security = parse_security_opts(getattr(args, "security_opt", None) or [])
     try:
         image_id = store.resolve_image(args.image)
     except StoreError:
@@ -100,18 +255,15 @@ def create(store: Store, args) -> dict:
     cmd = list(args.command) if args.command else (image_config.get("Cmd") or [])
     if not entrypoint and not cmd:
         raise StoreError("no command specified")
-    env = merge_env(image_config.get("Env") or [PATH_ENV], [])
-    for path in args.env_file or []:
-        env = merge_env(env, parse_env_file(path))
-    env = merge_env(env, args.env or [])
-    if args.network not in ("host", "none"):
-        raise StoreError(f"network {args.network!r} is not supported (host, none)")
+    user = args.user or image_config.get("User") or ""
+    check_user(user, "the image's User")
+    env = merge_env(merge_env(image_config.get("Env") or [PATH_ENV], env_from_files), args.env or [])
     name = args.name or random_name(store)
     extra = {"Cmd": entrypoint + cmd, "Env": env, "WorkingDir": args.workdir or image_config.get("WorkingDir") or "",
-             "User": args.user or image_config.get("User") or "", "Tty": args.tty,
+             "User": user, "Tty": args.tty,
              "OpenStdin": args.interactive, "NetworkMode": args.network, "AutoRemove": args.rm,
-             "LogOpts": parse_log_opts(args.log_opt or []), "DetachKeys": args.detach_keys or "",
-             "ImageRef": args.image}
+             "LogOpts": log_opts, "DetachKeys": args.detach_keys or "",
+             "ImageRef": args.image} | security
     extra["Hostname"] = args.hostname  # None: create_container names it after the id, as Docker does
     return create_container(store, image_id, name, extra)
 

@@ -7,10 +7,35 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 from .errors import NoSuchContainer, StoreError
 from .fsutil import fsync_dir, remove_tree, write_atomic
 from .store import Store, canonical_json, now_rfc3339
+
+
+# Docker's rule: a name is a file name, a FUSE fsname option and a log line, so no
+# `/`, `..`, newline, comma or non-ASCII byte may be in it
+NAME_RULE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]+")
+
+
+def printable(value: str, limit: int = 40) -> str:
+    """`value` quoted for a one-line message: undecodable bytes as \\xff, control
+    characters escaped, a long value cut (with its length)."""
+    try:
+        raw = value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a lone surrogate that is no escaped byte
+        raw = value.encode("utf-8", "backslashreplace")
+    text = raw.decode("utf-8", "backslashreplace")
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    if len(text) > limit:
+        return f"'{text[:limit]}…' ({len(raw)} bytes)"
+    return f"'{text}'"
+
+
+def check_name(name: str) -> None:
+    if not NAME_RULE.fullmatch(name):
+        raise StoreError(f"Invalid container name {printable(name)}, only [a-zA-Z0-9][a-zA-Z0-9_.-] are allowed")
 
 
 def container_dir(store: Store, container_id: str) -> str:
@@ -47,6 +72,7 @@ def create_container(store: Store, image_id: str, name: str | None = None, extra
     config = {"Id": container_id, "Name": name or f"strata_{container_id[:8]}", "Image": image_id,
               "Created": now_rfc3339()}
     config.update(extra or {})
+    check_name(config["Name"])
     if not config.get("Hostname"):
         config["Hostname"] = container_id[:12]
     with store.staging() as staging:
@@ -125,6 +151,7 @@ def update_config(store: Store, container_id: str, changes: dict) -> dict:
 
 def rename_container(store: Store, container_id: str, new_name: str) -> dict:
     """Check and take the name under one lock, so two renames cannot both win it."""
+    check_name(new_name)
     with store.locked():
         if any(c.get("Name") == new_name for c in list_containers(store)):
             raise StoreError(f'Conflict. The container name "{new_name}" is already in use')
