@@ -19,7 +19,8 @@ import trio
 
 from store.containers import container_dir, write_state
 from unionfs.mount import fuse_options, mounted, serve_session
-from unionfs.storeview import make_view_factory
+from unionfs.storeview import image_lower, open_upper
+from unionfs.view import UnionView
 
 from .protocol import EXIT, RESIZE, STDERR, STDIN, STDIN_CLOSED, STDOUT, frame, split_frames
 from . import sandbox
@@ -28,6 +29,12 @@ from .supervisor import JsonLog
 
 INIT_DIRS = ("proc", "dev", "sys", "etc")
 INIT_FILES = ("etc/hosts", "etc/hostname", "etc/resolv.conf")
+# the character devices a container's /dev holds (sandbox.DEVICES: null, zero, full,
+# random, urandom, tty), the only ones mknod makes in its root: there is no device cgroup
+CONTAINER_DEVICES = frozenset({(1, 3), (1, 5), (1, 7), (1, 8), (1, 9), (5, 0)})
+# and none in the root, or one from an image layer, reaches a host device (libfuse adds
+# nodev and nosuid by default; named here so that no default can drop them)
+ROOT_MOUNT_OPTIONS = ("nodev", "nosuid")
 
 
 def ensure_init_layer(view) -> None:
@@ -62,17 +69,29 @@ def ensure_init_layer(view) -> None:
         view.journal = journal
 
 
+def container_view(store, image_id: str, upper_path: str, run: int) -> UnionView:
+    """The container's root: its image, its upper layer (repaired after a crash), mknod
+    limited to CONTAINER_DEVICES."""
+    lower = image_lower(store, image_id)
+    try:
+        upper, journal = open_upper(upper_path, lower, run)
+    except BaseException:
+        lower.close()
+        raise
+    return UnionView(lower, upper, journal, devices=CONTAINER_DEVICES)
+
+
 def serve_container(store, config, rootfs, child, sync_w, status_r, ours, wait_attach, state, container_id):
     """Returns (exit code, error). On an exception the supervisor kills the child."""
     cdir = container_dir(store, container_id)
     run = state["Runs"][-1]["Run"]
-    view = make_view_factory(store, config["Image"], os.path.join(cdir, "upper"), run)()
+    view = container_view(store, config["Image"], os.path.join(cdir, "upper"), run)
     try:
         ensure_init_layer(view)
     except BaseException:
         view.close()
         raise
-    with mounted(view, rootfs, fuse_options(f"strata:{config['Name']}", False)):
+    with mounted(view, rootfs, fuse_options(f"strata:{config['Name']}", False, ROOT_MOUNT_OPTIONS)):
         return trio.run(functools.partial(_serve, store, config, cdir, child, sync_w, status_r, ours,
                                           wait_attach, state, container_id, view))
 

@@ -9,10 +9,23 @@ one: lookup(dir, name), children(dir), attrs(ino), parent-free data access
 - DirLower: plain overlay-style lower directories (the fuse-overlayfs
   drop-in), merged lazily one directory at a time, so a second lookup in a
   directory is a dict hit however many layers there are.
+
+Host objects can block an open: a FIFO swapped in for a lower file by a user
+who can write the lower directory makes a plain open(2) wait for a writer
+(fifo_open -> wait_for_partner), and with one task serving every request the
+whole mount hangs. Data files are therefore opened with HOST_DATA_FLAGS,
+O_NONBLOCK (a FIFO opens at once, a socket fails with ENXIO) and O_NOCTTY,
+then fstat'ed: what is not a regular file, though the index or the listing
+said it was one, is EIO (`checked_regular`). O_NONBLOCK stays set: reads and
+writes of regular files ignore it. Device nodes cannot be swapped in by a
+user without CAP_MKNOD (protected_hardlinks keeps others from linking ones
+they cannot open). A FIFO that is one in a lower directory is never opened
+here: FUSE hands opens of special files to the kernel.
 """
 from __future__ import annotations
 
 import base64
+import errno
 import json
 import os
 import sqlite3
@@ -20,6 +33,17 @@ import stat
 
 from store.fsutil import DIR_FLAGS, open_beneath
 from store.index import ROOT_INO
+
+HOST_DATA_FLAGS = os.O_NONBLOCK | os.O_NOCTTY  # see the module comment
+
+
+def checked_regular(fd: int) -> int:
+    """`fd` if it is a regular file; otherwise it is closed and the open fails with EIO."""
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EIO, "not a regular file on the host")
+    return fd
+
 
 # A lower inode's attributes: (mode, uid, gid, size, mtime_ns, rdev, nlink, target, xattrs)
 # target is bytes (symlinks) or None; xattrs a dict bytes -> bytes.
@@ -144,7 +168,7 @@ class IndexLower(LowerSource):
 
     def open_data(self, ino: int) -> int:
         layer, path = self.db.execute("SELECT layer, path FROM inodes WHERE ino=?", (ino,)).fetchone()
-        return open_beneath(self.layer_fds[layer], path, os.O_RDONLY)
+        return checked_regular(open_beneath(self.layer_fds[layer], path, os.O_RDONLY | HOST_DATA_FLAGS))
 
 
 OVERLAY_XATTR_PREFIXES = (b"trusted.overlay.", b"user.overlay.", b"user.fuseoverlayfs.")
@@ -299,4 +323,4 @@ class DirLower(LowerSource):
 
     def open_data(self, ino: int) -> int:
         layer, rel, _ = self.entries[ino]
-        return open_beneath(self.layer_fds[layer], rel, os.O_RDONLY)
+        return checked_regular(open_beneath(self.layer_fds[layer], rel, os.O_RDONLY | HOST_DATA_FLAGS))

@@ -21,6 +21,14 @@ a sequential client's next request is usually there by then. A burst's end
 costs one unanswered poll window; an idle mount never polls. Only with two
 or more CPUs (on one, polling would only delay the client); 0 turns it off.
 benchmarks/lookup.py shows both, and what each costs in server CPU.
+
+File descriptors: the server holds one host fd per open handle, so every
+file the container holds open on the mount costs one of the server's fds,
+and the server's limit, inherited from whoever started it, is often no
+larger than one container process's (20,000 on these VMs). `mounted` raises
+the soft RLIMIT_NOFILE to the hard one, and with CAP_SYS_RESOURCE (root) the
+hard one to fs.nr_open. Processes forked before it (the supervisor's
+container child) keep the limit they were given.
 """
 from __future__ import annotations
 
@@ -66,6 +74,28 @@ def fuse_device_fds() -> set[int]:
         except OSError:
             pass
     return out
+
+
+def raise_fd_limit() -> int:
+    """Raise this process's RLIMIT_NOFILE as far as allowed (module comment); the new soft limit."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        with open("/proc/sys/fs/nr_open") as f:
+            ceiling = int(f.read())
+    except (OSError, ValueError):
+        ceiling = hard
+    if hard == resource.RLIM_INFINITY or hard > ceiling:
+        hard = ceiling  # no process may have more than nr_open fds, whatever its limit says
+    elif ceiling > hard:
+        try:  # needs CAP_SYS_RESOURCE in the initial user namespace
+            resource.setrlimit(resource.RLIMIT_NOFILE, (ceiling, ceiling))
+            return ceiling
+        except (OSError, ValueError):
+            pass
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+    return hard
 
 
 BURST_GAP = 0.0002  # seconds between a reply and the next request that count as back to back
@@ -150,6 +180,7 @@ def mounted(view, mountpoint: str, options: set[str]) -> Iterator[None]:
     import pyfuse3
 
     from .ops import UnionOperations
+    raise_fd_limit()
     before = fuse_device_fds()
     try:
         pyfuse3.init(UnionOperations(view), mountpoint, options)

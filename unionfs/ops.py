@@ -10,6 +10,13 @@ kernel may keep entries, attributes and negative lookups for a long time
 that made it (or the kernel updates its own caches for unlink, rename and
 link), so no explicit invalidation is needed; readdirplus entries are
 revalidated against the view before they are sent.
+
+Running out of file descriptors: the server holds one host fd per open
+handle, so the container's open files are the server's too. An open that
+fails with EMFILE or ENFILE answers EMFILE, and the log (the supervisor's)
+gets one line per episode, not one per request: the episode ends once a
+quarter of the handles open at its start are closed (unionfs.mount raises
+the server's limit to the hard limit, so this is rare).
 """
 from __future__ import annotations
 
@@ -17,6 +24,7 @@ import errno
 import functools
 import logging
 import os
+import resource
 
 import pyfuse3
 
@@ -24,6 +32,9 @@ from .view import UnionView
 
 log = logging.getLogger("strata.unionfs")
 CACHE_SECONDS = 24 * 3600.0  # the kernel's entry/attr cache: only this mount changes the view
+
+
+FD_EXHAUSTION = (errno.EMFILE, errno.ENFILE)
 
 
 def answer_errors(handler):
@@ -35,7 +46,7 @@ def answer_errors(handler):
         except pyfuse3.FUSEError:
             raise
         except OSError as e:
-            raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+            raise pyfuse3.FUSEError(args[0].errno_of(e)) from None
         except Exception:
             log.exception("unexpected error in %s", handler.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None
@@ -55,6 +66,20 @@ class UnionOperations(pyfuse3.Operations):
         self.next_dir_handle = 1
         self.negative = pyfuse3.EntryAttributes()  # st_ino 0: the kernel caches the miss
         self.negative.entry_timeout = CACHE_SECONDS  # (one object: pyfuse3 copies it into the reply)
+        self.exhausted_with = 0  # open handles when the fds ran out; 0: not out of them now
+
+    def errno_of(self, e: OSError) -> int:
+        """The errno a failed request answers (see the module comment on fd exhaustion)."""
+        code = e.errno or errno.EIO
+        if code in FD_EXHAUSTION:
+            if not self.exhausted_with:
+                soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+                handles = len(self.view.handles)
+                log.error("out of file descriptors (%s; %d files open through this mount, limit %d): "
+                          "opens fail with EMFILE until some are closed", os.strerror(code), handles, soft)
+                self.exhausted_with = max(handles, 1)
+            return errno.EMFILE
+        return code
 
     def entry(self, n) -> pyfuse3.EntryAttributes:
         generation = self.view.generation
@@ -85,7 +110,7 @@ class UnionOperations(pyfuse3.Operations):
             return self.entry(self.view.lookup(parent_inode, name))
         except OSError as e:
             if e.errno != errno.ENOENT:
-                raise pyfuse3.FUSEError(e.errno or errno.EIO) from None
+                raise pyfuse3.FUSEError(self.errno_of(e)) from None
         except Exception:
             log.exception("unexpected error in lookup")
             raise pyfuse3.FUSEError(errno.EIO) from None
@@ -180,6 +205,8 @@ class UnionOperations(pyfuse3.Operations):
     @answer_errors
     async def release(self, fh):
         self.view.release(fh)
+        if self.exhausted_with and len(self.view.handles) <= self.exhausted_with * 3 // 4:
+            self.exhausted_with = 0  # the episode is over: the next exhaustion is logged again
 
     @answer_errors
     async def mknod(self, parent_inode, name, mode, rdev, ctx):

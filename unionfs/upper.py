@@ -32,6 +32,7 @@ import stat
 from store.fsutil import DIR_FLAGS
 
 from . import journal
+from .lower import HOST_DATA_FLAGS, checked_regular
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS inodes(ino INTEGER PRIMARY KEY, lower_ino INTEGER, mode INTEGER NOT NULL,
@@ -223,19 +224,31 @@ class UpperLayer:
         return str(ino)
 
     def open_data(self, ino: int, flags: int) -> int:
-        return os.open(self.data_name(ino), flags | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600, dir_fd=self.data_fd)
+        """data/<ino>, which must be a regular file: never a FIFO's wait (unionfs.lower)."""
+        return checked_regular(os.open(self.data_name(ino), flags | os.O_CLOEXEC | os.O_NOFOLLOW | HOST_DATA_FLAGS,
+                                       0o600, dir_fd=self.data_fd))
 
-    def create_data(self, ino: int, src_fd: int | None = None) -> None:
-        """Make data/<ino> complete before it appears: copy to a temp name, then rename."""
+    def create_data(self, ino: int, src_fd: int | None = None, keep_open: bool = False) -> int | None:
+        """Make data/<ino> complete before it appears: copy to a temp name, then rename.
+        `keep_open`: return the new file's fd (O_RDWR), not closed."""
         tmp = f".tmp-{ino}"
-        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600,
-                     dir_fd=self.data_fd)
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+        try:  # O_EXCL: whatever is there (a crashed copy-up's temp, a FIFO) is never opened
+            fd = os.open(tmp, flags, 0o600, dir_fd=self.data_fd)
+        except FileExistsError:
+            os.unlink(tmp, dir_fd=self.data_fd)
+            fd = os.open(tmp, flags, 0o600, dir_fd=self.data_fd)
         try:
             if src_fd is not None:
                 copy_sparse(src_fd, fd)
-        finally:
+            os.rename(tmp, self.data_name(ino), src_dir_fd=self.data_fd, dst_dir_fd=self.data_fd)
+        except BaseException:
             os.close(fd)
-        os.rename(tmp, self.data_name(ino), src_dir_fd=self.data_fd, dst_dir_fd=self.data_fd)
+            raise
+        if keep_open:
+            return fd
+        os.close(fd)
+        return None
 
     def remove_data(self, ino: int) -> None:
         with contextlib.suppress(FileNotFoundError):

@@ -86,12 +86,18 @@ class UnionView:
     `journal` (unionfs.journal.Journal, or None: changes are not recorded).
 
     `caller` is (pid, uid, gid) of the request being served; the adapter sets
-    it before every change, and the journal records it."""
+    it before every change, and the journal records it.
 
-    def __init__(self, lower, upper: UpperLayer | None = None, journal=None):
+    `devices`: the (major, minor) character devices mknod may make, and then no
+    block device (a container's /dev: strata has no device cgroup); None allows
+    every device, as fuse-overlayfs does."""
+
+    def __init__(self, lower, upper: UpperLayer | None = None, journal=None,
+                 devices: frozenset[tuple[int, int]] | None = None):
         self.lower = lower
         self.upper = upper
         self.journal = journal
+        self.devices = devices
         self.caller = NOBODY
         self.write_logs: dict[int, WriteLog] = {}  # open fd -> what it wrote (journal)
         self.checkpointed_generation = -1  # the generation store_when_idle last checkpointed
@@ -399,32 +405,41 @@ class UnionView:
     # -- creating --------------------------------------------------------------
 
     def _make(self, op: str, parent_ino: int, name: bytes, mode: int, uid: int, gid: int, rdev: int = 0,
-              target: bytes | None = None, log: WriteLog | None = None) -> Node:
-        """The new node; `log`: its create record joins the batch (create)."""
+              target: bytes | None = None, log: WriteLog | None = None,
+              opened: bool = False) -> tuple[Node, int | None]:
+        """The new node, and with `opened` its data file's fd (create: the fd it made the file
+        with, so an open cannot fail, EMFILE say, once the file exists); `log`: its create
+        record joins the batch (create)."""
         parent = self.node(parent_ino)
         self._check_new(parent, name)
         gid, mode = self._inherit_gid(parent, gid, mode)
-        with self._changing():
-            if self.unrecorded_creates and (log is None or len(self.unrecorded_creates) >= CREATE_BATCH):
-                self._store_creates()  # before this node's number: the batch's inodes stay one run
-            n = self._new_node(mode, uid, gid, rdev, target)
-            if stat.S_ISREG(mode):
-                self.upper.create_data(n.ino)
-                n.has_data = True
-            n.parent, n.name = parent.ino, name
-            self._persist(n)
-            self._link_name(parent, name, n.ino)
-            self._touch_dir(parent, 1 if n.is_dir() else 0)
-            if log is None:
-                if self.journal is not None:
-                    self._record(op, self.child_path(parent, name), n, path2=target)  # data: empty
-            else:
-                log.path, log.time_ns = self.child_path(parent, name), time.time_ns()
-                if not self.unrecorded_creates:
-                    self.journal.begin_creates(n.ino)
+        fd = None
+        try:
+            with self._changing():
+                if self.unrecorded_creates and (log is None or len(self.unrecorded_creates) >= CREATE_BATCH):
+                    self._store_creates()  # before this node's number: the batch's inodes stay one run
+                n = self._new_node(mode, uid, gid, rdev, target)
+                if stat.S_ISREG(mode):
+                    fd = self.upper.create_data(n.ino, keep_open=opened)
+                    n.has_data = True
+                n.parent, n.name = parent.ino, name
+                self._persist(n)
+                self._link_name(parent, name, n.ino)
+                self._touch_dir(parent, 1 if n.is_dir() else 0)
+                if log is None:
+                    if self.journal is not None:
+                        self._record(op, self.child_path(parent, name), n, path2=target)  # data: empty
+                else:
+                    log.path, log.time_ns = self.child_path(parent, name), time.time_ns()
+                    if not self.unrecorded_creates:
+                        self.journal.begin_creates(n.ino)
+        except BaseException:
+            if fd is not None:
+                os.close(fd)
+            raise
         if log is not None:
             self.unrecorded_creates.append((log, n.ino))
-        return n
+        return n, fd
 
     def create(self, parent_ino: int, name: bytes, mode: int, flags: int, uid: int, gid: int) -> tuple[Node, int]:
         journal = self.journal
@@ -432,8 +447,7 @@ class UnionView:
         if journal is not None:  # one record per file: its create, with what this handle writes
             # named now: the caller may have exited when its batch is stored
             log = WriteLog(self.caller, True, journal.processes.describe(self.caller[0]))
-        n = self._make("create", parent_ino, name, S_IFREG | stat.S_IMODE(mode), uid, gid, log=log)
-        fd = self.upper.open_data(n.ino, os.O_RDWR)
+        n, fd = self._make("create", parent_ino, name, S_IFREG | stat.S_IMODE(mode), uid, gid, log=log, opened=True)
         n.opens += 1
         self.handles[fd] = n
         if log is not None:
@@ -441,7 +455,7 @@ class UnionView:
         return n, fd
 
     def mkdir(self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int) -> Node:
-        return self._make("mkdir", parent_ino, name, S_IFDIR | stat.S_IMODE(mode), uid, gid)
+        return self._make("mkdir", parent_ino, name, S_IFDIR | stat.S_IMODE(mode), uid, gid)[0]
 
     def mknod(self, parent_ino: int, name: bytes, mode: int, rdev: int, uid: int, gid: int) -> Node:
         kind = stat.S_IFMT(mode) or S_IFREG
@@ -449,13 +463,16 @@ class UnionView:
             raise fs_error(errno.EINVAL)
         if kind == stat.S_IFCHR and rdev == 0:  # overlayfs's whiteout: refused as overlayfs refuses it,
             raise fs_error(errno.EPERM)        # so a layer made from this view means what it says
+        if self.devices is not None and kind in (stat.S_IFCHR, stat.S_IFBLK) \
+                and (kind == stat.S_IFBLK or (os.major(rdev), os.minor(rdev)) not in self.devices):
+            raise fs_error(errno.EPERM)
         return self._make("mknod", parent_ino, name, kind | stat.S_IMODE(mode), uid, gid,
-                          rdev if kind in (stat.S_IFCHR, stat.S_IFBLK) else 0)
+                          rdev if kind in (stat.S_IFCHR, stat.S_IFBLK) else 0)[0]
 
     def symlink(self, parent_ino: int, name: bytes, target: bytes, uid: int, gid: int) -> Node:
         if len(target) >= 4096:
             raise fs_error(errno.ENAMETOOLONG)
-        return self._make("symlink", parent_ino, name, S_IFLNK | 0o777, uid, gid, target=target)
+        return self._make("symlink", parent_ino, name, S_IFLNK | 0o777, uid, gid, target=target)[0]
 
     def link(self, ino: int, new_parent_ino: int, new_name: bytes) -> Node:
         n = self.node(ino)
