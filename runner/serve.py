@@ -10,6 +10,7 @@ import fcntl
 import functools
 import json
 import os
+import resource
 import struct
 import socket
 import termios
@@ -35,6 +36,9 @@ CONTAINER_DEVICES = frozenset({(1, 3), (1, 5), (1, 7), (1, 8), (1, 9), (5, 0)})
 # and none in the root, or one from an image layer, reaches a host device (libfuse adds
 # nodev and nosuid by default; named here so that no default can drop them)
 ROOT_MOUNT_OPTIONS = ("nodev", "nosuid")
+# fds of the server's own, and for the container's other processes, that a container
+# process holding every file its limit allows must leave (fd_limit_below_server)
+SERVER_RESERVED_FDS = 1024
 
 
 def ensure_init_layer(view) -> None:
@@ -81,6 +85,19 @@ def container_view(store, image_id: str, upper_path: str, run: int) -> UnionView
     return UnionView(lower, upper, journal, devices=CONTAINER_DEVICES)
 
 
+def fd_limit_below_server(child: int) -> None:
+    """Keep a container process from taking every fd the server has (one per open file):
+    where the server could not raise its limit well above the container's (no
+    CAP_SYS_RESOURCE: unionfs.mount), lower the container's, before it is released, to
+    SERVER_RESERVED_FDS below the server's. (Lowering a limit needs no privilege.)"""
+    server_limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    soft, hard = resource.prlimit(child, resource.RLIMIT_NOFILE)
+    room = server_limit - SERVER_RESERVED_FDS
+    if room >= SERVER_RESERVED_FDS and (hard == resource.RLIM_INFINITY or hard > room):
+        soft = room if soft == resource.RLIM_INFINITY else min(soft, room)
+        resource.prlimit(child, resource.RLIMIT_NOFILE, (soft, room))
+
+
 def serve_container(store, config, rootfs, child, sync_w, status_r, ours, wait_attach, state, container_id):
     """Returns (exit code, error). On an exception the supervisor kills the child."""
     cdir = container_dir(store, container_id)
@@ -92,6 +109,7 @@ def serve_container(store, config, rootfs, child, sync_w, status_r, ours, wait_a
         view.close()
         raise
     with mounted(view, rootfs, fuse_options(f"strata:{config['Name']}", False, ROOT_MOUNT_OPTIONS)):
+        fd_limit_below_server(child)
         return trio.run(functools.partial(_serve, store, config, cdir, child, sync_w, status_r, ours,
                                           wait_attach, state, container_id, view))
 
