@@ -3,6 +3,7 @@
 `enter_container` is one straight sequence of named steps (crun/bubblewrap
 style). It runs in the supervisor's child, which was forked before any
 thread or event loop existed, so it may run Python; the last step is exec.
+`exec_command` is the tail both a container's pid 1 and `strata exec` run.
 
 Kernel facts this order depends on (each checked on this machine kind):
 - In a user namespace procfs can be mounted only while a fully visible /proc
@@ -12,6 +13,18 @@ Kernel facts this order depends on (each checked on this machine kind):
   directory (which would show up in the container's layer and in diff).
 - The nested mount namespace is made a slave of the supervisor's, so the
   container's mounts never propagate back.
+- A read-only remount is not recursive (MS_REC or not): a bound /sys kept
+  every cgroup hierarchy under it writable. Flags that must hold for a whole
+  tree are set with mount_setattr(AT_RECURSIVE); a root container gets a
+  fresh sysfs, which has no submounts at all.
+- A bind mount keeps its source's flags: a host file bound without nosuid
+  and noexec let a container plant a setuid program there. Every host file
+  bound in gets nosuid, nodev and noexec (the device nodes keep dev).
+- Keyrings are not namespaced: the container joins a session keyring of
+  its own, or it would share its caller's.
+- No cgroups means no device cgroup: /dev is a nodev tmpfs with the allowed
+  devices bound in, the FUSE root is nodev, and the seccomp profile lets
+  mknod make only those devices.
 """
 from __future__ import annotations
 
@@ -26,48 +39,56 @@ import traceback
 
 import prctl  # imported here: after pivot_root the host's modules are out of reach
 
+from . import capabilities
+from . import seccomp
 from . import syscalls as sc
-from .syscalls import MS_BIND, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_PRIVATE, MS_RDONLY, MS_REC, MS_REMOUNT, MS_SLAVE
+from .syscalls import MS_BIND, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_PRIVATE, MS_RDONLY, MS_REC, MS_SLAVE
 
-# Docker's default capability set (moby oci/caps/defaults.go)
-DOCKER_CAPS = ["CHOWN", "DAC_OVERRIDE", "FSETID", "FOWNER", "MKNOD", "NET_RAW", "SETGID", "SETUID",
-               "SETFCAP", "SETPCAP", "NET_BIND_SERVICE", "SYS_CHROOT", "KILL", "AUDIT_WRITE"]
+DOCKER_CAPS = capabilities.DOCKER_DEFAULT
 # Docker's masked and read-only /proc and /sys paths
 MASKED_PATHS = ["/proc/asound", "/proc/acpi", "/proc/interrupts", "/proc/kcore", "/proc/keys",
                 "/proc/latency_stats", "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug",
                 "/proc/scsi", "/sys/firmware", "/sys/devices/virtual/powercap"]
 READONLY_PATHS = ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]
 DEVICES = ["null", "zero", "full", "random", "urandom", "tty"]
+HOST_FILE_ATTRS = sc.MOUNT_ATTR_NOSUID | sc.MOUNT_ATTR_NODEV | sc.MOUNT_ATTR_NOEXEC
+READONLY_TREE_ATTRS = sc.MOUNT_ATTR_RDONLY | HOST_FILE_ATTRS
 
 
 class Mount:
     """One typed mount operation, applied under the new root."""
 
-    __slots__ = ("source", "target", "fstype", "flags", "data", "kind")
+    __slots__ = ("source", "target", "fstype", "flags", "data", "kind", "attrs", "recursive")
 
-    def __init__(self, source, target, fstype=None, flags=0, data=None, kind="dir"):
+    def __init__(self, source, target, fstype=None, flags=0, data=None, kind="dir", attrs=0, recursive=False):
+        """`attrs` (MOUNT_ATTR_*) are set after the mount, on the whole tree with `recursive`:
+        a bind mount takes its flags from its source, not from `flags`."""
         self.source, self.target, self.fstype, self.flags, self.data, self.kind = \
             source, target, fstype, flags, data, kind
+        self.attrs, self.recursive = attrs, recursive
 
 
-def container_mounts(runtime_dir: str, own_network: bool = False) -> list[Mount]:
+def container_mounts(runtime_dir: str, fresh_sysfs: bool) -> list[Mount]:
     """The mounts every container gets, in order, relative to its root.
 
-    /sys is the host's, read-only, unless the container has a network
-    namespace of its own: then a fresh sysfs shows that namespace's devices."""
+    /sys is a fresh read-only sysfs where the container may mount one (root, or a
+    network namespace of its own); otherwise the host's, bound and made read-only,
+    nosuid, nodev and noexec down to its last submount."""
     mounts = [
         Mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC),
-        Mount("tmpfs", "/dev", "tmpfs", MS_NOSUID, "mode=755,size=65536k"),
+        Mount("tmpfs", "/dev", "tmpfs", MS_NOSUID | MS_NODEV, "mode=755,size=65536k"),
     ]
-    mounts += [Mount(f"/dev/{d}", f"/dev/{d}", None, MS_BIND, kind="file") for d in DEVICES]
+    mounts += [Mount(f"/dev/{d}", f"/dev/{d}", None, MS_BIND, kind="file",
+                     attrs=sc.MOUNT_ATTR_NOSUID | sc.MOUNT_ATTR_NOEXEC) for d in DEVICES]
     mounts += [
         Mount("devpts", "/dev/pts", "devpts", MS_NOSUID | MS_NOEXEC, "newinstance,ptmxmode=0666,mode=0620"),
         Mount("shm", "/dev/shm", "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "mode=1777,size=65536k"),
-        Mount("sysfs", "/sys", "sysfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC) if own_network
-        else Mount("/sys", "/sys", None, MS_BIND | MS_REC),
+        Mount("sysfs", "/sys", "sysfs", MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC) if fresh_sysfs
+        else Mount("/sys", "/sys", None, MS_BIND | MS_REC, attrs=READONLY_TREE_ATTRS, recursive=True),
     ]
     for name in ("hosts", "hostname", "resolv.conf"):
-        mounts.append(Mount(os.path.join(runtime_dir, name), f"/etc/{name}", None, MS_BIND, kind="file"))
+        mounts.append(Mount(os.path.join(runtime_dir, name), f"/etc/{name}", None, MS_BIND, kind="file",
+                            attrs=HOST_FILE_ATTRS))
     return mounts
 
 
@@ -79,8 +100,8 @@ def apply_mount(root: str, m: Mount) -> None:
     elif m.kind == "dir":
         os.makedirs(target, exist_ok=True)
     sc.mount(m.source, target, m.fstype, m.flags, m.data)
-    if m.source == "/sys":  # a bind cannot be read-only in one call
-        sc.mount(None, target, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_REC | MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    if m.attrs:
+        sc.mount_setattr(target, m.attrs, m.recursive)
 
 
 def mask_paths() -> None:
@@ -92,33 +113,18 @@ def mask_paths() -> None:
             _try_mount("/dev/null", path, None, MS_BIND)
     for path in READONLY_PATHS:
         if os.path.exists(path):
-            _try_mount(path, path, None, MS_BIND | MS_REC)
-            _try_mount(None, path, None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_REC)
+            if _try_mount(path, path, None, MS_BIND | MS_REC):
+                sc.mount_setattr(path, READONLY_TREE_ATTRS, recursive=True)
 
 
-def _try_mount(*args) -> None:
+def _try_mount(*args) -> bool:
     try:
         sc.mount(*args)
+        return True
     except OSError as e:
         if e.errno not in (errno.ENOENT, errno.EPERM, errno.EACCES):
             raise
-
-
-def drop_capabilities(keep: list[str]) -> None:
-    """Bounding set first, then the process sets (effective before permitted, which
-    must stay a superset), as Docker does; the last step before exec."""
-    wanted = {getattr(prctl, f"CAP_{c}") for c in keep}
-    for name in prctl.ALL_CAP_NAMES:  # not dir(prctl): CAP_EFFECTIVE & co. are flags, not caps
-        cap = getattr(prctl, f"CAP_{name.upper()}")
-        if cap not in wanted:
-            try:
-                prctl.capbset_drop(cap)
-            except (OSError, ValueError):
-                pass  # a capability this kernel does not know
-    if os.getuid() == 0:
-        prctl.cap_effective.limit(*wanted)
-        prctl.cap_inheritable.limit(*wanted)
-        prctl.cap_permitted.limit(*wanted)
+        return False
 
 
 def exit_code(wait_status: int) -> int:
@@ -163,7 +169,8 @@ def resolve_user(user: str) -> tuple[int, int]:
 def enter_container(spec: dict, sync_read: int, stdio: tuple[int, int, int], status_write: int) -> None:
     """Runs in the supervisor's forked child; never returns (execs or _exits).
 
-    spec: root, runtime_dir, hostname, network, cmd, env, workdir, user, tty.
+    spec: root, runtime_dir, hostname, network, rootless, cmd, env, workdir, user, tty,
+    seccomp (a profile, "unconfined", or None for the default), no_new_privileges.
     Errors before exec go to `status_write` as one line and exit 125/126/127.
     """
     def fail(code: int, message: str) -> None:
@@ -191,8 +198,9 @@ def enter_container(spec: dict, sync_read: int, stdio: tuple[int, int, int], sta
             _, status = os.waitpid(pid, 0)
             os._exit(exit_code(status))
         prctl.set_pdeathsig(signal.SIGKILL)
+        syscalls_allowed = syscall_filter(spec)
         setup_pid1(spec, stdio)
-        exec_command(spec, fail, status_write)
+        exec_command(spec, fail, status_write, syscalls_allowed)
     except Exception as e:  # anything before exec is strata's failure: 125
         try:
             if os.environ.get("STRATA_DEBUG"):
@@ -212,7 +220,8 @@ def setup_pid1(spec: dict, stdio: tuple[int, int, int]) -> None:
     socket.sethostname(spec["hostname"])
     # step 6: the mounts, all under the new root while the host /proc is still visible
     sc.mount(root, root, None, MS_BIND | MS_REC)  # the root must be a mount point for pivot_root
-    for m in container_mounts(spec["runtime_dir"], spec.get("network") == "none"):
+    fresh_sysfs = spec.get("network") == "none" or not spec.get("rootless")
+    for m in container_mounts(spec["runtime_dir"], fresh_sysfs):
         apply_mount(root, m)
     ptmx = os.path.join(root, "dev", "ptmx")
     if not os.path.lexists(ptmx):
@@ -261,7 +270,19 @@ def open_container_pty() -> tuple[int, int]:
     return master, slave
 
 
-def exec_command(spec: dict, fail, status_write: int) -> None:
+def syscall_filter(spec: dict):
+    """The compiled seccomp filter for `spec`, or None for seccomp=unconfined; compiled
+    before the root changes, while the host's libseccomp and profile are in reach."""
+    profile = spec.get("seccomp")
+    if profile == "unconfined":
+        return None
+    return seccomp.compile_filter(profile if profile is not None else seccomp.load_default_profile(),
+                                  set(DOCKER_CAPS))
+
+
+def exec_command(spec: dict, fail, status_write: int, syscall_filter=None) -> None:
+    """The tail of every start and exec: each step names what it needs, and the
+    privileged ones come before the user switch (runner.capabilities says why)."""
     env = dict(e.partition("=")[::2] for e in spec["env"])
     # step 9: working directory and user, from inside the container's files
     workdir = spec.get("workdir") or "/"
@@ -270,14 +291,12 @@ def exec_command(spec: dict, fail, status_write: int) -> None:
         os.chdir(workdir)
     except OSError as e:
         fail(125, f"cannot change to working directory {workdir}: {e.strerror}")
+    ids = None
     if spec.get("user"):
         try:
-            uid, gid = resolve_user(spec["user"])
+            ids = resolve_user(spec["user"])
         except LookupError as e:
             fail(125, str(e))
-        os.setgroups([])
-        os.setgid(gid)
-        os.setuid(uid)
     # step 10: no host fd survives (CVE-2024-21626); the status pipe closes at exec
     os.closerange(3, status_write)
     os.closerange(status_write + 1, 65536)
@@ -286,8 +305,26 @@ def exec_command(spec: dict, fail, status_write: int) -> None:
     # SIGXFSZ, and an ignored signal stays ignored across exec (`yes | head` must end)
     for sig in (signal.SIGPIPE, signal.SIGXFSZ):
         signal.signal(sig, signal.SIG_DFL)
-    # step 12: capabilities, last
-    drop_capabilities(DOCKER_CAPS)
+    # step 12 (root of the container's user namespace): a session keyring of its own
+    sc.join_new_session_keyring()
+    # step 13 (still root, CAP_SETPCAP): the bounding and ambient sets, before any id changes
+    keep = capabilities.mask_of(DOCKER_CAPS)
+    capabilities.drop_bounding_and_ambient(keep)
+    capabilities.clear_inheritable()
+    # step 14 (still root, CAP_SYS_ADMIN): the syscall filter; what follows must be allowed by it
+    if spec.get("no_new_privileges"):
+        sc.set_no_new_privs()
+    if syscall_filter is not None:
+        syscall_filter.load()
+    # step 15: the user and groups
+    if ids is not None:
+        uid, gid = ids
+        os.setgroups([])
+        os.setgid(gid)
+        os.setuid(uid)
+    # step 16: the effective and permitted sets: Docker's for root, none for another user
+    capabilities.limit_process_sets(keep)
+    # step 17: exec, as the user (the search for the program obeys its permissions)
     cmd = spec["cmd"]
     path = env.get("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
     executable = find_executable(cmd[0], path)

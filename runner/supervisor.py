@@ -197,7 +197,8 @@ def main(root: str, container_id: str, wait_attach: bool) -> int:
     write_runtime_files(runtime, config["Hostname"])
 
     # step 1 (supervisor): namespaces
-    if os.geteuid() != 0:
+    rootless = os.geteuid() != 0
+    if rootless:
         enter_user_namespace()
     sc.unshare(sc.CLONE_NEWNS)
     sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
@@ -223,7 +224,8 @@ def main(root: str, container_id: str, wait_attach: bool) -> int:
     status_r, status_w = os.pipe()
     spec = {"root": rootfs, "runtime_dir": runtime, "hostname": config["Hostname"],
             "network": config.get("NetworkMode", "host"), "cmd": config["Cmd"], "env": config["Env"],
-            "workdir": config.get("WorkingDir"), "user": config.get("User"), "tty": tty}
+            "workdir": config.get("WorkingDir"), "user": config.get("User"), "tty": tty, "rootless": rootless,
+            "seccomp": config.get("SeccompProfile"), "no_new_privileges": bool(config.get("NoNewPrivileges"))}
     child = os.fork()
     if child == 0:
         os.close(sync_w)

@@ -1,4 +1,5 @@
-"""The Linux calls Python 3.11 does not wrap: unshare, setns, mount, umount2, pivot_root.
+"""The Linux calls Python 3.11 does not wrap: unshare, setns, mount, umount2, pivot_root,
+mount_setattr, keyctl.
 
 Each raises OSError with the errno and what was attempted, so a failing
 sandbox step names itself.
@@ -27,7 +28,17 @@ MS_PRIVATE = 1 << 18
 MS_SLAVE = 1 << 19
 MNT_DETACH = 0x2
 
+MOUNT_ATTR_RDONLY = 0x1
+MOUNT_ATTR_NOSUID = 0x2
+MOUNT_ATTR_NODEV = 0x4
+MOUNT_ATTR_NOEXEC = 0x8
+AT_RECURSIVE = 0x8000
+KEYCTL_JOIN_SESSION_KEYRING = 1
+PR_SET_NO_NEW_PRIVS = 38
+
 SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}.get(platform.machine(), 155)
+SYS_KEYCTL = {"x86_64": 250, "aarch64": 219}.get(platform.machine(), 250)
+SYS_MOUNT_SETATTR = 442  # the same number on every architecture
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
@@ -65,6 +76,31 @@ def umount2(target: str, flags: int = 0) -> None:
 
 def pivot_root(new_root: str, put_old: str) -> None:
     _check(_libc.syscall(SYS_PIVOT_ROOT, _b(new_root), _b(put_old)), "pivot_root")
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [("attr_set", ctypes.c_uint64), ("attr_clr", ctypes.c_uint64),
+                ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
+
+
+def mount_setattr(target: str, attr_set: int, recursive: bool = False) -> None:
+    """Add mount flags to `target` and, with `recursive`, to every mount below it (a
+    MS_REMOUNT|MS_BIND changes only the top mount, MS_REC or not)."""
+    attr = _MountAttr(attr_set, 0, 0, 0)
+    flags = AT_RECURSIVE if recursive else 0
+    _check(_libc.syscall(SYS_MOUNT_SETATTR, -100, _b(target), flags, ctypes.byref(attr),
+                         ctypes.sizeof(attr)), f"mount_setattr {target}")
+
+
+def join_new_session_keyring() -> None:
+    """A fresh anonymous session keyring: keyrings are not namespaced, and without this
+    the container would share its caller's (runc does the same)."""
+    serial = _libc.syscall(SYS_KEYCTL, KEYCTL_JOIN_SESSION_KEYRING, None)
+    _check(0 if serial > 0 else -1, "join a new session keyring")
+
+
+def set_no_new_privs() -> None:
+    _check(_libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "set no_new_privs")
 
 
 def syncfs(fd: int) -> None:

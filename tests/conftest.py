@@ -61,7 +61,7 @@ def unprivileged_python(unprivileged_setup):
     import sysconfig
 
     from .helpers import REPO
-    probe = [sys.executable, "-c", "import pyfuse3, trio, prctl, zstandard, store, unionfs, runner"]
+    probe = [sys.executable, "-c", "import pyfuse3, trio, prctl, pyseccomp, zstandard, store, unionfs, runner"]
     env = {"PATH": os.environ["PATH"], "PYTHONPATH": REPO, "HOME": "/tmp"}
     as_nobody = ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
     if subprocess.run(as_nobody + probe, env=env, capture_output=True, cwd="/").returncode == 0:

@@ -1,0 +1,238 @@
+"""The ways out of a container, tried from inside: capabilities, setuid host files,
+devices, keyrings, cgroups and the syscall filter, as root and unprivileged.
+
+A static probe (tests/probe.c) makes the calls busybox cannot."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from .helpers import REPO
+
+DOCKER_DEFAULT_CAPS = 0xA80425FB
+AS_ROOT = {"CapInh": 0, "CapPrm": DOCKER_DEFAULT_CAPS, "CapEff": DOCKER_DEFAULT_CAPS,
+           "CapBnd": DOCKER_DEFAULT_CAPS, "CapAmb": 0}
+AS_OTHER_USER = {"CapInh": 0, "CapPrm": 0, "CapEff": 0, "CapBnd": DOCKER_DEFAULT_CAPS, "CapAmb": 0}
+NOBODY = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
+FILTERED = ["keyctl", "add_key", "request_key", "mount", "unshare_user_mount", "bpf", "perf_event_open",
+            "kexec_load", "open_by_handle_at"]
+
+
+@pytest.fixture(scope="module")
+def probe_binary(tmp_path_factory):
+    """tests/probe.c, linked statically so that it runs in the busybox image."""
+    gcc = shutil.which("gcc")
+    assert gcc, "gcc is missing: `make deps` installs it"
+    out = tmp_path_factory.mktemp("probe") / "probe"
+    subprocess.run([gcc, "-static", "-O2", "-o", str(out), os.path.join(REPO, "tests", "probe.c")], check=True)
+    os.chmod(out.parent, 0o755)
+    return out.read_bytes()
+
+
+class Strata:
+    """The CLI against one store, as root or (prefix=NOBODY) as the unprivileged user."""
+
+    def __init__(self, root: str, prefix: tuple = (), python: str = sys.executable, pythonpath: str = REPO):
+        self.root, self.prefix, self.python, self.pythonpath = root, prefix, python, pythonpath
+        self.env = {"PATH": os.environ["PATH"], "STRATA_ROOT": root, "PYTHONPATH": pythonpath,
+                    "HOME": os.path.dirname(root)}
+
+    def command(self, *args: str) -> list[str]:
+        return [*self.prefix, self.python, "-m", "runner", *args]
+
+    def __call__(self, *args: str, input: bytes | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run(self.command(*args), input=input, capture_output=True, env=self.env, cwd="/",
+                              timeout=120)
+
+    def ok(self, *args: str, input: bytes | None = None) -> str:
+        proc = self(*args, input=input)
+        assert proc.returncode == 0, (args, proc.returncode, proc.stdout, proc.stderr)
+        return proc.stdout.decode()
+
+
+@pytest.fixture(params=["root", "unprivileged"])
+def strata(request, tmp_path, probe_binary):
+    """A store holding `probe`: busybox with /bin/probe, committed through the CLI."""
+    if request.param == "root":
+        cli = Strata(str(tmp_path / "store"))
+        work = None
+        cli.scratch = str(tmp_path)
+    else:
+        python, pythonpath = request.getfixturevalue("unprivileged_python")
+        work = f"/tmp/strata-containment-{os.getpid()}"
+        shutil.rmtree(work, ignore_errors=True)
+        os.makedirs(work)
+        os.chown(work, 65534, 65534)
+        cli = Strata(f"{work}/store", NOBODY, python, pythonpath)
+        cli.scratch = work
+    cli.mode = request.param
+    try:
+        cli.ok("run", "-i", "--name", "probe-src", "busybox", "sh", "-c", "cat > /bin/probe; chmod 755 /bin/probe",
+               input=probe_binary)
+        cli.ok("commit", "probe-src", "probe")
+        cli.ok("rm", "probe-src")
+        yield cli
+    finally:
+        ids = cli("ps", "-aq").stdout.decode().split()
+        if ids:
+            cli("rm", "-f", *ids)
+        with open("/proc/self/mountinfo") as f:
+            assert cli.root not in f.read()
+        if work:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def capability_sets(status: str) -> dict:
+    return {line.split(":")[0]: int(line.split()[1], 16) for line in status.splitlines() if line.startswith("Cap")}
+
+
+def results(out: str) -> dict:
+    return dict(line.split("=", 1) for line in out.split() if "=" in line)
+
+
+def test_capabilities_of_pid1_and_exec_are_dockers_with_and_without_a_user(strata):
+    strata.ok("run", "-d", "--name", "caps", "probe", "sleep", "600")
+    strata.ok("run", "-d", "--name", "caps-user", "-u", "65534", "probe", "sleep", "600")
+    seen = {
+        "pid 1": capability_sets(strata.ok("exec", "caps", "cat", "/proc/1/status")),
+        "exec": capability_sets(strata.ok("exec", "caps", "cat", "/proc/self/status")),
+        "pid 1 -u": capability_sets(strata.ok("exec", "caps-user", "cat", "/proc/1/status")),
+        "exec -u": capability_sets(strata.ok("exec", "-u", "65534", "caps", "cat", "/proc/self/status")),
+        "run -u": capability_sets(strata.ok("run", "--rm", "-u", "65534:65534", "probe", "cat", "/proc/self/status")),
+        "exec -u 0": capability_sets(strata.ok("exec", "-u", "0", "caps-user", "cat", "/proc/self/status")),
+    }
+    assert seen == {"pid 1": AS_ROOT, "exec": AS_ROOT, "pid 1 -u": AS_OTHER_USER, "exec -u": AS_OTHER_USER,
+                    "run -u": AS_OTHER_USER, "exec -u 0": AS_ROOT}
+
+
+def test_a_setuid_program_planted_in_a_host_file_gives_nothing(strata):
+    """The escape chain: a setuid copy of a program in /etc/hosts (a host file bound
+    in), then `exec -u` of it. The runtime files are nosuid,nodev,noexec, and a setuid
+    file in the union filesystem gives no privilege either (it is nosuid)."""
+    strata.ok("run", "-d", "--name", "jail", "probe", "sleep", "600")
+    strata.ok("exec", "jail", "sh", "-c", "cat /bin/probe > /etc/hosts && chmod 4755 /etc/hosts && "
+                                          "cp /bin/probe /bin/suid && chmod 4755 /bin/suid")
+    proc = strata("exec", "-u", "65534", "jail", "/etc/hosts", "ids")
+    assert proc.returncode == 126, (proc.stdout, proc.stderr)
+    assert "permission denied" in proc.stderr.decode()
+    assert results(strata.ok("exec", "-u", "65534", "jail", "/bin/suid", "ids")) == {
+        "uid": "65534", "euid": "65534"}
+    assert "CapEff:\t0000000000000000" in strata.ok("exec", "-u", "65534", "jail", "/bin/suid", "ids")
+    mounts = strata.ok("exec", "jail", "cat", "/proc/self/mountinfo").splitlines()
+    for target in ("/etc/hosts", "/etc/hostname", "/etc/resolv.conf"):
+        options = [line.split()[5].split(",") for line in mounts if line.split()[4] == target]
+        assert options and {"nosuid", "nodev", "noexec"} <= set(options[0]), (target, options)
+    root_options = [line.split()[5].split(",") for line in mounts if line.split()[4] == "/"][0]
+    assert {"nosuid", "nodev"} <= set(root_options)
+
+
+def test_no_host_device_can_be_made_or_opened(strata):
+    script = textwrap.dedent("""\
+        mknod /dev/hd b 7 0; echo dev_block=$?
+        mknod /tmp/hd b 7 0; echo root_block=$?
+        mknod /tmp/mem c 1 1; echo root_mem=$?
+        mknod /tmp/null c 1 3; echo root_null=$?
+        echo x 2>/dev/null > /tmp/null; echo root_null_open=$?
+        mkfifo /tmp/fifo; echo root_fifo=$?
+        test -e /dev/kvm; echo kvm=$?
+        test -e /dev/console; echo console=$?
+        echo x > /dev/null; echo dev_null=$?
+        grep ' /dev ' /proc/self/mountinfo | cut -d' ' -f6 | sed 's/^/dev_options=/'
+        """)
+    out = results(strata.ok("run", "--rm", "probe", "sh", "-c", script))
+    assert out.pop("dev_options").split(",")[:3] == ["rw", "nosuid", "nodev"]
+    # an allowed device can be made anywhere, but opened only where /dev binds it in
+    # (the union filesystem is nodev, so a node from an image is inert too)
+    assert out == {"dev_block": "1", "root_block": "1", "root_mem": "1", "root_null": "0", "root_null_open": "1",
+                   "root_fifo": "0", "kvm": "1", "console": "1", "dev_null": "0"}
+    # without the filter, the kernel and the filesystem still refuse: /dev is nodev, and
+    # the union filesystem makes no device a container's /dev does not have
+    script = textwrap.dedent("""\
+        mknod /dev/hd b 7 0 2>/dev/null; dd if=/dev/hd of=/dev/null bs=512 count=1 2>/dev/null; echo dev_read=$?
+        mknod /tmp/hd b 7 0; echo root_block=$?
+        mknod /tmp/null c 1 3; echo root_null=$?
+        """)
+    out = results(strata.ok("run", "--rm", "--security-opt", "seccomp=unconfined", "probe", "sh", "-c", script))
+    assert out == {"dev_read": "1", "root_block": "1", "root_null": "0"}
+
+
+SESSION_WITH_A_KEY = textwrap.dedent("""\
+    import ctypes, os, subprocess, sys
+    probe, strata = sys.argv[1], sys.argv[2:]
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.syscall(250, 1, None) > 0  # KEYCTL_JOIN_SESSION_KEYRING: a session of our own
+    serial = str(libc.syscall(248, b"user", b"strata-test", b"hunter2", 7, -3))  # add_key to @s
+    assert int(serial) > 0, os.strerror(ctypes.get_errno())
+    at = strata.index("run") + 1
+    unconfined = strata[:at] + ["--security-opt", "seccomp=unconfined"] + strata[at:]
+    for command in ([probe], strata + ["probe"], unconfined + ["probe"]):
+        proc = subprocess.run(command + ["keyread", serial], capture_output=True, text=True)
+        print(proc.stdout.strip() or "error=" + proc.stderr.strip().replace(" ", "_"))
+    """)
+
+
+def test_the_callers_keyring_is_out_of_reach(strata, probe_binary):
+    """A key in the caller's session keyring: the host's probe reads it (the test's
+    premise); the container's cannot, with the filter or without it."""
+    probe = os.path.join(strata.scratch, "probe")
+    with open(probe, "wb") as f:
+        f.write(probe_binary)
+    os.chmod(probe, 0o755)
+    run = strata.command("run", "--rm", "probe")[len(strata.prefix):]
+    proc = subprocess.run([*strata.prefix, strata.python, "-c", SESSION_WITH_A_KEY, probe, *run],
+                          capture_output=True, text=True, env=strata.env, cwd="/", timeout=240)
+    assert proc.returncode == 0, proc.stderr
+    host, filtered, unconfined = proc.stdout.split()
+    assert host == "keyread=ok"
+    assert filtered == "keyread=EPERM"  # keyctl is filtered
+    assert unconfined in ("keyread=EACCES", "keyread=ENOKEY")  # and the session keyring is not the caller's
+
+
+def test_host_cgroups_and_sys_are_read_only(strata):
+    hierarchies = sorted(os.listdir("/sys/fs/cgroup"))
+    assert hierarchies, "this host has no cgroup hierarchies to try"
+    target = f"/sys/fs/cgroup/{hierarchies[0]}/strata-escape-test"
+    try:
+        out = strata.ok("run", "--rm", "probe", "sh", "-c",
+                        f"mkdir {target}; echo mkdir=$?; grep ' /sys' /proc/self/mountinfo | cut -d' ' -f5,6")
+        assert not os.path.exists(target)
+        assert "mkdir=1" in out
+        sys_mounts = [line.split() for line in out.splitlines() if line.startswith("/sys")]
+        assert sys_mounts and all(options.startswith("ro,") for _, options in sys_mounts), sys_mounts
+    finally:
+        if os.path.isdir(target):
+            os.rmdir(target)
+
+
+def test_the_syscall_filter_refuses_and_can_be_replaced(strata):
+    outside = subprocess.Popen(["sleep", "120"])
+    try:
+        out = results(strata.ok("run", "--rm", "probe", "probe", "syscalls", str(outside.pid)))
+        assert {name: out[name] for name in FILTERED} == {name: "EPERM" for name in FILTERED}
+        assert out["ptrace_outside"] in ("ESRCH", "EPERM")
+        strata.ok("run", "-d", "--name", "filtered", "probe", "sleep", "600")
+        out = results(strata.ok("exec", "filtered", "probe", "syscalls"))
+        assert {name: out[name] for name in FILTERED} == {name: "EPERM" for name in FILTERED}
+    finally:
+        outside.kill()
+        outside.wait()
+    out = results(strata.ok("run", "--rm", "--security-opt", "seccomp=unconfined", "probe", "probe", "syscalls"))
+    assert out["keyctl"] == "ok" and out["add_key"] == "ok"  # the refusals above were the filter's
+    # a profile of one's own, in Docker's format: the default without mkdir
+    from runner.seccomp import load_default_profile
+    profile = load_default_profile()
+    for rule in profile["syscalls"]:
+        rule["names"] = [n for n in rule["names"] if n not in ("mkdir", "mkdirat")]
+    path = os.path.join(strata.scratch, "no-mkdir.json")
+    with open(path, "w") as f:
+        json.dump(profile, f)
+    os.chmod(path, 0o644)
+    proc = strata("run", "--rm", "--security-opt", f"seccomp={path}", "probe", "sh", "-c",
+                  "mkdir /made; echo mkdir=$?; echo hi > /written && cat /written")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.decode().split() == ["mkdir=1", "hi"]
+    assert "Operation not permitted" in proc.stderr.decode()
