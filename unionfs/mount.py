@@ -28,7 +28,8 @@ and the server's limit, inherited from whoever started it, is often no
 larger than one container process's (20,000 on these VMs). `mounted` raises
 the soft RLIMIT_NOFILE to the hard one, and with CAP_SYS_RESOURCE (root) the
 hard one to fs.nr_open. Processes forked before it (the supervisor's
-container child) keep the limit they were given.
+container child) keep the limit they were given. (Root on these VMs lacks
+CAP_SYS_RESOURCE; runner.serve then lowers the container's limit instead.)
 """
 from __future__ import annotations
 
@@ -85,17 +86,17 @@ def raise_fd_limit() -> int:
             ceiling = int(f.read())
     except (OSError, ValueError):
         ceiling = hard
-    if hard == resource.RLIM_INFINITY or hard > ceiling:
-        hard = ceiling  # no process may have more than nr_open fds, whatever its limit says
-    elif ceiling > hard:
+    if hard != resource.RLIM_INFINITY and ceiling > hard:
         try:  # needs CAP_SYS_RESOURCE in the initial user namespace
             resource.setrlimit(resource.RLIMIT_NOFILE, (ceiling, ceiling))
             return ceiling
         except (OSError, ValueError):
             pass
-    if soft != hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
-    return hard
+    # (never above nr_open, whatever the hard limit says: no process gets more fds)
+    target = ceiling if hard == resource.RLIM_INFINITY else min(hard, ceiling)
+    if soft != target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return target
 
 
 BURST_GAP = 0.0002  # seconds between a reply and the next request that count as back to back
