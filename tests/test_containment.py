@@ -226,6 +226,10 @@ def test_the_syscall_filter_refuses_and_can_be_replaced(strata):
         outside.wait()
     out = results(strata.ok("run", "--rm", "--security-opt", "seccomp=unconfined", "probe", "probe", "syscalls"))
     assert out["keyctl"] == "ok" and out["add_key"] == "ok"  # the refusals above were the filter's
+    status = "grep -E '^(Seccomp|NoNewPrivs):' /proc/self/status"
+    assert strata.ok("run", "--rm", "probe", "sh", "-c", status).split() == ["NoNewPrivs:", "0", "Seccomp:", "2"]
+    assert strata.ok("run", "--rm", "--security-opt", "seccomp=unconfined", "--security-opt", "no-new-privileges",
+                     "probe", "sh", "-c", status).split() == ["NoNewPrivs:", "1", "Seccomp:", "0"]
     # a profile of one's own, in Docker's format: the default without mkdir
     from runner.seccomp import load_default_profile
     profile = load_default_profile()
