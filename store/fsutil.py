@@ -62,14 +62,19 @@ def open_dir_beneath(root_fd: int, relpath: str) -> int:
 def walk_dirs_beneath(root_fd: int, relpath: str) -> int:
     """The portable way: every component opened with O_NOFOLLOW, so a symlink
     anywhere on the way fails with ELOOP/ENOTDIR instead of leaving the tree."""
+    def open_component(fd: int, part: str) -> int:
+        if part in (".", ".."):
+            raise OSError(errno.EINVAL, "dot component in path", relpath)
+        return os.open(part, DIR_FLAGS, dir_fd=fd)
+    return descend(root_fd, (part for part in relpath.split("/") if part), open_component)
+
+
+def descend(root_fd: int, steps, open_step) -> int:
+    """A new fd reached from `root_fd` by `open_step(fd, step)` for each step in turn."""
     fd = os.dup(root_fd)
     try:
-        for part in relpath.split("/"):
-            if not part:
-                continue
-            if part in (".", ".."):
-                raise OSError(errno.EINVAL, "dot component in path", relpath)
-            nfd = os.open(part, DIR_FLAGS, dir_fd=fd)
+        for step in steps:
+            nfd = open_step(fd, step)
             os.close(fd)
             fd = nfd
         return fd
@@ -103,6 +108,7 @@ def remove_tree(path: str) -> None:
 # one syscall and refuses symlinks and `..` escapes; Python has no wrapper, so
 # it is called through libc.syscall (ctypes, loaded on first use: CLI start-up
 # time). Kernels without it (ENOSYS) get the component-by-component walk.
+PATH_MAX = 4096  # the kernel's limit on one path argument, terminating NUL included
 _SYS_OPENAT2 = 437  # the same number on every architecture (generic table)
 _RESOLVE = 0x02 | 0x04 | 0x08  # NO_MAGICLINKS | NO_SYMLINKS | BENEATH
 _openat2 = None
@@ -126,11 +132,42 @@ def _load_openat2():
 
 
 def open_beneath(root_fd: int, path: bytes | str, flags: int, mode: int = 0) -> int:
-    """Open `path` relative to `root_fd`, never leaving it and never following a symlink."""
-    global _have_openat2, _openat2
+    """Open `path` relative to `root_fd`, never leaving it and never following a symlink.
+    A path longer than PATH_MAX (a deep tree) is opened a PATH_MAX-sized run of its
+    directories at a time, each run beneath the directory the previous one reached."""
     if isinstance(path, str):
         path = os.fsencode(path)
     flags |= os.O_CLOEXEC | os.O_NOFOLLOW
+    if len(path) < PATH_MAX:
+        return _open_beneath_short(root_fd, path, flags, mode)
+    head, _, name = path.rpartition(b"/")
+    parent = open_long_dir_beneath(root_fd, head)
+    try:
+        return _open_beneath_short(parent, name, flags, mode)
+    finally:
+        os.close(parent)
+
+
+def open_long_dir_beneath(root_fd: int, path: bytes) -> int:
+    """A directory of any path length under `root_fd`, opened in PATH_MAX-sized runs."""
+    return descend(root_fd, path_runs(path), lambda fd, run: _open_beneath_short(fd, run, DIR_FLAGS, 0))
+
+
+def path_runs(path: bytes):
+    """`path` cut at slashes into pieces shorter than PATH_MAX."""
+    while path:
+        if len(path) < PATH_MAX:
+            yield path
+            return
+        cut = path.rfind(b"/", 0, PATH_MAX - 1)
+        if cut <= 0:  # a component longer than PATH_MAX: no file system has one
+            raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG))
+        yield path[:cut]
+        path = path[cut + 1:]
+
+
+def _open_beneath_short(root_fd: int, path: bytes, flags: int, mode: int) -> int:
+    global _have_openat2, _openat2
     if _have_openat2:
         if _openat2 is None:
             _openat2 = _load_openat2()

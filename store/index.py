@@ -59,35 +59,67 @@ class IndexBuilder:
         self.next_ino = int(db.execute("SELECT value FROM meta WHERE key='next_ino'").fetchone()[0])
 
     def lookup(self, path: str) -> int | None:
-        if path in self.dir_cache:
-            return self.dir_cache[path]
-        head, _, name = path.rpartition("/")
-        parent = self.lookup(head)
-        if parent is None:
-            return None
-        row = self.db.execute("SELECT ino FROM dirents WHERE parent=? AND name=?",
-                              (parent, os.fsencode(name))).fetchone()
-        return None if row is None else row[0]
+        """The inode at `path`, from its deepest cached ancestor down (iteratively: trees
+        are deeper than Python's recursion limit)."""
+        cache = self.dir_cache
+        ino = cache.get(path)
+        if ino is not None:
+            return ino
+        below = []  # names from the deepest cached ancestor down to `path`
+        head = path
+        while head not in cache:
+            head, _, name = head.rpartition("/")
+            below.append(name)
+        ino = cache[head]
+        for name in reversed(below):
+            row = self.db.execute("SELECT ino FROM dirents WHERE parent=? AND name=?",
+                                  (ino, os.fsencode(name))).fetchone()
+            if row is None:
+                return None
+            ino = row[0]
+        return ino
 
     def is_dir(self, ino: int) -> bool:
         (mode,) = self.db.execute("SELECT mode FROM inodes WHERE ino=?", (ino,)).fetchone()
         return stat.S_ISDIR(mode)
 
     def remove_children(self, dir_ino: int) -> None:
-        for name, child in self.db.execute("SELECT name, ino FROM dirents WHERE parent=?", (dir_ino,)).fetchall():
-            self.remove_name(dir_ino, name, child)
+        """Unlink everything below `dir_ino` (an opaque directory), keeping it."""
+        self._remove_below([dir_ino])
 
     def remove_name(self, parent: int, name: str, ino: int) -> None:
         db = self.db
         db.execute("DELETE FROM dirents WHERE parent=? AND name=?", (parent, name))
         if self.is_dir(ino):
-            self.remove_children(ino)
+            self._remove_below([ino])
             db.execute("DELETE FROM inodes WHERE ino=?", (ino,))
             db.execute("UPDATE inodes SET nlink=nlink-1 WHERE ino=?", (parent,))
-            self.dir_cache = {"": ROOT_INO}  # descendants may be cached too
+            self.dir_cache = {"": ROOT_INO}  # it, or its descendants, may be cached
         else:
             db.execute("UPDATE inodes SET nlink=nlink-1 WHERE ino=?", (ino,))
             db.execute("DELETE FROM inodes WHERE ino=? AND nlink<=0", (ino,))
+
+    def _remove_below(self, dirs: list[int]) -> None:
+        """Unlink the whole trees under `dirs`, a directory at a time (no recursion)."""
+        db = self.db
+        removed_dirs = False
+        while dirs:
+            dir_ino = dirs.pop()
+            rows = db.execute("SELECT d.ino, i.mode FROM dirents d JOIN inodes i ON i.ino = d.ino "
+                              "WHERE d.parent=?", (dir_ino,)).fetchall()
+            db.execute("DELETE FROM dirents WHERE parent=?", (dir_ino,))
+            for child, mode in rows:
+                if stat.S_ISDIR(mode):
+                    db.execute("DELETE FROM inodes WHERE ino=?", (child,))
+                    dirs.append(child)
+                    removed_dirs = True
+                else:
+                    db.execute("UPDATE inodes SET nlink=nlink-1 WHERE ino=?", (child,))
+                    db.execute("DELETE FROM inodes WHERE ino=? AND nlink<=0", (child,))
+            if rows:
+                db.execute("UPDATE inodes SET nlink=2 WHERE ino=?", (dir_ino,))  # no subdirectories left
+        if removed_dirs:
+            self.dir_cache = {"": ROOT_INO}  # descendants may be cached too
 
     def new_inode(self, e: Entry) -> int:
         ino = self.next_ino

@@ -8,6 +8,14 @@ the host, and an unprivileged user keeps the image's owners (invariant 5).
 
 Python's tarfile is used only to parse headers; every write happens here,
 relative to directory fds opened without following symlinks (invariant 4).
+
+On the host a layer's directories are 0700 and its data files 0600 (0700 when
+executable): the image's modes are metadata, and no other local user may read
+a layer's /etc/shadow, whatever the mode of the store's root.
+
+Paths may be longer than PATH_MAX (a container's 4,096-deep tree): nothing here
+hands a whole path to the kernel; directories are reached from the fd of the
+last one used (sorted entries are siblings or children of the previous one).
 """
 from __future__ import annotations
 
@@ -21,7 +29,7 @@ import tarfile
 from typing import BinaryIO, Iterable, Iterator
 
 from .errors import BadArchive, StoreError, UnsafeArchive
-from .fsutil import DIR_FLAGS, open_dir_beneath
+from .fsutil import DIR_FLAGS, open_dir_beneath, open_long_dir_beneath
 
 KINDS = ("dir", "file", "symlink", "hardlink", "char", "block", "fifo", "socket", "whiteout")
 WHITEOUT_PREFIX = ".wh."
@@ -83,8 +91,8 @@ def normalize_member_name(raw: str) -> str:
         raise UnsafeArchive(raw, "NUL byte in name")
     if raw.startswith("/"):
         raise UnsafeArchive(raw, "absolute path")
-    if len(os.fsencode(raw)) >= PATH_MAX:
-        raise UnsafeArchive(raw, f"path longer than {PATH_MAX - 1} bytes")
+    if len(os.fsencode(raw)) > MAX_PATH_BYTES:
+        raise UnsafeArchive(raw, f"path longer than {MAX_PATH_BYTES} bytes")
     parts = []
     for part in raw.split("/"):
         if part in ("", "."):
@@ -104,9 +112,42 @@ def parent_of(path: str) -> str:
     return path.rpartition("/")[0]
 
 
+HOST_DIR_MODE = 0o700
+
+
 def host_file_mode(mode: int) -> int:
-    """The mode a layer's data file gets on the host: never setuid, always ours to read."""
-    return 0o755 if mode & 0o111 else 0o644
+    """The mode a layer's data file gets on the host: never setuid, ours alone to read."""
+    return 0o700 if mode & 0o111 else 0o600
+
+
+class DirFds:
+    """The fd of the directory used last, so that sorted entries (siblings, or children
+    of the entry before) reach their parent in one openat, not one per path component."""
+
+    __slots__ = ("root_fd", "path", "fd")
+
+    def __init__(self, root_fd: int):
+        self.root_fd, self.path, self.fd = root_fd, "", -1
+
+    def get(self, path: str) -> int:
+        """A borrowed fd of directory `path` (relative, "" = the root); valid until the next call."""
+        if not path:
+            return self.root_fd
+        if path == self.path:
+            return self.fd
+        head, _, name = path.rpartition("/")
+        if self.fd >= 0 and head == self.path:
+            fd = os.open(name, DIR_FLAGS, dir_fd=self.fd)
+        else:
+            fd = open_dir_beneath(self.root_fd, path)
+        self.close()
+        self.path, self.fd = path, fd
+        return fd
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+        self.path, self.fd = "", -1
 
 
 class LayerWriter:
@@ -119,11 +160,14 @@ class LayerWriter:
 
     def __init__(self, staging_dir: str):
         self.root_path = os.path.join(staging_dir, "root")
-        os.mkdir(self.root_path, 0o755)
+        os.mkdir(self.root_path, HOST_DIR_MODE)
         self.root_fd = os.open(self.root_path, DIR_FLAGS)
+        self.dirs = DirFds(self.root_fd)
         self.entries: dict[str, Entry] = {"": Entry("", "dir", 0o755, implicit=True)}
+        self.link_targets: set[str] = set()  # the paths hard links of this layer point to
 
     def close(self) -> None:
+        self.dirs.close()
         if self.root_fd >= 0:
             os.close(self.root_fd)
             self.root_fd = -1
@@ -131,20 +175,21 @@ class LayerWriter:
     # -- validation -------------------------------------------------------
 
     def _ensure_parents(self, path: str, raw: str) -> None:
-        """Check every ancestor is a directory of this layer; create missing ones."""
-        if not path:
+        """Check every ancestor is a directory of this layer; create missing ones. A parent
+        already here as a directory had its own ancestors checked when it came."""
+        head = parent_of(path)
+        existing = self.entries.get(head)
+        if existing is not None and existing.kind == "dir":
             return
-        parts = path.split("/")[:-1]
-        prefix = ""
-        for part in parts:
-            prefix = f"{prefix}/{part}" if prefix else part
+        missing = []  # from the deepest up to the first ancestor this layer has
+        while existing is None:
+            missing.append(head)
+            head = parent_of(head)
+            existing = self.entries.get(head)
+        for prefix in [head] + missing[::-1]:
             existing = self.entries.get(prefix)
             if existing is None:
-                fd = open_dir_beneath(self.root_fd, parent_of(prefix))
-                try:
-                    os.mkdir(part, 0o755, dir_fd=fd)
-                finally:
-                    os.close(fd)
+                os.mkdir(prefix.rpartition("/")[2], HOST_DIR_MODE, dir_fd=self.dirs.get(parent_of(prefix)))
                 self.entries[prefix] = Entry(prefix, "dir", 0o755, implicit=True)
             elif existing.kind == "whiteout":
                 raise UnsafeArchive(raw, f"parent {prefix!r} is whited out in this layer")
@@ -163,14 +208,10 @@ class LayerWriter:
             return
         if entry.kind == "whiteout" or old.kind == "whiteout":
             raise UnsafeArchive(raw, "whiteout and entry for the same path in one layer")
-        if any(e.kind == "hardlink" and e.target == path for e in self.entries.values()):
+        if path in self.link_targets:
             raise UnsafeArchive(raw, "replaces a file that hard links point to")
         if old.kind in ("file", "hardlink"):
-            fd = open_dir_beneath(self.root_fd, parent_of(path))
-            try:
-                os.unlink(path.rpartition("/")[2], dir_fd=fd)
-            finally:
-                os.close(fd)
+            os.unlink(path.rpartition("/")[2], dir_fd=self.dirs.get(parent_of(path)))
         del self.entries[path]
 
     # -- the one entry point ----------------------------------------------
@@ -202,11 +243,8 @@ class LayerWriter:
         entry.path = path
         self._ensure_parents(path, raw_name)
         self._make_room(path, entry, raw_name)
-        parent_fd = open_dir_beneath(self.root_fd, parent_of(path))
-        try:
-            self._write(parent_fd, base if entry.kind != "whiteout" else None, entry, data, raw_name)
-        finally:
-            os.close(parent_fd)
+        self._write(self.dirs.get(parent_of(path)), base if entry.kind != "whiteout" else None, entry, data,
+                    raw_name)
         old = self.entries.get(path)
         if old is not None:  # a directory seen before (maybe implicitly): keep its opacity
             entry.opaque = entry.opaque or old.opaque
@@ -216,7 +254,7 @@ class LayerWriter:
         kind = entry.kind
         if kind == "dir":
             if entry.path not in self.entries:
-                os.mkdir(name, 0o755, dir_fd=parent_fd)
+                os.mkdir(name, HOST_DIR_MODE, dir_fd=parent_fd)
         elif kind == "file":
             fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                          host_file_mode(entry.mode), dir_fd=parent_fd)
@@ -253,6 +291,7 @@ class LayerWriter:
                     follow_symlinks=False)
         finally:
             os.close(src_fd)
+        self.link_targets.add(target)
         entry.target = target
         # a hard link carries the metadata of the inode it names
         entry.mode, entry.uid, entry.gid = linked.mode, linked.uid, linked.gid
@@ -328,7 +367,7 @@ class CountingReader:
 MAX_HEADER_BYTES = 1 << 20  # GNU long names and PAX headers; Go's archive/tar caps them alike
 MAX_ID = (1 << 32) - 2  # uid/gid: (uid_t)-1 means "unchanged" and is no owner
 MAX_MTIME_NS = (1 << 63) - 1
-PATH_MAX = 4096
+MAX_PATH_BYTES = MAX_HEADER_BYTES  # deeper than PATH_MAX is fine (written from fds); unbounded is not
 MAX_SPARSE_HOLES = 1 << 30
 
 
@@ -501,9 +540,9 @@ def apply_directory(src: str, writer: LayerWriter) -> None:
     try:
         root_st = os.fstat(top_fd)
         writer.add(".", entry_from_stat(root_st, "", read_xattrs(top_fd)))
-        for dirpath, dirnames, filenames, dirfd in os.fwalk(".", dir_fd=top_fd, follow_symlinks=False):
-            for name in sorted(dirnames + filenames):
-                rel = name if dirpath == "." else f"{dirpath[2:]}/{name}"
+        for dirpath, dirfd in walk_host_dirs(top_fd):
+            for name in sorted(os.listdir(dirfd)):
+                rel = f"{dirpath}/{name}" if dirpath else name
                 st = os.lstat(name, dir_fd=dirfd)
                 if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
                     first = seen_inodes.setdefault((st.st_dev, st.st_ino), rel)
@@ -527,6 +566,32 @@ def apply_directory(src: str, writer: LayerWriter) -> None:
                     writer.add(rel, entry_from_stat(st, "", {}))
     finally:
         os.close(top_fd)
+
+
+def walk_host_dirs(top_fd: int) -> Iterator[tuple[str, int]]:
+    """(relative path, fd) of every directory under `top_fd`, parents first, never
+    following a symlink; each fd is valid until the next step. Iterative, and by fd:
+    neither depth nor path length is a limit (os.fwalk recurses once per level in
+    Python 3.11), and only one fd is held, whatever the width or the depth."""
+    last_path, last_fd = "", os.dup(top_fd)
+    stack = [""]
+    try:
+        while stack:
+            path = stack.pop()
+            if path != last_path:
+                head, _, name = path.rpartition("/")
+                if head == last_path:  # depth first: mostly a child of the directory before
+                    fd = os.open(name, DIR_FLAGS, dir_fd=last_fd)
+                else:
+                    fd = open_long_dir_beneath(top_fd, os.fsencode(path))
+                os.close(last_fd)
+                last_path, last_fd = path, fd
+            yield path, last_fd
+            with os.scandir(last_fd) as it:
+                subdirs = sorted(e.name for e in it if e.is_dir(follow_symlinks=False))
+            stack.extend(f"{path}/{name}" if path else name for name in reversed(subdirs))
+    finally:
+        os.close(last_fd)
 
 
 def read_xattrs(fd: int) -> dict:
@@ -615,21 +680,19 @@ def write_layer_tar(entries: list[Entry], layer_root: str, out: BinaryIO) -> str
     """Write the layer's canonical uncompressed tar to `out`; return "sha256:<hex>"."""
     sink = HashingSink(out)
     root_fd = os.open(layer_root, DIR_FLAGS)
+    dirs = DirFds(root_fd)
     try:
         with tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT) as tar:
             for info, entry in tar_members(entries):
                 if entry is None:
                     tar.addfile(info)
                     continue
-                parent_fd = open_dir_beneath(root_fd, parent_of(entry.path))
-                try:
-                    fd = os.open(entry.path.rpartition("/")[2],
-                                 os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=parent_fd)
-                finally:
-                    os.close(parent_fd)
+                fd = os.open(entry.path.rpartition("/")[2], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                             dir_fd=dirs.get(parent_of(entry.path)))
                 with os.fdopen(fd, "rb") as f:
                     tar.addfile(info, f)
     finally:
+        dirs.close()
         os.close(root_fd)
     return "sha256:" + sink.hash.hexdigest()
 

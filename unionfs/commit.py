@@ -6,6 +6,8 @@ directory was replaced; a replaced directory carries its whole current
 subtree, since opacity hides everything below it in the layers underneath.
 Paths are added in sorted order, so a directory always precedes what it
 holds, and a second name of a file already in the layer becomes a hard link.
+Trees may be deeper than Python's recursion limit: the walks are loops, and
+"is an ancestor opaque" is memoised per path (diff.AncestorFlags).
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import stat
 
 from store.layer import Entry
 
-from .diff import ancestors, join, other_names
+from .diff import AncestorFlags, join, other_names
 
 KINDS = {stat.S_IFREG: "file", stat.S_IFDIR: "dir", stat.S_IFLNK: "symlink", stat.S_IFCHR: "char",
          stat.S_IFBLK: "block", stat.S_IFIFO: "fifo", stat.S_IFSOCK: "socket"}
@@ -62,13 +64,17 @@ def other_links(after, paths: list[str]) -> set[str]:
 
 
 def subtree(tree, path: str) -> list[str]:
+    """Every path below `path`."""
     out = []
-    for name in sorted(tree.children(path)):
-        child = join(path, name)
-        out.append(child)
-        st = tree.stat(child)
-        if st is not None and st.is_dir():
-            out.extend(subtree(tree, child))
+    stack = [path]
+    while stack:
+        top = stack.pop()
+        for name in tree.children(top):
+            child = join(top, name)
+            out.append(child)
+            st = tree.stat(child)
+            if st is not None and st.is_dir():
+                stack.append(child)
     return out
 
 
@@ -83,7 +89,7 @@ def fill_layer(writer, before, after, changes: list[tuple[str, str]], hidden: se
     for path in other_links(after, [p for p, k in kinds.items() if k != "D"]):
         kinds.setdefault(path, "C")  # every name of a linked file, so the layer keeps the link
     opaque = set()
-    for path, kind in kinds.items():
+    for path, kind in list(kinds.items()):  # (a replaced directory's subtree joins it)
         a, b = before.stat(path), after.stat(path)
         if kind == "C" and a is not None and b is not None and a.is_dir() and b.is_dir() and a.ident != b.ident:
             opaque.add(path)
@@ -91,12 +97,12 @@ def fill_layer(writer, before, after, changes: list[tuple[str, str]], hidden: se
                 if child not in hidden:
                     kinds.setdefault(child, "C")
     first_name: dict[tuple, str] = {}  # a file's identity -> its first path in this layer
+    under_opaque = AncestorFlags(opaque.__contains__)
     for path in sorted(kinds):
         kind = kinds[path]
-        if any(p in opaque for p in ancestors(path)):
-            if kind == "D":
-                continue  # hidden by the opaque directory already
         if kind == "D":
+            if opaque and under_opaque.above(path):
+                continue  # hidden by the opaque directory already
             head, _, name = path.rpartition("/")
             writer.add(f"{head.lstrip('/')}/.wh.{name}".lstrip("/"), Entry(path.lstrip("/"), "whiteout"))
             continue

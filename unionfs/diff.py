@@ -17,6 +17,12 @@ holds as A, a deleted one is one D line, a directory replaced by a new one
 (opaque) is C with its old and new children compared, and every ancestor
 of a change is C. The container's init layer (runner.serve) is part of
 "before": its paths never show.
+
+Containers make trees far deeper than Python's recursion limit and paths
+longer than PATH_MAX: every walk here is a loop over a work list, path
+resolution goes from the deepest resolved ancestor down, and questions about
+every ancestor of every path are memoised per path (`AncestorFlags`), so a
+4,096-deep chain costs time linear in its paths' total length, not quadratic.
 """
 from __future__ import annotations
 
@@ -75,6 +81,70 @@ def ancestors(path: str):
         yield path
 
 
+class AncestorFlags:
+    """`flags(path)`: whether `path` or a path above it has the property `own`, memoised
+    per path, so asking it of every path of a deep tree stays linear."""
+
+    __slots__ = ("own", "memo")
+
+    def __init__(self, own):
+        self.own = own
+        self.memo: dict[str, bool] = {"": False}  # "": above the root
+
+    def __call__(self, path: str) -> bool:
+        memo = self.memo
+        flag = memo.get(path)
+        if flag is not None:
+            return flag
+        chain = []
+        while path not in memo:
+            chain.append(path)
+            path = path.rpartition("/")[0]
+        flag = memo[path]
+        for p in reversed(chain):
+            flag = flag or bool(self.own(p))
+            memo[p] = flag
+        return flag
+
+    def above(self, path: str) -> bool:
+        """Whether a proper ancestor of `path` (the root excluded, as in `ancestors`) has it."""
+        return self(path.rpartition("/")[0])
+
+
+def settle(changes: dict[str, str], hides_below) -> list[tuple[str, str]]:
+    """Docker's last two rules, sorted (kind, path): no D below a path where
+    `hides_below(path)` (a deleted directory, or one that is a file now), and every
+    ancestor of a change is C. Linear in the paths' total length."""
+    hidden = AncestorFlags(hides_below)
+    out = {path: kind for path, kind in changes.items() if kind != "D" or not hidden.above(path)}
+    marked: set[str] = set()  # paths whose ancestors are all in `out` already
+    for path in list(out):
+        for a in ancestors(path):
+            if a in marked:
+                break
+            marked.add(a)
+            out.setdefault(a, "C")
+    return sorted(((kind, path) for path, kind in out.items()), key=lambda kp: kp[1])
+
+
+def resolve(cache: dict, path: str, step):
+    """`cache[path]`, found from the deepest cached ancestor down: each missing path is
+    `step(parent's value, name)` (None stays None below). `cache` must hold "/"."""
+    value = cache.get(path, cache)
+    if value is not cache:
+        return value
+    missing = []
+    while path not in cache:
+        missing.append(path)
+        path = path.rpartition("/")[0] or "/"
+    value = cache[path]
+    for p in reversed(missing):
+        if value is not None:
+            value = step(value, p.rpartition("/")[2])
+        cache[p] = value
+    return value
+
+
 class ImageTree:
     """An image's merged index (an IndexLower), read path by path. `same_chain`: the
     other tree is an image of the same layer chain, so equal inode numbers are the same
@@ -85,13 +155,10 @@ class ImageTree:
         self.inos: dict[str, int | None] = {"/": 1}
 
     def ino_of(self, path: str) -> int | None:
-        if path in self.inos:
-            return self.inos[path]
-        head, _, name = path.rpartition("/")
-        parent = self.ino_of(head or "/")
-        ino = None if parent is None else self.lower.lookup(parent, os.fsencode(name))  # a point query
-        self.inos[path] = ino
-        return ino
+        return resolve(self.inos, path, self._step)
+
+    def _step(self, parent: int, name: str) -> int | None:
+        return self.lower.lookup(parent, os.fsencode(name))  # a point query
 
     def stat(self, path: str) -> Stat | None:
         ino = self.ino_of(path)
@@ -122,18 +189,15 @@ class ViewTree:
         self.nodes: dict[str, object] = {"/": view.node(1)}
 
     def node_of(self, path: str):
-        if path in self.nodes:
-            return self.nodes[path]
-        head, _, name = path.rpartition("/")
-        parent = self.node_of(head or "/")
-        node = None
-        if parent is not None and parent.is_dir():
-            try:
-                node = self.view.lookup(parent.ino, os.fsencode(name))
-            except OSError:
-                node = None
-        self.nodes[path] = node
-        return node
+        return resolve(self.nodes, path, self._step)
+
+    def _step(self, parent, name: str):
+        if not parent.is_dir():
+            return None
+        try:
+            return self.view.lookup(parent.ino, os.fsencode(name))
+        except OSError:
+            return None
 
     def stat(self, path: str) -> Stat | None:
         n = self.node_of(path)
@@ -223,65 +287,79 @@ def classify(before, after, path: str) -> str | None:
 
 
 class Differ:
-    """Collects A/C/D for paths of `before` -> `after`, skipping `hidden` paths."""
+    """Collects A/C/D for paths of `before` -> `after`, skipping `hidden` paths. The
+    subtrees the rules say to compare wait in a work list (no recursion: trees are
+    deeper than Python's stack)."""
 
     def __init__(self, before, after, hidden: set[str] = frozenset()):
         self.before, self.after, self.hidden = before, after, hidden
         self.changes: dict[str, str] = {}
         self.done: set[str] = set()
+        self.walked: set[str] = set()
+        self.to_walk: list[str] = []
 
     def add_path(self, path: str) -> None:
-        """Classify `path`; descend where the rules say its subtree must be compared."""
+        """Classify `path`, and the subtrees below it that the rules say to compare."""
+        self._classify(path)
+        self._drain()
+
+    def walk_once(self, path: str) -> None:
+        """Compare what `path` holds in each tree (once)."""
+        self._schedule(path)
+        self._drain()
+
+    def walk(self, path: str) -> None:
+        self.walked.add(path)
+        self.to_walk.append(path)
+        self._drain()
+
+    def _schedule(self, path: str) -> None:
+        if path not in self.walked:
+            self.walked.add(path)
+            self.to_walk.append(path)
+
+    def _drain(self) -> None:
+        while self.to_walk:
+            self._walk_one(self.to_walk.pop())
+
+    def _classify(self, path: str) -> None:
         if path in self.done or path == "/":
             return
         self.done.add(path)
         if path in self.hidden:
             b = self.after.stat(path)
             if b is not None and b.is_dir():  # an init-layer directory: "before" has it too
-                self.walk_once(path)
+                self._schedule(path)
             return
         kind = classify(self.before, self.after, path)
         if kind is not None:
             self.changes[path] = kind
         if kind == "A":
             if self.after.stat(path).is_dir():
-                self.walk_once(path)
+                self._schedule(path)
         elif kind == "C":
             a, b = self.before.stat(path), self.after.stat(path)
             if b.is_dir() and (not a.is_dir() or a.ident != b.ident):  # a new directory where one
-                self.walk_once(path)                                 # was: compare what each holds
+                self._schedule(path)                                 # was: compare what each holds
+
+    def _walk_one(self, path: str) -> None:
+        names = set(self.before.children(path)) | set(self.after.children(path))
+        for name in sorted(names):
+            child = join(path, name)
+            self._classify(child)
+            a, b = self.before.stat(child), self.after.stat(child)
+            if a is not None and b is not None and a.is_dir() and b.is_dir() and child not in self.hidden:
+                self._schedule(child)
 
     def not_a_directory_now(self, path: str) -> bool:
         st = self.after.stat(path)
         return st is not None and not st.is_dir()
 
-    def walk(self, path: str) -> None:
-        names = set(self.before.children(path)) | set(self.after.children(path))
-        for name in sorted(names):
-            child = join(path, name)
-            self.add_path(child)
-            a, b = self.before.stat(child), self.after.stat(child)
-            if a is not None and b is not None and a.is_dir() and b.is_dir() and child not in self.hidden:
-                self.walk_once(child)
-
-    def walk_once(self, path: str) -> None:
-        key = "walk:" + path
-        if key not in self.done:
-            self.done.add(key)
-            self.walk(path)
-
     def result(self) -> list[tuple[str, str]]:
         """Sorted (kind, path): D only at the top of a deleted tree (a directory replaced by
         a file takes its old tree with it, as in Docker), every ancestor of a change C."""
-        changes = dict(self.changes)
-        for path in list(changes):
-            if changes[path] == "D" and any(changes.get(a) == "D" or self.not_a_directory_now(a)
-                                            for a in ancestors(path)):
-                del changes[path]
-        for path in list(changes):
-            for a in ancestors(path):
-                changes.setdefault(a, "C")
-        return sorted(((kind, path) for path, kind in changes.items()), key=lambda kp: kp[1])
+        changes = self.changes
+        return settle(changes, lambda a: changes.get(a) == "D" or self.not_a_directory_now(a))
 
 
 def tree_diff(before, after, hidden: set[str] = frozenset()) -> list[tuple[str, str]]:
@@ -418,7 +496,11 @@ def other_names(view, inos: set[int], linked_by_journal: set[int]) -> set[str]:
 
 def dir_path(view, ino: int, upper_parents: dict) -> str | None:
     parts = []
-    while ino != 1 and len(parts) < 4096:
+    seen = set()
+    while ino != 1:
+        if ino in seen:  # a cycle in the names: a bug, never a hang
+            return None
+        seen.add(ino)
         if ino in upper_parents:
             ino, name = upper_parents[ino]
         else:
@@ -522,13 +604,7 @@ def run_diff(records: list[dict]) -> list[tuple[str, str]]:
             changes[path] = "D"
         elif existed and exists:
             changes[path] = "C"
-    for path in list(changes):
-        if changes[path] == "D" and any(changes.get(a) == "D" for a in ancestors(path)):
-            del changes[path]
-    for path in list(changes):
-        for a in ancestors(path):
-            changes.setdefault(a, "C")
-    return sorted(((k, p) for p, k in changes.items()), key=lambda kp: kp[1])
+    return settle(changes, lambda a: changes.get(a) == "D")
 
 
 def describe_changes(before, after, changes: list[tuple[str, str]]) -> list[dict]:

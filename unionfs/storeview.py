@@ -20,20 +20,39 @@ def image_lower(store: Store, image_id: str, point_lookups: bool = False) -> Ind
     return IndexLower(store.index_path(image_id), roots, point_lookups)
 
 
-def upper_path_of(upper: UpperLayer, lower, ino: int) -> bytes:
-    """A path of `ino` from the stored names alone (fsck runs before any view exists)."""
-    parts = []
-    while ino != 1 and len(parts) < 4096:
-        row = upper.db.execute("SELECT parent, name FROM dirents WHERE ino=? LIMIT 1", (ino,)).fetchone()
-        if row is None:
-            lower_path = lower.path_of(ino)
-            if lower_path is None:
-                return b"/?%d" % ino
-            parts.append(lower_path.lstrip(b"/"))
-            break
-        ino = row[0]
-        parts.append(bytes(row[1]))
-    return b"/" + b"/".join(reversed(parts))
+class UpperPaths:
+    """Paths of upper inodes from the stored names alone (fsck runs before any view
+    exists). The upper layer has no index by inode, so the first question loads
+    every (parent, name) once: one pass, however many inodes are asked about and
+    however deep they are (a lookup per level would be a table scan per level)."""
+
+    def __init__(self, upper: UpperLayer, lower):
+        self.upper, self.lower = upper, lower
+        self.names: dict[int, tuple[int, bytes]] | None = None
+        self.dirs: dict[int, bytes] = {1: b""}  # a directory's path, once worked out
+
+    def __call__(self, ino: int) -> bytes:
+        if self.names is None:
+            self.names = {ino: (parent, bytes(name)) for parent, name, ino in
+                          self.upper.db.execute("SELECT parent, name, ino FROM dirents WHERE ino != 0")}
+        chain = []  # (ino, name) from `ino` up to the first inode whose path is known
+        head = ino
+        while head not in self.dirs:
+            row = self.names.get(head)
+            if row is None or len(chain) > len(self.names):  # only in the image (or a cycle)
+                lower_path = self.lower.path_of(head)
+                if lower_path is None:
+                    return b"/?%d" % ino
+                self.dirs[head] = lower_path.rstrip(b"/") if lower_path != b"/" else b""
+                break
+            chain.append((head, row[1]))
+            head = row[0]
+        path = self.dirs[head]
+        for step, name in reversed(chain):
+            path = path + b"/" + name
+            if step != ino:
+                self.dirs[step] = path
+        return path or b"/"
 
 
 def open_upper(upper_path: str, lower, run: int) -> tuple[UpperLayer, Journal]:
@@ -42,7 +61,7 @@ def open_upper(upper_path: str, lower, run: int) -> tuple[UpperLayer, Journal]:
     try:
         upper.check()
         journal = Journal(upper, run)
-        journal.recover(lambda ino: upper_path_of(upper, lower, ino))
+        journal.recover(UpperPaths(upper, lower))
     except BaseException:
         upper.close()
         raise
@@ -99,12 +118,13 @@ class ContainerChanges:
         server's batch (their time is their inode's ctime)."""
         out = []
         run = unrecorded_run(self.upper.db)
+        paths = UpperPaths(self.upper, self.view.lower)
         for ino in unrecorded_creates(self.upper.db):
             row = self.upper.db.execute("SELECT ctime_ns FROM inodes WHERE ino=?", (ino,)).fetchone()
             if row is None or since_ns is not None and row[0] < since_ns:
                 continue
             out.append({"seq": None, "time_ns": row[0], "run": run, "pid": 0, "uid": 0, "gid": 0, "comm": "?",
-                        "exe": "?", "op": "create", "path": os.fsdecode(upper_path_of(self.upper, self.view.lower, ino)),
+                        "exe": "?", "op": "create", "path": os.fsdecode(paths(ino)),
                         "path2": None, "ino": ino, "kind": 0o100000, "detail": {}})
         return out
 
