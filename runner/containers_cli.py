@@ -113,9 +113,12 @@ def cmd_run(args, store: Store) -> int:
         return 0
     if args.rm:  # the supervisor removes it (runner.supervisor); docker run --rm returns after that
         supervisor.wait_exit(30)
-        if not supervisor.alive() and os.path.exists(os.path.join(container_dir(store, config["Id"]),
-                                                                  "config.json")):
-            lifecycle.remove(store, config, force=True)  # the supervisor failed before it could
+    error = current_state(store, config["Id"]).get("Error") or ""
+    if code == 125 and error.startswith("supervisor"):  # the container never ran: say why
+        print(f"strata: error: {error}", file=sys.stderr)
+    if args.rm and not supervisor.alive() and os.path.exists(os.path.join(container_dir(store, config["Id"]),
+                                                                          "config.json")):
+        lifecycle.remove(store, config, force=True)  # the supervisor failed before it could
     return code
 
 
@@ -386,6 +389,13 @@ def container_pid1(store: Store, config: dict) -> int:
     return pid
 
 
+def open_container_root(pid1: int) -> int:
+    """The container's root directory. A FUSE mount made in a user namespace serves
+    only processes in that namespace (allow_other or not), so an unprivileged `exec`
+    opens it after joining the container's user namespace, not before."""
+    return os.open(f"/proc/{pid1}/root", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+
+
 def cmd_exec(args, store: Store) -> int:
     """Join the running container's namespaces and root, then exec COMMAND there."""
     from . import sandbox
@@ -407,7 +417,6 @@ def cmd_exec(args, store: Store) -> int:
         path = f"/proc/{pid1}/ns/{ns}"
         if os.readlink(path) != os.readlink(f"/proc/self/ns/{ns}"):
             fds[ns] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    root_fd = os.open(f"/proc/{pid1}/root", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     console_ours = console_theirs = None
     if args.tty:  # a terminal from the container's devpts; its master comes back to relay
         import socket
@@ -419,9 +428,12 @@ def cmd_exec(args, store: Store) -> int:
             prctl.set_dumpable(False)  # CVE-2019-5736: nothing in the container may open our memory
             prctl.set_pdeathsig(signal.SIGKILL)
             syscalls_allowed = sandbox.syscall_filter(spec)  # the host's libseccomp, before the chroot
+            root_fd = None
             for ns, fd in fds.items():
+                if ns == "mnt":  # the root is opened as a member of the container's user namespace
+                    root_fd = open_container_root(pid1)  # (see open_container_root), while /proc is the host's
                 sc.setns(fd)
-            os.fchdir(root_fd)
+            os.fchdir(root_fd if root_fd is not None else open_container_root(pid1))
             os.chroot(".")
             grandchild = os.fork()  # the pid namespace applies to children only
             if grandchild:
@@ -440,7 +452,7 @@ def cmd_exec(args, store: Store) -> int:
         except BaseException as e:
             os.write(2, f"strata: error: exec: {e}\n".encode())
             os._exit(125)
-    for fd in list(fds.values()) + [root_fd]:
+    for fd in fds.values():
         os.close(fd)
     if console_ours is not None:
         import socket
