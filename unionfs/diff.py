@@ -378,22 +378,48 @@ def parent_path(path: str) -> str:
 
 class PathTree:
     """The journal's paths as a tree, so that renaming a directory moves its recorded
-    entries in O(depth), not O(paths recorded so far)."""
+    entries in O(depth), not O(paths recorded so far). The root keeps a map of the paths
+    it has reached to their nodes (dropped at every move), so a record whose parent was
+    recorded before costs one step, however deep it is."""
 
-    __slots__ = ("children", "marked")
+    __slots__ = ("children", "marked", "reached")
 
     def __init__(self):
         self.children: dict[str, PathTree] = {}
         self.marked = False
+        self.reached: dict[str, PathTree] | None = None  # the root's: path -> node
+
+    def node(self, path: str) -> "PathTree":
+        """The node at `path`, made (with its parents) where missing."""
+        path = path.rstrip("/")
+        reached = self.reached
+        if reached is None:
+            reached = self.reached = {"": self}
+        node = reached.get(path)
+        if node is not None:
+            return node
+        ends = []  # where each path below the deepest reached ancestor ends
+        head = path
+        while head not in reached:
+            ends.append(len(head))
+            head = head.rpartition("/")[0]
+        node = reached[head]
+        start = len(head)
+        for end in reversed(ends):
+            name = path[start + 1:end]
+            child = node.children.get(name)
+            if child is None:
+                child = node.children[name] = type(self)()
+            node = child
+            reached[path[:end]] = node
+            start = end
+        return node
 
     def add(self, path: str) -> None:
-        node = self
-        for part in path.strip("/").split("/"):
-            if part:
-                node = node.children.setdefault(part, type(self)())
-        node.marked = True
+        self.node(path).marked = True
 
     def detach(self, path: str):
+        self.reached = None
         parts = [p for p in path.strip("/").split("/") if p]
         node = self
         for part in parts[:-1]:
@@ -403,6 +429,7 @@ class PathTree:
         return node.children.pop(parts[-1], None) if parts else None
 
     def attach(self, path: str, subtree) -> None:
+        self.reached = None
         parts = [p for p in path.strip("/").split("/") if p]
         node = self
         for part in parts[:-1]:
@@ -411,10 +438,17 @@ class PathTree:
         node.children[parts[-1]] = subtree if existing is None else existing.merge(subtree)
 
     def merge(self, other) -> "PathTree":
-        self.marked = self.marked or other.marked
-        for name, child in other.children.items():
-            mine = self.children.get(name)
-            self.children[name] = child if mine is None else mine.merge(child)
+        """`other`'s marks and nodes added to this tree's (a loop: trees are deep)."""
+        pairs = [(self, other)]
+        while pairs:
+            mine, theirs = pairs.pop()
+            mine.marked = mine.marked or theirs.marked
+            for name, child in theirs.children.items():
+                existing = mine.children.get(name)
+                if existing is None:
+                    mine.children[name] = child
+                else:
+                    pairs.append((existing, child))
         return self
 
     def paths(self, prefix: str = "") -> list[str]:
@@ -535,13 +569,6 @@ class RunState(PathTree):
         super().__init__()
         self.existed: bool | None = None  # unknown until the path's first record
         self.exists = True
-
-    def node(self, path: str) -> "RunState":
-        node = self
-        for part in path.strip("/").split("/"):
-            if part:
-                node = node.children.setdefault(part, RunState())
-        return node
 
     def first(self, path: str, existed: bool, exists: bool) -> None:
         n = self.node(path)
