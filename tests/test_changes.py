@@ -142,17 +142,17 @@ def test_squash_keeps_history_and_contents(root):
 
 
 def test_bad_input_changes_nothing(root):
-    ok(root, "run", "--name", "c", "busybox", "true")
-    ok(root, "wait", "c")
+    ok(root, "run", "--name", "cc", "busybox", "true")
+    ok(root, "wait", "cc")
     wait_for(lambda: not os.path.exists(os.path.join(root, "containers",
-                                                     ok(root, "inspect", "-f", "{{.Id}}", "c").strip(), "attach.sock")),
+                                                     ok(root, "inspect", "-f", "{{.Id}}", "cc").strip(), "attach.sock")),
              what="the supervisor to finish")
     before = snapshot(root)
     assert "No such container: ghost" in fails(root, "diff", "ghost")
     assert "No such container: ghost" in fails(root, "commit", "ghost")
-    fails(root, "commit", "c", "Bad::Name")
-    fails(root, "commit", "-c", "FROM scratch", "c")
-    assert "not an ancestor" in fails(root, "squash", "--from", ok(root, "commit", "c").strip(), "busybox")
+    fails(root, "commit", "cc", "Bad::Name")
+    fails(root, "commit", "-c", "FROM scratch", "cc")
+    assert "not an ancestor" in fails(root, "squash", "--from", ok(root, "commit", "cc").strip(), "busybox")
     assert "nothing to squash" in fails(root, "squash", "--from", "busybox", "busybox")
     after = {k: v for k, v in snapshot(root).items() if not k.startswith("images/") and not k.startswith("layers/")}
     assert {k: v for k, v in before.items() if not k.startswith("images/") and not k.startswith("layers/")} == after
