@@ -2,6 +2,11 @@
 
 Locks are flock(2), never fcntl record locks: a record lock vanishes when any
 fd on the file is closed, which library code does behind our back.
+
+Trees here can be deeper than Python's recursion limit and their paths longer
+than PATH_MAX (containers make them): walks are loops holding one directory fd,
+and a long path is opened a PATH_MAX-sized run at a time (`open_beneath`).
+Everything the store writes is its owner's alone (OWNER_ONLY).
 """
 from __future__ import annotations
 
@@ -13,9 +18,10 @@ import stat
 from typing import Iterator
 
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+OWNER_ONLY = 0o700  # the store's directories; its files keep at most the owner's bits of this
 
 
-def write_atomic(path: str, data: bytes, mode: int = 0o644) -> None:
+def write_atomic(path: str, data: bytes, mode: int = 0o600) -> None:
     """Replace `path` with `data` so a crash leaves either the old or the new file."""
     directory = os.path.dirname(path) or "."
     tmp = os.path.join(directory, f".tmp.{os.path.basename(path)}.{os.getpid()}")
@@ -42,7 +48,7 @@ def fsync_dir(path: str) -> None:
 @contextlib.contextmanager
 def flocked(path: str, exclusive: bool = True) -> Iterator[None]:
     """Hold a flock on `path` (created if missing) for the duration of the block."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
         yield
@@ -81,6 +87,56 @@ def descend(root_fd: int, steps, open_step) -> int:
     except BaseException:
         os.close(fd)
         raise
+
+
+def walk_host_dirs(top_fd: int, one_file_system: bool = False) -> Iterator[tuple[str, int]]:
+    """(relative path, fd) of every directory under `top_fd` ("" first), parents first,
+    never following a symlink; each fd is valid until the next step. Iterative, and by
+    fd: neither depth nor path length is a limit (os.fwalk recurses once per level in
+    Python 3.11), and one fd is held, whatever the width or the depth.
+    `one_file_system`: do not enter directories of other file systems (mounts)."""
+    device = os.fstat(top_fd).st_dev
+    last_path, last_fd = "", os.dup(top_fd)
+    stack = [""]
+    try:
+        while stack:
+            path = stack.pop()
+            if path != last_path:
+                head, _, name = path.rpartition("/")
+                if head == last_path:  # depth first: mostly a child of the directory before
+                    fd = os.open(name, DIR_FLAGS, dir_fd=last_fd)
+                else:
+                    fd = open_long_dir_beneath(top_fd, os.fsencode(path))
+                os.close(last_fd)
+                last_path, last_fd = path, fd
+            yield path, last_fd
+            with os.scandir(last_fd) as it:
+                subdirs = sorted(e.name for e in it if e.is_dir(follow_symlinks=False) and
+                                 (not one_file_system or e.stat(follow_symlinks=False).st_dev == device))
+            stack.extend(f"{path}/{name}" if path else name for name in reversed(subdirs))
+    finally:
+        os.close(last_fd)
+
+
+def tighten_tree(path: str, keep=lambda relpath: False) -> None:
+    """Make a tree its owner's alone: directories OWNER_ONLY, files without group, other,
+    setuid, setgid or sticky bits (except files `keep(relpath)` says must stay as they
+    are). `path` itself is changed last, so a crash half-way leaves it loose to retry."""
+    top_fd = os.open(path, DIR_FLAGS)
+    try:
+        for relpath, fd in walk_host_dirs(top_fd, one_file_system=True):
+            if relpath:
+                os.fchmod(fd, OWNER_ONLY)
+            with os.scandir(fd) as it:
+                for entry in it:
+                    if not entry.is_file(follow_symlinks=False):
+                        continue  # directories come from the walk; symlinks have no mode
+                    mode = stat.S_IMODE(entry.stat(follow_symlinks=False).st_mode)
+                    if mode & ~OWNER_ONLY and not keep(f"{relpath}/{entry.name}" if relpath else entry.name):
+                        os.chmod(entry.name, mode & OWNER_ONLY, dir_fd=fd)
+        os.fchmod(top_fd, OWNER_ONLY)
+    finally:
+        os.close(top_fd)
 
 
 def remove_tree(path: str) -> None:

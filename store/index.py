@@ -190,8 +190,9 @@ def build_index(dest: str, parent_index: str | None, diff_ids: list[str],
     tmp = dest + ".tmp"
     if os.path.exists(tmp):
         os.unlink(tmp)
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600))  # the owner's alone
     if parent_index is not None:
-        shutil.copyfile(parent_index, tmp)
+        shutil.copyfile(parent_index, tmp)  # (into the file made above: its mode stays)
         db = sqlite3.connect(tmp, isolation_level=None)
     else:
         db = sqlite3.connect(tmp, isolation_level=None)

@@ -29,7 +29,7 @@ import tarfile
 from typing import BinaryIO, Iterable, Iterator
 
 from .errors import BadArchive, StoreError, UnsafeArchive
-from .fsutil import DIR_FLAGS, open_dir_beneath, open_long_dir_beneath
+from .fsutil import DIR_FLAGS, OWNER_ONLY, open_dir_beneath, walk_host_dirs
 
 KINDS = ("dir", "file", "symlink", "hardlink", "char", "block", "fifo", "socket", "whiteout")
 WHITEOUT_PREFIX = ".wh."
@@ -112,7 +112,7 @@ def parent_of(path: str) -> str:
     return path.rpartition("/")[0]
 
 
-HOST_DIR_MODE = 0o700
+HOST_DIR_MODE = OWNER_ONLY
 
 
 def host_file_mode(mode: int) -> int:
@@ -566,32 +566,6 @@ def apply_directory(src: str, writer: LayerWriter) -> None:
                     writer.add(rel, entry_from_stat(st, "", {}))
     finally:
         os.close(top_fd)
-
-
-def walk_host_dirs(top_fd: int) -> Iterator[tuple[str, int]]:
-    """(relative path, fd) of every directory under `top_fd`, parents first, never
-    following a symlink; each fd is valid until the next step. Iterative, and by fd:
-    neither depth nor path length is a limit (os.fwalk recurses once per level in
-    Python 3.11), and only one fd is held, whatever the width or the depth."""
-    last_path, last_fd = "", os.dup(top_fd)
-    stack = [""]
-    try:
-        while stack:
-            path = stack.pop()
-            if path != last_path:
-                head, _, name = path.rpartition("/")
-                if head == last_path:  # depth first: mostly a child of the directory before
-                    fd = os.open(name, DIR_FLAGS, dir_fd=last_fd)
-                else:
-                    fd = open_long_dir_beneath(top_fd, os.fsencode(path))
-                os.close(last_fd)
-                last_path, last_fd = path, fd
-            yield path, last_fd
-            with os.scandir(last_fd) as it:
-                subdirs = sorted(e.name for e in it if e.is_dir(follow_symlinks=False))
-            stack.extend(f"{path}/{name}" if path else name for name in reversed(subdirs))
-    finally:
-        os.close(last_fd)
 
 
 def read_xattrs(fd: int) -> dict:

@@ -15,6 +15,13 @@ Layout under the root:
 Metadata is JSON, replaced atomically (temp file, fsync, rename) while the
 lock is held. Objects are content addressed and immutable, so a crash leaves
 at worst an unreferenced object, never a half-written one (invariant 7).
+
+Layer contents are never readable by other local users, whatever the mode of
+the root (which may be made beforehand, 0755): the store's subdirectories and
+all below them are 0700, files at most 0700 (store.layer: image modes are
+metadata). A store made before this rule is tightened when it is opened: its
+subdirectories, still loose, say so; they are changed last, so a crash
+half-way is finished at the next open.
 """
 from __future__ import annotations
 
@@ -22,11 +29,12 @@ import contextlib
 import json
 import os
 import re
+import stat
 import time
 from typing import TYPE_CHECKING, Callable, Iterator
 
 from .errors import NoSuchImage, StoreError
-from .fsutil import flocked, fsync_dir, remove_tree, write_atomic
+from .fsutil import OWNER_ONLY, flocked, fsync_dir, remove_tree, tighten_tree, write_atomic
 
 if TYPE_CHECKING:  # the layer and index modules load only where layers are made (CLI start-up time)
     from .layer import Entry, LayerWriter
@@ -37,6 +45,8 @@ REFERENCE_RE = re.compile(
     r"(?::(?P<tag>[\w][\w.-]{0,127}))?", re.ASCII)
 HEX_RE = re.compile(r"(?:sha256:)?([0-9a-f]{1,64})", re.ASCII)
 FULL_HEX_RE = re.compile(r"[0-9a-f]{64}", re.ASCII)
+SUBDIRS = ("tmp", "layers", "images", "containers")
+TOP_FILES = ("lock", "tags.json")
 
 
 def default_root() -> str:
@@ -98,13 +108,29 @@ class Store:
 
     def __init__(self, root: str | None = None):
         self.root = os.path.abspath(root or default_root())
-        for sub in ("", "tmp", "layers", "images", "containers"):
-            os.makedirs(os.path.join(self.root, sub), mode=0o700 if not sub else 0o755, exist_ok=True)
+        os.makedirs(self.root, mode=OWNER_ONLY, exist_ok=True)  # a root made beforehand keeps its mode
+        for sub in SUBDIRS:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(os.path.join(self.root, sub), OWNER_ONLY)
         self.lock_path = os.path.join(self.root, "lock")
         if not os.path.exists(self.lock_path):
             with flocked(self.lock_path):
                 pass
+        self._tighten_if_loose()
         self._remove_stale_staging()
+
+    def _tighten_if_loose(self) -> None:
+        """A store made before every part of it was its owner's alone: make it so."""
+        loose = [sub for sub in SUBDIRS if os.lstat(os.path.join(self.root, sub)).st_mode & ~OWNER_ONLY & 0o7777]
+        if not loose:
+            return
+        for name in TOP_FILES:
+            with contextlib.suppress(FileNotFoundError):
+                path = os.path.join(self.root, name)
+                os.chmod(path, stat.S_IMODE(os.lstat(path).st_mode) & OWNER_ONLY)
+        for sub in loose:
+            tighten_tree(os.path.join(self.root, sub),
+                         keep=container_runtime_file if sub == "containers" else lambda relpath: False)
 
     def _remove_stale_staging(self) -> None:
         """Staging left by a command that was killed (its pid is gone) is garbage."""
@@ -229,7 +255,7 @@ class Store:
         """Build a layer in `staging/layer` with `fill(writer)`, and digest it."""
         from .layer import LayerWriter, layer_digest, save_index
         layer_stage = os.path.join(staging, "layer")
-        os.mkdir(layer_stage, 0o755)
+        os.mkdir(layer_stage, OWNER_ONLY)
         writer = LayerWriter(layer_stage)
         try:
             fill(writer)
@@ -257,7 +283,7 @@ class Store:
         image_id = "sha256:" + hashlib.sha256(raw).hexdigest()
         image_stage = os.path.join(staging, "image")
         # built even when the image exists now: an rmi may remove it before the lock is ours
-        os.mkdir(image_stage, 0o755)
+        os.mkdir(image_stage, OWNER_ONLY)
         write_atomic(os.path.join(image_stage, "config.json"), raw)
         write_atomic(os.path.join(image_stage, "meta.json"), canonical_json({"parent": parent}))
         try:
@@ -368,6 +394,14 @@ class Store:
             used.update(self.image_config(i)["rootfs"]["diff_ids"])
         names = os.listdir(os.path.join(self.root, "layers"))
         return sorted(d for d in ("sha256:" + n for n in names) if d not in used)
+
+
+def container_runtime_file(relpath: str) -> bool:
+    """containers/<id>/runtime/*: hosts, hostname, resolv.conf, bind-mounted into the
+    container, whose users must read them (their directory can be 0700: a bind mount
+    does not go through the host path)."""
+    parts = relpath.split("/")
+    return len(parts) == 3 and parts[1] == "runtime"
 
 
 def new_image_config(diff_ids: list[str], history: list[dict], container_config: dict,

@@ -15,6 +15,7 @@ import time
 import pytest
 
 from store import Store
+from store.fsutil import remove_tree
 
 from .helpers import build_tar, member, run_strata
 from .test_changes import ok, root  # noqa: F401  (root: the fixture that removes containers)
@@ -31,11 +32,18 @@ READ_CHAIN = f"j=0; while [ $j -lt {DEPTH // 512} ]; do cd -P {STEP} || exit 1; 
 CHAIN_DIFF = [("A", "/d" * k) for k in range(1, DEPTH + 1)] + [("A", DEEP + "/f")]
 
 
+@pytest.fixture
+def deep_root(root):
+    yield root
+    remove_tree(root)  # pytest's clean-up of old temp dirs recurses once per level: it would fail
+
+
 def lines_of(text: str) -> list[tuple[str, str]]:
     return [tuple(line.split(" ", 1)) for line in text.splitlines()]
 
 
-def test_a_4096_deep_chain_through_diff_commit_squash_and_run(root):
+def test_a_4096_deep_chain_through_diff_commit_squash_and_run(deep_root):
+    root = deep_root
     ok(root, "run", "--name", "deep", "busybox", "sh", "-c", MAKE_CHAIN)
     assert lines_of(ok(root, "diff", "deep")) == CHAIN_DIFF
     assert lines_of(ok(root, "diff", "--full", "deep")) == CHAIN_DIFF
@@ -56,3 +64,171 @@ def test_a_4096_deep_chain_through_diff_commit_squash_and_run(root):
 
     assert ok(root, "run", "--rm", "deep:one", "sh", "-c", READ_CHAIN) == "x\n"
     assert ok(root, "run", "--rm", "deep:flat", "sh", "-c", READ_CHAIN) == "x\n"
+
+
+# -- 200,000 entries in one directory, made through the view API (no FUSE) ----------------
+
+ENTRIES = 200_000
+FILE_EVERY = 20  # every 20th entry a regular file with data, the rest symlinks (no host file)
+UNRECORDED = 10  # made last, their create records lost with a killed server: fsck finds them
+
+
+def make_wide_container(store: Store, image_id: str) -> str:
+    """A container whose upper layer has /wide with ENTRIES entries, as its server would
+    leave it when killed -9 just after making the last UNRECORDED of them."""
+    from store.containers import container_dir, create_container
+    from unionfs.storeview import make_view_factory
+    config = create_container(store, image_id, "wide", {"Cmd": ["sh"]})
+    upper = os.path.join(container_dir(store, config["Id"]), "upper")
+    view = make_view_factory(store, image_id, upper, run=1)()
+    view.caller = (os.getpid(), 0, 0)
+    wide = view.mkdir(1, b"wide", 0o755, 0, 0)
+    with view.upper.transaction():  # one commit for all (a server commits each): set-up speed only
+        for i in range(ENTRIES - UNRECORDED):
+            name = b"e%06d" % i
+            if i % FILE_EVERY:
+                view.symlink(wide.ino, name, b"target-%d" % i, 0, 0)
+            else:
+                _, fd = view.create(wide.ino, name, 0o644, os.O_RDWR, 0, 0)
+                view.write(fd, 0, name)
+                view.release(fd)
+    view.store_pending()
+    for i in range(ENTRIES - UNRECORDED, ENTRIES):
+        _, fd = view.create(wide.ino, b"e%06d" % i, 0o644, os.O_RDWR, 0, 0)
+        view.release(fd)
+    view.unrecorded_creates.clear()  # the server is killed before it stores its batch
+    view.pending_writes.clear()
+    view.close()
+    return upper
+
+
+def test_200000_entries_in_one_directory_through_fsck_diff_and_commit(root):
+    from store.busybox import ensure_busybox
+    from unionfs.journal import read_records
+    from unionfs.storeview import make_view_factory
+    store = Store(root)
+    image_id = ensure_busybox(store)
+    times = {}
+    started = time.monotonic()
+    upper = make_wide_container(store, image_id)
+    times["make"] = time.monotonic() - started
+
+    started = time.monotonic()
+    view = make_view_factory(store, image_id, upper, run=2)()  # fsck, as the next start runs it
+    times["fsck"] = time.monotonic() - started
+    try:
+        recovered = [r["path"] for r in read_records(view.upper.db) if r["detail"].get("recovered")]
+    finally:
+        view.close()
+    assert recovered == [f"/wide/e{i:06d}" for i in range(ENTRIES - UNRECORDED, ENTRIES)]
+
+    expected = ["A /wide"] + [f"A /wide/e{i:06d}" for i in range(ENTRIES)]
+    for label, args in (("diff", ("diff", "wide")), ("diff --full", ("diff", "--full", "wide"))):
+        started = time.monotonic()
+        assert ok(root, *args).splitlines() == expected, label
+        times[label] = time.monotonic() - started
+
+    started = time.monotonic()
+    committed = ok(root, "commit", "wide", "wide:1").strip()
+    times["commit"] = time.monotonic() - started
+    layer = json.loads(ok(root, "inspect", "-f", "{{json .RootFS}}", committed))["Layers"][-1]
+    entries = json.load(open(os.path.join(root, "layers", layer[7:], "index.json")))["entries"]
+    kinds = [e["kind"] for e in entries if e["path"].startswith("wide/")]
+    assert len(kinds) == ENTRIES and kinds.count("file") == ENTRIES // FILE_EVERY + UNRECORDED
+    started = time.monotonic()
+    assert ok(root, "diff", "busybox", "wide:1").splitlines() == expected
+    times["image diff"] = time.monotonic() - started
+    assert ok(root, "run", "--rm", "wide:1", "sh", "-c", "cat /wide/e000020; echo; ls /wide | wc -l").split() == \
+        ["e000020", str(ENTRIES)]
+    print("200,000 entries, seconds:", {k: round(v, 1) for k, v in times.items()})
+
+
+# -- the store's permissions ---------------------------------------------------------------
+
+SHADOW = b"root:$6$secret-hash:19000:0:99999:7:::\n"
+
+
+def as_nobody_cat(path: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "cat", path],
+                          capture_output=True)
+
+
+def loose_modes(root: str, keep=lambda path: False) -> list[str]:
+    """Paths under `root` (itself excluded) a local user other than the owner could use:
+    a directory not 0700, a file with group/other, setuid, setgid or sticky bits."""
+    out = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            mode = stat.S_IMODE(st.st_mode)
+            if stat.S_ISDIR(st.st_mode) and mode != 0o700 or stat.S_ISREG(st.st_mode) and mode & 0o7077:
+                if not keep(path):
+                    out.append(f"{os.path.relpath(path, root)} {mode:o}")
+    return out
+
+
+@pytest.fixture
+def shared_root():
+    """A store root made beforehand, 0755, in a place every local user can reach."""
+    import tempfile
+    top = tempfile.mkdtemp(prefix="strata-perms-", dir="/tmp")
+    os.chmod(top, 0o755)
+    root = os.path.join(top, "store")
+    os.mkdir(root, 0o755)
+    yield root
+    ids = run_strata(root, "ps", "-aq").stdout.decode().split()
+    if ids:
+        run_strata(root, "rm", "-f", *ids)
+    remove_tree(top)
+
+
+def import_secret_image(root: str) -> tuple[str, str]:
+    busybox = open("/bin/busybox", "rb").read()
+    members = [member("bin", "dir", mode=0o755), member("etc", "dir", mode=0o755), member("tmp", "dir", mode=0o1777),
+               member("bin/busybox", data=busybox, mode=0o755)]
+    members += [member(f"bin/{applet}", "hardlink", link="bin/busybox") for applet in ("sh", "cat", "stat")]
+    members += [member("etc/shadow", data=SHADOW, mode=0o640, gid=42),
+                member("bin/su", data=b"\x7fELF not really", mode=0o4755),
+                member("etc/passwd", data=b"root:x:0:0::/:/bin/sh\nnobody:x:65534:65534::/:/bin/sh\n")]
+    tar = os.path.join(os.path.dirname(root), "secret.tar")
+    with open(tar, "wb") as f:
+        f.write(build_tar(members))
+    image_id = ok(root, "import", tar, "secret:1").strip()
+    layer = json.loads(ok(root, "inspect", "-f", "{{json .RootFS}}", image_id))["Layers"][0]
+    return image_id, os.path.join(root, "layers", layer[7:], "root", "etc", "shadow")
+
+
+def test_layer_contents_are_never_readable_by_other_users(shared_root):
+    root = shared_root
+    _, shadow = import_secret_image(root)
+    assert open(shadow, "rb").read() == SHADOW  # the data is there, and its owner reads it
+    denied = as_nobody_cat(shadow)
+    assert denied.returncode != 0 and b"Permission denied" in denied.stderr
+    assert stat.S_IMODE(os.stat(root).st_mode) == 0o755  # the root keeps the mode it was made with
+    assert loose_modes(root) == []
+    # the image's modes are metadata: the container sees them
+    assert ok(root, "run", "--rm", "secret:1", "stat", "-c", "%a %g", "/etc/shadow", "/bin/su").split() == \
+        ["640", "42", "4755", "0"]
+
+
+def test_a_store_made_loose_is_tightened_when_opened(shared_root):
+    root = shared_root
+    _, shadow = import_secret_image(root)
+    ok(root, "run", "--name", "keeper", "--user", "65534", "secret:1", "sh", "-c", "cat /etc/hosts; echo s > /tmp/mine")
+    cdir = os.path.join(root, "containers", ok(root, "inspect", "-f", "{{.Id}}", "keeper").strip())
+    runtime = os.path.join(cdir, "runtime")
+    # the layout of a store from before: subdirectories 0755, data files 0644
+    subprocess.run(["chmod", "-R", "go+rX", root], check=True)
+    os.chmod(shadow, 0o644)
+    assert as_nobody_cat(shadow).stdout == SHADOW  # (what a local user could do then)
+
+    Store(root)  # any strata command opens it
+    assert as_nobody_cat(shadow).returncode != 0
+    for path in (os.path.join(cdir, "json.log"), os.path.join(cdir, "upper", "upper.db")):
+        assert as_nobody_cat(path).returncode != 0, path
+    assert loose_modes(root, keep=lambda path: os.path.dirname(path) == runtime) == []
+    # files bind-mounted into the container stay readable by its users
+    assert sorted(os.listdir(runtime)) == ["hostname", "hosts", "resolv.conf"]
+    assert all(os.stat(os.path.join(runtime, name)).st_mode & 0o004 for name in os.listdir(runtime))
+    assert "localhost" in ok(root, "start", "-a", "keeper")
