@@ -66,6 +66,41 @@ def test_a_4096_deep_chain_through_diff_commit_squash_and_run(deep_root):
     assert ok(root, "run", "--rm", "deep:flat", "sh", "-c", READ_CHAIN) == "x\n"
 
 
+def test_fsck_names_a_lost_create_below_4096_directories(store_root, tmp_path):
+    """The server killed before it stored the create of a file 4,200 levels down: fsck's
+    record (and diff's candidate) must carry the file's whole path."""
+    from store.busybox import ensure_busybox
+    from unionfs.journal import read_records
+    from unionfs.storeview import ContainerChanges, make_view_factory
+    store = Store(store_root)
+    image_id = ensure_busybox(store)
+    upper = str(tmp_path / "upper")
+    view = make_view_factory(store, image_id, upper, run=1)()
+    try:
+        view.caller = (os.getpid(), 0, 0)
+        parent = 1
+        for _ in range(4200):
+            parent = view.mkdir(parent, b"d", 0o755, 0, 0).ino
+        view.store_pending()
+        _, fd = view.create(parent, b"lost", 0o644, os.O_RDWR, 0, 0)
+        view.release(fd)
+        view.unrecorded_creates.clear()  # killed -9 before the batch was stored
+        deep_file = "/d" * 4200 + "/lost"
+        changes = ContainerChanges(store, image_id, upper)  # diff beside the live server
+        try:
+            assert [r["path"] for r in changes.waiting_creates()] == [deep_file]
+        finally:
+            changes.close()
+    finally:
+        view.close()
+    again = make_view_factory(store, image_id, upper, run=2)()
+    try:
+        assert [r["path"] for r in read_records(again.upper.db) if r["detail"].get("recovered")] == [deep_file]
+    finally:
+        again.close()
+    remove_tree(upper)
+
+
 # -- 200,000 entries in one directory, made through the view API (no FUSE) ----------------
 
 ENTRIES = 200_000
