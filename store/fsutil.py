@@ -91,7 +91,8 @@ def descend(root_fd: int, steps, open_step) -> int:
 
 def walk_host_dirs(top_fd: int, one_file_system: bool = False) -> Iterator[tuple[str, int]]:
     """(relative path, fd) of every directory under `top_fd` ("" first), parents first,
-    never following a symlink; each fd is valid until the next step. Iterative, and by
+    never following a symlink (a directory gone or replaced by then is skipped, as
+    os.fwalk does); each fd is valid until the next step. Iterative, and by
     fd: neither depth nor path length is a limit (os.fwalk recurses once per level in
     Python 3.11), and one fd is held, whatever the width or the depth.
     `one_file_system`: do not enter directories of other file systems (mounts)."""
@@ -103,10 +104,15 @@ def walk_host_dirs(top_fd: int, one_file_system: bool = False) -> Iterator[tuple
             path = stack.pop()
             if path != last_path:
                 head, _, name = path.rpartition("/")
-                if head == last_path:  # depth first: mostly a child of the directory before
-                    fd = os.open(name, DIR_FLAGS, dir_fd=last_fd)
-                else:
-                    fd = open_long_dir_beneath(top_fd, os.fsencode(path))
+                try:
+                    if head == last_path:  # depth first: mostly a child of the directory before
+                        fd = os.open(name, DIR_FLAGS, dir_fd=last_fd)
+                    else:
+                        fd = open_long_dir_beneath(top_fd, os.fsencode(path))
+                except OSError as e:
+                    if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                        continue  # removed, or replaced by a file or a symlink, since it was listed
+                    raise
                 os.close(last_fd)
                 last_path, last_fd = path, fd
             yield path, last_fd
@@ -126,14 +132,16 @@ def tighten_tree(path: str, keep=lambda relpath: False) -> None:
     try:
         for relpath, fd in walk_host_dirs(top_fd, one_file_system=True):
             if relpath:
-                os.fchmod(fd, OWNER_ONLY)
+                with contextlib.suppress(PermissionError):
+                    os.fchmod(fd, OWNER_ONLY)
             with os.scandir(fd) as it:
                 for entry in it:
                     if not entry.is_file(follow_symlinks=False):
                         continue  # directories come from the walk; symlinks have no mode
-                    mode = stat.S_IMODE(entry.stat(follow_symlinks=False).st_mode)
-                    if mode & ~OWNER_ONLY and not keep(f"{relpath}/{entry.name}" if relpath else entry.name):
-                        os.chmod(entry.name, mode & OWNER_ONLY, dir_fd=fd)
+                    with contextlib.suppress(FileNotFoundError, PermissionError):  # gone; not ours
+                        mode = stat.S_IMODE(entry.stat(follow_symlinks=False).st_mode)
+                        if mode & ~OWNER_ONLY and not keep(f"{relpath}/{entry.name}" if relpath else entry.name):
+                            os.chmod(entry.name, mode & OWNER_ONLY, dir_fd=fd)
         os.fchmod(top_fd, OWNER_ONLY)
     finally:
         os.close(top_fd)
