@@ -95,7 +95,7 @@ class JsonLog:
 
     def __init__(self, path: str, max_bytes: int, max_files: int):
         self.path, self.max_bytes, self.max_files = path, max_bytes, max_files
-        self.f = open(path, "ab")
+        self.f = self._open()
         self.pending = {STDOUT: b"", STDERR: b""}
 
     def write(self, stream: int, data: bytes) -> None:
@@ -129,23 +129,34 @@ class JsonLog:
                 os.replace(src, f"{self.path}.{n}")
         if self.max_files <= 1:
             os.unlink(self.path)
-        self.f = open(self.path, "ab")
+        self.f = self._open()
+
+    def _open(self):
+        return os.fdopen(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600), "ab")
 
 
 # -- steps 2-4 ------------------------------------------------------------------------
 
 def write_runtime_files(runtime: str, hostname: str) -> None:
-    os.makedirs(runtime, exist_ok=True)
-    with open(os.path.join(runtime, "hostname"), "w") as f:
-        f.write(hostname + "\n")
-    with open(os.path.join(runtime, "hosts"), "w") as f:
-        f.write(f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{hostname}\n")
+    """/etc/hostname, /etc/hosts and /etc/resolv.conf, rewritten at every start.
+
+    They stay readable by the container's users (0644; their directory is 0700, and a
+    bind mount does not go through it), and get that mode back each time: root inside
+    can chmod them, and a setuid bit it left must not last."""
+    os.makedirs(runtime, mode=0o700, exist_ok=True)
     try:
         resolv = open("/etc/resolv.conf").read()
     except OSError:
         resolv = ""
-    with open(os.path.join(runtime, "resolv.conf"), "w") as f:
-        f.write(resolv)
+    contents = {"hostname": hostname + "\n",
+                "hosts": f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{hostname}\n",
+                "resolv.conf": resolv}
+    for name, text in contents.items():
+        fd = os.open(os.path.join(runtime, name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o644)
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(fd, 0o644)
+            f.write(text)
 
 
 def load_event_loop_modules() -> None:
@@ -192,7 +203,7 @@ def main(root: str, container_id: str, wait_attach: bool) -> int:
     state.update(Status="starting", SupervisorPid=os.getpid(), Pid=0, Error="")
     write_state(store, container_id, state)
     rootfs = os.path.join(cdir, "rootfs")
-    os.makedirs(rootfs, exist_ok=True)
+    os.makedirs(rootfs, mode=0o700, exist_ok=True)
     runtime = os.path.join(cdir, "runtime")
     write_runtime_files(runtime, config["Hostname"])
 

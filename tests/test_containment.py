@@ -128,6 +128,14 @@ def test_a_setuid_program_planted_in_a_host_file_gives_nothing(strata):
         assert options and {"nosuid", "nodev", "noexec"} <= set(options[0]), (target, options)
     root_options = [line.split()[5].split(",") for line in mounts if line.split()[4] == "/"][0]
     assert {"nosuid", "nodev"} <= set(root_options)
+    # on the host the setuid file sits where no other user reaches it, and the next
+    # start gives it its mode back
+    cdir = os.path.join(strata.root, "containers", json.loads(strata.ok("inspect", "jail"))[0]["Id"])
+    assert os.stat(os.path.join(cdir, "runtime", "hosts")).st_mode & 0o7777 == 0o4755
+    for path in (cdir, os.path.join(cdir, "runtime")):
+        assert os.stat(path).st_mode & 0o777 == 0o700, path
+    strata.ok("restart", "-t", "1", "jail")
+    assert os.stat(os.path.join(cdir, "runtime", "hosts")).st_mode & 0o7777 == 0o644
 
 
 def test_no_host_device_can_be_made_or_opened(strata):

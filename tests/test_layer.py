@@ -40,7 +40,7 @@ def test_metadata_lives_in_the_index_not_on_the_host(tmp_path):
     idx, root = apply(tmp_path, data)
     su = idx["bin/su"]
     assert (su.kind, su.mode, su.uid) == ("file", 0o4755, 0)
-    assert stat.S_IMODE(os.stat(root / "bin/su").st_mode) == 0o755  # no setuid on the host
+    assert stat.S_IMODE(os.stat(root / "bin/su").st_mode) == 0o700  # owner only, no setuid on the host
     assert (idx["home/alice/notes"].uid, idx["home/alice/notes"].gid) == (1000, 1000)
     assert idx["dev/null"].kind == "char" and idx["dev/null"].rdev == os.makedev(1, 3)
     assert idx["dev/sda"].kind == "block"

@@ -153,11 +153,12 @@ class IndexLower(LowerSource):
         return row[:8] + (decode_xattrs(row[8]),)
 
     def path_of(self, ino: int) -> bytes | None:
-        parts = []
-        while ino != 1 and len(parts) < 4096:
+        parts, seen = [], set()
+        while ino != 1:
             row = self.db.execute("SELECT parent, name FROM dirents WHERE ino=? LIMIT 1", (ino,)).fetchone()
-            if row is None:
+            if row is None or ino in seen:  # not in the image, or a corrupt index's cycle
                 return None
+            seen.add(ino)
             ino = row[0]
             parts.append(bytes(row[1]))
         return b"/" + b"/".join(reversed(parts))

@@ -104,9 +104,11 @@ class UpperLayer:
     """Persistence of the upper layer. The view keeps the working copy in memory."""
 
     def __init__(self, path: str, first_free_ino: int):
-        os.makedirs(os.path.join(path, "data"), exist_ok=True)
+        os.makedirs(os.path.join(path, "data"), mode=0o700, exist_ok=True)
         self.path = path
         self.data_fd = os.open(os.path.join(path, "data"), DIR_FLAGS)
+        # owner only: SQLite gives its -wal and -shm files the database file's mode
+        os.close(os.open(os.path.join(path, "upper.db"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600))
         self.db = sqlite3.connect(os.path.join(path, "upper.db"), isolation_level=None,
                                   check_same_thread=False)
         self.db.execute("PRAGMA journal_mode=WAL")

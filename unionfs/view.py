@@ -198,9 +198,10 @@ class UnionView:
     def path_of(self, n: Node) -> bytes:
         """The path the kernel last reached `n` by (the lower path if it never did)."""
         parts = []
-        for _ in range(4096):  # deeper than PATH_MAX allows: a loop would be a bug, not a hang
-            if n.ino == 1:
-                break
+        limit = len(self.nodes) + 1  # more steps than nodes: a cycle, a bug to report, not a hang
+        while n.ino != 1:
+            if len(parts) > limit:
+                raise RuntimeError(f"inode {n.ino}: its parents form a cycle")
             if n.name is None or n.parent is None:
                 lower_path = self.lower.path_of(n.lower_ino) if n.lower_ino is not None else None
                 parts.append(lower_path.lstrip(b"/") if lower_path is not None else b"?%d" % n.ino)
