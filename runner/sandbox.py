@@ -180,6 +180,9 @@ def enter_container(spec: dict, sync_read: int, stdio: tuple[int, int, int], sta
     try:
         # step 1 (child, as the supervisor's user-namespace root): die with the supervisor
         prctl.set_pdeathsig(signal.SIGKILL)
+        # step 1b: the syscall filter, compiled while the supervisor mounts the FUSE root
+        # (the host's libseccomp and profile are in reach; pid 1 inherits it)
+        syscalls_allowed = syscall_filter(spec)
         # step 2: sync 1 - wait until the supervisor serves the FUSE root
         if os.read(sync_read, 1) != b"1":
             os._exit(125)
@@ -198,7 +201,6 @@ def enter_container(spec: dict, sync_read: int, stdio: tuple[int, int, int], sta
             _, status = os.waitpid(pid, 0)
             os._exit(exit_code(status))
         prctl.set_pdeathsig(signal.SIGKILL)
-        syscalls_allowed = syscall_filter(spec)
         setup_pid1(spec, stdio)
         exec_command(spec, fail, status_write, syscalls_allowed)
     except Exception as e:  # anything before exec is strata's failure: 125
