@@ -87,7 +87,7 @@ def attach(sock_path: str, with_stdin: bool, tty: bool, detach_keys: bytes, forw
 
 
 def _relay(sock: socket.socket, stdin_fd: int | None, detach_keys: bytes):
-    sel = selectors.DefaultSelector()
+    sel = selectors.PollSelector()  # poll, not epoll: stdin may be a regular file
     sel.register(sock, selectors.EVENT_READ, "sock")
     if stdin_fd is not None:
         sel.register(stdin_fd, selectors.EVENT_READ, "stdin")

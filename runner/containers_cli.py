@@ -418,12 +418,20 @@ def cmd_exec(args, store: Store) -> int:
         if os.readlink(path) != os.readlink(f"/proc/self/ns/{ns}"):
             fds[ns] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     console_ours = console_theirs = None
+    pipes = None
     if args.tty:  # a terminal from the container's devpts; its master comes back to relay
         import socket
         console_ours, console_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    else:  # pipes, relayed here: no fd of the caller's (a terminal, a file) reaches the container
+        pipes = [os.pipe() for _ in range(3)]
     child = os.fork()
     if child == 0:
         try:
+            if pipes is not None:
+                for target, (read_end, write_end) in enumerate(pipes):
+                    os.dup2(read_end if target == 0 else write_end, target)
+                for fd in {fd for pair in pipes for fd in pair}:
+                    os.close(fd)
             import prctl
             prctl.set_dumpable(False)  # CVE-2019-5736: nothing in the container may open our memory
             prctl.set_pdeathsig(signal.SIGKILL)
@@ -440,8 +448,8 @@ def cmd_exec(args, store: Store) -> int:
                 _, status = os.waitpid(grandchild, 0)
                 os._exit(sandbox.exit_code(status))
 
+            os.setsid()  # no controlling terminal of the caller's: no TIOCSTI into its shell
             if console_theirs is not None:
-                os.setsid()
                 sandbox.take_terminal(console_theirs)
 
             def fail(code, message):
@@ -454,6 +462,11 @@ def cmd_exec(args, store: Store) -> int:
             os._exit(125)
     for fd in fds.values():
         os.close(fd)
+    if pipes is not None:
+        os.close(pipes[0][0])
+        os.close(pipes[1][1])
+        os.close(pipes[2][1])
+        relay_pipes(pipes[0][1], pipes[1][0], pipes[2][0], child)
     if console_ours is not None:
         import socket
         console_theirs.close()
@@ -463,6 +476,73 @@ def cmd_exec(args, store: Store) -> int:
             relay_terminal(received[0], child)
     _, status = os.waitpid(child, 0)  # EINTR is retried by Python (PEP 475)
     return sandbox.exit_code(status)
+
+
+def relay_pipes(stdin_w: int, stdout_r: int, stderr_r: int, child: int) -> None:
+    """This process's stdio to and from the exec'd command's pipes, as `docker exec`
+    without -t does, until the command exits (what it left running in the background
+    may keep the pipes open: what is in them then is passed on, and no more)."""
+    import selectors
+    sel = selectors.PollSelector()  # poll, not epoll: stdin may be a regular file
+    exited = os.pidfd_open(child)
+    sel.register(exited, selectors.EVENT_READ, "exited")
+    outputs = {stdout_r: 1, stderr_r: 2}
+    for fd in outputs:
+        sel.register(fd, selectors.EVENT_READ, "output")
+    try:
+        sel.register(0, selectors.EVENT_READ, "stdin")
+        os.set_blocking(stdin_w, False)
+    except (OSError, ValueError):  # no stdin to pass on
+        os.close(stdin_w)
+        stdin_w = -1
+    pending = b""
+    try:
+        while outputs:
+            for key, _ in sel.select():
+                if key.data == "exited":
+                    for fd, target in outputs.items():
+                        pass_on_what_is_there(fd, target)
+                    return
+                if key.data == "output":
+                    data = os.read(key.fd, 65536)
+                    if data:
+                        os.write(outputs[key.fd], data)
+                    else:
+                        sel.unregister(key.fd)
+                        del outputs[key.fd]
+                elif key.data == "stdin":  # read a chunk only when the last one is written
+                    pending = os.read(0, 65536)
+                    sel.unregister(0)
+                    if pending:
+                        sel.register(stdin_w, selectors.EVENT_WRITE, "stdin_w")
+                    else:
+                        os.close(stdin_w)
+                        stdin_w = -1
+                else:
+                    try:
+                        pending = pending[os.write(stdin_w, pending):]
+                    except OSError:  # the command closed its stdin: the rest goes nowhere
+                        pending = b""
+                    if not pending:
+                        sel.unregister(stdin_w)
+                        sel.register(0, selectors.EVENT_READ, "stdin")
+    finally:
+        sel.close()
+        for fd in (exited, stdout_r, stderr_r, stdin_w):
+            if fd >= 0:
+                os.close(fd)
+
+
+def pass_on_what_is_there(fd: int, target: int) -> None:
+    os.set_blocking(fd, False)
+    while True:
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            return
+        if not data:
+            return
+        os.write(target, data)
 
 
 def relay_terminal(master: int, child: int) -> None:

@@ -7,6 +7,7 @@
  *   probe keyread SERIAL  read a key by serial number (a key of the caller's host session)
  *   probe session         the serial of this process's session keyring
  *   probe ids             real and effective uid and the effective capabilities
+ *   probe tiocsti FD TEXT push TEXT into the input of the terminal on FD (TIOCSTI)
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -15,6 +16,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/mount.h>
 #include <sys/ptrace.h>
 #include <sys/syscall.h>
@@ -92,6 +94,14 @@ static int ids(void) {
     return 0;
 }
 
+static int tiocsti(int fd, const char *text) {
+    long result = 0;
+    for (; *text && result == 0; text++)
+        result = ioctl(fd, TIOCSTI, text);
+    report("tiocsti", result);
+    return 0;
+}
+
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
     if (argc >= 2 && !strcmp(argv[1], "syscalls"))
@@ -104,6 +114,8 @@ int main(int argc, char **argv) {
     }
     if (argc == 2 && !strcmp(argv[1], "ids"))
         return ids();
-    fprintf(stderr, "usage: probe syscalls [PID] | keyread SERIAL | session | ids\n");
+    if (argc == 4 && !strcmp(argv[1], "tiocsti"))
+        return tiocsti(atoi(argv[2]), argv[3]);
+    fprintf(stderr, "usage: probe syscalls [PID] | keyread SERIAL | session | ids | tiocsti FD TEXT\n");
     return 2;
 }

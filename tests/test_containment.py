@@ -252,3 +252,37 @@ def test_the_syscall_filter_refuses_and_can_be_replaced(strata):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.decode().split() == ["mkdir=1", "hi"]
     assert "Operation not permitted" in proc.stderr.decode()
+
+
+def test_exec_hands_the_container_no_fd_of_the_callers(strata):
+    """`exec` without -t relays pipes, as `docker exec` does: the caller's terminal is
+    out of reach (no TIOCSTI into its shell) and so are its files (no chmod through
+    /proc/self/fd)."""
+    import fcntl
+    import termios
+    strata.ok("run", "-d", "--name", "target", "probe", "sleep", "600")
+    master, slave = os.openpty()
+    out_path = os.path.join(strata.scratch, "exec-output")
+    try:
+        with open(out_path, "wb") as out:
+            os.fchmod(out.fileno(), 0o644)
+
+            def controlling_terminal():  # the caller is a shell on this terminal
+                os.setsid()
+                fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+            proc = subprocess.run(strata.command("exec", "target", "sh", "-c",
+                                                 "probe tiocsti 0 'echo injected\n'; ls -l /proc/self/fd/;"
+                                                 "chmod 6777 /proc/self/fd/1"),
+                                  stdin=slave, stdout=out, stderr=subprocess.PIPE, env=strata.env, cwd="/",
+                                  timeout=60, preexec_fn=controlling_terminal)
+        assert proc.returncode == 0, proc.stderr
+        output = open(out_path).read()
+        assert "tiocsti=ENOTTY" in output
+        assert output.count("pipe:") == 3, output
+        assert os.stat(out_path).st_mode & 0o7777 == 0o644
+        os.set_blocking(slave, False)
+        with pytest.raises(BlockingIOError):  # nothing was pushed into the terminal's input
+            print(os.read(slave, 100))
+    finally:
+        os.close(master)
+        os.close(slave)

@@ -428,3 +428,20 @@ def test_exec_with_a_terminal(strata_root):
     session.expect(b"exit-7")
     assert b"/dev/pts/" in session.output  # a terminal of the container's own devpts
     assert session.wait() == 3
+
+
+def test_stdin_from_a_regular_file(strata_root, tmp_path):
+    """`run -i < file` and `exec < file`: epoll refuses regular files, poll does not."""
+    data = tmp_path / "input"
+    data.write_bytes(b"line\n" * 50000)
+    with open(data, "rb") as f:
+        proc = subprocess.run([sys.executable, "-m", "runner", "run", "-i", "--rm", "busybox", "wc", "-l"], stdin=f,
+                              capture_output=True, env=dict(os.environ, STRATA_ROOT=strata_root, PYTHONPATH=REPO),
+                              cwd=REPO, timeout=60)
+    assert (proc.returncode, proc.stdout.split()) == (0, [b"50000"]), proc.stderr
+    ok(strata(strata_root, "run", "-d", "--name", "reader", "busybox", "sleep", "600"))
+    with open(data, "rb") as f:
+        proc = subprocess.run([sys.executable, "-m", "runner", "exec", "reader", "wc", "-l"], stdin=f,
+                              capture_output=True, env=dict(os.environ, STRATA_ROOT=strata_root, PYTHONPATH=REPO),
+                              cwd=REPO, timeout=60)
+    assert (proc.returncode, proc.stdout.split()) == (0, [b"50000"]), proc.stderr
