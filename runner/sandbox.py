@@ -40,6 +40,7 @@ import traceback
 import prctl  # imported here: after pivot_root the host's modules are out of reach
 
 from . import capabilities
+from . import inroot
 from . import seccomp
 from . import syscalls as sc
 from .syscalls import MS_BIND, MS_NODEV, MS_NOEXEC, MS_NOSUID, MS_PRIVATE, MS_RDONLY, MS_REC, MS_SLAVE
@@ -92,16 +93,19 @@ def container_mounts(runtime_dir: str, fresh_sysfs: bool) -> list[Mount]:
     return mounts
 
 
-def apply_mount(root: str, m: Mount) -> None:
-    target = root + m.target
-    if m.kind == "file" and not os.path.exists(target):
-        os.makedirs(os.path.dirname(target), exist_ok=True)
-        open(target, "a").close()
-    elif m.kind == "dir":
-        os.makedirs(target, exist_ok=True)
-    sc.mount(m.source, target, m.fstype, m.flags, m.data)
+def apply_mount(root_fd: int, m: Mount) -> None:
+    """`m`, onto its target as the container resolves it (runner.inroot: never a host path)."""
+    target = inroot.open_target(root_fd, m.target, m.kind)
+    try:
+        sc.mount(m.source, f"/proc/self/fd/{target}", m.fstype, m.flags, m.data)
+    finally:
+        os.close(target)
     if m.attrs:
-        sc.mount_setattr(target, m.attrs, m.recursive)
+        mounted = inroot.open_resolved(root_fd, m.target)  # now the new mount's root
+        try:
+            sc.mount_setattr(mounted, m.attrs, m.recursive)
+        finally:
+            os.close(mounted)
 
 
 def mask_paths() -> None:
@@ -222,15 +226,18 @@ def setup_pid1(spec: dict, stdio: tuple[int, int, int]) -> None:
     socket.sethostname(spec["hostname"])
     # step 6: the mounts, all under the new root while the host /proc is still visible
     sc.mount(root, root, None, MS_BIND | MS_REC)  # the root must be a mount point for pivot_root
+    root_fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     fresh_sysfs = spec.get("network") == "none" or not spec.get("rootless")
     for m in container_mounts(spec["runtime_dir"], fresh_sysfs):
-        apply_mount(root, m)
-    ptmx = os.path.join(root, "dev", "ptmx")
-    if not os.path.lexists(ptmx):
-        os.symlink("pts/ptmx", ptmx)
-    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+        apply_mount(root_fd, m)
+    dev = inroot.open_resolved(root_fd, "/dev")  # the tmpfs just mounted there
+    dev_dir = os.open(f"/proc/self/fd/{dev}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    os.close(dev)
+    for name, target in (("ptmx", "pts/ptmx"), ("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
                          ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
-        os.symlink(target, os.path.join(root, "dev", name))
+        os.symlink(target, name, dir_fd=dev_dir)
+    os.close(dev_dir)
+    os.close(root_fd)
     # step 7: pivot_root into the mount, old root detached
     os.chdir(root)
     sc.pivot_root(".", ".")

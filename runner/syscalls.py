@@ -39,6 +39,10 @@ PR_SET_NO_NEW_PRIVS = 38
 SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41}.get(platform.machine(), 155)
 SYS_KEYCTL = {"x86_64": 250, "aarch64": 219}.get(platform.machine(), 250)
 SYS_MOUNT_SETATTR = 442  # the same number on every architecture
+SYS_OPENAT2 = 437  # the same number on every architecture
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_IN_ROOT = 0x10
+AT_EMPTY_PATH = 0x1000
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_char_p]
@@ -83,13 +87,31 @@ class _MountAttr(ctypes.Structure):
                 ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
 
 
-def mount_setattr(target: str, attr_set: int, recursive: bool = False) -> None:
-    """Add mount flags to `target` and, with `recursive`, to every mount below it (a
-    MS_REMOUNT|MS_BIND changes only the top mount, MS_REC or not)."""
+def mount_setattr(target: str | int, attr_set: int, recursive: bool = False) -> None:
+    """Add mount flags to `target` (a path, or an fd of the mount's root) and, with
+    `recursive`, to every mount below it (a MS_REMOUNT|MS_BIND changes only the top
+    mount, MS_REC or not)."""
     attr = _MountAttr(attr_set, 0, 0, 0)
     flags = AT_RECURSIVE if recursive else 0
-    _check(_libc.syscall(SYS_MOUNT_SETATTR, -100, _b(target), flags, ctypes.byref(attr),
-                         ctypes.sizeof(attr)), f"mount_setattr {target}")
+    if isinstance(target, int):
+        dirfd, path, flags = target, b"", flags | AT_EMPTY_PATH
+    else:
+        dirfd, path = -100, _b(target)
+    _check(_libc.syscall(SYS_MOUNT_SETATTR, dirfd, path, flags, ctypes.byref(attr), ctypes.sizeof(attr)),
+           f"mount_setattr {target}")
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+def openat2(dirfd: int, path: str, flags: int, resolve: int, mode: int = 0) -> int:
+    how = _OpenHow(flags | os.O_CLOEXEC, mode, resolve)
+    fd = _libc.syscall(SYS_OPENAT2, dirfd, _b(path), ctypes.byref(how), ctypes.sizeof(how))
+    if fd < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), path)
+    return fd
 
 
 def join_new_session_keyring() -> None:

@@ -286,3 +286,34 @@ def test_exec_hands_the_container_no_fd_of_the_callers(strata):
     finally:
         os.close(master)
         os.close(slave)
+
+
+def test_symlinks_planted_at_mount_targets_stay_in_the_container(strata):
+    """/etc/hostname and /etc/resolv.conf made symlinks to host paths by a container
+    (for its next start), or shipped so in an image: the mounts resolve them inside
+    the container's root, and nothing appears on the host."""
+    from .helpers import build_tar, member
+    made_on_host = [os.path.join(strata.scratch, name) for name in ("planted-hostname", "planted-resolv")]
+    plant = (f"mv /etc /etc.old && mkdir /etc && cp /etc.old/passwd /etc.old/group /etc/ && "
+             f"ln -s {made_on_host[0]} /etc/hostname && ln -s {made_on_host[1]} /etc/resolv.conf")
+    show = f"cat /etc/hostname {made_on_host[0]}; ls {made_on_host[1]}"
+    strata.ok("run", "--name", "planter", "--hostname", "inside", "probe", "sh", "-c",
+              f"if test -L /etc/hostname; then {show}; else {plant}; fi")
+    assert strata.ok("start", "-a", "planter").split() == ["inside", "inside", made_on_host[1]]
+    # an image: the same links, and /etc/hosts pointing at a device
+    with open("/bin/busybox", "rb") as f:
+        busybox = f.read()
+    tar = os.path.join(strata.scratch, "planted.tar")
+    with open(tar, "wb") as f:
+        f.write(build_tar([member("bin", "dir", mode=0o755), member("bin/busybox", data=busybox, mode=0o755),
+                           member("bin/sh", "symlink", link="busybox"), member("bin/cat", "symlink", link="busybox"),
+                           member("etc", "dir", mode=0o755),
+                           member("etc/hostname", "symlink", link=made_on_host[0]),
+                           member("etc/resolv.conf", "symlink", link=made_on_host[1]),
+                           member("etc/hosts", "symlink", link="/dev/zero")]))
+    os.chmod(tar, 0o644)
+    strata.ok("import", tar, "planted")
+    proc = strata("run", "--rm", "planted", "cat", "/etc/hostname")
+    assert proc.returncode == 125 and b"/etc/hosts in the container is not a regular file" in proc.stderr, proc
+    for path in made_on_host:
+        assert not os.path.lexists(path), path
