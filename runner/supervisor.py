@@ -5,8 +5,8 @@
 
 Steps, in order (DESIGN.md, process model); each names the process it runs in:
   1. supervisor: user namespace when not root (newuidmap ranges from
-     /etc/subuid when they exist, else a single mapping), then a private
-     mount namespace;
+     /etc/subuid when they exist, else a single mapping), then a mount
+     namespace that is a slave of the host's;
   2. supervisor: stdio (a pty for -t, pipes otherwise) and the child forked
      before any thread or event loop exists; the child waits on sync 1;
   3. supervisor: the FUSE root mounted and served on a trio loop; then sync 1
@@ -212,7 +212,9 @@ def main(root: str, container_id: str, wait_attach: bool) -> int:
     if rootless:
         enter_user_namespace()
     sc.unshare(sc.CLONE_NEWNS)
-    sc.mount(None, "/", None, sc.MS_REC | sc.MS_PRIVATE)
+    # a slave of the host's: it receives the host's unmounts (a private copy would pin
+    # every host mount for as long as the container runs) and sends nothing back
+    sc.mount(None, "/", None, sc.MS_REC | sc.MS_SLAVE)
 
     # step 2 (supervisor): stdio, then the child, before any thread exists
     tty = bool(config.get("Tty"))

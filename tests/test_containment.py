@@ -317,3 +317,32 @@ def test_symlinks_planted_at_mount_targets_stay_in_the_container(strata):
     assert proc.returncode == 125 and b"/etc/hosts in the container is not a regular file" in proc.stderr, proc
     for path in made_on_host:
         assert not os.path.lexists(path), path
+
+
+def test_a_host_unmount_reaches_the_running_containers_namespaces(strata):
+    """The supervisor's mount namespace is a slave of the host's: a host filesystem
+    unmounted while a container runs is gone from it too, not pinned. (These VMs mount
+    everything private; a distribution's systemd makes / shared, as the parent here is.)"""
+    from .mounts import wait_for
+    parent = os.path.join(strata.scratch, "shared-parent")
+    inner = os.path.join(parent, "inner")
+    os.mkdir(parent)
+    subprocess.run(["mount", "--bind", parent, parent], check=True)
+    try:
+        subprocess.run(["mount", "--make-shared", parent], check=True)
+        os.mkdir(inner)
+        subprocess.run(["mount", "-t", "tmpfs", "strata-pin-test", inner], check=True)
+        try:
+            strata.ok("run", "-d", "--name", "pinner", "probe", "sleep", "600")
+            cid = json.loads(strata.ok("inspect", "pinner"))[0]["Id"]
+            with open(os.path.join(strata.root, "containers", cid, "state.json")) as f:
+                supervisor = json.load(f)["SupervisorPid"]
+            with open(f"/proc/{supervisor}/mountinfo") as f:
+                assert inner in f.read()  # the premise: the namespace has its copy
+        finally:
+            subprocess.run(["umount", inner], check=True)
+        wait_for(lambda: inner not in open(f"/proc/{supervisor}/mountinfo").read(),
+                 what="the unmount to reach the supervisor's namespace")
+    finally:
+        strata("rm", "-f", "pinner")
+        subprocess.run(["umount", parent], check=True)
