@@ -53,10 +53,16 @@ def cmd_diff(args, store: Store) -> int:
             json.dump(described, sys.stdout, indent=2)
             sys.stdout.write("\n")
         else:
-            sys.stdout.write("".join(f"{kind} {path}\n" for kind, path in found))
+            print_changes(found, sys.stdout)
     finally:
         changes.close()
     return 0
+
+
+def print_changes(found, out) -> None:
+    """Docker's `diff` lines, one per change, whatever the container named its files."""
+    from .fmt import terminal_safe
+    out.write("".join(f"{kind} {terminal_safe(path)}\n" for kind, path in found))
 
 
 def diff_images(args, store: Store) -> int:
@@ -69,7 +75,7 @@ def diff_images(args, store: Store) -> int:
             json.dump(describe_changes(before, after, found), sys.stdout, indent=2)
             sys.stdout.write("\n")
         else:
-            sys.stdout.write("".join(f"{kind} {path}\n" for kind, path in found))
+            print_changes(found, sys.stdout)
     finally:
         before.close()
         after.close()

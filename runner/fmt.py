@@ -74,8 +74,32 @@ def docker_time(text: str) -> str:
     return when.strftime("%Y-%m-%d %H:%M:%S +0000 UTC") if when else ""
 
 
+# what a container names (files, processes) reaches the admin's terminal: control
+# characters would move the cursor, retitle the window or fake a line of output
+_UNSAFE = {c: f"\\x{c:02x}" for c in list(range(0x20)) + list(range(0x7f, 0xa0))}
+_UNSAFE.update({ord("\\"): "\\\\", ord("\n"): "\\n", ord("\t"): "\\t", ord("\r"): "\\r"})
+
+
+def terminal_safe(text: str) -> str:
+    """`text` with backslashes, control characters and undecodable bytes escaped (\\n,
+    \\x1b, \\xff), so that one name is one line and moves no cursor."""
+    if text.isprintable() and "\\" not in text:
+        return text
+    return "".join(_escaped(c) for c in text)
+
+
+def _escaped(c: str) -> str:
+    code = ord(c)
+    if code in _UNSAFE:
+        return _UNSAFE[code]
+    if 0xdc80 <= code <= 0xdcff:  # a byte that is not UTF-8 (surrogateescape)
+        return f"\\x{code - 0xdc00:02x}"
+    return c if c.isprintable() else f"\\u{code:04x}"
+
+
 def print_table(headers: list[str], rows: list[list[str]], out) -> None:
-    """Columns padded like Go's tabwriter with padding 3."""
+    """Columns padded like Go's tabwriter with padding 3; cells made terminal-safe."""
+    rows = [[terminal_safe(cell) for cell in row] for row in rows]
     widths = [len(h) for h in headers]
     for row in rows:
         for i, cell in enumerate(row):

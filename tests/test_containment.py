@@ -346,3 +346,20 @@ def test_a_host_unmount_reaches_the_running_containers_namespaces(strata):
     finally:
         strata("rm", "-f", "pinner")
         subprocess.run(["umount", parent], check=True)
+
+
+def test_names_from_inside_reach_the_terminal_escaped(strata):
+    """A file named with a newline cannot fake a diff line, and escape sequences in
+    file names or command lines do not reach the terminal of whoever reads them."""
+    make = ("mkdir -p \"/x$(printf '\\nD ')/etc\" && touch \"/x$(printf '\\nD ')/etc/shadow\" && "
+            "touch \"/$(printf '\\033[2J')clear\" && "
+            "sh -c 'sleep 600; true' \"$(printf '\\033]0;pwn\\007')\"")
+    strata.ok("run", "-d", "--name", "namer", "probe", "sh", "-c", make)
+    from .mounts import wait_for
+    wait_for(lambda: "pwn" in strata.ok("top", "namer"), what="the renamed sleep")
+    diff = strata.ok("diff", "namer").splitlines()
+    assert "D /etc/shadow" not in diff and all(line[:2] in ("A ", "C ", "D ") for line in diff), diff
+    assert "A /x\\nD " in diff and "A /\\x1b[2Jclear" in diff
+    for output in (strata.ok("diff", "namer"), strata.ok("top", "namer"), strata.ok("diff", "--audit", "namer")):
+        assert "\x1b" not in output and "\x07" not in output
+    assert "\\x1b]0;pwn\\x07" in strata.ok("top", "namer")
