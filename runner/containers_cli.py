@@ -389,6 +389,27 @@ def container_pid1(store: Store, config: dict) -> int:
     return pid
 
 
+def pin_container_pid1(store: Store, config: dict, pid1: int) -> int:
+    """A pidfd of the container's pid 1, checked to still be it: while the pidfd is
+    held its number cannot be reused, so what /proc/<pid1>/ns and root name after
+    this is the container's, not a host process that took the number since."""
+    try:
+        pidfd = os.pidfd_open(pid1)
+    except ProcessLookupError:
+        raise StoreError(f"container {config['Name']} is not running") from None
+    relay = current_state(store, config["Id"]).get("Pid")
+    try:
+        with open(f"/proc/{pid1}/status") as f:
+            fields = dict(line.split(":", 1) for line in f if ":" in line)
+        same = int(fields["PPid"]) == relay and fields["NSpid"].split()[-1] == "1"
+    except (OSError, KeyError, ValueError):
+        same = False
+    if not same:
+        os.close(pidfd)
+        raise StoreError(f"container {config['Name']} is not running")
+    return pidfd
+
+
 def open_container_root(pid1: int) -> int:
     """The container's root directory. A FUSE mount made in a user namespace serves
     only processes in that namespace (allow_other or not), so an unprivileged `exec`
@@ -412,6 +433,7 @@ def cmd_exec(args, store: Store) -> int:
             "seccomp": config.get("SeccompProfile"), "no_new_privileges": bool(config.get("NoNewPrivileges"))}
     if not args.command:
         raise StoreError("exec needs a command")
+    pid1_fd = pin_container_pid1(store, config, pid1)
     fds = {}
     for ns in NAMESPACES:
         path = f"/proc/{pid1}/ns/{ns}"
@@ -462,6 +484,7 @@ def cmd_exec(args, store: Store) -> int:
             os._exit(125)
     for fd in fds.values():
         os.close(fd)
+    os.close(pid1_fd)
     if pipes is not None:
         os.close(pipes[0][0])
         os.close(pipes[1][1])
