@@ -389,32 +389,59 @@ def container_pid1(store: Store, config: dict) -> int:
     return pid
 
 
-def pin_container_pid1(store: Store, config: dict, pid1: int) -> int:
-    """A pidfd of the container's pid 1, checked to still be it: while the pidfd is
-    held its number cannot be reused, so what /proc/<pid1>/ns and root name after
-    this is the container's, not a host process that took the number since."""
-    try:
-        pidfd = os.pidfd_open(pid1)
-    except ProcessLookupError:
-        raise StoreError(f"container {config['Name']} is not running") from None
-    relay = current_state(store, config["Id"]).get("Pid")
-    try:
-        with open(f"/proc/{pid1}/status") as f:
-            fields = dict(line.split(":", 1) for line in f if ":" in line)
-        same = int(fields["PPid"]) == relay and fields["NSpid"].split()[-1] == "1"
-    except (OSError, KeyError, ValueError):
-        same = False
-    if not same:
-        os.close(pidfd)
-        raise StoreError(f"container {config['Name']} is not running")
-    return pidfd
+class PinnedProcess:
+    """The container's pid 1 held by a pidfd and by its /proc directory's fd.
+
+    A pidfd does not keep the number from being reused once the process is reaped,
+    but lookups beneath an open /proc/<pid> directory fail from then on, whoever takes
+    the number: so everything exec needs (ns/*, root) is opened beneath `proc_fd`, and
+    `check_alive` after the last open proves the opens reached the container's pid 1
+    (a process that is alive, or a zombie, still owns its number)."""
+
+    __slots__ = ("pidfd", "proc_fd", "name")
+
+    def __init__(self, store: Store, config: dict, pid1: int):
+        self.name = config["Name"]
+        try:
+            self.pidfd = os.pidfd_open(pid1)
+        except ProcessLookupError:
+            raise StoreError(f"container {self.name} is not running") from None
+        try:
+            self.proc_fd = os.open(f"/proc/{pid1}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            relay = current_state(store, config["Id"]).get("Pid")
+            with open("status", opener=lambda path, flags: os.open(path, flags, dir_fd=self.proc_fd)) as f:
+                fields = dict(line.split(":", 1) for line in f if ":" in line)
+            if int(fields["PPid"]) != relay or fields["NSpid"].split()[-1] != "1":
+                raise ValueError("not the container's pid 1")
+            self.check_alive()
+        except (OSError, KeyError, ValueError):
+            self.close()
+            raise StoreError(f"container {self.name} is not running") from None
+
+    def open(self, name: str, flags: int) -> int:
+        return os.open(name, flags | os.O_CLOEXEC, dir_fd=self.proc_fd)
+
+    def check_alive(self) -> None:
+        signal.pidfd_send_signal(self.pidfd, 0)  # ProcessLookupError once it is reaped
+
+    def close(self) -> None:
+        for fd in (getattr(self, "proc_fd", -1), self.pidfd):
+            if fd >= 0:
+                os.close(fd)
+        self.proc_fd = self.pidfd = -1
 
 
-def open_container_root(pid1: int) -> int:
+def pin_container_pid1(store: Store, config: dict, pid1: int) -> PinnedProcess:
+    return PinnedProcess(store, config, pid1)
+
+
+def open_container_root(pid1: PinnedProcess) -> int:
     """The container's root directory. A FUSE mount made in a user namespace serves
     only processes in that namespace (allow_other or not), so an unprivileged `exec`
     opens it after joining the container's user namespace, not before."""
-    return os.open(f"/proc/{pid1}/root", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    fd = pid1.open("root", os.O_RDONLY | os.O_DIRECTORY)
+    pid1.check_alive()
+    return fd
 
 
 def cmd_exec(args, store: Store) -> int:
@@ -433,12 +460,15 @@ def cmd_exec(args, store: Store) -> int:
             "seccomp": config.get("SeccompProfile"), "no_new_privileges": bool(config.get("NoNewPrivileges"))}
     if not args.command:
         raise StoreError("exec needs a command")
-    pid1_fd = pin_container_pid1(store, config, pid1)
+    pinned = pin_container_pid1(store, config, pid1)
     fds = {}
-    for ns in NAMESPACES:
-        path = f"/proc/{pid1}/ns/{ns}"
-        if os.readlink(path) != os.readlink(f"/proc/self/ns/{ns}"):
-            fds[ns] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        for ns in NAMESPACES:
+            if os.readlink(f"ns/{ns}", dir_fd=pinned.proc_fd) != os.readlink(f"/proc/self/ns/{ns}"):
+                fds[ns] = pinned.open(f"ns/{ns}", os.O_RDONLY)
+        pinned.check_alive()
+    except OSError:
+        raise StoreError(f"container {config['Name']} is not running") from None
     console_ours = console_theirs = None
     pipes = None
     if args.tty:  # a terminal from the container's devpts; its master comes back to relay
@@ -461,9 +491,9 @@ def cmd_exec(args, store: Store) -> int:
             root_fd = None
             for ns, fd in fds.items():
                 if ns == "mnt":  # the root is opened as a member of the container's user namespace
-                    root_fd = open_container_root(pid1)  # (see open_container_root), while /proc is the host's
+                    root_fd = open_container_root(pinned)  # (see open_container_root), while /proc is the host's
                 sc.setns(fd)
-            os.fchdir(root_fd if root_fd is not None else open_container_root(pid1))
+            os.fchdir(root_fd if root_fd is not None else open_container_root(pinned))
             os.chroot(".")
             grandchild = os.fork()  # the pid namespace applies to children only
             if grandchild:
@@ -484,7 +514,7 @@ def cmd_exec(args, store: Store) -> int:
             os._exit(125)
     for fd in fds.values():
         os.close(fd)
-    os.close(pid1_fd)
+    pinned.close()
     if pipes is not None:
         os.close(pipes[0][0])
         os.close(pipes[1][1])

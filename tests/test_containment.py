@@ -363,3 +363,52 @@ def test_names_from_inside_reach_the_terminal_escaped(strata):
     for output in (strata.ok("diff", "namer"), strata.ok("top", "namer"), strata.ok("diff", "--audit", "namer")):
         assert "\x1b" not in output and "\x07" not in output
     assert "\\x1b]0;pwn\\x07" in strata.ok("top", "namer")
+
+
+PID_REUSED_DURING_EXEC = textwrap.dedent("""\
+    # `strata exec`, with the container's pid 1 killed right after exec found it and a
+    # host process given its number (as a container cycling the host's pids could arrange)
+    import os, signal, subprocess, sys, time
+    from runner import cli, containers_cli
+    found = containers_cli.pin_container_pid1
+    holder = []
+
+    def reused(store, config, pid1):
+        pinned = found(store, config, pid1)
+        os.kill(pid1, signal.SIGKILL)
+        while os.path.exists(f"/proc/{pid1}"):
+            time.sleep(0.001)
+        for _ in range(500):
+            with open("/proc/sys/kernel/ns_last_pid", "w") as f:
+                f.write(str(pid1 - 1))
+            host = subprocess.Popen(["sleep", "60"])
+            if host.pid == pid1:
+                holder.append(host)
+                break
+            host.kill()
+            host.wait()
+        print("reused" if holder else "not reused", file=sys.stderr, flush=True)
+        return pinned
+
+    containers_cli.pin_container_pid1 = reused
+    try:
+        code = cli.main(["exec", sys.argv[1], "hostname"])
+    finally:
+        for host in holder:
+            host.kill()
+            host.wait()
+    sys.exit(code)
+    """)
+
+
+def test_exec_never_joins_a_process_that_took_the_containers_pid(tmp_path):
+    cli = Strata(str(tmp_path / "store"))
+    cli.ok("run", "-d", "--name", "victim", "--hostname", "inside", "busybox", "sleep", "600")
+    try:
+        proc = subprocess.run([sys.executable, "-c", PID_REUSED_DURING_EXEC, "victim"], capture_output=True,
+                              text=True, env=cli.env, cwd=REPO, timeout=120)
+        assert "reused" in proc.stderr.splitlines()[0], proc.stderr  # the premise
+        assert proc.returncode == 125 and "container victim is not running" in proc.stderr, proc
+        assert os.uname().nodename not in proc.stdout  # the command never ran on the host
+    finally:
+        cli("rm", "-f", "victim")
