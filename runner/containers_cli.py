@@ -691,11 +691,9 @@ def cmd_pause(args, store: Store, sig: int = signal.SIGSTOP, status: str = "paus
         if state.get("Status") not in ("running", "paused"):
             raise StoreError(f"container {config['Name']} is not running")
         pid1 = lifecycle.container_init_pid(state["Pid"])
+        target = os.readlink(f"/proc/{pid1}/ns/pid")
         for pid in processes_of(pid1):
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
+            lifecycle.signal_if(pid, sig, lambda: os.readlink(f"/proc/{pid}/ns/pid") == target)
         with store.locked():
             recorded = read_state(store, config["Id"])
             recorded["Status"] = status

@@ -430,8 +430,38 @@ def signal_container(store: Store, config: dict, sig: int) -> None:
         raise StoreError(f"container {config['Name']} is not running")
     # Pid is the supervisor's child, which relays to the container's pid 1 ...
     # signal pid 1 itself: the child's only child
-    target = container_init_pid(state["Pid"]) or state["Pid"]
-    os.kill(target, sig)
+    relay = state["Pid"]
+    target = container_init_pid(relay)
+    if target is None or not signal_if(target, sig, lambda: parent_of(target) == relay):
+        os.kill(relay, sig)
+
+
+def parent_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def signal_if(pid: int, sig: int, still_ours) -> bool:
+    """Signal `pid` if `still_ours()` holds for it, by pidfd: a number found in /proc
+    may be reused by a host process before a kill(2) by number reaches it. While the
+    pidfd's process lives its number is its own, so a check made after opening the
+    pidfd and passing is about it; if it has died, the signal goes nowhere."""
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return False
+    try:
+        if not still_ours():
+            return False
+        signal.pidfd_send_signal(pidfd, sig)
+        return True
+    except (ProcessLookupError, OSError):
+        return False
+    finally:
+        os.close(pidfd)
 
 
 def container_init_pid(relay_pid: int) -> int | None:
