@@ -457,7 +457,8 @@ def cmd_exec(args, store: Store) -> int:
     env = lifecycle.merge_env(config.get("Env", []), args.env or [])
     spec = {"env": env, "workdir": args.workdir or config.get("WorkingDir") or "/",
             "user": args.user if args.user is not None else config.get("User"), "cmd": args.command,
-            "seccomp": config.get("SeccompProfile"), "no_new_privileges": bool(config.get("NoNewPrivileges"))}
+            "seccomp": config.get("SeccompProfile"), "no_new_privileges": bool(config.get("NoNewPrivileges")),
+            "seccomp_cache": os.path.join(store.root, "cache", "seccomp")}
     if not args.command:
         raise StoreError("exec needs a command")
     pinned = pin_container_pid1(store, config, pid1)

@@ -174,7 +174,8 @@ def enter_container(spec: dict, sync_read: int, stdio: tuple[int, int, int], sta
     """Runs in the supervisor's forked child; never returns (execs or _exits).
 
     spec: root, runtime_dir, hostname, network, rootless, cmd, env, workdir, user, tty,
-    seccomp (a profile, "unconfined", or None for the default), no_new_privileges.
+    seccomp (a profile, "unconfined", or None for the default), seccomp_cache (a directory
+    for compiled filters), no_new_privileges.
     Errors before exec go to `status_write` as one line and exit 125/126/127.
     """
     def fail(code: int, message: str) -> None:
@@ -285,8 +286,7 @@ def syscall_filter(spec: dict):
     profile = spec.get("seccomp")
     if profile == "unconfined":
         return None
-    return seccomp.compile_filter(profile if profile is not None else seccomp.load_default_profile(),
-                                  set(DOCKER_CAPS))
+    return seccomp.cached_program(profile, set(DOCKER_CAPS), spec.get("seccomp_cache"))
 
 
 def exec_command(spec: dict, fail, status_write: int, syscall_filter=None) -> None:
@@ -324,7 +324,7 @@ def exec_command(spec: dict, fail, status_write: int, syscall_filter=None) -> No
     if spec.get("no_new_privileges"):
         sc.set_no_new_privs()
     if syscall_filter is not None:
-        syscall_filter.load()
+        syscall_filter.install()
     # step 15: the user and groups
     if ids is not None:
         uid, gid = ids

@@ -6,8 +6,10 @@ A profile is Docker's JSON (`defaultAction`, `archMap`, `syscalls` with
 modelled on Docker's; `--security-opt seccomp=FILE` replaces it and
 `seccomp=unconfined` turns it off.
 
-The filter is compiled in the container's child before pivot_root (libseccomp
-is loaded by then) and loaded just before the user switch: loading needs
+The filter is compiled to BPF in the container's child before pivot_root, while
+the supervisor mounts the FUSE root (libseccomp spends ~8 ms turning its rules
+into BPF, which seccomp_load would do on the start's critical path), and the
+program is installed with the seccomp(2) syscall just before the user switch: loading needs
 CAP_SYS_ADMIN when no_new_privs is off, and strata, like Docker, leaves it off
 so that setuid programs inside keep working. So every syscall the sandbox makes
 after loading (setgroups, setuid, capset, execve) must be allowed by the
@@ -15,31 +17,42 @@ profile; Docker's and strata's allow them.
 """
 from __future__ import annotations
 
-import ctypes.util
+import ctypes
 import errno
+import hashlib
 import json
 import os
 import platform
 
-_real_find_library = ctypes.util.find_library
-# pyseccomp asks find_library at import, which runs `ldconfig -p` (a fork and exec
-# on every container start); the sonames are stable, so name them directly
-ctypes.util.find_library = lambda name: {"c": "libc.so.6", "seccomp": "libseccomp.so.2"}.get(name) \
-    or _real_find_library(name)
-try:
-    import pyseccomp
-finally:
-    ctypes.util.find_library = _real_find_library
-
 DEFAULT_PROFILE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "seccomp.json")
 
-ACTIONS = {"SCMP_ACT_ALLOW": pyseccomp.ALLOW, "SCMP_ACT_KILL": pyseccomp.KILL_THREAD,
-           "SCMP_ACT_KILL_THREAD": pyseccomp.KILL_THREAD, "SCMP_ACT_KILL_PROCESS": pyseccomp.KILL_PROCESS,
-           "SCMP_ACT_TRAP": pyseccomp.TRAP, "SCMP_ACT_LOG": pyseccomp.LOG,
-           "SCMP_ACT_ERRNO": None, "SCMP_ACT_TRACE": None}  # these two take a number
-OPERATORS = {"SCMP_CMP_NE": pyseccomp.NE, "SCMP_CMP_LT": pyseccomp.LT, "SCMP_CMP_LE": pyseccomp.LE,
-             "SCMP_CMP_EQ": pyseccomp.EQ, "SCMP_CMP_GE": pyseccomp.GE, "SCMP_CMP_GT": pyseccomp.GT,
-             "SCMP_CMP_MASKED_EQ": pyseccomp.MASKED_EQ}
+# libseccomp's action and operator values (seccomp.h; pyseccomp uses the same):
+# named here so that a start whose program is cached never loads libseccomp
+ALLOW, KILL_THREAD, KILL_PROCESS, TRAP, LOG = 0x7FFF0000, 0x00000000, 0x80000000, 0x00030000, 0x7FFC0000
+ACTIONS = {"SCMP_ACT_ALLOW": ALLOW, "SCMP_ACT_KILL": KILL_THREAD, "SCMP_ACT_KILL_THREAD": KILL_THREAD,
+           "SCMP_ACT_KILL_PROCESS": KILL_PROCESS, "SCMP_ACT_TRAP": TRAP, "SCMP_ACT_LOG": LOG,
+           "SCMP_ACT_ERRNO": 0x00050000, "SCMP_ACT_TRACE": 0x7FF00000}  # these two take a number
+NUMBERED = {"SCMP_ACT_ERRNO", "SCMP_ACT_TRACE"}
+OPERATORS = {"SCMP_CMP_NE": 1, "SCMP_CMP_LT": 2, "SCMP_CMP_LE": 3, "SCMP_CMP_EQ": 4, "SCMP_CMP_GE": 5,
+             "SCMP_CMP_GT": 6, "SCMP_CMP_MASKED_EQ": 7}
+ARCHES = {"SCMP_ARCH_X86": 0x40000003, "SCMP_ARCH_X86_64": 0xC000003E, "SCMP_ARCH_X32": 0x4000003E,
+          "SCMP_ARCH_ARM": 0x40000028, "SCMP_ARCH_AARCH64": 0xC00000B7}
+
+
+def _libseccomp():
+    """pyseccomp, imported on first compile. It asks find_library at import, which runs
+    `ldconfig -p` (a fork and exec); the sonames are stable, so they are named."""
+    import ctypes.util
+    real = ctypes.util.find_library
+    ctypes.util.find_library = lambda name: {"c": "libc.so.6", "seccomp": "libseccomp.so.2"}.get(name) \
+        or real(name)
+    try:
+        import pyseccomp
+    finally:
+        ctypes.util.find_library = real
+    return pyseccomp
+
+
 # Docker's `arches` conditions use Go's architecture names
 NATIVE_ARCH = {"x86_64": ("SCMP_ARCH_X86_64", "amd64"), "aarch64": ("SCMP_ARCH_AARCH64", "arm64")}.get(
     platform.machine(), ("SCMP_ARCH_NATIVE", platform.machine()))
@@ -54,17 +67,17 @@ def _action(rule: dict, where: str) -> int:
     name = rule.get("action") if where != "profile" else rule.get("defaultAction")
     if name not in ACTIONS:
         raise ValueError(f"seccomp profile: {where}: unknown action {name!r}")
-    if ACTIONS[name] is not None:
+    if name not in NUMBERED:
         return ACTIONS[name]
     number = rule.get("errnoRet" if where != "profile" else "defaultErrnoRet")
     if number is None:
         number = errno.EPERM
     if not isinstance(number, int) or isinstance(number, bool) or not 0 <= number <= 0xFFFF:
         raise ValueError(f"seccomp profile: {where}: errnoRet must be a number from 0 to 65535")
-    return pyseccomp.ERRNO(number) if name == "SCMP_ACT_ERRNO" else pyseccomp.TRACE(number)
+    return ACTIONS[name] | number
 
 
-def _conditions(rule: dict, where: str) -> list[pyseccomp.Arg]:
+def _conditions(rule: dict, where: str) -> list[tuple[int, int, int, int]]:
     args = rule.get("args") or []
     if not isinstance(args, list):
         raise ValueError(f"seccomp profile: {where}: args must be a list")
@@ -81,7 +94,7 @@ def _conditions(rule: dict, where: str) -> list[pyseccomp.Arg]:
         for v in (value, value_two):
             if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < 1 << 64:
                 raise ValueError(f"seccomp profile: {where}: argument values must be unsigned 64-bit numbers")
-        out.append(pyseccomp.Arg(index, OPERATORS[op], value, value_two))
+        out.append((index, OPERATORS[op], value, value_two))
     return out
 
 
@@ -145,7 +158,7 @@ def compile_filter(profile, caps: set[str], validate_only: bool = False):
             arches += entry.get("subArchitectures") or []
     arches += [a for a in profile.get("architectures") or [] if a != NATIVE_ARCH[0]]  # the older form
     for arch in arches:
-        if not isinstance(arch, str) or not hasattr(pyseccomp.Arch, arch.removeprefix("SCMP_ARCH_")):
+        if arch not in ARCHES:
             raise ValueError(f"seccomp profile: unknown architecture {arch!r}")
     rules = []
     for n, rule in enumerate(syscalls):
@@ -157,26 +170,100 @@ def compile_filter(profile, caps: set[str], validate_only: bool = False):
             rules.append((names, action, conditions))
     if validate_only:
         return None
+    pyseccomp = _libseccomp()
     f = pyseccomp.SyscallFilter(default)
     f.set_attr(pyseccomp.Attr.CTL_NNP, 0)  # setuid programs inside keep working, as in Docker
     for arch in dict.fromkeys(arches):
         try:
-            f.add_arch(getattr(pyseccomp.Arch, arch.removeprefix("SCMP_ARCH_")))
+            f.add_arch(ARCHES[arch])
         except OSError as e:
             if e.errno != errno.EEXIST:
                 raise
     for names, action, conditions in rules:
-        indexes = [c._arg for c in conditions]
+        indexes = [c[0] for c in conditions]
         # conditions on distinct arguments must all hold (one rule); several on one
         # argument are alternatives (a rule each), as runc reads Docker's profiles
         groups = [conditions] if len(set(indexes)) == len(indexes) else [[c] for c in conditions]
         for name in names:
-            try:
-                number = pyseccomp.resolve_syscall(pyseccomp.Arch.NATIVE, name)
-            except (OSError, ValueError):
-                continue
+            number = pyseccomp.resolve_syscall(pyseccomp.Arch.NATIVE, name)
             if number < 0:  # a syscall this libseccomp does not know: Docker skips it too
                 continue
             for group in groups:
-                f.add_rule(action, number, *group)
+                f.add_rule(action, number, *(pyseccomp.Arg(*c) for c in group))
     return f
+
+
+SYS_SECCOMP = {"x86_64": 317, "aarch64": 277}.get(platform.machine(), 317)
+SECCOMP_SET_MODE_FILTER = 1
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+class Program:
+    """A filter compiled to BPF (libseccomp's export), ready to install."""
+
+    __slots__ = ("code",)
+
+    def __init__(self, syscall_filter):
+        read_end, write_end = os.pipe()
+        try:
+            with open(write_end, "wb", closefd=False) as w:
+                syscall_filter.export_bpf(w)
+            os.close(write_end)
+            write_end = -1
+            chunks = []
+            while chunk := os.read(read_end, 65536):
+                chunks.append(chunk)
+            self.code = b"".join(chunks)
+        finally:
+            os.close(read_end)
+            if write_end >= 0:
+                os.close(write_end)
+        if not self.code or len(self.code) % 8:
+            raise ValueError("seccomp profile: libseccomp exported no program")
+
+    def install(self) -> None:
+        """seccomp(SECCOMP_SET_MODE_FILTER): needs CAP_SYS_ADMIN or no_new_privs."""
+        buffer = ctypes.create_string_buffer(self.code, len(self.code))
+        program = _SockFprog(len(self.code) // 8, ctypes.cast(buffer, ctypes.c_void_p))
+        if _libc.syscall(SYS_SECCOMP, SECCOMP_SET_MODE_FILTER, 0, ctypes.byref(program)) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"cannot install the seccomp filter: {os.strerror(err)}")
+
+
+def cached_program(profile, caps: set[str], cache_dir: str | None) -> Program:
+    """The BPF program of `profile` (None: the default) for `caps`, from `cache_dir`
+    when a start made it before: compiling costs ~10 ms of every start, on its
+    critical path. The key covers all the program depends on: the profile, the
+    capabilities, the architecture and the kernel (minKernel conditions)."""
+    if profile is None:
+        with open(DEFAULT_PROFILE_PATH, "rb") as f:
+            text = f.read()
+    else:
+        text = json.dumps(profile, sort_keys=True).encode()
+    key = hashlib.sha256(b"\0".join([text, " ".join(sorted(caps)).encode(), NATIVE_ARCH[0].encode(),
+                                      os.uname().release.encode()])).hexdigest()
+    path = os.path.join(cache_dir, f"{key}.bpf") if cache_dir else None
+    if path:
+        try:
+            with open(path, "rb") as f:
+                program = Program.__new__(Program)
+                program.code = f.read()
+            if program.code and len(program.code) % 8 == 0:
+                return program
+        except FileNotFoundError:
+            pass
+    program = Program(compile_filter(json.loads(text), caps))
+    if path:
+        try:
+            os.makedirs(cache_dir, mode=0o700, exist_ok=True)
+            tmp = f"{path}.{os.getpid()}"
+            with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600), "wb") as f:
+                f.write(program.code)
+            os.replace(tmp, path)
+        except OSError:
+            pass  # a cache: the next start compiles again
+    return program

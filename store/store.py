@@ -45,7 +45,7 @@ REFERENCE_RE = re.compile(
     r"(?::(?P<tag>[\w][\w.-]{0,127}))?", re.ASCII)
 HEX_RE = re.compile(r"(?:sha256:)?([0-9a-f]{1,64})", re.ASCII)
 FULL_HEX_RE = re.compile(r"[0-9a-f]{64}", re.ASCII)
-SUBDIRS = ("tmp", "layers", "images", "containers")
+SUBDIRS = ("tmp", "layers", "images", "containers", "cache")
 TOP_FILES = ("lock", "tags.json")
 
 

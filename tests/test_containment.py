@@ -226,6 +226,9 @@ def test_the_syscall_filter_refuses_and_can_be_replaced(strata):
         out = results(strata.ok("run", "--rm", "probe", "probe", "syscalls", str(outside.pid)))
         assert {name: out[name] for name in FILTERED} == {name: "EPERM" for name in FILTERED}
         assert out["ptrace_outside"] in ("ESRCH", "EPERM")
+        # the second start takes the compiled program from the store's cache, owner-only
+        cache = os.path.join(strata.root, "cache", "seccomp")
+        assert [os.stat(os.path.join(cache, name)).st_mode & 0o777 for name in os.listdir(cache)] == [0o600]
         strata.ok("run", "-d", "--name", "filtered", "probe", "sleep", "600")
         out = results(strata.ok("exec", "filtered", "probe", "syscalls"))
         assert {name: out[name] for name in FILTERED} == {name: "EPERM" for name in FILTERED}
