@@ -8,6 +8,8 @@
  *   probe session         the serial of this process's session keyring
  *   probe ids             real and effective uid and the effective capabilities
  *   probe tiocsti FD TEXT push TEXT into the input of the terminal on FD (TIOCSTI)
+ *   probe writexec PATH PROGRAM...  open PATH O_WRONLY|O_CLOEXEC, write, exec PROGRAM
+ *                         (the close-on-exec flush reaches the filesystem mid-exec)
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -102,6 +104,17 @@ static int tiocsti(int fd, const char *text) {
     return 0;
 }
 
+static int writexec(const char *path, char **program) {
+    int fd = open(path, O_WRONLY | O_CLOEXEC);
+    if (fd < 0 || write(fd, "x", 1) != 1) {
+        report("writexec", -1);
+        return 1;
+    }
+    execv(program[0], program);
+    report("writexec", -1);
+    return 1;
+}
+
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
     if (argc >= 2 && !strcmp(argv[1], "syscalls"))
@@ -114,8 +127,10 @@ int main(int argc, char **argv) {
     }
     if (argc == 2 && !strcmp(argv[1], "ids"))
         return ids();
+    if (argc >= 4 && !strcmp(argv[1], "writexec"))
+        return writexec(argv[2], argv + 3);
     if (argc == 4 && !strcmp(argv[1], "tiocsti"))
         return tiocsti(atoi(argv[2]), argv[3]);
-    fprintf(stderr, "usage: probe syscalls [PID] | keyread SERIAL | session | ids | tiocsti FD TEXT\n");
+    fprintf(stderr, "usage: probe syscalls [PID] | keyread SERIAL | session | ids | tiocsti FD TEXT | writexec PATH PROGRAM...\n");
     return 2;
 }

@@ -30,7 +30,8 @@ as candidates (`unrecorded_creates`).
 
   journal(seq, time_ns, run, pid, uid, gid, comm, exe, op, path, path2, ino, kind, detail)
       run: which run of the container (0: a `strata mount` outside any run);
-      comm/exe: read from /proc/<pid> when the change is made; kind: the
+      comm/exe: read from /proc/<pid> when the change is made (exe "?" for a
+      process caught mid-exec: see ProcessNames); kind: the
       entry's S_IFMT; detail: JSON (write ranges, new mode, xattr name, ...);
       a `creates` row: detail {"entries": [[time_ns, pid, uid, gid, comm, exe,
       ino, ranges or null], ...]}, one per NUL-separated path
@@ -40,6 +41,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import threading
 import time
 
 from .upper import storage_errors
@@ -61,16 +63,33 @@ CREATE_BATCH = 64  # create records stored together
 MAX_RANGES = 32  # beyond this many separate ranges a write record keeps their overall span
 
 
+# Kernel fact: reading another process's /proc/<pid>/exe (and stat, cmdline,
+# environ, maps) waits for its exec lock. A process that opened a file on this
+# mount O_WRONLY|O_CLOEXEC, wrote and called execve sends the close-on-exec
+# FLUSH while exec holds that lock, and exec waits for our reply: a server that
+# read /proc/<pid>/exe while answering deadlocked with its caller (dpkg's first
+# unpack; host `ps` then hangs on the process too). So the request path reads
+# only comm (through a kept fd; no exec lock), and the executable is read by a
+# helper thread the request waits for EXE_DEADLINE at most: past it, the record
+# says "?", and the name read once the exec is through serves later records.
+EXE_DEADLINE = 0.02  # seconds
+
+
 class ProcessNames:
     """(command name, executable) of a pid as they are now: one pread of its comm file,
     kept open between requests; the executable is read again only when the command
-    name changed (an exec renames the process). "?" for what cannot be read."""
+    name changed (an exec renames the process), off the request path with a deadline
+    (above). "?" for what cannot be read, or not in time."""
 
     MAX_OPEN = 64
 
     def __init__(self):
         self.comm_fds: dict[int, int] = {}
         self.known: dict[int, tuple[bytes, tuple[str, str]]] = {}  # pid -> (comm file, names) last read
+        self.wanted: list[tuple[int, bytes]] = []  # (pid, comm) the reader is asked for
+        self.answers: dict[tuple[int, bytes], str] = {}
+        self.lock = threading.Condition()
+        self.reader = None
 
     def describe(self, pid: int) -> tuple[str, str]:
         try:  # the common case, on the path of every change: a pid seen before, still alive
@@ -78,17 +97,44 @@ class ProcessNames:
         except (KeyError, OSError):
             comm = self._comm(pid)
         known = self.known.get(pid)
-        if known is not None and known[0] == comm:
+        if known is not None and known[0] == comm and known[1][1] != "?":
             return known[1]
-        try:  # (bytes: a path that is not UTF-8 must still go into a TEXT column)
-            exe = os.readlink(f"/proc/{pid}/exe".encode()).decode("utf-8", "replace") if comm else "?"
-        except OSError:
-            exe = "?"
+        exe = self._executable(pid, comm) if comm else "?"
         if len(self.known) >= 4 * self.MAX_OPEN:
             self.known.clear()
         names = (comm.rstrip(b"\n").decode("utf-8", "replace") or "?", exe)
         self.known[pid] = (comm, names)
         return names
+
+    def _executable(self, pid: int, comm: bytes) -> str:
+        """/proc/<pid>/exe, read by the reader thread; "?" past EXE_DEADLINE."""
+        key = (pid, comm)
+        with self.lock:
+            if self.reader is None:
+                self.reader = threading.Thread(target=self._read_executables, name="strata-exe-reader",
+                                               daemon=True)
+                self.reader.start()
+            if key not in self.answers:
+                self.wanted.append(key)
+                self.lock.notify_all()
+                self.lock.wait_for(lambda: key in self.answers, timeout=EXE_DEADLINE)
+            exe = self.answers.get(key, "?")
+            if len(self.answers) > 4 * self.MAX_OPEN:
+                self.answers.clear()
+            return exe
+
+    def _read_executables(self) -> None:
+        while True:
+            with self.lock:
+                self.lock.wait_for(lambda: self.wanted)
+                pid, comm = key = self.wanted.pop(0)
+            try:  # (bytes: a path that is not UTF-8 must still go into a TEXT column)
+                exe = os.readlink(f"/proc/{pid}/exe".encode()).decode("utf-8", "replace")
+            except OSError:
+                exe = "?"
+            with self.lock:
+                self.answers[key] = exe
+                self.lock.notify_all()
 
     def _comm(self, pid: int) -> bytes:
         """The pid's comm file as read through a new fd (kept); empty if it cannot be read."""
