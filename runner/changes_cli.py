@@ -13,7 +13,8 @@ from store.changes import apply_changes
 from store.containers import container_dir, current_state, read_state, resolve_container
 from store.store import canonical_json, new_image_config, now_rfc3339, parse_reference
 
-from .containers_cli import parse_since, processes_of
+from .containers_cli import parse_since
+from .lifecycle import processes_of
 from .lifecycle import container_init_pid, describe_command
 
 AUDIT_HEADER = ("TIME", "RUN", "PID", "COMMAND", "UID", "OPERATION", "PATH")

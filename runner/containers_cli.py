@@ -644,25 +644,11 @@ def relay_terminal(master: int, child: int) -> None:
         os.close(master)
 
 
-def processes_of(pid1: int) -> list[int]:
-    """Host pids in the container's pid namespace."""
-    target = os.readlink(f"/proc/{pid1}/ns/pid")
-    out = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                if os.readlink(f"/proc/{name}/ns/pid") == target:
-                    out.append(int(name))
-            except OSError:
-                continue
-    return sorted(out)
-
-
 def cmd_top(args, store: Store) -> int:
     import pwd
     config = resolve_container(store, args.container)
     rows = []
-    for pid in processes_of(container_pid1(store, config)):
+    for pid in lifecycle.processes_of(container_pid1(store, config)):
         try:
             with open(f"/proc/{pid}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()
@@ -691,10 +677,7 @@ def cmd_pause(args, store: Store, sig: int = signal.SIGSTOP, status: str = "paus
             raise StoreError(f"container {config['Name']} is {'already' if status == 'paused' else 'not'} paused")
         if state.get("Status") not in ("running", "paused"):
             raise StoreError(f"container {config['Name']} is not running")
-        pid1 = lifecycle.container_init_pid(state["Pid"])
-        target = os.readlink(f"/proc/{pid1}/ns/pid")
-        for pid in processes_of(pid1):
-            lifecycle.signal_if(pid, sig, lambda: os.readlink(f"/proc/{pid}/ns/pid") == target)
+        lifecycle.signal_namespace(lifecycle.container_init_pid(state["Pid"]), sig)
         with store.locked():
             recorded = read_state(store, config["Id"])
             recorded["Status"] = status

@@ -12,7 +12,7 @@ import time
 
 from store import Store, StoreError
 from store.containers import (check_name, container_dir, create_container, current_state, list_containers,
-                              printable, read_state, remove_container)
+                              printable, read_state, remove_container, write_state)
 
 ADJECTIVES = ["admiring", "bold", "brave", "clever", "cool", "eager", "elated", "focused", "gentle",
               "happy", "jolly", "keen", "kind", "lucid", "modest", "nifty", "quirky", "serene",
@@ -436,6 +436,32 @@ def signal_container(store: Store, config: dict, sig: int) -> None:
         os.kill(relay, sig)
 
 
+def processes_of(pid1: int) -> list[int]:
+    """Host pids in the container's pid namespace."""
+    target = os.readlink(f"/proc/{pid1}/ns/pid")
+    out = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                if os.readlink(f"/proc/{name}/ns/pid") == target:
+                    out.append(int(name))
+            except OSError:
+                continue
+    return sorted(out)
+
+
+def signal_namespace(pid1: int | None, sig: int) -> None:
+    """`sig` to every process of the pid namespace `pid1` leads, each by pidfd."""
+    if pid1 is None:
+        return
+    try:
+        target = os.readlink(f"/proc/{pid1}/ns/pid")
+    except OSError:
+        return
+    for pid in processes_of(pid1):
+        signal_if(pid, sig, lambda: os.readlink(f"/proc/{pid}/ns/pid") == target)
+
+
 def parent_of(pid: int) -> int | None:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -486,7 +512,14 @@ def wait_exited(store: Store, container_id: str, timeout: float | None) -> dict 
 
 def stop(store: Store, config: dict, timeout: float) -> None:
     state = current_state(store, config["Id"])
-    if state.get("Status") != "running":
+    if state.get("Status") == "paused":  # stopped processes hold SIGTERM until they go on
+        signal_namespace(container_init_pid(state.get("Pid") or 0), signal.SIGCONT)
+        with store.locked():
+            recorded = read_state(store, config["Id"])
+            if recorded.get("Status") == "paused":
+                recorded["Status"] = "running"
+                write_state(store, config["Id"], recorded)
+    elif state.get("Status") != "running":
         return
     try:
         signal_container(store, config, signal.SIGTERM)
@@ -502,7 +535,7 @@ def stop(store: Store, config: dict, timeout: float) -> None:
 
 def remove(store: Store, config: dict, force: bool) -> None:
     state = current_state(store, config["Id"])
-    if state.get("Status") == "running":
+    if state.get("Status") in ("running", "paused"):
         if not force:
             raise StoreError(f"cannot remove container {config['Name']}: container is running: "
                              "stop the container before removing or force remove")

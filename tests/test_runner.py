@@ -445,3 +445,19 @@ def test_stdin_from_a_regular_file(strata_root, tmp_path):
                               capture_output=True, env=dict(os.environ, STRATA_ROOT=strata_root, PYTHONPATH=REPO),
                               cwd=REPO, timeout=60)
     assert (proc.returncode, proc.stdout.split()) == (0, [b"50000"]), proc.stderr
+
+
+def test_a_paused_container_is_stopped_and_removed_for_good(strata_root):
+    """stop and rm -f of a paused container end it all: stopped processes hold a
+    SIGTERM until they go on, and rm -f used to forget the record of one still there."""
+    for name, verb in (("paused-stop", "stop"), ("paused-rm", "rm")):
+        ok(strata(strata_root, "run", "-d", "--name", name, "busybox", "sh", "-c", "sleep 600 & wait"))
+        state_path = os.path.join(strata_root, "containers", json.loads(ok(strata(strata_root, "inspect", name)))[0]["Id"],
+                                  "state.json")
+        supervisor = json.load(open(state_path))["SupervisorPid"]
+        ok(strata(strata_root, "pause", name))
+        ok(strata(strata_root, verb, *(["-f"] if verb == "rm" else ["-t", "2"]), name))
+        wait_for(lambda: not os.path.exists(f"/proc/{supervisor}") or
+                 open(f"/proc/{supervisor}/stat").read().split()[2] == "Z", what=f"{verb} to end the supervisor")
+        assert supervisors_of(strata_root) == []
+    assert ok(strata(strata_root, "ps", "-a", "--format", "{{.Names}} {{.State}}")).split() == ["paused-stop", "exited"]
