@@ -67,3 +67,44 @@ def test_a_close_on_exec_flush_during_exec_does_not_hang_the_server(cli):
     assert (proc.returncode, proc.stdout.split()) == (0, ["upper", "lower", "forked", "fresh"]), proc
     audit = cli.ok("diff", "--audit", "execer")
     assert "/upper-file" in audit and "/etc/passwd" in audit  # the writes are on record all the same
+
+
+def test_one_server_per_upper_layer(tmp_path):
+    """A second server of a busy upper layer is refused, as overlayfs refuses a busy
+    upperdir: strata-fuse twice on one upperdir, `strata mount` of a running container,
+    and two `strata mount`s of one stopped container."""
+    from .helpers import REPO, run_strata
+    from .mounts import is_mounted, served, standalone_argv, strata_mount_argv
+    lower, upper, work = (tmp_path / name for name in ("lower", "upper", "work"))
+    for d in (lower, upper, work):
+        d.mkdir()
+    (lower / "f").write_text("x")
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.mkdir()
+    second.mkdir()
+    with served(standalone_argv([str(lower)], str(upper), str(work), str(first)), str(first)):
+        try:
+            proc = subprocess.run(standalone_argv([str(lower)], str(upper), str(work), str(second)),
+                                  capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=REPO), timeout=20)
+        finally:  # a second server that did mount (the failure this test is about) is taken down
+            if is_mounted(str(second)):
+                subprocess.run(["umount", "-l", str(second)], check=True)
+        assert proc.returncode != 0 and f"upper layer {upper} is in use" in proc.stderr, proc
+        assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+        assert (first / "f").read_text() == "x"  # the first goes on
+    root = str(tmp_path / "store")
+    assert run_strata(root, "run", "-d", "--name", "busy", "busybox", "sleep", "600").returncode == 0
+    try:
+        argv, env = strata_mount_argv(root, "busy", str(second))
+        proc = subprocess.run(argv[:4] + argv[5:], capture_output=True, text=True, timeout=60,
+                              env=dict(os.environ, PYTHONPATH=REPO, **env), cwd=REPO)  # in the background
+        assert proc.returncode == 125 and "is in use" in proc.stderr, proc
+        assert run_strata(root, "stop", "-t", "1", "busy").returncode == 0
+        with served(argv, str(second), env):
+            proc = subprocess.run(argv[:4] + argv[5:6] + [str(first)], capture_output=True, text=True, timeout=60,
+                                  env=dict(os.environ, PYTHONPATH=REPO, **env), cwd=REPO)
+            assert proc.returncode == 125 and "is in use" in proc.stderr, proc
+            start = run_strata(root, "start", "-a", "busy")
+            assert start.returncode == 125, start
+    finally:
+        run_strata(root, "rm", "-f", "busy")

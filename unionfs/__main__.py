@@ -14,7 +14,7 @@ import os
 import sys
 
 from .lower import DirLower
-from .mount import serve, serve_in_background
+from .mount import describe, serve, serve_in_background
 from .storeview import open_upper
 from .view import UnionView
 
@@ -70,7 +70,11 @@ def main(argv: list[str] | None = None) -> int:
 
     mountpoint = os.path.abspath(args.mountpoint)
     if args.foreground or debug:
-        serve(make_view, mountpoint, "strata-fuse", readonly, debug)
+        try:
+            serve(make_view, mountpoint, "strata-fuse", readonly, debug)
+        except OSError as e:  # a busy upper layer, a mount point that went away: one line
+            sys.stderr.write(f"strata-fuse: error: {describe(e)}\n")
+            return 1
         return 0
     return serve_in_background(make_view, mountpoint, "strata-fuse", readonly, debug)
 

@@ -1,6 +1,7 @@
 """Views of store objects: an image (read-only) or a container (image + upper layer)."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 
@@ -55,9 +56,35 @@ class UpperPaths:
         return path or b"/"
 
 
+SERVING_LOCK = "serving.lock"
+
+
+def lock_for_serving(upper_path: str) -> int:
+    """An flock that one server of the upper layer holds for as long as it serves:
+    two servers of one layer would each keep their own copy of its state in memory
+    and overwrite each other's (overlayfs refuses a busy upperdir for the same reason)."""
+    import fcntl
+    os.makedirs(upper_path, mode=0o700, exist_ok=True)
+    fd = os.open(os.path.join(upper_path, SERVING_LOCK), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
+                 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise OSError(errno.EBUSY, f"upper layer {upper_path} is in use: another mount serves it") from None
+    return fd
+
+
 def open_upper(upper_path: str, lower, run: int) -> tuple[UpperLayer, Journal]:
-    """The upper layer and its journal, repaired after a crash (fsck) before any change."""
-    upper = UpperLayer(upper_path, lower.first_free_ino)
+    """The upper layer and its journal, repaired after a crash (fsck) before any change;
+    locked for this server alone."""
+    lock = lock_for_serving(upper_path)
+    try:
+        upper = UpperLayer(upper_path, lower.first_free_ino)
+    except BaseException:
+        os.close(lock)
+        raise
+    upper.lock_fd = lock
     try:
         upper.check()
         journal = Journal(upper, run)

@@ -106,6 +106,7 @@ class UpperLayer:
     def __init__(self, path: str, first_free_ino: int):
         os.makedirs(os.path.join(path, "data"), mode=0o700, exist_ok=True)
         self.path = path
+        self.lock_fd = -1  # held by the one server of this layer (storeview.open_upper)
         self.data_fd = os.open(os.path.join(path, "data"), DIR_FLAGS)
         # owner only: SQLite gives its -wal and -shm files the database file's mode
         os.close(os.open(os.path.join(path, "upper.db"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600))
@@ -136,6 +137,9 @@ class UpperLayer:
         if self.data_fd >= 0:
             os.close(self.data_fd)
             self.data_fd = -1
+        if self.lock_fd >= 0:
+            os.close(self.lock_fd)
+            self.lock_fd = -1
 
     @contextlib.contextmanager
     def transaction(self):
