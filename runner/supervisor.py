@@ -88,6 +88,27 @@ def enter_user_namespace() -> None:
         raise RuntimeError("newuidmap/newgidmap failed")
 
 
+def drop_other_fuse_mounts(store_root: str) -> None:
+    """Detach, in this namespace only, the FUSE mounts of other servers (not the one the
+    store is on). Propagation hands a host unmount on only where the host's mounts are
+    shared (systemd makes / shared; these VMs mount everything private): a private copy
+    here would keep the host's strata-fuse or sshfs server alive after its unmount."""
+    mounts = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            fstype = fields[fields.index("-") + 1]
+            target = fields[4].replace("\\040", " ")
+            if fstype.startswith("fuse") and fstype != "fusectl" and \
+                    not (store_root + "/").startswith(target.rstrip("/") + "/"):
+                mounts.append(target)
+    for target in reversed(mounts):  # the deepest first
+        try:
+            sc.umount2(target, sc.MNT_DETACH)
+        except OSError:
+            pass  # locked in a user namespace: then it can only be the host's to end
+
+
 # -- the log -------------------------------------------------------------------------
 
 class JsonLog:
@@ -215,6 +236,7 @@ def main(root: str, container_id: str, wait_attach: bool) -> int:
     # a slave of the host's: it receives the host's unmounts (a private copy would pin
     # every host mount for as long as the container runs) and sends nothing back
     sc.mount(None, "/", None, sc.MS_REC | sc.MS_SLAVE)
+    drop_other_fuse_mounts(store.root)
 
     # step 2 (supervisor): stdio, then the child, before any thread exists
     tty = bool(config.get("Tty"))

@@ -108,3 +108,22 @@ def test_one_server_per_upper_layer(tmp_path):
             assert start.returncode == 125, start
     finally:
         run_strata(root, "rm", "-f", "busy")
+
+
+def test_a_host_umount_ends_a_fuse_server_a_container_started_after(tmp_path):
+    """strata never pins other mounts: a standalone strata-fuse mount, a container
+    started after it, a host umount of the mount: its server exits."""
+    from .helpers import run_strata
+    from .mounts import served, standalone_argv, wait_for
+    lower, mnt = tmp_path / "lower", tmp_path / "mnt"
+    lower.mkdir()
+    mnt.mkdir()
+    (lower / "f").write_text("x")
+    root = str(tmp_path / "store")
+    with served(standalone_argv([str(lower)], None, None, str(mnt)), str(mnt)) as server:
+        assert run_strata(root, "run", "-d", "--name", "later", "busybox", "sleep", "600").returncode == 0
+        try:
+            subprocess.run(["umount", str(mnt)], check=True)
+            wait_for(lambda: server.poll() is not None, what="the unmounted server to exit")
+        finally:
+            run_strata(root, "rm", "-f", "later")
