@@ -70,21 +70,15 @@ def _prctl(option: int, arg: int, what: str) -> int:
     return result
 
 
-def known_capabilities() -> list[int]:
-    """The capability numbers this kernel knows (PR_CAPBSET_READ answers EINVAL past the last)."""
-    known = []
-    for number in range(64):
-        if _libc.prctl(PR_CAPBSET_READ, number, 0, 0, 0) < 0:
-            break
-        known.append(number)
-    return known
-
-
 def drop_bounding_and_ambient(keep_mask: int) -> None:
-    """Step one, while still root with CAP_SETPCAP: nothing outside `keep_mask` can come back."""
+    """Step one, while still root with CAP_SETPCAP: nothing outside `keep_mask` can come back.
+    Every capability this kernel knows is read (PR_CAPBSET_READ answers EINVAL past the last)."""
     _prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, "cannot clear the ambient capabilities")
-    for number in known_capabilities():
-        if not keep_mask & (1 << number) and _libc.prctl(PR_CAPBSET_READ, number, 0, 0, 0) == 1:
+    for number in range(64):
+        held = _libc.prctl(PR_CAPBSET_READ, number, 0, 0, 0)
+        if held < 0:
+            break
+        if held == 1 and not keep_mask & (1 << number):
             _prctl(PR_CAPBSET_DROP, number, f"cannot drop {name_of(number)} from the bounding set")
 
 

@@ -14,7 +14,7 @@ from store.containers import container_dir, current_state, read_state, resolve_c
 from store.store import canonical_json, new_image_config, now_rfc3339, parse_reference
 
 from .containers_cli import parse_since
-from .lifecycle import processes_of
+from .lifecycle import signal_namespace
 from .lifecycle import container_init_pid, describe_command
 
 AUDIT_HEADER = ("TIME", "RUN", "PID", "COMMAND", "UID", "OPERATION", "PATH")
@@ -174,15 +174,15 @@ class Paused:
     writes pushed to the filesystem server (syncfs through its root), resumed after."""
 
     def __init__(self, store: Store, config: dict):
-        self.pids: list[int] = []
+        self.pid1: int | None = None  # set while the container is stopped here
         state = current_state(store, config["Id"])
         if state.get("Status") != "running" or not state.get("Pid"):
             return
         pid1 = container_init_pid(state["Pid"])
         if pid1 is None:
             return
-        self.pids = processes_of(pid1)
-        self.signal(signal.SIGSTOP)
+        self.pid1 = pid1
+        signal_namespace(pid1, signal.SIGSTOP)
         try:
             fd = os.open(f"/proc/{pid1}/root", os.O_RDONLY | os.O_DIRECTORY)
         except OSError:
@@ -193,15 +193,8 @@ class Paused:
         finally:
             os.close(fd)
 
-    def signal(self, sig: int) -> None:
-        for pid in self.pids:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-
     def resume(self) -> None:
-        self.signal(signal.SIGCONT)
+        signal_namespace(self.pid1, signal.SIGCONT)
 
 
 def cmd_commit(args, store: Store) -> int:
@@ -219,7 +212,7 @@ def cmd_commit(args, store: Store) -> int:
             changes = open_changes(store, config)
             try:
                 from unionfs.storeview import while_steady
-                if paused is not None and paused.pids:
+                if paused is not None and paused.pid1 is not None:
                     wait_for_creates_on_record(changes.upper.db)
                 found = while_steady(changes, lambda c: c.diff())
                 records = changes.records()

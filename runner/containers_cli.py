@@ -457,8 +457,7 @@ def cmd_exec(args, store: Store) -> int:
     env = lifecycle.merge_env(config.get("Env", []), args.env or [])
     spec = {"env": env, "workdir": args.workdir or config.get("WorkingDir") or "/",
             "user": args.user if args.user is not None else config.get("User"), "cmd": args.command,
-            "seccomp": config.get("SeccompProfile"), "no_new_privileges": bool(config.get("NoNewPrivileges")),
-            "seccomp_cache": os.path.join(store.root, "cache", "seccomp")}
+            **sandbox.security_spec(config, store.root)}
     if not args.command:
         raise StoreError("exec needs a command")
     pinned = pin_container_pid1(store, config, pid1)
@@ -667,24 +666,19 @@ def cmd_top(args, store: Store) -> int:
     return 0
 
 
-def cmd_pause(args, store: Store, sig: int = signal.SIGSTOP, status: str = "paused") -> int:
+def cmd_pause(args, store: Store, paused: bool = True) -> int:
     """SIGSTOP (SIGCONT) every process of the container's pid namespace: no freezer needed."""
-    from store.containers import read_state, write_state
     for ref in args.containers:
         config = resolve_container(store, ref)
         state = current_state(store, config["Id"])
-        if (state.get("Status") == "paused") == (status == "paused"):
-            raise StoreError(f"container {config['Name']} is {'already' if status == 'paused' else 'not'} paused")
+        if (state.get("Status") == "paused") == paused:
+            raise StoreError(f"container {config['Name']} is {'already' if paused else 'not'} paused")
         if state.get("Status") not in ("running", "paused"):
             raise StoreError(f"container {config['Name']} is not running")
-        lifecycle.signal_namespace(lifecycle.container_init_pid(state["Pid"]), sig)
-        with store.locked():
-            recorded = read_state(store, config["Id"])
-            recorded["Status"] = status
-            write_state(store, config["Id"], recorded)
+        lifecycle.set_paused(store, config, paused)
         print(ref)
     return 0
 
 
 def cmd_unpause(args, store: Store) -> int:
-    return cmd_pause(args, store, signal.SIGCONT, "running")
+    return cmd_pause(args, store, paused=False)

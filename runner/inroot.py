@@ -7,8 +7,9 @@ follows the container's symlinks out to the host: an image whose
 host, as root. So every target is resolved from the root's fd with
 openat2(RESOLVE_IN_ROOT): a symlink is followed as if the root were `/`, and
 can never leave it; what is missing is made beneath the directory fd it
-belongs in (where a dangling symlink points, if it is one); the type is checked; and the mount goes onto the resolved fd
-(/proc/self/fd/N), as runc does, so nothing can be swapped in between.
+belongs in (where a dangling symlink points, if it is one); the type is
+checked; and the mount goes onto the resolved fd (/proc/self/fd/N), as runc
+does, so nothing can be swapped in between.
 """
 from __future__ import annotations
 
@@ -30,14 +31,11 @@ def open_resolved(root_fd: int, path: str) -> int:
     return sc.openat2(root_fd, path.strip("/") or ".", os.O_PATH, RESOLVE)
 
 
-_open = open_resolved
-
-
 def _make(root_fd: int, parts: list[str], kind: str) -> str | None:
     """Make the last of `parts` (a directory or an empty file) in the directory its
     parents resolve to. A name there that does not resolve is a dangling symlink: its
     target (a path in the container) is returned, to be made instead."""
-    parent = _open(root_fd, "/".join(parts[:-1]))
+    parent = open_resolved(root_fd, "/".join(parts[:-1]))
     try:
         try:
             link = os.readlink(parts[-1], dir_fd=parent)
@@ -74,7 +72,7 @@ def open_target(root_fd: int, target: str, kind: str) -> int:
         path = "/".join(parts[:depth])
         wanted = kind if depth == len(parts) else "dir"
         try:
-            fd = _open(root_fd, path)
+            fd = open_resolved(root_fd, path)
         except FileNotFoundError:
             link = _make(root_fd, parts[:depth], wanted)
             if link is not None:  # follow it by hand: the target's path replaces this prefix
@@ -84,7 +82,7 @@ def open_target(root_fd: int, target: str, kind: str) -> int:
                 parts = [p for p in link.split("/") if p] + parts[depth:]
                 depth = 0
                 continue
-            fd = _open(root_fd, path)
+            fd = open_resolved(root_fd, path)
         mode = os.fstat(fd).st_mode
         if stat.S_ISDIR(mode) if wanted == "dir" else stat.S_ISREG(mode):
             if depth == len(parts):

@@ -510,15 +510,22 @@ def wait_exited(store: Store, container_id: str, timeout: float | None) -> dict 
         time.sleep(0.01)
 
 
+def set_paused(store: Store, config: dict, paused: bool) -> None:
+    """SIGSTOP (SIGCONT) every process of the container's pid namespace, and record it:
+    `pause` without a freezer."""
+    state = current_state(store, config["Id"])
+    signal_namespace(container_init_pid(state.get("Pid") or 0), signal.SIGSTOP if paused else signal.SIGCONT)
+    with store.locked():
+        recorded = read_state(store, config["Id"])
+        if recorded.get("Status") in ("running", "paused"):
+            recorded["Status"] = "paused" if paused else "running"
+            write_state(store, config["Id"], recorded)
+
+
 def stop(store: Store, config: dict, timeout: float) -> None:
     state = current_state(store, config["Id"])
     if state.get("Status") == "paused":  # stopped processes hold SIGTERM until they go on
-        signal_namespace(container_init_pid(state.get("Pid") or 0), signal.SIGCONT)
-        with store.locked():
-            recorded = read_state(store, config["Id"])
-            if recorded.get("Status") == "paused":
-                recorded["Status"] = "running"
-                write_state(store, config["Id"], recorded)
+        set_paused(store, config, False)
     elif state.get("Status") != "running":
         return
     try:

@@ -51,7 +51,9 @@ MASKED_PATHS = ["/proc/asound", "/proc/acpi", "/proc/interrupts", "/proc/kcore",
                 "/proc/latency_stats", "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug",
                 "/proc/scsi", "/sys/firmware", "/sys/devices/virtual/powercap"]
 READONLY_PATHS = ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]
-DEVICES = ["null", "zero", "full", "random", "urandom", "tty"]
+# the devices a container's /dev holds, bound from the host's, and the only ones mknod
+# may make (runner.serve limits the union filesystem, runner/seccomp.json the syscall)
+DEVICES = {"null": (1, 3), "zero": (1, 5), "full": (1, 7), "random": (1, 8), "urandom": (1, 9), "tty": (5, 0)}
 HOST_FILE_ATTRS = sc.MOUNT_ATTR_NOSUID | sc.MOUNT_ATTR_NODEV | sc.MOUNT_ATTR_NOEXEC
 READONLY_TREE_ATTRS = sc.MOUNT_ATTR_RDONLY | HOST_FILE_ATTRS
 
@@ -278,6 +280,12 @@ def open_container_pty() -> tuple[int, int]:
     number = struct.unpack("I", fcntl.ioctl(master, TIOCGPTN, b"\0" * 4))[0]
     slave = os.open(f"/dev/pts/{number}", os.O_RDWR | os.O_NOCTTY)
     return master, slave
+
+
+def security_spec(config: dict, store_root: str) -> dict:
+    """The spec keys of a container's syscall filter, for its start and for `exec`."""
+    return {"seccomp": config.get("SeccompProfile"), "no_new_privileges": bool(config.get("NoNewPrivileges")),
+            "seccomp_cache": os.path.join(store_root, "cache", "seccomp")}
 
 
 def syscall_filter(spec: dict):

@@ -6,11 +6,12 @@ A profile is Docker's JSON (`defaultAction`, `archMap`, `syscalls` with
 modelled on Docker's; `--security-opt seccomp=FILE` replaces it and
 `seccomp=unconfined` turns it off.
 
-The filter is compiled to BPF in the container's child before pivot_root, while
-the supervisor mounts the FUSE root (libseccomp spends ~8 ms turning its rules
-into BPF, which seccomp_load would do on the start's critical path), and the
-program is installed with the seccomp(2) syscall just before the user switch: loading needs
-CAP_SYS_ADMIN when no_new_privs is off, and strata, like Docker, leaves it off
+The filter is compiled to BPF once per profile, capability set and kernel and
+kept in the store (`cached_program`: libseccomp spends ~10 ms turning its rules
+into BPF, which seccomp_load would do on every start's critical path); the
+container's child reads it before pivot_root and installs it with seccomp(2)
+just before the user switch: installing needs CAP_SYS_ADMIN when no_new_privs
+is off, and strata, like Docker, leaves it off
 so that setuid programs inside keep working. So every syscall the sandbox makes
 after loading (setgroups, setuid, capset, execve) must be allowed by the
 profile; Docker's and strata's allow them.
@@ -203,11 +204,18 @@ class _SockFprog(ctypes.Structure):
 
 
 class Program:
-    """A filter compiled to BPF (libseccomp's export), ready to install."""
+    """A filter compiled to BPF: struct sock_filter instructions of 8 bytes, ready to install."""
 
     __slots__ = ("code",)
 
-    def __init__(self, syscall_filter):
+    def __init__(self, code: bytes):
+        if not code or len(code) % 8:
+            raise ValueError("seccomp: not a BPF program")
+        self.code = code
+
+    @classmethod
+    def exported(cls, syscall_filter) -> Program:
+        """libseccomp's export of `syscall_filter` (through a pipe: it writes to an fd)."""
         read_end, write_end = os.pipe()
         try:
             with open(write_end, "wb", closefd=False) as w:
@@ -217,13 +225,11 @@ class Program:
             chunks = []
             while chunk := os.read(read_end, 65536):
                 chunks.append(chunk)
-            self.code = b"".join(chunks)
         finally:
             os.close(read_end)
             if write_end >= 0:
                 os.close(write_end)
-        if not self.code or len(self.code) % 8:
-            raise ValueError("seccomp profile: libseccomp exported no program")
+        return cls(b"".join(chunks))
 
     def install(self) -> None:
         """seccomp(SECCOMP_SET_MODE_FILTER): needs CAP_SYS_ADMIN or no_new_privs."""
@@ -250,13 +256,10 @@ def cached_program(profile, caps: set[str], cache_dir: str | None) -> Program:
     if path:
         try:
             with open(path, "rb") as f:
-                program = Program.__new__(Program)
-                program.code = f.read()
-            if program.code and len(program.code) % 8 == 0:
-                return program
-        except FileNotFoundError:
+                return Program(f.read())
+        except (FileNotFoundError, ValueError):  # not made yet, or cut short: made again
             pass
-    program = Program(compile_filter(json.loads(text), caps))
+    program = Program.exported(compile_filter(json.loads(text), caps))
     if path:
         try:
             os.makedirs(cache_dir, mode=0o700, exist_ok=True)

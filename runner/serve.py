@@ -20,7 +20,7 @@ import trio
 
 from store.containers import container_dir, write_state
 from unionfs.mount import fuse_options, mounted, serve_session
-from unionfs.storeview import image_lower, open_upper
+from unionfs.storeview import make_view_factory
 from unionfs.view import UnionView
 
 from .protocol import EXIT, RESIZE, STDERR, STDIN, STDIN_CLOSED, STDOUT, frame, split_frames
@@ -30,9 +30,9 @@ from .supervisor import JsonLog
 
 INIT_DIRS = ("proc", "dev", "sys", "etc")
 INIT_FILES = ("etc/hosts", "etc/hostname", "etc/resolv.conf")
-# the character devices a container's /dev holds (sandbox.DEVICES: null, zero, full,
-# random, urandom, tty), the only ones mknod makes in its root: there is no device cgroup
-CONTAINER_DEVICES = frozenset({(1, 3), (1, 5), (1, 7), (1, 8), (1, 9), (5, 0)})
+# the character devices a container's /dev holds, the only ones mknod makes in its root:
+# there is no device cgroup
+CONTAINER_DEVICES = frozenset(sandbox.DEVICES.values())
 # and none in the root, or one from an image layer, reaches a host device (libfuse adds
 # nodev and nosuid by default; named here so that no default can drop them)
 ROOT_MOUNT_OPTIONS = ("nodev", "nosuid")
@@ -76,13 +76,7 @@ def ensure_init_layer(view) -> None:
 def container_view(store, image_id: str, upper_path: str, run: int) -> UnionView:
     """The container's root: its image, its upper layer (repaired after a crash), mknod
     limited to CONTAINER_DEVICES."""
-    lower = image_lower(store, image_id)
-    try:
-        upper, journal = open_upper(upper_path, lower, run)
-    except BaseException:
-        lower.close()
-        raise
-    return UnionView(lower, upper, journal, devices=CONTAINER_DEVICES)
+    return make_view_factory(store, image_id, upper_path, run, devices=CONTAINER_DEVICES)()
 
 
 def fd_limit_below_server(child: int) -> None:

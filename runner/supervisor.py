@@ -260,8 +260,7 @@ def main(root: str, container_id: str, wait_attach: bool) -> int:
     spec = {"root": rootfs, "runtime_dir": runtime, "hostname": config["Hostname"],
             "network": config.get("NetworkMode", "host"), "cmd": config["Cmd"], "env": config["Env"],
             "workdir": config.get("WorkingDir"), "user": config.get("User"), "tty": tty, "rootless": rootless,
-            "seccomp": config.get("SeccompProfile"), "no_new_privileges": bool(config.get("NoNewPrivileges")),
-            "seccomp_cache": os.path.join(store.root, "cache", "seccomp")}
+            **sandbox.security_spec(config, store.root)}
     child = os.fork()
     if child == 0:
         os.close(sync_w)

@@ -379,7 +379,8 @@ PID_REUSED_DURING_EXEC = textwrap.dedent("""\
     def reused(store, config, pid1):
         pinned = found(store, config, pid1)
         os.kill(pid1, signal.SIGKILL)
-        while os.path.exists(f"/proc/{pid1}"):
+        deadline = time.monotonic() + 20
+        while os.path.exists(f"/proc/{pid1}") and time.monotonic() < deadline:
             time.sleep(0.001)
         for _ in range(500):
             with open("/proc/sys/kernel/ns_last_pid", "w") as f:

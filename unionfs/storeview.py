@@ -95,15 +95,21 @@ def open_upper(upper_path: str, lower, run: int) -> tuple[UpperLayer, Journal]:
     return upper, journal
 
 
-def make_view_factory(store: Store, image_id: str, upper_path: str | None = None, run: int = 0):
+def make_view_factory(store: Store, image_id: str, upper_path: str | None = None, run: int = 0,
+                      devices: frozenset[tuple[int, int]] | None = None):
     """A function that opens the view; called in the server process, after any fork.
-    `run`: the container's run the journal attributes changes to (0: outside a run)."""
+    `run`: the container's run the journal attributes changes to (0: outside a run);
+    `devices`: the character devices mknod may make (UnionView)."""
     def make() -> UnionView:
         lower = image_lower(store, image_id)
         if upper_path is None:
-            return UnionView(lower)
-        upper, journal = open_upper(upper_path, lower, run)
-        return UnionView(lower, upper, journal)
+            return UnionView(lower, devices=devices)
+        try:
+            upper, journal = open_upper(upper_path, lower, run)
+        except BaseException:
+            lower.close()
+            raise
+        return UnionView(lower, upper, journal, devices=devices)
     return make
 
 
