@@ -8,10 +8,11 @@ STRATA       := $(VENV)/bin/strata
 SYSTEM_PY    := /usr/bin/python3
 # fuse-overlayfs, unionfs-fuse, bubblewrap: the peers benchmarks/ runs beside strata
 # libseccomp2: the syscall filter (pyseccomp binds it); gcc and libc6-dev: the tests'
-# static probe (tests/probe.c) that tries the calls a container must not make
+# static probe (tests/probe.c) that tries the calls a container must not make;
+# debootstrap: the Debian 12 image of the real-workload tests (tests/debian.py)
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config libcap-dev busybox-static \
                 python3 python3-venv python3-dev gcc libc6-dev zstd libseccomp2 \
-                uidmap util-linux \
+                uidmap util-linux debootstrap \
                 fuse-overlayfs unionfs-fuse bubblewrap
 STAMP        := $(VENV)/.installed
 

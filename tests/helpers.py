@@ -1,9 +1,11 @@
 """Test helpers: real tar archives built member by member, store snapshots, the CLI."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -67,3 +69,87 @@ def run_strata(root: str, *args: str, input: bytes | None = None, check: bool = 
         raise AssertionError(f"strata {' '.join(args)} failed ({proc.returncode}): "
                              f"{proc.stderr.decode()}")
     return proc
+
+
+FUSECTL = "/sys/fs/fuse/connections"
+
+
+def fuse_connections() -> set[str]:
+    """The live FUSE connections (mounting fusectl first if the host has not)."""
+    with open("/proc/self/mountinfo") as f:
+        if not any(line.split()[4] == FUSECTL for line in f):
+            subprocess.run(["mount", "-t", "fusectl", "none", FUSECTL], check=True)
+    return set(os.listdir(FUSECTL))
+
+
+def run_within(argv: list[str], deadline: float, env: dict | None = None,
+               input: bytes | None = None) -> subprocess.CompletedProcess:
+    """Run `argv`; past `deadline` seconds abort every FUSE connection made meanwhile (so
+    that nothing stays hung) and fail: a hang is a test failure, never a hung suite."""
+    before = fuse_connections()
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=env, cwd="/")
+    try:
+        out, err = proc.communicate(input, timeout=deadline)
+    except subprocess.TimeoutExpired:
+        for connection in fuse_connections() - before:
+            with open(f"{FUSECTL}/{connection}/abort", "w") as f:
+                f.write("1")
+        proc.kill()
+        proc.communicate()
+        raise AssertionError(f"{' '.join(argv)} hung for {deadline} s (its FUSE connections were aborted)")
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
+NOBODY = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
+
+
+class Strata:
+    """The CLI against one store, as root or (prefix=NOBODY) as the unprivileged user."""
+
+    def __init__(self, root: str, prefix: tuple = (), python: str = sys.executable, pythonpath: str = REPO):
+        self.root, self.prefix, self.python, self.pythonpath = root, prefix, python, pythonpath
+        self.env = {"PATH": os.environ["PATH"], "STRATA_ROOT": root, "PYTHONPATH": pythonpath,
+                    "HOME": os.path.dirname(root)}
+
+    def command(self, *args: str) -> list[str]:
+        return [*self.prefix, self.python, "-m", "runner", *args]
+
+    def __call__(self, *args: str, input: bytes | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run(self.command(*args), input=input, capture_output=True, env=self.env, cwd="/",
+                              timeout=120)
+
+    def ok(self, *args: str, input: bytes | None = None) -> str:
+        proc = self(*args, input=input)
+        assert proc.returncode == 0, (args, proc.returncode, proc.stdout, proc.stderr)
+        return proc.stdout.decode()
+
+
+@contextlib.contextmanager
+def cli_store(request, tmp_path, purpose: str):
+    """A fresh store driven through the CLI by root or, for request.param "unprivileged",
+    by nobody (in a scratch directory nobody can reach); every container is removed and
+    no mount of the store is left afterwards."""
+    if request.param == "root":
+        work = None
+        cli = Strata(str(tmp_path / "store"))
+        cli.scratch = str(tmp_path)
+    else:
+        python, pythonpath = request.getfixturevalue("unprivileged_python")
+        work = f"/tmp/strata-{purpose}-{os.getpid()}"
+        shutil.rmtree(work, ignore_errors=True)
+        os.makedirs(work)
+        os.chown(work, 65534, 65534)
+        cli = Strata(f"{work}/store", NOBODY, python, pythonpath)
+        cli.scratch = work
+    cli.mode = request.param
+    try:
+        yield cli
+    finally:
+        ids = cli("ps", "-aq").stdout.decode().split()
+        if ids:
+            cli("rm", "-f", *ids)
+        with open("/proc/self/mountinfo") as f:
+            assert cli.root not in f.read()
+        if work:
+            shutil.rmtree(work, ignore_errors=True)

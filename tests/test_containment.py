@@ -11,13 +11,12 @@ import textwrap
 
 import pytest
 
-from .helpers import REPO
+from .helpers import NOBODY, REPO, Strata, cli_store  # noqa: F401  (Strata and NOBODY: other modules)
 
 DOCKER_DEFAULT_CAPS = 0xA80425FB
 AS_ROOT = {"CapInh": 0, "CapPrm": DOCKER_DEFAULT_CAPS, "CapEff": DOCKER_DEFAULT_CAPS,
            "CapBnd": DOCKER_DEFAULT_CAPS, "CapAmb": 0}
 AS_OTHER_USER = {"CapInh": 0, "CapPrm": 0, "CapEff": 0, "CapBnd": DOCKER_DEFAULT_CAPS, "CapAmb": 0}
-NOBODY = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
 FILTERED = ["keyctl", "add_key", "request_key", "mount", "unshare_user_mount", "bpf", "perf_event_open",
             "kexec_load", "open_by_handle_at"]
 
@@ -33,57 +32,15 @@ def probe_binary(tmp_path_factory):
     return out.read_bytes()
 
 
-class Strata:
-    """The CLI against one store, as root or (prefix=NOBODY) as the unprivileged user."""
-
-    def __init__(self, root: str, prefix: tuple = (), python: str = sys.executable, pythonpath: str = REPO):
-        self.root, self.prefix, self.python, self.pythonpath = root, prefix, python, pythonpath
-        self.env = {"PATH": os.environ["PATH"], "STRATA_ROOT": root, "PYTHONPATH": pythonpath,
-                    "HOME": os.path.dirname(root)}
-
-    def command(self, *args: str) -> list[str]:
-        return [*self.prefix, self.python, "-m", "runner", *args]
-
-    def __call__(self, *args: str, input: bytes | None = None) -> subprocess.CompletedProcess:
-        return subprocess.run(self.command(*args), input=input, capture_output=True, env=self.env, cwd="/",
-                              timeout=120)
-
-    def ok(self, *args: str, input: bytes | None = None) -> str:
-        proc = self(*args, input=input)
-        assert proc.returncode == 0, (args, proc.returncode, proc.stdout, proc.stderr)
-        return proc.stdout.decode()
-
-
 @pytest.fixture(params=["root", "unprivileged"])
 def strata(request, tmp_path, probe_binary):
     """A store holding `probe`: busybox with /bin/probe, committed through the CLI."""
-    if request.param == "root":
-        cli = Strata(str(tmp_path / "store"))
-        work = None
-        cli.scratch = str(tmp_path)
-    else:
-        python, pythonpath = request.getfixturevalue("unprivileged_python")
-        work = f"/tmp/strata-containment-{os.getpid()}"
-        shutil.rmtree(work, ignore_errors=True)
-        os.makedirs(work)
-        os.chown(work, 65534, 65534)
-        cli = Strata(f"{work}/store", NOBODY, python, pythonpath)
-        cli.scratch = work
-    cli.mode = request.param
-    try:
+    with cli_store(request, tmp_path, "containment") as cli:
         cli.ok("run", "-i", "--name", "probe-src", "busybox", "sh", "-c", "cat > /bin/probe; chmod 755 /bin/probe",
                input=probe_binary)
         cli.ok("commit", "probe-src", "probe")
         cli.ok("rm", "probe-src")
         yield cli
-    finally:
-        ids = cli("ps", "-aq").stdout.decode().split()
-        if ids:
-            cli("rm", "-f", *ids)
-        with open("/proc/self/mountinfo") as f:
-            assert cli.root not in f.read()
-        if work:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 def capability_sets(status: str) -> dict:
