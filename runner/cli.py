@@ -17,7 +17,7 @@ from . import fmt
 
 COMMANDS = ("import", "images", "history", "tag", "rmi", "inspect", "run", "create", "start", "attach",
             "logs", "ps", "stop", "restart", "kill", "wait", "rm", "rename", "update", "exec", "top",
-            "pause", "unpause", "mount", "umount", "base", "diff", "commit", "squash")
+            "pause", "unpause", "mount", "umount", "base", "diff", "commit", "squash", "fsck")
 
 # argparse looks up a translation catalogue on disk for every help string it
 # stores (gettext); building the parser's 30 subcommands did ~80 such lookups,
@@ -505,7 +505,23 @@ def build_parser(only: str | None = None) -> CliParser:
     p.add_argument("reference", metavar="NAME[:TAG]", nargs="?")
     p.add_argument("--from", dest="from_image", metavar="ANCESTOR")
     p.set_defaults(func=changes_command("cmd_squash"))
+
+    p = add_parser("fsck", help="check the store, and with --repair mend it",
+                   description="Check image indexes against their layers, layers no image uses, "
+                   "containers whose supervisor died (their stale mounts, their state) and each "
+                   "stopped container's upper layer against its journal. One line per problem; "
+                   "exit status 1 while any is left unrepaired. Running containers are left alone.")
+    p.add_argument("--repair", action="store_true", help="mend what was found")
+    import time
+    # when the store was missing it is made before fsck runs: its files' times tell (by
+    # CLOCK_REALTIME_COARSE, 5, the clock they are stamped from; fsck_cli.made_by_this_command)
+    p.set_defaults(func=fsck_command, parsed_at_ns=time.clock_gettime_ns(5))
     return parser
+
+
+def fsck_command(args, store: Store) -> int:
+    from .fsck_cli import cmd_fsck
+    return cmd_fsck(args, store)
 
 
 def changes_command(name: str):
