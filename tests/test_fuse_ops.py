@@ -12,7 +12,7 @@ from store.containers import container_dir, create_container
 
 from .helpers import member
 from .images import make_chain
-from .mounts import is_mounted, served, strata_mount_argv
+from .mounts import is_mounted, served, strata_mount_argv, wait_for
 
 LONG = "L" * 255
 
@@ -228,6 +228,69 @@ def test_remount_keeps_everything(container, store_root, tmp_path):
         assert "top" not in os.listdir(f"{mnt}/d")
         assert open(f"{mnt}/newdir/f").read() == "persist"
         assert open(f"{mnt}/sub2/deep").read() == "deep\n"
+
+
+# every kind of change, made by one unprivileged process in a directory it owns
+CHANGES_BY_ONE_PROCESS = r"""
+import os, sys
+os.chdir(sys.argv[1])
+os.setgroups([])
+os.setresgid(1001, 1001, 1001)
+os.setresuid(1000, 1000, 1000)
+fd = os.open("new", os.O_CREAT | os.O_WRONLY, 0o644)
+os.write(fd, b"made")
+os.close(fd)
+fd = os.open("old", os.O_WRONLY | os.O_TRUNC)
+os.write(fd, b"rewritten")
+os.close(fd)
+os.truncate("old", 3)
+os.chmod("old", 0o600)
+os.utime("old", ns=(10**18, 10**18))
+os.setxattr("old", "user.k", b"v")
+os.removexattr("old", "user.k")
+os.mkdir("dir")
+os.mkfifo("dir/fifo")
+os.symlink("../new", "dir/link")
+os.link("new", "dir/hard")
+os.rename("dir/hard", "moved")
+os.unlink("moved")
+os.unlink("dir/fifo")
+os.unlink("dir/link")
+os.rmdir("dir")
+print(os.getpid())
+"""
+
+
+def test_every_change_is_recorded_for_the_process_that_made_it(mounted):
+    """Each handler passes its request's caller to the view: pid, uid and gid of the process."""
+    import sqlite3
+    import sys
+
+    from unionfs.journal import read_records
+    mnt, store, c = mounted
+    os.mkdir(f"{mnt}/w")
+    with open(f"{mnt}/w/old", "w") as f:
+        f.write("old")
+    for path in ("w", "w/old"):
+        os.chown(f"{mnt}/{path}", 1000, 1001)
+    done = subprocess.run([sys.executable, "-c", CHANGES_BY_ONE_PROCESS, f"{mnt}/w"], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    pid = int(done.stdout)
+    ops = {"create", "truncate", "write", "chmod", "utimens", "setxattr", "removexattr", "mkdir", "mknod",
+           "symlink", "link", "rename", "unlink", "rmdir"}
+    db = sqlite3.connect(os.path.join(container_dir(store, c["Id"]), "upper", "upper.db"))
+    try:
+        def made():  # (the set-up's, the process's): the set-up ends with its chown of w/old
+            records = read_records(db)
+            ends = [i + 1 for i, r in enumerate(records) if (r["op"], r["path"]) == ("chown", "/w/old")]
+            return (records[:ends[0]], records[ends[0]:]) if ends else (records, [])
+        wait_for(lambda: {r["op"] for r in made()[1]} == ops, what="the records of the changes")
+        setup, changes = made()
+    finally:
+        db.close()
+    assert {(r["pid"], r["uid"], r["gid"]) for r in changes} == {(pid, 1000, 1001)}, changes
+    assert {r["pid"] for r in setup} == {os.getpid()}
 
 
 def test_image_mount_is_read_only(container, store_root, tmp_path):

@@ -1,6 +1,7 @@
 """Unit tests: the change journal and the diffs made from it, on the merged view without FUSE."""
 import collections
 import errno
+import inspect
 import os
 import shutil
 import stat
@@ -12,6 +13,7 @@ import pytest
 from store import Store
 from unionfs.diff import ImageTree, ViewTree, journal_diff, run_diff, tree_diff
 from unionfs.journal import CREATE_BATCH, add_range, read_records
+from unionfs.recorder import NO_RECORDER, JournalRecorder, NoRecorder
 from unionfs.storeview import ContainerChanges, image_lower, make_view_factory
 from unionfs.view import RENAME_EXCHANGE
 
@@ -19,6 +21,7 @@ from .helpers import member
 from .images import make_chain
 
 ROOT = 1
+ME = (os.getpid(), 0, 0)  # the caller of the changes these tests make
 
 
 @pytest.fixture
@@ -42,7 +45,6 @@ def upper_path(tmp_path):
 def view(image, upper_path):
     store, image_id = image
     v = make_view_factory(store, image_id, upper_path, run=1)()
-    v.caller = (os.getpid(), 0, 0)
     yield v
     v.close()
 
@@ -75,16 +77,16 @@ def write_file(view, path, data, offset=0):
 
 def test_records_say_who_what_when_and_which_run(view, image, upper_path):
     d = view.lookup(ROOT, b"d")
-    _, fd = view.create(d.ino, b"new", 0o644, os.O_RDWR, 0, 0)
+    _, fd = view.create(d.ino, b"new", 0o644, os.O_RDWR, 0, 0, ME)
     for offset in range(0, 3 * 4096, 4096):  # three writes, one record
         view.write(fd, offset, b"x" * 4096)
     view.release(fd)
-    fd, _ = view.open(view.lookup(d.ino, b"g").ino, os.O_WRONLY)  # an existing file: a write record
+    fd, _ = view.open(view.lookup(d.ino, b"g").ino, os.O_WRONLY, ME)  # an existing file: a write record
     view.write(fd, 4096, b"y")
     view.write(fd, 0, b"z")
     view.release(fd)
-    view.setattr(view.lookup(d.ino, b"f").ino, mode=0o600)
-    view.rename(d.ino, b"new", ROOT, b"moved")
+    view.setattr(view.lookup(d.ino, b"f").ino, mode=0o600, caller=ME)
+    view.rename(d.ino, b"new", ROOT, b"moved", caller=ME)
     records = read_records(view.upper.db)
     assert [r["op"] for r in records] == ["create", "write", "chmod", "rename"]
     create, write, chmod, rename = records
@@ -95,6 +97,7 @@ def test_records_say_who_what_when_and_which_run(view, image, upper_path):
     assert chmod["detail"] == {"mode": "600"} and chmod["path"] == "/d/f"
     assert (rename["path"], rename["path2"]) == ("/d/new", "/moved")
     assert records[0]["time_ns"] <= records[-1]["time_ns"]
+    assert {(r["pid"], r["uid"], r["gid"]) for r in records} == {ME}
 
 
 def test_a_touch_while_another_handle_writes_is_recorded(view, image, upper_path):
@@ -226,7 +229,7 @@ def test_a_write_lost_with_the_server_is_recovered_by_fsck(image, upper_path):
     fd, _ = v.open(n.ino, os.O_RDWR)
     os.pwrite(fd, b"X", 0)  # the data reached the upper layer; the server dies before recording it
     v.handles.clear()
-    v.write_logs.clear()
+    v.recorder.write_logs.clear()
     os.close(fd)
     v.close()
     again = make_view_factory(store, image_id, upper_path, run=2)()  # fsck at the next start
@@ -245,44 +248,53 @@ def kill_server(view):
     for fd in view.handles:
         os.close(fd)
     view.handles.clear()
-    view.write_logs.clear()
     view.pending_writes.clear()
-    view.unrecorded_creates.clear()
+    recorder = view.recorder
+    recorder.write_logs.clear()
+    recorder.pending.clear()
+    recorder.unrecorded_creates.clear()
     view.close()
 
 
-def test_files_made_and_written_in_one_open_share_a_row_of_creates(image, tmp_path):
-    """Their create records are stored in batches, ranges and all: one INSERT a batch, no
-    UPDATE, no extra transaction, and no row stored more often than without a journal."""
+def with_and_without_journal(image, tmp_path):
+    """(label, view): a view of the image on an upper layer of its own with its journal,
+    then one without (the no-op recorder); each is closed when its turn is over."""
     store, image_id = image
-    files = 3 * CREATE_BATCH + 5
-    statements = {}
     for label in ("journal", "none"):
         v = make_view_factory(store, image_id, str(tmp_path / label), run=1)()
         try:
             if label == "none":
                 v.journal = None
-            v.caller = (os.getpid(), 0, 0)
-            made = collections.Counter()
-            v.upper.db.set_trace_callback(lambda sql: made.update([sql.split("(")[0].split(" VALUES")[0]]))
-            for i in range(files):
-                n, fd = v.create(ROOT, b"f%d" % i, 0o644, os.O_RDWR, 0, 0)
-                v.write(fd, 0, b"x" * 4096)
-                v.setattr(n.ino, mtime_ns=time.time_ns())  # the kernel's own stamp of the write
-                v.flush(fd)
-                v.release(fd)
-            v.store_pending()
-            v.upper.db.set_trace_callback(None)
-            statements[label] = made
-            if label == "journal":
-                records = read_records(v.upper.db)
-                comm = open("/proc/self/comm").read().strip()
-                assert [(r["op"], r["path"], r["detail"], r["pid"], r["comm"]) for r in records] == \
-                    [("create", f"/f{i}", {"ranges": [[0, 4096]]}, os.getpid(), comm) for i in range(files)]
-                middle = records[files // 2]["time_ns"]  # --since reads into a batch
-                assert [r["path"] for r in read_records(v.upper.db, since_ns=middle)][0] == records[files // 2]["path"]
+                assert v.recorder is NO_RECORDER
+            yield label, v
         finally:
             v.close()
+
+
+def test_files_made_and_written_in_one_open_share_a_row_of_creates(image, tmp_path):
+    """Their create records are stored in batches, ranges and all: one INSERT a batch, no
+    UPDATE, no extra transaction, and no row stored more often than without a journal."""
+    files = 3 * CREATE_BATCH + 5
+    statements = {}
+    for label, v in with_and_without_journal(image, tmp_path):
+        made = collections.Counter()
+        v.upper.db.set_trace_callback(lambda sql: made.update([sql.split("(")[0].split(" VALUES")[0]]))
+        for i in range(files):
+            n, fd = v.create(ROOT, b"f%d" % i, 0o644, os.O_RDWR, 0, 0, ME)
+            v.write(fd, 0, b"x" * 4096)
+            v.setattr(n.ino, mtime_ns=time.time_ns(), caller=ME)  # the kernel's own stamp of the write
+            v.flush(fd)
+            v.release(fd)
+        v.store_pending()
+        v.upper.db.set_trace_callback(None)
+        statements[label] = made
+        if label == "journal":
+            records = read_records(v.upper.db)
+            comm = open("/proc/self/comm").read().strip()
+            assert [(r["op"], r["path"], r["detail"], r["pid"], r["comm"]) for r in records] == \
+                [("create", f"/f{i}", {"ranges": [[0, 4096]]}, os.getpid(), comm) for i in range(files)]
+            middle = records[files // 2]["time_ns"]  # --since reads into a batch
+            assert [r["path"] for r in read_records(v.upper.db, since_ns=middle)][0] == records[files // 2]["path"]
     journal, none = statements["journal"], statements["none"]
     batches = -(-files // CREATE_BATCH)
     assert journal["INSERT INTO journal"] == batches and journal["UPDATE journal SET detail=?"] == 0
@@ -295,7 +307,6 @@ def test_files_made_and_written_in_one_open_share_a_row_of_creates(image, tmp_pa
 def test_a_create_not_on_record_yet_shows_in_diff_and_is_recovered_by_fsck(image, upper_path):
     store, image_id = image
     v = make_view_factory(store, image_id, upper_path, run=1)()
-    v.caller = (os.getpid(), 0, 0)
     _, fd = v.create(lookup_path(v, "/d").ino, b"new", 0o644, os.O_RDWR, 0, 0)
     v.write(fd, 0, b"abc")
     assert not [r for r in read_records(v.upper.db) if r["path"] == "/d/new"]
@@ -322,7 +333,6 @@ def test_writes_after_a_create_went_on_record_are_recovered_by_fsck(image, upper
     the server never recorded, is found by fsck."""
     store, image_id = image
     v = make_view_factory(store, image_id, upper_path, run=1)()
-    v.caller = (os.getpid(), 0, 0)
     _, fd = v.create(ROOT, b"log", 0o644, os.O_RDWR, 0, 0)
     v.write(fd, 0, b"first")
     v.store_pending()  # the server idle for a moment: the batch goes on record, the file still open
@@ -348,7 +358,6 @@ def test_a_full_disk_while_the_batch_is_stored_loses_no_create(image, upper_path
     store, image_id = image
     v = make_view_factory(store, image_id, upper_path, run=1)()
     try:
-        v.caller = (os.getpid(), 0, 0)
         for i in range(40):
             _, fd = v.create(ROOT, b"%03d" % i + b"n" * 240, 0o644, os.O_RDWR, 0, 0)
             v.release(fd)
@@ -356,7 +365,7 @@ def test_a_full_disk_while_the_batch_is_stored_loses_no_create(image, upper_path
         v.upper.db.execute(f"PRAGMA max_page_count={pages}")  # the disk is full now
         with pytest.raises(OSError) as failed:
             v.mkdir(ROOT, b"dir", 0o755, 0, 0)
-        assert failed.value.errno == errno.ENOSPC and len(v.unrecorded_creates) == 40
+        assert failed.value.errno == errno.ENOSPC and len(v.recorder.unrecorded_creates) == 40
         v.upper.db.execute("PRAGMA max_page_count=1073741823")  # room again
         v.mkdir(ROOT, b"dir", 0o755, 0, 0)
     finally:
@@ -392,7 +401,6 @@ def test_a_change_rolled_back_keeps_the_range_updates_that_went_before_it(view, 
 def test_later_writes_to_a_file_its_create_accounted_for_are_recovered_by_fsck(image, upper_path):
     store, image_id = image
     v = make_view_factory(store, image_id, upper_path, run=1)()
-    v.caller = (os.getpid(), 0, 0)
     n, fd = v.create(ROOT, b"f", 0o644, os.O_RDWR, 0, 0)
     v.write(fd, 0, b"abc")
     v.release(fd)
@@ -411,7 +419,6 @@ def test_a_close_does_not_account_for_another_handles_writes(image, upper_path):
     for fsck to find."""
     store, image_id = image
     v = make_view_factory(store, image_id, upper_path, run=1)()
-    v.caller = (os.getpid(), 0, 0)
     n = lookup_path(v, "/etc/passwd")
     first, _ = v.open(n.ino, os.O_WRONLY)
     second, _ = v.open(n.ino, os.O_WRONLY)
@@ -428,7 +435,6 @@ def test_a_close_does_not_account_for_another_handles_writes(image, upper_path):
 def test_recovered_creates_belong_to_the_run_that_made_them(image, upper_path):
     store, image_id = image
     v = make_view_factory(store, image_id, upper_path, run=1)()
-    v.caller = (os.getpid(), 0, 0)
     _, fd = v.create(ROOT, b"made-in-run-1", 0o644, os.O_RDWR, 0, 0)
     v.release(fd)
     kill_server(v)
@@ -455,18 +461,150 @@ def test_the_executable_of_a_caller_may_have_any_name(view, tmp_path):
     odd = os.path.join(bytes(tmp_path), b"exe-\xff")
     os.makedirs(odd)
     shutil.copy(b"/bin/sleep", os.path.join(odd, b"sleep"))
-    sleeper = subprocess.Popen([os.path.join(odd, b"sleep"), b"30"])
+    sleeper = exec_done([os.path.join(odd, b"sleep"), b"30"])
     try:
-        view.caller = (sleeper.pid, 0, 0)
-        _, fd = view.create(ROOT, b"by-odd-exe", 0o644, os.O_RDWR, 0, 0)
+        _, fd = view.create(ROOT, b"by-odd-exe", 0o644, os.O_RDWR, 0, 0, (sleeper.pid, 0, 0))
         view.release(fd)
-        view.caller = (os.getpid(), 0, 0)
-        view.mkdir(ROOT, b"dir", 0o755, 0, 0)
+        view.mkdir(ROOT, b"dir", 0o755, 0, 0, ME)
     finally:
         sleeper.kill()
         sleeper.wait()
     made = {r["path"]: r for r in read_records(view.upper.db)}
     assert made["/by-odd-exe"]["comm"] == "sleep" and made["/by-odd-exe"]["exe"].endswith("/exe-\ufffd/sleep")
+
+
+# -- the recorder: what the view tells the journal ------------------------------------
+
+def test_the_no_op_recorder_has_the_journal_recorders_interface():
+    def interface(cls):
+        return {name: inspect.signature(member) for name, member in vars(cls).items()
+                if callable(member) and not name.startswith("_")}
+    assert interface(NoRecorder) == interface(JournalRecorder)
+    assert NoRecorder.journal is None and NO_RECORDER.begin() == () and not NO_RECORDER.waiting()
+
+
+def some_changes(v, caller):
+    """One of each change the view records, through its own API."""
+    d = v.lookup(ROOT, b"d")
+    n, fd = v.create(d.ino, b"new", 0o644, os.O_RDWR, 0, 0, caller)
+    v.write(fd, 0, b"made and written")
+    v.flush(fd)
+    v.release(fd)
+    fd, _ = v.open(lookup_path(v, "/etc/passwd").ino, os.O_WRONLY, caller)
+    v.write(fd, 4, b"X")
+    v.release(fd)
+    fd, _ = v.open(lookup_path(v, "/d/g").ino, os.O_WRONLY | os.O_TRUNC, caller)
+    v.release(fd)
+    sub = v.mkdir(ROOT, b"sub", 0o750, 0, 0, caller)
+    v.symlink(sub.ino, b"link", b"../d/new", 0, 0, caller)
+    v.mknod(sub.ino, b"fifo", stat.S_IFIFO | 0o600, 0, 0, 0, caller)
+    v.link(n.ino, sub.ino, b"hard", caller)
+    v.rename(d.ino, b"f", sub.ino, b"moved", caller=caller)
+    v.rename(sub.ino, b"moved", d.ino, b"g", caller=caller)  # replacing /d/g
+    v.rename(ROOT, b"h1", sub.ino, b"link", RENAME_EXCHANGE, caller)
+    v.setattr(n.ino, mode=0o600, uid=7, gid=8, atime_ns=10**18, mtime_ns=10**18, caller=caller)
+    v.setattr(lookup_path(v, "/d/sub/x").ino, size=100, caller=caller)
+    v.setxattr(sub.ino, b"user.k", b"v", 0, caller)
+    v.removexattr(sub.ino, b"user.k", caller)
+    v.unlink(sub.ino, b"hard", caller)
+    v.unlink(d.ino, b"new", caller)
+    v.mkdir(ROOT, b"empty", 0o755, 0, 0, caller)
+    v.rmdir(ROOT, b"empty", caller)
+    v.store_pending()
+
+
+def test_a_view_without_a_journal_records_nothing_and_stores_the_same_rows(image, tmp_path):
+    """The no-op recorder: the view's own state (rows, names, data) is what it is with a journal."""
+    tables = {}
+    for label, v in with_and_without_journal(image, tmp_path):
+        some_changes(v, ME)
+        db = v.upper.db
+        tables[label] = (
+            [row[:6] + row[9:14] for row in db.execute("SELECT * FROM inodes ORDER BY ino")],  # (not times)
+            list(db.execute("SELECT * FROM dirents ORDER BY parent, name")),
+            sorted((name, os.path.getsize(tmp_path / label / "data" / name))
+                   for name in os.listdir(tmp_path / label / "data")),
+            read_records(db), list(db.execute("SELECT seen_size FROM inodes WHERE seen_size IS NOT NULL")))
+    rows, names, data, records, seen = tables["none"]
+    assert (rows, names, data) == tables["journal"][:3] and len(rows) > 5
+    assert records == [] and seen == []  # nothing recorded, no data accounted for
+    assert [r["op"] for r in tables["journal"][3]] == [
+        "create", "write", "truncate", "mkdir", "symlink", "mknod", "link", "rename", "rename", "rename", "chmod",
+        "chown", "utimens", "truncate", "setxattr", "removexattr", "unlink", "unlink", "mkdir", "rmdir"]
+
+
+def exec_done(argv: list) -> subprocess.Popen:
+    """A process started and through its exec: Popen returns once the exec closed the
+    child's close-on-exec fds, which the kernel does before it renames the process."""
+    proc = subprocess.Popen(argv)
+    deadline = time.monotonic() + 10
+    while open(f"/proc/{proc.pid}/comm", "rb").read().strip() != os.path.basename(argv[0])[:15]:
+        assert time.monotonic() < deadline, f"{argv[0]!r} did not exec"
+        time.sleep(0.001)
+    return proc
+
+
+def test_each_record_names_the_caller_its_change_was_made_for(view):
+    """Callers interleave: a handle's writes are its opener's, whatever request came last."""
+    sleeper = exec_done([b"/bin/sleep", b"30"])
+    other = (sleeper.pid, 1000, 1001)
+    try:
+        passwd = lookup_path(view, "/etc/passwd")
+        _, made = view.create(ROOT, b"by-other", 0o644, os.O_RDWR, 0, 0, other)
+        written, _ = view.open(passwd.ino, os.O_WRONLY, ME)
+        view.mkdir(ROOT, b"by-me", 0o755, 0, 0, ME)
+        view.write(made, 0, b"o")
+        view.write(written, 0, b"m")
+        view.setattr(passwd.ino, mode=0o600, caller=other)
+        view.release(made)
+        view.release(written)
+        view.store_pending()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    who = {(r["op"], r["path"]): (r["pid"], r["uid"], r["gid"], r["comm"]) for r in read_records(view.upper.db)}
+    comm = open("/proc/self/comm").read().strip()
+    assert who == {("create", "/by-other"): other + ("sleep",), ("write", "/etc/passwd"): ME + (comm,),
+                   ("mkdir", "/by-me"): ME + (comm,), ("chmod", "/etc/passwd"): other + ("sleep",)}
+
+
+def test_a_create_whose_change_rolls_back_leaves_the_batch_as_it_was(view):
+    """The create finds the batch full and stores it, starts a new one, and then its
+    transaction fails: the full batch waits again, and the create is in no batch and
+    has no write log."""
+    for i in range(CREATE_BATCH):
+        _, fd = view.create(ROOT, b"f%d" % i, 0o644, os.O_RDWR, 0, 0, ME)
+        view.release(fd)
+    recorder = view.recorder
+    batch, first = list(recorder.unrecorded_creates), view.upper.get_meta("unrecorded_from")
+    fd = os.open(os.devnull, os.O_RDONLY)  # (the handle's number: the recorder only keys its log by it)
+    try:
+        with pytest.raises(RuntimeError):
+            with view.changing():
+                n = view._new_node(stat.S_IFREG | 0o644, 0, 0)
+                recorder.record_create(ME, "create", n, view.node(ROOT), b"rolled-back", fd)
+                assert recorder.unrecorded_creates == [(recorder.write_logs[fd], n.ino)]
+                raise RuntimeError("the change fails once its create is recorded")
+    finally:
+        os.close(fd)
+    assert recorder.unrecorded_creates == batch and fd not in recorder.write_logs
+    assert view.upper.get_meta("unrecorded_from") == first and read_records(view.upper.db) == []
+    view.store_pending()
+    assert [r["path"] for r in read_records(view.upper.db)] == ["/f%d" % i for i in range(CREATE_BATCH)]
+
+
+def test_changes_made_while_the_journal_is_off_are_not_recorded(view):
+    """As the supervisor makes the init layer: journal off, changes, journal on again."""
+    journal = view.journal
+    view.journal = None
+    view.mkdir(ROOT, b"proc", 0o755, 0, 0)
+    _, fd = view.create(ROOT, b"hostname", 0o644, os.O_RDWR, 0, 0)
+    view.write(fd, 0, b"box")
+    view.release(fd)
+    view.journal = journal
+    view.mkdir(ROOT, b"later", 0o755, 0, 0, ME)
+    view.store_pending()
+    assert [(r["op"], r["path"]) for r in read_records(view.upper.db)] == [("mkdir", "/later")]
 
 
 def test_tree_diff_of_images(image, store_root):

@@ -178,7 +178,7 @@ def test_data_of_a_removed_inode_goes_only_after_the_commit(view, tmp_path):
     view.write(fd, 0, b"precious")
     view.release(fd)
     with pytest.raises(RuntimeError):
-        with view._changing():
+        with view.changing():
             view.upper.delete_inode(n.ino)
             raise RuntimeError("the server dies before COMMIT")
     assert (tmp_path / "upper" / "data" / str(n.ino)).read_bytes() == b"precious"

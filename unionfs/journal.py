@@ -22,6 +22,8 @@ ranges written by then, so a file made and written in one open costs no
 UPDATE. The creates of files closed by then share one row (op `creates`:
 the paths NUL-joined in `path`, the rest in `detail`), which `read_records`
 expands: an INSERT per record was the larger part of the journal's cost.
+(unionfs.recorder keeps the batch, the handles' write logs and the records
+that closes leave for the next transaction.)
 Inode numbers only grow and every other record stores the batch first, so
 the created files not on record yet are exactly the inodes from the upper
 layer's meta `unrecorded_from` on, which is stored with the first create of

@@ -54,7 +54,8 @@ def answer_errors(handler):
 
 
 class UnionOperations(pyfuse3.Operations):
-    """Collaborators: `view` (unionfs.view.UnionView), which holds all filesystem state."""
+    """Collaborators: `view` (unionfs.view.UnionView), which holds all filesystem state.
+    Each change passes the view its caller, (pid, uid, gid) of the request: the journal's who."""
 
     enable_writeback_cache = True
     supports_dot_lookup = False
@@ -125,7 +126,6 @@ class UnionOperations(pyfuse3.Operations):
 
     @answer_errors
     async def setattr(self, inode, attr, fields, fh, ctx):
-        self.view.caller = (ctx.pid, ctx.uid, ctx.gid)  # the journal's who
         n = self.view.setattr(
             inode, fh,
             mode=attr.st_mode if fields.update_mode else None,
@@ -133,7 +133,7 @@ class UnionOperations(pyfuse3.Operations):
             gid=attr.st_gid if fields.update_gid else None,
             size=attr.st_size if fields.update_size else None,
             atime_ns=attr.st_atime_ns if fields.update_atime else None,
-            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None)
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None, caller=(ctx.pid, ctx.uid, ctx.gid))
         return self.entry(n)
 
     @answer_errors
@@ -176,14 +176,13 @@ class UnionOperations(pyfuse3.Operations):
 
     @answer_errors
     async def open(self, inode, flags, ctx):
-        self.view.caller = (ctx.pid, ctx.uid, ctx.gid)  # the journal's who
-        fd, _ = self.view.open(inode, flags)
+        fd, _ = self.view.open(inode, flags, (ctx.pid, ctx.uid, ctx.gid))
         return pyfuse3.FileInfo(fh=fd, keep_cache=True)
 
     @answer_errors
     async def create(self, parent_inode, name, mode, flags, ctx):
-        self.view.caller = (ctx.pid, ctx.uid, ctx.gid)  # the journal's who
-        n, fd = self.view.create(parent_inode, name, mode & ~ctx.umask, flags, ctx.uid, ctx.gid)
+        n, fd = self.view.create(parent_inode, name, mode & ~ctx.umask, flags, ctx.uid, ctx.gid,
+                                 (ctx.pid, ctx.uid, ctx.gid))
         return pyfuse3.FileInfo(fh=fd, keep_cache=True), self.entry(n)
 
     @answer_errors
@@ -210,38 +209,33 @@ class UnionOperations(pyfuse3.Operations):
 
     @answer_errors
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
-        self.view.caller = (ctx.pid, ctx.uid, ctx.gid)  # the journal's who
-        return self.entry(self.view.mknod(parent_inode, name, mode & ~ctx.umask, rdev, ctx.uid, ctx.gid))
+        return self.entry(self.view.mknod(parent_inode, name, mode & ~ctx.umask, rdev, ctx.uid, ctx.gid,
+                                          (ctx.pid, ctx.uid, ctx.gid)))
 
     @answer_errors
     async def mkdir(self, parent_inode, name, mode, ctx):
-        self.view.caller = (ctx.pid, ctx.uid, ctx.gid)  # the journal's who
-        return self.entry(self.view.mkdir(parent_inode, name, mode & ~ctx.umask, ctx.uid, ctx.gid))
+        return self.entry(self.view.mkdir(parent_inode, name, mode & ~ctx.umask, ctx.uid, ctx.gid,
+                                          (ctx.pid, ctx.uid, ctx.gid)))
 
     @answer_errors
     async def symlink(self, parent_inode, name, target, ctx):
-        self.view.caller = (ctx.pid, ctx.uid, ctx.gid)  # the journal's who
-        return self.entry(self.view.symlink(parent_inode, name, target, ctx.uid, ctx.gid))
+        return self.entry(self.view.symlink(parent_inode, name, target, ctx.uid, ctx.gid, (ctx.pid, ctx.uid, ctx.gid)))
 
     @answer_errors
     async def link(self, inode, new_parent_inode, new_name, ctx):
-        self.view.caller = (ctx.pid, ctx.uid, ctx.gid)  # the journal's who
-        return self.entry(self.view.link(inode, new_parent_inode, new_name))
+        return self.entry(self.view.link(inode, new_parent_inode, new_name, (ctx.pid, ctx.uid, ctx.gid)))
 
     @answer_errors
     async def unlink(self, parent_inode, name, ctx):
-        self.view.caller = (ctx.pid, ctx.uid, ctx.gid)  # the journal's who
-        self.view.unlink(parent_inode, name)
+        self.view.unlink(parent_inode, name, (ctx.pid, ctx.uid, ctx.gid))
 
     @answer_errors
     async def rmdir(self, parent_inode, name, ctx):
-        self.view.caller = (ctx.pid, ctx.uid, ctx.gid)  # the journal's who
-        self.view.rmdir(parent_inode, name)
+        self.view.rmdir(parent_inode, name, (ctx.pid, ctx.uid, ctx.gid))
 
     @answer_errors
     async def rename(self, parent_inode_old, name_old, parent_inode_new, name_new, flags, ctx):
-        self.view.caller = (ctx.pid, ctx.uid, ctx.gid)  # the journal's who
-        self.view.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+        self.view.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags, (ctx.pid, ctx.uid, ctx.gid))
 
     @answer_errors
     async def getxattr(self, inode, name, ctx):
@@ -253,13 +247,11 @@ class UnionOperations(pyfuse3.Operations):
 
     @answer_errors
     async def setxattr(self, inode, name, value, ctx):
-        self.view.caller = (ctx.pid, ctx.uid, ctx.gid)  # the journal's who
-        self.view.setxattr(inode, name, value)
+        self.view.setxattr(inode, name, value, 0, (ctx.pid, ctx.uid, ctx.gid))
 
     @answer_errors
     async def removexattr(self, inode, name, ctx):
-        self.view.caller = (ctx.pid, ctx.uid, ctx.gid)  # the journal's who
-        self.view.removexattr(inode, name)
+        self.view.removexattr(inode, name, (ctx.pid, ctx.uid, ctx.gid))
 
     @answer_errors
     async def access(self, inode, mode, ctx):

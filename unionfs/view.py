@@ -7,6 +7,10 @@ Identity is the inode number. A directory's lower children are those of its
 `lower_ino`, so a lower directory renamed anywhere keeps its contents, and a
 directory deleted and made again (a new inode) is opaque without a flag.
 Inode numbers never change on copy-up or across remounts (invariant 6).
+
+What a change puts in the journal, and when, is the recorder's (unionfs.recorder):
+the view makes each change in one transaction (changing) and tells its recorder
+what it did there, and for whom (the caller each changing method takes).
 """
 from __future__ import annotations
 
@@ -16,8 +20,8 @@ import os
 import stat
 import time
 
-from .journal import CREATE_BATCH, NOBODY, WriteLog, add_range
 from .lower import decode_xattrs
+from .recorder import NO_RECORDER, NOBODY, Caller, JournalRecorder
 from .upper import UpperLayer, encode_xattrs
 
 NAME_MAX = 255
@@ -83,10 +87,11 @@ def check_name(name: bytes) -> None:
 
 class UnionView:
     """Collaborators: `lower` (IndexLower or DirLower), `upper` (UpperLayer, or None: read-only),
-    `journal` (unionfs.journal.Journal, or None: changes are not recorded).
+    `recorder` (unionfs.recorder), made from `journal` (unionfs.journal.Journal, or None:
+    changes are not recorded).
 
-    `caller` is (pid, uid, gid) of the request being served; the adapter sets
-    it before every change, and the journal records it.
+    The methods that change the view take `caller`, (pid, uid, gid) of the request
+    (the adapter passes it), for the journal; NOBODY by default: a change of strata's own.
 
     `devices`: the (major, minor) character devices mknod may make, and then no
     block device (a container's /dev: strata has no device cgroup); None allows
@@ -96,21 +101,13 @@ class UnionView:
                  devices: frozenset[tuple[int, int]] | None = None):
         self.lower = lower
         self.upper = upper
-        self.journal = journal
+        self.journal = journal  # (sets the recorder)
         self.devices = devices
-        self.caller = NOBODY
-        self.write_logs: dict[int, WriteLog] = {}  # open fd -> what it wrote (journal)
         self.checkpointed_generation = -1  # the generation store_when_idle last checkpointed
-        # what writes left to store: the new size and times of written files, and (journal)
-        # the write records of closed handles; they go with the next transaction (a group
-        # commit, see store_pending), so writing a file costs no transaction of its own
-        # (write log, node, path for a new record, (data size, mtime, time of the close))
-        self.pending_writes: list[tuple[WriteLog | None, Node, bytes | None, tuple | None]] = []
-        # (journal) the batch of create records not stored yet (unionfs.journal); and what
-        # the transaction under way did to it and to write logs, undone if it rolls back
-        self.unrecorded_creates: list[tuple[WriteLog, int]] = []
-        self.creates_stored: list[tuple[WriteLog, int]] = []
-        self.logs_before: list[tuple[WriteLog, int | None, bool]] = []  # (log, seq, unstored)
+        # the nodes whose new size and times writes left to store: they go with the next
+        # transaction (a group commit, see store_pending), as the records of those writes
+        # do (the recorder's), so writing a file costs no transaction of its own
+        self.pending_writes: list[Node] = []
         self.nodes: dict[int, Node] = {}
         self.handles: dict[int, Node] = {}  # open fd -> node
         # Bumped by every change to the view: a cached attribute reply (Node.attr) is
@@ -121,6 +118,21 @@ class UnionView:
         self.upper_dirents = upper.load_dirents() if upper else {}
         root = self.node(1)
         root.parent = 1
+
+    @property
+    def journal(self):
+        """The journal the changes go on (None: none). Setting it starts a new recorder,
+        so set it only while nothing waits to be recorded (as the init layer is made)."""
+        return self.recorder.journal
+
+    @journal.setter
+    def journal(self, journal) -> None:
+        self.recorder = JournalRecorder(journal, self) if journal is not None else NO_RECORDER
+
+    @property
+    def unrecorded_creates(self) -> list:
+        """The recorder's batch (tests/test_deep_trees.py empties it, as a kill -9 would)."""
+        return self.recorder.unrecorded_creates
 
     # -- nodes -----------------------------------------------------------------
 
@@ -144,7 +156,7 @@ class UnionView:
         self.nodes[ino] = n
         return n
 
-    def _persist(self, n: Node) -> None:
+    def persist(self, n: Node) -> None:
         self.generation += 1
         if n.nlink <= 0 and n.opens == 0 and not n.is_dir():
             return  # gone for good; its row was deleted with its last name
@@ -152,30 +164,32 @@ class UnionView:
         n.dirty = False
 
     @contextlib.contextmanager
-    def _changing(self):
+    def changing(self):
         """One atomic change of the upper layer, which first stores what went without a
         transaction of its own (store_pending); if it fails (ENOSPC, say), the in-memory
         view is reloaded from disk so it never shows what was not stored."""
         self.generation += 1
-        writes = self.pending_writes
-        if writes:
+        rows = self.pending_writes
+        if rows:
             self.pending_writes = []
+        recorder = self.recorder
         try:
             with self.upper.transaction():
-                nodes = self._store_writes(writes) if writes else ()
+                recorded = recorder.begin()  # the records closes left go first
                 yield
-                for n in nodes:  # each row once, after the change (which may have stored it)
+                for n in rows:  # each row once, after the change (which may have stored it)
                     if n.dirty:
-                        self._persist(n)
+                        self.persist(n)
+                for n in recorded:
+                    if n.dirty:
+                        self.persist(n)
         except BaseException:  # rolled back with the change: stored next time
-            for log, seq, unstored in reversed(self.logs_before):
-                log.seq, log.unstored = seq, unstored
-            self.unrecorded_creates[:0] = self.creates_stored
-            self.pending_writes[:0] = writes
+            recorder.rollback()
+            self.pending_writes[:0] = rows
             self._resync()
             raise
         finally:
-            self.creates_stored, self.logs_before = [], []
+            recorder.end()
 
     def _resync(self) -> None:
         self.generation += 1
@@ -193,7 +207,7 @@ class UnionView:
                     n.load_lower(attrs)
         self.upper_rows = rows
 
-    # -- the journal ---------------------------------------------------------------
+    # -- paths (the journal's) and group commit -------------------------------------
 
     def path_of(self, n: Node) -> bytes:
         """The path the kernel last reached `n` by (the lower path if it never did)."""
@@ -214,37 +228,6 @@ class UnionView:
         base = self.path_of(parent)
         return base + name if base == b"/" else base + b"/" + name
 
-    def _record(self, op: str, path: bytes, n: Node, path2: bytes | None = None, detail: dict | None = None,
-                data: bool = False) -> None:
-        """Journal one change, in the transaction that makes it; `data`: it changed data/<ino>."""
-        journal = self.journal
-        if journal is None:
-            return
-        if self.unrecorded_creates:  # the records keep the order of the changes
-            self._store_creates()
-        journal.record(self.caller, op, path, n.ino, n.mode & 0o170000, path2, detail)
-        if data:
-            self._note_data(n)
-            self._persist(n)
-
-    def _store_creates(self) -> None:
-        """Store the batch of create records (in the transaction under way)."""
-        batch = self.unrecorded_creates
-        self.logs_before += [(log, log.seq, log.unstored) for log, _ in batch]
-        self.journal.record_creates(batch)  # (if it fails, the batch is still there)
-        self.unrecorded_creates = []
-        self.creates_stored += batch
-        for log, ino in batch:
-            if log.open:  # what its record's ranges account for: later writes change it (release)
-                n = self.nodes[ino]
-                self._note_data(n)
-                self._persist(n)
-
-    def _note_data(self, n: Node) -> None:
-        """The data file as it is now is accounted for by the journal (stored with `n`'s row)."""
-        size_mtime = self.upper.data_stat(n.ino)
-        n.seen_size, n.seen_mtime_ns = size_mtime if size_mtime is not None else (None, None)
-
     def store_pending(self) -> None:
         """Store what went without a transaction of its own now: flush and release leave
         a written file's size and times, and its write record, for the next transaction,
@@ -252,53 +235,17 @@ class UnionView:
         close call it. A kill -9 before then loses no change: fsck takes the size from
         the data file (UpperLayer.check) and records the create and the write
         (journal.recover)."""
-        if self.pending_writes or self.unrecorded_creates:
-            with self._changing():
-                if self.unrecorded_creates:
-                    self._store_creates()
+        if self.pending_writes or self.recorder.waiting():
+            with self.changing():
+                self.recorder.flush()
 
     def store_when_idle(self) -> None:
         """What the server does between requests: store pending writes, checkpoint the log."""
-        if self.upper is not None and (self.pending_writes or self.generation != self.checkpointed_generation):
+        if self.upper is not None and (self.pending_writes or self.recorder.waiting()
+                                       or self.generation != self.checkpointed_generation):
             self.store_pending()
             self.upper.checkpoint()  # nothing changed since the last one: no work while idle
             self.checkpointed_generation = self.generation
-
-    def _store_writes(self, writes: list) -> list[Node]:
-        """Store, in the transaction under way, what `writes` left (see store_pending);
-        returns the nodes whose rows must be stored before it ends."""
-        journal = self.journal
-        nodes = []
-        for log, n, path, seen in writes:
-            if log is not None:
-                if log.seq is not None:
-                    self.logs_before.append((log, log.seq, log.unstored))
-                    journal.update_write(log)
-                elif not log.created:  # (a create's record waits in its batch, ranges and all)
-                    if self.unrecorded_creates:
-                        self._store_creates()
-                    journal.record(log.caller, "write", path, n.ino, n.mode & 0o170000, detail={"ranges": log.ranges},
-                                   names=log.names, time_ns=seen[2])
-                if (n.nlink > 0 or n.opens > 0) and seen[0] is not None:
-                    n.seen_size, n.seen_mtime_ns = seen[0], seen[1]
-                    n.dirty = True
-            nodes.append(n)
-        return nodes
-
-    def _being_written(self, n: Node) -> bool:
-        """Written through a handle still open: the kernel's own time updates of a write
-        (writeback cache) belong to that write's record, not to a utimens of their own."""
-        handles = self.handles
-        for fd, log in self.write_logs.items():
-            if log.ranges and handles.get(fd) is n:
-                return True
-        return False
-
-    def _written_unrecorded(self, n: Node) -> bool:
-        """Another open handle wrote to `n` what its record does not hold yet."""
-        handles = self.handles
-        return any(log.unstored and log.seq is not None and handles.get(fd) is n
-                   for fd, log in self.write_logs.items())
 
     def _writable(self) -> UpperLayer:
         if self.upper is None:
@@ -388,7 +335,7 @@ class UnionView:
         d.mtime_ns = d.ctime_ns = time.time_ns()
         if d.nlink > 1:  # 1 means "not counted" (a directory merged from plain lower dirs)
             d.nlink = max(2, d.nlink + nlink_delta)
-        self._persist(d)
+        self.persist(d)
 
     def _inherit_gid(self, parent: Node, gid: int, mode: int) -> tuple[int, int]:
         if parent.mode & stat.S_ISGID:
@@ -405,60 +352,43 @@ class UnionView:
 
     # -- creating --------------------------------------------------------------
 
-    def _make(self, op: str, parent_ino: int, name: bytes, mode: int, uid: int, gid: int, rdev: int = 0,
-              target: bytes | None = None, log: WriteLog | None = None,
-              opened: bool = False) -> tuple[Node, int | None]:
+    def _make(self, op: str, parent_ino: int, name: bytes, mode: int, uid: int, gid: int, caller: Caller,
+              rdev: int = 0, target: bytes | None = None, opened: bool = False) -> tuple[Node, int | None]:
         """The new node, and with `opened` its data file's fd (create: the fd it made the file
-        with, so an open cannot fail, EMFILE say, once the file exists); `log`: its create
-        record joins the batch (create)."""
+        with, so an open cannot fail, EMFILE say, once the file exists)."""
         parent = self.node(parent_ino)
         self._check_new(parent, name)
         gid, mode = self._inherit_gid(parent, gid, mode)
         fd = None
         try:
-            with self._changing():
-                if self.unrecorded_creates and (log is None or len(self.unrecorded_creates) >= CREATE_BATCH):
-                    self._store_creates()  # before this node's number: the batch's inodes stay one run
+            with self.changing():
                 n = self._new_node(mode, uid, gid, rdev, target)
                 if stat.S_ISREG(mode):
                     fd = self.upper.create_data(n.ino, keep_open=opened)
                     n.has_data = True
                 n.parent, n.name = parent.ino, name
-                self._persist(n)
+                self.persist(n)
                 self._link_name(parent, name, n.ino)
                 self._touch_dir(parent, 1 if n.is_dir() else 0)
-                if log is None:
-                    if self.journal is not None:
-                        self._record(op, self.child_path(parent, name), n, path2=target)  # data: empty
-                else:
-                    log.path, log.time_ns = self.child_path(parent, name), time.time_ns()
-                    if not self.unrecorded_creates:
-                        self.journal.begin_creates(n.ino)
+                self.recorder.record_create(caller, op, n, parent, name, fd)
         except BaseException:
             if fd is not None:
                 os.close(fd)
             raise
-        if log is not None:
-            self.unrecorded_creates.append((log, n.ino))
         return n, fd
 
-    def create(self, parent_ino: int, name: bytes, mode: int, flags: int, uid: int, gid: int) -> tuple[Node, int]:
-        journal = self.journal
-        log = None
-        if journal is not None:  # one record per file: its create, with what this handle writes
-            # named now: the caller may have exited when its batch is stored
-            log = WriteLog(self.caller, True, journal.processes.describe(self.caller[0]))
-        n, fd = self._make("create", parent_ino, name, S_IFREG | stat.S_IMODE(mode), uid, gid, log=log, opened=True)
+    def create(self, parent_ino: int, name: bytes, mode: int, flags: int, uid: int, gid: int,
+               caller: Caller = NOBODY) -> tuple[Node, int]:
+        n, fd = self._make("create", parent_ino, name, S_IFREG | stat.S_IMODE(mode), uid, gid, caller, opened=True)
         n.opens += 1
         self.handles[fd] = n
-        if log is not None:
-            self.write_logs[fd] = log
         return n, fd
 
-    def mkdir(self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int) -> Node:
-        return self._make("mkdir", parent_ino, name, S_IFDIR | stat.S_IMODE(mode), uid, gid)[0]
+    def mkdir(self, parent_ino: int, name: bytes, mode: int, uid: int, gid: int, caller: Caller = NOBODY) -> Node:
+        return self._make("mkdir", parent_ino, name, S_IFDIR | stat.S_IMODE(mode), uid, gid, caller)[0]
 
-    def mknod(self, parent_ino: int, name: bytes, mode: int, rdev: int, uid: int, gid: int) -> Node:
+    def mknod(self, parent_ino: int, name: bytes, mode: int, rdev: int, uid: int, gid: int,
+              caller: Caller = NOBODY) -> Node:
         kind = stat.S_IFMT(mode) or S_IFREG
         if kind not in (S_IFREG, stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK):
             raise fs_error(errno.EINVAL)
@@ -467,28 +397,28 @@ class UnionView:
         if self.devices is not None and kind in (stat.S_IFCHR, stat.S_IFBLK) \
                 and (kind == stat.S_IFBLK or (os.major(rdev), os.minor(rdev)) not in self.devices):
             raise fs_error(errno.EPERM)
-        return self._make("mknod", parent_ino, name, kind | stat.S_IMODE(mode), uid, gid,
+        return self._make("mknod", parent_ino, name, kind | stat.S_IMODE(mode), uid, gid, caller,
                           rdev if kind in (stat.S_IFCHR, stat.S_IFBLK) else 0)[0]
 
-    def symlink(self, parent_ino: int, name: bytes, target: bytes, uid: int, gid: int) -> Node:
+    def symlink(self, parent_ino: int, name: bytes, target: bytes, uid: int, gid: int,
+                caller: Caller = NOBODY) -> Node:
         if len(target) >= 4096:
             raise fs_error(errno.ENAMETOOLONG)
-        return self._make("symlink", parent_ino, name, S_IFLNK | 0o777, uid, gid, target=target)[0]
+        return self._make("symlink", parent_ino, name, S_IFLNK | 0o777, uid, gid, caller, target=target)[0]
 
-    def link(self, ino: int, new_parent_ino: int, new_name: bytes) -> Node:
+    def link(self, ino: int, new_parent_ino: int, new_name: bytes, caller: Caller = NOBODY) -> Node:
         n = self.node(ino)
         if n.is_dir():
             raise fs_error(errno.EPERM)
         parent = self.node(new_parent_ino)
         self._check_new(parent, new_name)
-        with self._changing():
-            old_path = self.path_of(n)
+        with self.changing():
+            self.recorder.record_link(caller, n, parent, new_name)
             n.nlink += 1
             n.ctime_ns = time.time_ns()
-            self._persist(n)
+            self.persist(n)
             self._link_name(parent, new_name, ino)
             self._touch_dir(parent)
-            self._record("link", self.child_path(parent, new_name), n, path2=old_path)
         return n
 
     # -- removing ----------------------------------------------------------------
@@ -499,21 +429,21 @@ class UnionView:
         n.nlink -= 1 if not n.is_dir() else n.nlink
         n.ctime_ns = time.time_ns()
         if n.nlink > 0 or n.opens > 0:
-            self._persist(n)
+            self.persist(n)
         else:
             self.upper.delete_inode(n.ino)
             if n.is_dir():
                 self.upper.delete_dirents_of(n.ino)
                 self.upper_dirents.pop(n.ino, None)
 
-    def unlink(self, parent_ino: int, name: bytes) -> None:
+    def unlink(self, parent_ino: int, name: bytes, caller: Caller = NOBODY) -> None:
         parent = self.node(parent_ino)
         n = self.lookup(parent_ino, name)
         self._writable()
         if n.is_dir():
             raise fs_error(errno.EISDIR)
-        with self._changing():
-            self._record("unlink", self.child_path(parent, name), n)
+        with self.changing():
+            self.recorder.record_remove(caller, "unlink", n, parent, name)
             self._unlink_name(parent, name)
             self._drop_link(n)
             self._touch_dir(parent)
@@ -538,7 +468,7 @@ class UnionView:
                 continue
         n.parent = n.name = None  # path_of falls back to the image's name
 
-    def rmdir(self, parent_ino: int, name: bytes) -> None:
+    def rmdir(self, parent_ino: int, name: bytes, caller: Caller = NOBODY) -> None:
         parent = self.node(parent_ino)
         n = self.lookup(parent_ino, name)
         self._writable()
@@ -546,14 +476,14 @@ class UnionView:
             raise fs_error(errno.ENOTDIR)
         if not self._is_empty(n):
             raise fs_error(errno.ENOTEMPTY)
-        with self._changing():
-            self._record("rmdir", self.child_path(parent, name), n)
+        with self.changing():
+            self.recorder.record_remove(caller, "rmdir", n, parent, name)
             self._unlink_name(parent, name)
             self._drop_link(n)
             self._touch_dir(parent, -1)
 
     def rename(self, old_parent_ino: int, old_name: bytes, new_parent_ino: int, new_name: bytes,
-               flags: int = 0) -> None:
+               flags: int = 0, caller: Caller = NOBODY) -> None:
         check_name(new_name)
         self._writable()
         old_parent, new_parent = self.node(old_parent_ino), self.node(new_parent_ino)
@@ -567,9 +497,9 @@ class UnionView:
         if flags & RENAME_EXCHANGE:
             if dst is None:
                 raise fs_error(errno.ENOENT)
-            with self._changing():
-                self._record("rename", self.child_path(old_parent, old_name), src,
-                             path2=self.child_path(new_parent, new_name), detail={"exchange": True})
+            with self.changing():
+                self.recorder.record_rename(caller, src, old_parent, old_name, new_parent, new_name, dst,
+                                            exchange=True)
                 self._link_name(old_parent, old_name, dst.ino)
                 self._link_name(new_parent, new_name, src.ino)
                 delta = int(src.is_dir()) - int(dst.is_dir())
@@ -583,7 +513,7 @@ class UnionView:
                 for n, p, name in ((src, new_parent, new_name), (dst, old_parent, old_name)):
                     n.ctime_ns = time.time_ns()
                     n.parent, n.name = p.ino, name
-                    self._persist(n)
+                    self.persist(n)
             return
         if dst is not None:
             if flags & RENAME_NOREPLACE:
@@ -596,10 +526,8 @@ class UnionView:
                 raise fs_error(errno.EISDIR)
             if dst.is_dir() and not self._is_empty(dst):
                 raise fs_error(errno.ENOTEMPTY)
-        with self._changing():
-            self._record("rename", self.child_path(old_parent, old_name), src,
-                         path2=self.child_path(new_parent, new_name),
-                         detail={"replaced": dst.ino} if dst is not None else None)
+        with self.changing():
+            self.recorder.record_rename(caller, src, old_parent, old_name, new_parent, new_name, dst)
             if dst is not None:
                 self._drop_link(dst)
                 if dst.is_dir() and new_parent.nlink > 2:
@@ -614,7 +542,7 @@ class UnionView:
                     if new_parent.nlink > 1:
                         new_parent.nlink += 1
             src.ctime_ns = time.time_ns()
-            self._persist(src)
+            self.persist(src)
             self._touch_dir(old_parent)
             if new_parent is not old_parent:
                 self._touch_dir(new_parent)
@@ -648,9 +576,8 @@ class UnionView:
             finally:
                 os.close(src)
         n.has_data = True
-        if self.journal is not None:  # a copy is no change of content: no record, but accounted for
-            self._note_data(n)
-        self._persist(n)
+        self.recorder.record_copy_up(n)
+        self.persist(n)
         # descriptors opened on the lower file must now read the upper one, or a
         # page-cache refill through them would write old data back (keep_cache)
         for fd, held in self.handles.items():
@@ -659,7 +586,7 @@ class UnionView:
                 os.dup2(new, fd, inheritable=False)
                 os.close(new)
 
-    def open(self, ino: int, flags: int) -> tuple[int, bool]:
+    def open(self, ino: int, flags: int, caller: Caller = NOBODY) -> tuple[int, bool]:
         """Return (fd, data_is_immutable). Opening changes no attribute: copy-up and
         truncation persist (and so invalidate cached replies) themselves."""
         n = self.node(ino)
@@ -683,13 +610,13 @@ class UnionView:
                     os.close(wfd)
             n.size = 0
             n.mtime_ns = n.ctime_ns = time.time_ns()
-            with self._changing():
-                self._persist(n)
-                self._record("truncate", self.path_of(n), n, detail={"size": 0}, data=True)
+            with self.changing():
+                self.persist(n)
+                self.recorder.record_truncate(caller, n, 0)
         n.opens += 1
         self.handles[fd] = n
-        if writing and self.journal is not None:
-            self.write_logs[fd] = WriteLog(self.caller, created=False)
+        if writing:
+            self.recorder.record_open(caller, fd)
         return fd, not n.has_data
 
     def write(self, fd: int, offset: int, data: bytes) -> int:
@@ -701,27 +628,13 @@ class UnionView:
             n.size = end
         n.mtime_ns = n.ctime_ns = time.time_ns()
         n.dirty = True
-        log = self.write_logs.get(fd)
-        if log is not None:
-            add_range(log.ranges, offset, end)
-            log.unstored = True
-            if log.seq is None and not log.created:
-                # an existing file: on record from its first write, so diff sees it while it is open
-                with self._changing():
-                    if self.unrecorded_creates:
-                        self._store_creates()
-                    seq = self.journal.record(log.caller, "write", self.path_of(n), n.ino, n.mode & 0o170000,
-                                              detail={"ranges": log.ranges})
-                    if n.seen_size is None:  # a file its create record accounted for: from now
-                        self._note_data(n)   # on, what fsck compares (this write included)
-                        self._persist(n)
-                log.on_record(seq)
+        self.recorder.record_write(fd, n, offset, end)
         return written
 
     def flush(self, fd: int) -> None:
         n = self.handles[fd]
         if n.dirty:  # stored with the next transaction (store_pending)
-            self.pending_writes.append((None, n, None, None))
+            self.pending_writes.append(n)
 
     def fsync(self, fd: int, datasync: bool) -> None:
         self.store_pending()
@@ -729,28 +642,15 @@ class UnionView:
         if n.has_data:
             os.fdatasync(fd) if datasync else os.fsync(fd)
         if n.dirty:
-            self._persist(n)
+            self.persist(n)
         if self.upper is not None:
             self.upper.sync()
 
     def release(self, fd: int) -> None:
         n = self.handles.pop(fd)
-        log = self.write_logs.pop(fd, None)
-        left = (None, n, None, None) if n.dirty else None  # for the next transaction (store_pending)
-        if log is not None:
-            log.open = False
-            # a new record, or an update of the ranges on this handle's record (a create's
-            # record still waiting in its batch takes them as they are when it is stored)
-            record_due = log.seq is None and not log.created or log.seq is not None and log.unstored
-            if log.ranges and (record_due or not log.created):
-                st = os.fstat(fd)  # the data file as this handle's records account for it
-                if record_due or st.st_size != n.seen_size or st.st_mtime_ns != n.seen_mtime_ns:
-                    # the data's new state, unless fsck must still see it differ (None)
-                    seen_size = None if self._written_unrecorded(n) else st.st_size
-                    left = (log, n, self.path_of(n) if log.seq is None and not log.created else None,
-                            (seen_size, st.st_mtime_ns, time.time_ns()))
-        if left is not None:
-            self.pending_writes.append(left)
+        if n.dirty:  # stored with the next transaction (store_pending)
+            self.pending_writes.append(n)
+        self.recorder.record_release(fd, n)
         os.close(fd)
         n.opens -= 1
         if n.nlink <= 0 and n.opens == 0 and self.upper is not None:
@@ -760,11 +660,11 @@ class UnionView:
 
     def setattr(self, ino: int, fd: int | None = None, mode: int | None = None, uid: int | None = None,
                 gid: int | None = None, size: int | None = None, atime_ns: int | None = None,
-                mtime_ns: int | None = None) -> Node:
+                mtime_ns: int | None = None, caller: Caller = NOBODY) -> Node:
         n = self.node(ino)
         self._writable()
         now = time.time_ns()
-        with self._changing():
+        with self.changing():
             if size is not None:
                 if n.is_dir():
                     raise fs_error(errno.EISDIR)
@@ -779,7 +679,7 @@ class UnionView:
                         os.close(dfd)
                 n.size = size
                 n.mtime_ns = now
-                self._record("truncate", self.path_of(n), n, detail={"size": size}, data=True)
+                self.recorder.record_truncate(caller, n, size)
             if mode is not None:
                 n.mode = (n.mode & 0o170000) | stat.S_IMODE(mode)
             if uid is not None:
@@ -792,24 +692,8 @@ class UnionView:
             if mtime_ns is not None:
                 n.mtime_ns = clamp_ns(mtime_ns)
             n.ctime_ns = now
-            # the kernel's own "now" stamps of a write in progress belong to that write's record
-            kernel_stamp = self.journal is not None and mtime_ns is not None \
-                and abs(mtime_ns - now) < 2_000_000_000 and self._being_written(n)
-            self._persist(n)
-            if self.journal is not None and not (kernel_stamp and mode is None and uid is None and gid is None):
-                records = []
-                if mode is not None:
-                    records.append(("chmod", {"mode": "%o" % stat.S_IMODE(n.mode)}))
-                if uid is not None or gid is not None:
-                    records.append(("chown", {"uid": n.uid, "gid": n.gid}))
-                # (and times set to what they were, or of an unlinked file, change nothing: the
-                # kernel writes back an inode's times, ctime among them, after an rm or a link)
-                if (atime_ns is not None or mtime_ns is not None) and not kernel_stamp and n.nlink > 0 \
-                        and (n.atime_ns, n.mtime_ns) != times_before:
-                    records.append(("utimens", {"mtime_ns": n.mtime_ns}))
-                path = self.path_of(n) if records else None
-                for op, detail in records:
-                    self._record(op, path, n, detail=detail)
+            self.persist(n)
+            self.recorder.record_setattr(caller, n, mode, uid, gid, atime_ns, mtime_ns, times_before)
         return n
 
     def readlink(self, ino: int) -> bytes:
@@ -829,7 +713,7 @@ class UnionView:
     def listxattr(self, ino: int) -> list[bytes]:
         return sorted(self.node(ino).xattrs)
 
-    def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
+    def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0, caller: Caller = NOBODY) -> None:
         if not name.startswith(ALLOWED_XATTR_PREFIXES):
             raise fs_error(errno.EOPNOTSUPP)
         if name in ALLOWED_XATTR_PREFIXES:
@@ -844,23 +728,23 @@ class UnionView:
             raise fs_error(errno.EEXIST)
         if flags & XATTR_REPLACE and name not in n.xattrs:
             raise fs_error(errno.ENODATA)
-        with self._changing():
+        with self.changing():
             n.xattrs = dict(n.xattrs)
             n.xattrs[name] = bytes(value)
             n.ctime_ns = time.time_ns()
-            self._persist(n)
-            self._record("setxattr", self.path_of(n), n, detail={"name": os.fsdecode(name)})
+            self.persist(n)
+            self.recorder.record_xattr(caller, "setxattr", n, name)
 
-    def removexattr(self, ino: int, name: bytes) -> None:
+    def removexattr(self, ino: int, name: bytes, caller: Caller = NOBODY) -> None:
         n = self.node(ino)
         self._writable()
         if name not in n.xattrs:
             raise fs_error(errno.ENODATA)
-        with self._changing():
+        with self.changing():
             n.xattrs = {k: v for k, v in n.xattrs.items() if k != name}
             n.ctime_ns = time.time_ns()
-            self._persist(n)
-            self._record("removexattr", self.path_of(n), n, detail={"name": os.fsdecode(name)})
+            self.persist(n)
+            self.recorder.record_xattr(caller, "removexattr", n, name)
 
     def statfs(self) -> os.statvfs_result:
         if self.upper is not None:
@@ -874,8 +758,7 @@ class UnionView:
         for fd in list(self.handles):
             os.close(fd)
         self.handles.clear()
-        if self.journal is not None:
-            self.journal.close()
+        self.recorder.close()
         if self.upper is not None:
             self.upper.close()
         self.lower.close()
