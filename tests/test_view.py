@@ -2,6 +2,8 @@
 import errno
 import os
 import stat
+import subprocess
+import sys
 
 import pytest
 
@@ -189,3 +191,19 @@ def test_a_character_device_0_0_is_refused_as_overlayfs_refuses_it(view):
     """It is overlayfs's whiteout: a layer committed from it would delete, not add, the name."""
     assert errno_of(view.mknod, ROOT, b"n", stat.S_IFCHR | 0o644, 0, 0, 0) == errno.EPERM
     assert view.mknod(ROOT, b"null", stat.S_IFCHR | 0o666, os.makedev(1, 3), 0, 0).rdev == os.makedev(1, 3)
+
+
+def test_each_module_imports_first_on_its_own():
+    """No import cycle: `from unionfs.upper import UpperLayer` as a program's first import of
+    unionfs failed while upper and journal imported each other."""
+    import unionfs
+    package = os.path.dirname(unionfs.__file__)
+    modules = sorted(name[:-3] for name in os.listdir(package) if name.endswith(".py") and name != "__main__.py")
+    program = "import importlib, sys\nfor name in sys.argv[1:]:\n" \
+              "    for loaded in [m for m in sys.modules if m.split('.')[0] == 'unionfs']:\n" \
+              "        del sys.modules[loaded]\n" \
+              "    importlib.import_module('unionfs.' + name)\n"
+    done = subprocess.run([sys.executable, "-c", program, *modules], capture_output=True, text=True,
+                          cwd=os.path.dirname(package), timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "upper" in modules and "recorder" in modules

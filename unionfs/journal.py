@@ -1,9 +1,10 @@
 """The change journal: every change made through the filesystem, who made it, and when.
 
-Records live in the upper layer's SQLite file (unionfs.upper), in the
-`journal` table, and are inserted in the same transaction as the change they
-describe, so the journal and the upper layer never disagree about metadata;
-regular files' creates are the exception, and are made up for (below).
+Records live in the upper layer's SQLite file, in the `journal` table (made
+with the upper layer's own: unionfs.upper), and are inserted in the same
+transaction as the change they describe, so the journal and the upper layer
+never disagree about metadata; regular files' creates are the exception, and
+are made up for (below).
 
 Data is the one thing written outside a transaction (pwrite on data/<ino>).
 Writes are coalesced: one record per file per open/close, holding the byte
@@ -48,12 +49,6 @@ import time
 
 from .upper import storage_errors
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS journal(seq INTEGER PRIMARY KEY, time_ns INTEGER NOT NULL,
-    run INTEGER NOT NULL, pid INTEGER NOT NULL, uid INTEGER NOT NULL, gid INTEGER NOT NULL,
-    comm TEXT NOT NULL, exe TEXT NOT NULL, op TEXT NOT NULL, path BLOB NOT NULL, path2 BLOB,
-    ino INTEGER NOT NULL, kind INTEGER NOT NULL, detail TEXT);
-"""
 INSERT_SQL = ("INSERT INTO journal(time_ns, run, pid, uid, gid, comm, exe, op, path, path2, ino, kind, detail) "
               "VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?)")
 BATCH_OP = "creates"  # one row for several create records (see the module docstring)

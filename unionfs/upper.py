@@ -6,6 +6,7 @@
                                                          last accounted for it
                        dirents(parent, name, ino)    ino 0 = whiteout of a lower name
                        meta(key, value)              next_ino
+                       journal(...)                  the change journal (unionfs.journal)
   <upper>/data/<ino>   the content of every regular file changed or created here
 
 Data lives by inode number, not by path, so renaming a directory (even one
@@ -31,7 +32,6 @@ import stat
 
 from store.fsutil import DIR_FLAGS
 
-from . import journal
 from .lower import HOST_DATA_FLAGS, checked_regular
 
 SCHEMA = """
@@ -43,6 +43,10 @@ CREATE TABLE IF NOT EXISTS inodes(ino INTEGER PRIMARY KEY, lower_ino INTEGER, mo
 CREATE TABLE IF NOT EXISTS dirents(parent INTEGER NOT NULL, name BLOB NOT NULL, ino INTEGER NOT NULL,
     PRIMARY KEY(parent, name)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS journal(seq INTEGER PRIMARY KEY, time_ns INTEGER NOT NULL,
+    run INTEGER NOT NULL, pid INTEGER NOT NULL, uid INTEGER NOT NULL, gid INTEGER NOT NULL,
+    comm TEXT NOT NULL, exe TEXT NOT NULL, op TEXT NOT NULL, path BLOB NOT NULL, path2 BLOB,
+    ino INTEGER NOT NULL, kind INTEGER NOT NULL, detail TEXT);
 """
 COPY_CHUNK = 1 << 30
 
@@ -117,7 +121,7 @@ class UpperLayer:
         # checkpoints (they fsync) run when the server is idle (checkpoint()), not inside a
         # request's commit; past 10,000 pages (40 MiB of log) SQLite does one itself
         self.db.execute("PRAGMA wal_autocheckpoint=10000")
-        self.db.executescript(SCHEMA + journal.SCHEMA)
+        self.db.executescript(SCHEMA)
         columns = {row[1] for row in self.db.execute("PRAGMA table_info(inodes)")}
         for column in ("seen_size", "seen_mtime_ns"):  # an upper layer made before the journal
             if column not in columns:
