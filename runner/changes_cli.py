@@ -13,6 +13,7 @@ from store.changes import apply_changes
 from store.containers import container_dir, current_state, read_state, resolve_container
 from store.store import canonical_json, new_image_config, now_rfc3339, parse_reference
 
+from . import procfs
 from .containers_cli import parse_since
 from .lifecycle import signal_namespace
 from .lifecycle import container_init_pid, describe_command
@@ -169,9 +170,15 @@ def wait_for_creates_on_record(db, seconds: float = 2.0) -> None:
         time.sleep(0.02)
 
 
+SYNC_DEADLINE = 60.0  # seconds for the filesystem server to take the kernel's cached writes
+
+
 class Paused:
     """A running container stopped (SIGSTOP) for a consistent commit, its kernel-cached
-    writes pushed to the filesystem server (syncfs through its root), resumed after."""
+    writes pushed to the filesystem server (syncfs through its root), resumed after.
+    Neither a pid 1 stuck in the kernel (opening its root waits for its exec lock:
+    runner/procfs.py) nor a server that does not answer holds the commit: past their
+    deadlines it takes what the server has (closed files' writes are pushed at close)."""
 
     def __init__(self, store: Store, config: dict):
         self.pid1: int | None = None  # set while the container is stopped here
@@ -183,18 +190,33 @@ class Paused:
             return
         self.pid1 = pid1
         signal_namespace(pid1, signal.SIGSTOP)
-        try:
-            fd = os.open(f"/proc/{pid1}/root", os.O_RDONLY | os.O_DIRECTORY)
-        except OSError:
+        root = procfs.call(open_root, pid1)
+        if root is None:
             return  # not ours to reach: files closed so far are on disk anyway
-        try:
-            from .syscalls import syncfs
-            syncfs(fd)
-        finally:
-            os.close(fd)
+        if root is procfs.STUCK or procfs.call(sync_and_close, root, seconds=SYNC_DEADLINE) is not True:
+            print(f"strata: container {config['Name']}'s filesystem does not answer: its cached writes to "
+                  "files still open are left out", file=sys.stderr)
 
     def resume(self) -> None:
         signal_namespace(self.pid1, signal.SIGCONT)
+
+
+def open_root(pid: int) -> int | None:
+    try:
+        return os.open(f"/proc/{pid}/root", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return None
+
+
+def sync_and_close(fd: int) -> bool:
+    from .syscalls import syncfs
+    try:
+        syncfs(fd)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def cmd_commit(args, store: Store) -> int:

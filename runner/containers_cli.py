@@ -11,7 +11,7 @@ import sys
 from store import Store, StoreError
 from store.containers import container_dir, current_state, list_containers, resolve_container, update_config
 
-from . import fmt, lifecycle
+from . import fmt, lifecycle, procfs
 
 
 def add_create_flags(p) -> None:
@@ -436,12 +436,30 @@ def pin_container_pid1(store: Store, config: dict, pid1: int) -> PinnedProcess:
 
 
 def open_container_root(pid1: PinnedProcess) -> int:
-    """The container's root directory. A FUSE mount made in a user namespace serves
-    only processes in that namespace (allow_other or not), so an unprivileged `exec`
-    opens it after joining the container's user namespace, not before."""
-    fd = pid1.open("root", os.O_RDONLY | os.O_DIRECTORY)
-    pid1.check_alive()
-    return fd
+    """The container's root directory, as an O_PATH fd. A FUSE mount made in a user
+    namespace serves only processes in that namespace (allow_other or not); an O_PATH
+    open sends it no request, so it can be made before joining, and the fchdir through
+    it (which asks the mount) comes after the setns into the user namespace."""
+    return pid1.open("root", os.O_PATH | os.O_DIRECTORY)
+
+
+def open_namespaces_and_root(pid1: PinnedProcess) -> tuple[dict[str, int], int]:
+    """Fds of pid 1's namespaces that are not ours, and of its root, all opened beneath
+    its /proc directory and checked after (PinnedProcess). Each of these waits for pid 1's
+    exec lock (runner/procfs.py): cmd_exec gives them a deadline."""
+    fds = {}
+    try:
+        for ns in NAMESPACES:
+            if os.readlink(f"ns/{ns}", dir_fd=pid1.proc_fd) != os.readlink(f"/proc/self/ns/{ns}"):
+                fds[ns] = pid1.open(f"ns/{ns}", os.O_RDONLY)
+        fds["root"] = open_container_root(pid1)
+        pid1.check_alive()
+    except BaseException:
+        for fd in fds.values():
+            os.close(fd)
+        raise
+    root = fds.pop("root")
+    return fds, root
 
 
 def cmd_exec(args, store: Store) -> int:
@@ -461,14 +479,14 @@ def cmd_exec(args, store: Store) -> int:
     if not args.command:
         raise StoreError("exec needs a command")
     pinned = pin_container_pid1(store, config, pid1)
-    fds = {}
     try:
-        for ns in NAMESPACES:
-            if os.readlink(f"ns/{ns}", dir_fd=pinned.proc_fd) != os.readlink(f"/proc/self/ns/{ns}"):
-                fds[ns] = pinned.open(f"ns/{ns}", os.O_RDONLY)
-        pinned.check_alive()
+        opened = procfs.call(open_namespaces_and_root, pinned)
     except OSError:
         raise StoreError(f"container {config['Name']} is not running") from None
+    if opened is procfs.STUCK:  # (its fds stay open: the reader may still use them)
+        raise StoreError(f"container {config['Name']} does not answer: its pid 1 is stuck in the kernel "
+                         f"(in an exec?) for over {procfs.DEADLINE:g} s")
+    fds, root_fd = opened
     console_ours = console_theirs = None
     pipes = None
     if args.tty:  # a terminal from the container's devpts; its master comes back to relay
@@ -488,12 +506,9 @@ def cmd_exec(args, store: Store) -> int:
             prctl.set_dumpable(False)  # CVE-2019-5736: nothing in the container may open our memory
             prctl.set_pdeathsig(signal.SIGKILL)
             syscalls_allowed = sandbox.syscall_filter(spec)  # the host's libseccomp, before the chroot
-            root_fd = None
-            for ns, fd in fds.items():
-                if ns == "mnt":  # the root is opened as a member of the container's user namespace
-                    root_fd = open_container_root(pinned)  # (see open_container_root), while /proc is the host's
+            for fd in fds.values():
                 sc.setns(fd)
-            os.fchdir(root_fd if root_fd is not None else open_container_root(pinned))
+            os.fchdir(root_fd)  # as a member of the container's user namespace (see open_container_root)
             os.chroot(".")
             grandchild = os.fork()  # the pid namespace applies to children only
             if grandchild:
@@ -512,7 +527,7 @@ def cmd_exec(args, store: Store) -> int:
         except BaseException as e:
             os.write(2, f"strata: error: exec: {e}\n".encode())
             os._exit(125)
-    for fd in fds.values():
+    for fd in (*fds.values(), root_fd):
         os.close(fd)
     pinned.close()
     if pipes is not None:
@@ -644,24 +659,32 @@ def relay_terminal(master: int, child: int) -> None:
 
 
 def cmd_top(args, store: Store) -> int:
+    """ps's columns for each process of the container. What waits for a process's exec
+    lock (stat, cmdline: procfs) is read with a deadline: a process stuck in the kernel
+    gets a row all the same, with TIME "?" and its command name in brackets."""
     import pwd
     config = resolve_container(store, args.container)
+    pids = lifecycle.processes_of(container_pid1(store, config))
+    stats = procfs.each(procfs.read, [f"/proc/{pid}/stat" for pid in pids])
+    cmdlines = procfs.each(procfs.read, [f"/proc/{pid}/cmdline" for pid in pids])
+    ticks = os.sysconf("SC_CLK_TCK")
     rows = []
-    for pid in lifecycle.processes_of(container_pid1(store, config)):
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-            cmdline = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\0", b" ").decode(errors="replace").strip()
-            uid = os.stat(f"/proc/{pid}").st_uid
-        except OSError:
-            continue
+    for pid, stat, cmdline in zip(pids, stats, cmdlines):
+        fields, name = procfs.status(pid), procfs.comm(pid)
+        if fields is None or name is None or stat is None or cmdline is None:
+            continue  # gone meanwhile
+        uid = int(fields["Uid"].split()[1])  # effective, as ps shows
         try:
             user = pwd.getpwuid(uid).pw_name
         except KeyError:
             user = str(uid)
-        ticks = os.sysconf("SC_CLK_TCK")
-        cpu = (int(fields[11]) + int(fields[12])) // ticks
-        rows.append([user, str(pid), fields[1], f"{cpu // 3600:02}:{cpu // 60 % 60:02}:{cpu % 60:02}", cmdline])
+        if stat is procfs.STUCK:
+            time_used = "?"
+        else:
+            cpu = sum(int(n) for n in stat.rsplit(b")", 1)[1].split()[11:13]) // ticks
+            time_used = f"{cpu // 3600:02}:{cpu // 60 % 60:02}:{cpu % 60:02}"
+        command = b"" if cmdline is procfs.STUCK else cmdline.replace(b"\0", b" ").strip()
+        rows.append([user, str(pid), fields["PPid"], time_used, command.decode(errors="replace") or f"[{name}]"])
     fmt.print_table(["UID", "PID", "PPID", "TIME", "CMD"], rows, sys.stdout)
     return 0
 

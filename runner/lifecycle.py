@@ -14,6 +14,8 @@ from store import Store, StoreError
 from store.containers import (check_name, container_dir, create_container, current_state, list_containers,
                               printable, read_state, remove_container, write_state)
 
+from . import procfs
+
 ADJECTIVES = ["admiring", "bold", "brave", "clever", "cool", "eager", "elated", "focused", "gentle",
               "happy", "jolly", "keen", "kind", "lucid", "modest", "nifty", "quirky", "serene",
               "sharp", "stoic", "sweet", "tender", "vibrant", "wizardly", "zealous"]
@@ -436,37 +438,103 @@ def signal_container(store: Store, config: dict, sig: int) -> None:
         os.kill(relay, sig)
 
 
+class PidNamespace:
+    """The pid namespace a container's pid 1 leads, and which host processes are in it.
+
+    A process's namespace is its /proc/<pid>/ns/pid, which waits for the process's exec
+    lock (runner/procfs.py): it is read with a deadline. A process that does not answer
+    in time is placed by its ancestry (status, which never waits): it is in the namespace
+    when it is as deep in pid namespaces as pid 1, and its nearest answering ancestor is
+    in it, or gives it to its children (ns/pid_for_children: the relay that forked pid 1,
+    exec's runner) and is shallower. pid 1 itself answers for the namespace, or its
+    parent (the relay) does."""
+
+    def __init__(self, pid1: int):
+        self.links: dict[int, str | None] = {}  # pid -> ns/pid, None (gone) or procfs.STUCK
+        fields = procfs.status(pid1)
+        self.depth = procfs.pid_namespace_depth(fields) if fields else 0
+        self.target = self._link(pid1)
+        if self.target is procfs.STUCK and fields:
+            self.target = procfs.call(procfs.readlink, f"/proc/{fields['PPid']}/ns/pid_for_children")
+        if self.target is procfs.STUCK:
+            self.target = None
+
+    def members(self, pids: list[int], again: bool = False) -> list[int]:
+        """Those of `pids` in the namespace, sorted. `again`: read afresh, but those that
+        did not answer last time are placed by their ancestry at once (not waited for twice)."""
+        if self.target is None:
+            return []
+        if again:
+            self.links = {pid: link for pid, link in self.links.items() if link is procfs.STUCK}
+        unread = [pid for pid in pids if pid not in self.links]
+        self.links.update(zip(unread, procfs.each(procfs.readlink, [f"/proc/{pid}/ns/pid" for pid in unread])))
+        return sorted(pid for pid in pids if self._holds(pid))
+
+    def _holds(self, pid: int) -> bool:
+        link = self._link(pid)
+        if link is not procfs.STUCK:
+            return link == self.target
+        fields = procfs.status(pid)
+        if not fields or procfs.pid_namespace_depth(fields) != self.depth:
+            return False
+        child, seen = fields, {pid}
+        while True:  # up to the nearest ancestor that answers
+            parent = int(child.get("PPid", 0))
+            if parent <= 0 or parent in seen:
+                return False
+            seen.add(parent)
+            link = self._link(parent)
+            parent_fields = procfs.status(parent)
+            if link is None or parent_fields is None:
+                return False
+            if link is not procfs.STUCK:
+                break
+            child = parent_fields
+        if link == self.target:
+            return True
+        return procfs.pid_namespace_depth(child) > procfs.pid_namespace_depth(parent_fields) and \
+            procfs.call(procfs.readlink, f"/proc/{parent}/ns/pid_for_children") == self.target
+
+    def _link(self, pid: int):
+        if pid not in self.links:
+            self.links[pid] = procfs.call(procfs.readlink, f"/proc/{pid}/ns/pid")
+        return self.links[pid]
+
+
 def processes_of(pid1: int) -> list[int]:
-    """Host pids in the container's pid namespace."""
-    target = os.readlink(f"/proc/{pid1}/ns/pid")
-    out = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                if os.readlink(f"/proc/{name}/ns/pid") == target:
-                    out.append(int(name))
-            except OSError:
-                continue
-    return sorted(out)
+    """Host pids in the container's pid namespace (none once its pid 1 is gone)."""
+    return PidNamespace(pid1).members(procfs.all_pids())
 
 
 def signal_namespace(pid1: int | None, sig: int) -> None:
-    """`sig` to every process of the pid namespace `pid1` leads, each by pidfd."""
+    """`sig` to every process of the pid namespace `pid1` leads, each by pidfd, after
+    checking again, with the pidfd open, that it is still in it (see signal_if)."""
     if pid1 is None:
         return
+    namespace = PidNamespace(pid1)
+    pidfds = {}
     try:
-        target = os.readlink(f"/proc/{pid1}/ns/pid")
-    except OSError:
-        return
-    for pid in processes_of(pid1):
-        signal_if(pid, sig, lambda: os.readlink(f"/proc/{pid}/ns/pid") == target)
+        for pid in namespace.members(procfs.all_pids()):
+            try:
+                pidfds[pid] = os.pidfd_open(pid)
+            except ProcessLookupError:
+                continue
+        for pid in namespace.members(list(pidfds), again=True):
+            try:
+                signal.pidfd_send_signal(pidfds[pid], sig)
+            except OSError:  # it has died meanwhile
+                continue
+    finally:
+        for pidfd in pidfds.values():
+            os.close(pidfd)
 
 
 def parent_of(pid: int) -> int | None:
+    """The parent's pid, from status: /proc/<pid>/stat waits for the exec lock (procfs)."""
+    fields = procfs.status(pid)
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[1])
-    except (OSError, ValueError, IndexError):
+        return int(fields["PPid"]) if fields else None
+    except (KeyError, ValueError):
         return None
 
 

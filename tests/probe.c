@@ -10,17 +10,32 @@
  *   probe tiocsti FD TEXT push TEXT into the input of the terminal on FD (TIOCSTI)
  *   probe writexec PATH PROGRAM...  open PATH O_WRONLY|O_CLOEXEC, write, exec PROGRAM
  *                         (the close-on-exec flush reaches the filesystem mid-exec)
+ *   probe forkexec PATH PROGRAM...  open PATH O_WRONLY|O_CLOEXEC, write, fork; the child
+ *                         writes too and execs PROGRAM while the parent holds the file open;
+ *                         the parent writes again after
+ *   probe installexec TARGET ARGS...  dpkg's unpack: this binary written to TARGET.dpkg-new,
+ *                         fsynced, closed, renamed over TARGET, and TARGET exec'd with ARGS at once
+ *   probe threadexec PATH PROGRAM...  a thread writes PATH in a tight loop while the main
+ *                         thread execs PROGRAM
+ *   probe holdexec PATH ARGS...  open PATH O_WRONLY|O_CLOEXEC, write, print "holding", and on
+ *                         SIGUSR1 exec this binary with ARGS from a memfd copy: the exec needs
+ *                         nothing from the mount before its close-on-exec flush
  */
 #define _GNU_SOURCE
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <sched.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/mman.h>
 #include <sys/mount.h>
 #include <sys/ptrace.h>
+#include <sys/sendfile.h>
+#include <sys/stat.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -115,6 +130,104 @@ static int writexec(const char *path, char **program) {
     return 1;
 }
 
+static int forkexec(const char *path, char **program) {
+    int fd = open(path, O_WRONLY | O_CLOEXEC), status;
+    if (fd < 0 || write(fd, "x", 1) != 1) {
+        report("forkexec", -1);
+        return 1;
+    }
+    pid_t child = fork();
+    if (child == 0) {
+        if (write(fd, "c", 1) != 1)
+            _exit(126);
+        execv(program[0], program);
+        _exit(127);
+    }
+    if (child < 0 || waitpid(child, &status, 0) < 0 || write(fd, "y", 1) != 1 || close(fd) < 0) {
+        report("forkexec", -1);
+        return 1;
+    }
+    return WIFEXITED(status) ? WEXITSTATUS(status) : 1;
+}
+
+/* this binary's bytes copied to fd `out` */
+static int copy_self(int out) {
+    int in = open("/proc/self/exe", O_RDONLY | O_CLOEXEC);
+    struct stat st;
+    if (in < 0 || fstat(in, &st) < 0)
+        return -1;
+    for (off_t done = 0; done < st.st_size;) {
+        ssize_t n = sendfile(out, in, NULL, st.st_size - done);
+        if (n <= 0)
+            return -1;
+        done += n;
+    }
+    return close(in);
+}
+
+static int installexec(const char *target, char **args, int nargs) {
+    char temp[4096], *argv[nargs + 2];
+    snprintf(temp, sizeof temp, "%s.dpkg-new", target);
+    int fd = open(temp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0755);
+    if (fd < 0 || copy_self(fd) < 0 || fsync(fd) < 0 || close(fd) < 0 || rename(temp, target) < 0) {
+        report("installexec", -1);
+        return 1;
+    }
+    argv[0] = (char *)target;
+    memcpy(argv + 1, args, nargs * sizeof *args);
+    argv[nargs + 1] = NULL;
+    execv(target, argv);
+    report("installexec", -1);
+    return 1;
+}
+
+static volatile long writes_done;
+
+static void *write_forever(void *fd) {
+    char block[4096] = {0};
+    for (;;) {
+        if (pwrite((int)(long)fd, block, sizeof block, (writes_done % 256) * sizeof block) < 0)
+            return NULL;
+        __atomic_add_fetch(&writes_done, 1, __ATOMIC_RELAXED);
+    }
+}
+
+static int threadexec(const char *path, char **program) {
+    pthread_t writer;
+    int fd = open(path, O_WRONLY | O_CLOEXEC);
+    if (fd < 0 || pthread_create(&writer, NULL, write_forever, (void *)(long)fd) != 0) {
+        report("threadexec", -1);
+        return 1;
+    }
+    while (__atomic_load_n(&writes_done, __ATOMIC_RELAXED) < 100)  /* the writer is in its stride */
+        sched_yield();
+    execv(program[0], program);
+    report("threadexec", -1);
+    return 1;
+}
+
+static int holdexec(const char *path, char **args, int nargs) {
+    char *argv[nargs + 2];
+    sigset_t usr1;
+    int sig, fd = open(path, O_WRONLY | O_CLOEXEC), copy = memfd_create("probe", MFD_CLOEXEC);
+    sigemptyset(&usr1);
+    sigaddset(&usr1, SIGUSR1);
+    if (fd < 0 || write(fd, "x", 1) != 1 || copy < 0 || copy_self(copy) < 0 ||
+            sigprocmask(SIG_BLOCK, &usr1, NULL) < 0) {
+        report("holdexec", -1);
+        return 1;
+    }
+    puts("holding");
+    sigwait(&usr1, &sig);
+    argv[0] = "probe";
+    memcpy(argv + 1, args, nargs * sizeof *args);
+    argv[nargs + 1] = NULL;
+    sigprocmask(SIG_UNBLOCK, &usr1, NULL);
+    fexecve(copy, argv, environ);
+    report("holdexec", -1);
+    return 1;
+}
+
 int main(int argc, char **argv) {
     setvbuf(stdout, NULL, _IOLBF, 0);
     if (argc >= 2 && !strcmp(argv[1], "syscalls"))
@@ -129,8 +242,18 @@ int main(int argc, char **argv) {
         return ids();
     if (argc >= 4 && !strcmp(argv[1], "writexec"))
         return writexec(argv[2], argv + 3);
+    if (argc >= 4 && !strcmp(argv[1], "forkexec"))
+        return forkexec(argv[2], argv + 3);
+    if (argc >= 3 && !strcmp(argv[1], "installexec"))
+        return installexec(argv[2], argv + 3, argc - 3);
+    if (argc >= 4 && !strcmp(argv[1], "threadexec"))
+        return threadexec(argv[2], argv + 3);
+    if (argc >= 3 && !strcmp(argv[1], "holdexec"))
+        return holdexec(argv[2], argv + 3, argc - 3);
     if (argc == 4 && !strcmp(argv[1], "tiocsti"))
         return tiocsti(atoi(argv[2]), argv[3]);
-    fprintf(stderr, "usage: probe syscalls [PID] | keyread SERIAL | session | ids | tiocsti FD TEXT | writexec PATH PROGRAM...\n");
+    fprintf(stderr, "usage: probe syscalls [PID] | keyread SERIAL | session | ids | tiocsti FD TEXT | writexec PATH PROGRAM...\n"
+            "       | forkexec PATH PROGRAM... | installexec TARGET ARGS... | threadexec PATH PROGRAM...\n"
+            "       | holdexec PATH ARGS...\n");
     return 2;
 }

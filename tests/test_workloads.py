@@ -2,39 +2,57 @@
 
 A hang is a failure, never a hung suite: each container runs with a deadline,
 and past it the FUSE connections it made are aborted (fusectl) before the test
-fails. The static probe (tests/probe.c) does what busybox cannot."""
+fails. The tests that leave a process stuck in the kernel on purpose (to show that
+top, pause, exec and commit do not wait for it) let it go on past their deadlines
+and whatever happens. The static probe (tests/probe.c) does what busybox cannot."""
+import json
 import os
+import signal
 import subprocess
 import textwrap
 
 import pytest
 
-from .test_containment import Strata, probe_binary  # noqa: F401  (a fixture)
+from .mounts import wait_for
+from .test_containment import Strata, probe_binary, strata  # noqa: F401  (fixtures)
+from .test_procfs import process_state, stuck_in_exec
 
 FUSECTL = "/sys/fs/fuse/connections"
 DEADLINE = 30  # seconds: the whole script takes well under one
 
 
-def fuse_connections() -> set[str]:
+def fuse_connections() -> set[tuple[str, int]]:
+    """(minor, inode) of each FUSE connection: a minor is reused at once, the directory
+    fusectl makes for each connection is new."""
     with open("/proc/self/mountinfo") as f:
         if not any(line.split()[4] == FUSECTL for line in f):
             subprocess.run(["mount", "-t", "fusectl", "none", FUSECTL], check=True)
-    return set(os.listdir(FUSECTL))
+    connections = set()
+    for name in os.listdir(FUSECTL):
+        try:
+            connections.add((name, os.stat(f"{FUSECTL}/{name}").st_ino))
+        except FileNotFoundError:
+            continue
+    return connections
 
 
-def within_deadline(cli: Strata, *args: str) -> subprocess.CompletedProcess:
+def within_deadline(cli: Strata, *args: str, release=None) -> subprocess.CompletedProcess:
+    """strata ARGS, which must finish in DEADLINE s; past it `release()` (if given) lets
+    what is stuck go on, the FUSE connections made meanwhile are aborted, and it fails."""
     before = fuse_connections()
     proc = subprocess.Popen(cli.command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli.env,
                             cwd="/")
     try:
         out, err = proc.communicate(timeout=DEADLINE)
     except subprocess.TimeoutExpired:
-        for connection in fuse_connections() - before:
-            with open(f"{FUSECTL}/{connection}/abort", "w") as f:
+        if release is not None:
+            release()
+        for name, _ in fuse_connections() - before:
+            with open(f"{FUSECTL}/{name}/abort", "w") as f:
                 f.write("1")
         proc.kill()
         proc.communicate()
-        raise AssertionError(f"strata {' '.join(args)} hung its filesystem for {DEADLINE} s (aborted)")
+        raise AssertionError(f"strata {' '.join(args)} hung for {DEADLINE} s (released, aborted)")
     return subprocess.CompletedProcess(args, proc.returncode, out.decode(), err.decode())
 
 
@@ -67,6 +85,119 @@ def test_a_close_on_exec_flush_during_exec_does_not_hang_the_server(cli):
     assert (proc.returncode, proc.stdout.split()) == (0, ["upper", "lower", "forked", "fresh"]), proc
     audit = cli.ok("diff", "--audit", "execer")
     assert "/upper-file" in audit and "/etc/passwd" in audit  # the writes are on record all the same
+
+
+EXEC_PATTERNS = {
+    # writes, then fork: the child writes too and its exec closes its copy of the file
+    # while the parent holds it open, and the parent writes again after; on an upper
+    # and a lower file
+    "fork-after-writes": ("echo a > /upper-file\n"
+                          "probe forkexec /upper-file /bin/echo upper\n"
+                          "probe forkexec /etc/group /bin/echo lower\n", ["upper", "lower"]),
+    # dpkg's unpack: the binary written to a temporary name, fsynced, closed, renamed over
+    # the target and exec'd at once; a new file, and one over a lower file
+    "dpkg-unpack": ("echo a > /upper-file\n"
+                    "probe installexec /usr/bin/fresh writexec /upper-file /bin/echo fresh\n"
+                    "probe installexec /bin/true writexec /upper-file /bin/echo replaced\n",
+                    ["fresh", "replaced"]),
+    # an exec while another thread of the process writes the file in a tight loop
+    "thread-writing": ("echo a > /upper-file\n"
+                       "probe threadexec /upper-file /bin/echo upper\n"
+                       "probe threadexec /etc/group /bin/echo lower\n", ["upper", "lower"]),
+}
+
+
+@pytest.mark.parametrize("pattern", EXEC_PATTERNS)
+def test_what_package_managers_do_around_an_exec_does_not_hang_the_server(cli, pattern):
+    script, expected = EXEC_PATTERNS[pattern]
+    proc = within_deadline(cli, "run", "--name", "execer", "probe", "sh", "-c", script)
+    assert (proc.returncode, proc.stdout.split()) == (0, expected), proc
+    audit = cli.ok("diff", "--audit", "execer")
+    assert "/upper-file" in audit, audit
+    if pattern != "dpkg-unpack":
+        assert "/etc/group" in audit
+    else:
+        assert "/usr/bin/fresh" in audit and "/bin/true" in audit
+
+
+def pid_tree(pid1: int) -> tuple[int, int]:
+    """(relay, supervisor) above a container's pid 1: its parent and grandparent."""
+    from runner import procfs
+    relay = int(procfs.status(pid1)["PPid"])
+    supervisor = int(procfs.status(relay)["PPid"])
+    with open(f"/proc/{supervisor}/cmdline", "rb") as f:
+        assert b"runner.supervisor" in f.read()
+    return relay, supervisor
+
+
+def top_row(top: str, pid: int) -> list[str]:
+    rows = [line.split() for line in top.splitlines()[1:]]
+    return next((row for row in rows if row[1] == str(pid)), [])
+
+
+def test_top_ps_pause_exec_and_commit_answer_while_pid1_is_stuck_in_exec(strata):  # noqa: F811
+    """The container's pid 1 execs while its filesystem server is stopped (SIGSTOP of the
+    supervisor) and a close-on-exec flush is due: it is stuck in the kernel holding its
+    exec lock. top shows it (TIME unknown), ps, pause/unpause and kill answer, exec refuses
+    in one line, commit goes on; once the server answers, the exec goes through. (An init
+    ignores a SIGUSR2 it has no handler for.)"""
+    cli = strata
+    cli.ok("run", "-d", "--name", "stuck", "probe", "sh", "-c", "echo a > /held; exec probe holdexec /held ids")
+    wait_for(lambda: "holding" in cli.ok("logs", "stuck"), what="pid 1 to hold its file open")
+    pid1 = json.loads(cli.ok("inspect", "stuck"))[0]["State"]["Pid"]
+    _, supervisor = pid_tree(pid1)
+    os.kill(supervisor, signal.SIGSTOP)
+
+    def release():
+        os.kill(supervisor, signal.SIGCONT)
+    try:
+        os.kill(pid1, signal.SIGUSR1)
+        wait_for(lambda: process_state(pid1) == "D", what="pid 1's exec to wait for the stopped server")
+        top = within_deadline(cli, "top", "stuck", release=release)
+        assert top.returncode == 0, top
+        row = top_row(top.stdout, pid1)
+        assert row[3:] == ["?", "[probe]"], top.stdout
+        assert "Up " in within_deadline(cli, "ps", release=release).stdout
+        exec_ = within_deadline(cli, "exec", "stuck", "true", release=release)
+        assert exec_.returncode == 125 and "stuck does not answer" in exec_.stderr, exec_
+        assert exec_.stderr.count("\n") == 1
+        assert within_deadline(cli, "pause", "stuck", release=release).returncode == 0
+        assert "(Paused)" in within_deadline(cli, "ps", release=release).stdout
+        assert within_deadline(cli, "unpause", "stuck", release=release).returncode == 0
+        assert within_deadline(cli, "kill", "-s", "USR2", "stuck", release=release).returncode == 0  # stop's way
+        commit = within_deadline(cli, "commit", "stuck", "stuck-image", release=release)
+        assert commit.returncode == 0 and "does not answer" in commit.stderr, commit
+        assert process_state(pid1) == "D"  # still stuck: what answered did not wait for it
+    finally:
+        release()
+    assert within_deadline(cli, "wait", "stuck").stdout.split() == ["0"]
+    assert "uid=0 euid=0" in cli.ok("logs", "stuck")  # the exec went through: `probe ids` ran
+
+
+SIGSTOP_PENDING = 1 << (signal.SIGSTOP - 1)
+
+
+def test_top_and_pause_place_a_process_that_joined_the_container_and_is_stuck_in_exec(cli, tmp_path):
+    """A process that joined the container's pid namespace from outside (nsenter, as exec
+    does) and is stuck in an exec on another mount whose server is stopped: /proc tells
+    its namespace only once the exec is through, so top and pause place it by its
+    ancestry (nsenter hands the namespace to its children): top shows it, pause stops
+    it (SIGSTOP pending), unpause takes that back, commit goes on."""
+    cli.ok("run", "-d", "--name", "joined", "busybox", "sleep", "600")
+    pid1 = json.loads(cli.ok("inspect", "joined"))[0]["State"]["Pid"]
+    with stuck_in_exec(tmp_path, ("nsenter", f"--target={pid1}", "--pid", "--")) as (pid, release):
+        def pending() -> int:
+            with open(f"/proc/{pid}/status") as f:
+                return next(int(line.split()[1], 16) for line in f if line.startswith("ShdPnd:"))
+        top = within_deadline(cli, "top", "joined", release=release)
+        assert top_row(top.stdout, pid)[3:] == ["?", "[stuck-exec]"], top.stdout
+        assert top_row(top.stdout, pid1)[4:] == ["sleep", "600"], top.stdout
+        assert within_deadline(cli, "pause", "joined", release=release).returncode == 0
+        assert pending() & SIGSTOP_PENDING
+        assert within_deadline(cli, "unpause", "joined", release=release).returncode == 0
+        assert not pending() & SIGSTOP_PENDING
+        assert within_deadline(cli, "commit", "joined", "joined-image", release=release).returncode == 0
+        assert process_state(pid) == "D"
 
 
 def test_one_server_per_upper_layer(tmp_path):
