@@ -27,7 +27,7 @@ import sys
 import time
 
 from store import Store
-from store.containers import container_dir, read_state, remove_container, write_state
+from store.containers import container_dir, read_state, remove_container, supervisor_name, write_state
 from store.store import now_rfc3339
 
 from . import sandbox
@@ -221,7 +221,10 @@ def main(root: str, container_id: str, wait_attach: bool) -> int:
         config = json.load(f)
     state = read_state(store, container_id)
     run_number = len(state.get("Runs", [])) + 1
-    state.update(Status="starting", SupervisorPid=os.getpid(), Pid=0, Error="")
+    import prctl
+    prctl.set_name(supervisor_name(container_id))
+    state.update(Status="starting", SupervisorPid=os.getpid(), SupervisorName=supervisor_name(container_id),
+                 Pid=0, Error="")
     write_state(store, container_id, state)
     rootfs = os.path.join(cdir, "rootfs")
     os.makedirs(rootfs, mode=0o700, exist_ok=True)

@@ -116,31 +116,38 @@ def write_state(store: Store, container_id: str, state: dict) -> None:
     write_atomic(state_path(store, container_id), json.dumps(state, indent=1).encode())
 
 
+def supervisor_name(container_id: str) -> str:
+    """The name (comm, 15 bytes at most) a container's supervisor gives itself, which ps
+    and top show and by which a recycled pid is told from it."""
+    return f"strata:{container_id[:8]}"
+
+
 def supervisor_alive(state: dict) -> bool:
+    """Is the recorded supervisor still running (not a zombie an init has yet to reap)?
+    Its status says, by the name: status never waits on the process (cmdline, which told
+    it before, waits on its memory lock; runner/procfs.py)."""
     pid = state.get("SupervisorPid")
     if not pid:
         return False
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a recycled pid is not our supervisor
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"runner.supervisor" in f.read()
+        with open(f"/proc/{pid}/status") as f:
+            fields = dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
     except OSError:
         return False
+    if fields.get("State", "Z").startswith(("Z", "X")):
+        return False
+    name, expected = fields.get("Name", ""), state.get("SupervisorName")
+    return name == expected if expected else name.startswith("python")  # a state from before names
 
 
 def current_state(store: Store, container_id: str) -> dict:
     """The recorded state, corrected when a supervisor died without recording the end."""
     state = read_state(store, container_id)
     if state.get("Status") in ("running", "paused", "starting") and not supervisor_alive(state):
-        state["Status"] = "exited"
-        state["ExitCode"] = state.get("ExitCode") or 255
-        state["Error"] = "supervisor died"
-        state["FinishedAt"] = state.get("FinishedAt") or now_rfc3339()
+        # ExitCode is the previous run's, as FinishedAt is unless later than this start
+        finished = state.get("FinishedAt") or ""
+        state.update(Status="exited", ExitCode=255, Error="supervisor died",
+                     FinishedAt=finished if finished > state.get("StartedAt", "") else now_rfc3339())
     return state
 
 

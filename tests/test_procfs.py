@@ -4,13 +4,16 @@ exec lock. Whatever a check reads runs in a subprocess with a timeout, so that a
 that hangs fails the test instead of hanging the suite; every stuck thing is released
 (SIGCONT, else an abort of the connection) and unmounted, whatever happens."""
 import contextlib
+import json
 import os
 import signal
 import subprocess
 import sys
 import textwrap
 
-from .helpers import REPO
+from store.containers import supervisor_name
+
+from .helpers import REPO, run_strata
 from .mounts import served, standalone_argv, wait_for
 
 FUSECTL = "/sys/fs/fuse/connections"
@@ -126,3 +129,22 @@ def test_status_comm_and_the_process_list_never_wait_on_a_process_stuck_in_exec(
             """, str(pid))
         assert out.splitlines()[:2] == [f"D {os.getpid()} 1", "stuck-exec True"], out
         assert str(pid) in out.splitlines()[2]
+
+
+def test_ps_answers_when_the_recorded_supervisor_pid_is_a_process_stuck_in_exec(tmp_path, store_root):
+    """A supervisor that died and whose pid went to a process now stuck in exec: ps, which
+    asks whether the supervisor lives, answers (it read the pid's cmdline, which hung) and
+    says the container exited."""
+    cid = run_strata(store_root, "create", "--name", "orphan", "busybox", "true", check=True).stdout.decode().strip()
+    state_path = os.path.join(store_root, "containers", cid, "state.json")
+    state = {"Status": "created", "ExitCode": 0, "Runs": []}   # a created container has none yet
+    with stuck_in_exec(tmp_path) as (pid, _):
+        for recorded in ({"SupervisorName": supervisor_name(cid)}, {}):   # {}: a state from before names
+            state.pop("SupervisorName", None)
+            state.update(recorded, Status="running", SupervisorPid=pid, Pid=pid, StartedAt="2026-01-01T00:00:00Z")
+            with open(state_path, "w") as f:
+                json.dump(state, f)
+            proc = subprocess.run([sys.executable, "-m", "runner", "ps", "-a", "--format", "{{.Status}}"],
+                                  capture_output=True, text=True, timeout=ANSWER_DEADLINE,
+                                  env=dict(os.environ, PYTHONPATH=REPO, STRATA_ROOT=store_root), cwd=REPO)
+            assert proc.returncode == 0 and proc.stdout.startswith("Exited (255)"), (recorded, proc)

@@ -244,8 +244,13 @@ def test_bad_input_leaves_nothing_behind(strata_root):
 
 
 def test_killed_supervisor_takes_the_container_and_the_mount(strata_root):
-    cid = ok(strata(strata_root, "run", "-d", "--name", "victim", "busybox", "sh", "-c",
-                    "echo data > /kept; echo written; while true; do sleep 1; done")).strip()
+    """...and says 255, not what the run before it exited with."""
+    first = strata(strata_root, "run", "--name", "victim", "busybox", "sh", "-c",
+                   "[ -e /again ] || { touch /again; exit 2; }; echo data > /kept; echo written; "
+                   "while true; do sleep 1; done")
+    assert first.returncode == 2, first
+    cid = ok(strata(strata_root, "inspect", "--format", "{{.Id}}", "victim")).strip()
+    ok(strata(strata_root, "start", "victim"))
     wait_for(lambda: "written" in ok(strata(strata_root, "logs", "victim")), what="the write")
     state = json.load(open(os.path.join(strata_root, "containers", cid, "state.json")))
     supervisor, relay = state["SupervisorPid"], state["Pid"]
@@ -461,3 +466,18 @@ def test_a_paused_container_is_stopped_and_removed_for_good(strata_root):
                  open(f"/proc/{supervisor}/stat").read().split()[2] == "Z", what=f"{verb} to end the supervisor")
         assert supervisors_of(strata_root) == []
     assert ok(strata(strata_root, "ps", "-a", "--format", "{{.Names}} {{.State}}")).split() == ["paused-stop", "exited"]
+
+
+def test_a_supervisor_pid_recycled_by_another_supervisor_is_not_taken_for_its_own(strata_root):
+    """B's supervisor died and its pid went to A's (pids wrap): B has exited; cmdline
+    (runner.supervisor) told B's from A's no more than it told anything."""
+    ok(strata(strata_root, "run", "-d", "--name", "alive", "busybox", "sleep", "100"))
+    b = ok(strata(strata_root, "create", "--name", "orphan", "busybox", "true")).strip()
+    a = ok(strata(strata_root, "inspect", "--format", "{{.Id}}", "alive")).strip()
+    a_supervisor = json.load(open(os.path.join(strata_root, "containers", a, "state.json")))["SupervisorPid"]
+    with open(os.path.join(strata_root, "containers", b, "state.json"), "w") as f:
+        json.dump({"Status": "running", "ExitCode": 0, "Runs": [], "SupervisorPid": a_supervisor,
+                   "StartedAt": "2026-01-01T00:00:00Z"}, f)
+    statuses = ok(strata(strata_root, "ps", "-a", "--format", "{{.Names}} {{.Status}}")).splitlines()
+    assert any(line.startswith("orphan Exited (255)") for line in statuses), statuses
+    assert any(line.startswith("alive Up") for line in statuses), statuses
