@@ -27,6 +27,12 @@ XATTR_CREATE, XATTR_REPLACE = 1, 2
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
 ALLOWED_XATTR_PREFIXES = (b"user.", b"trusted.", b"security.")
 S_IFDIR, S_IFREG, S_IFLNK = stat.S_IFDIR, stat.S_IFREG, stat.S_IFLNK
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE = 0x01, 0x02, 0x10
+# the fallocate modes served, as fuse-overlayfs serves them, by their journal names (a hole
+# keeps the size: the kernel refuses PUNCH_HOLE without KEEP_SIZE); the rest: EOPNOTSUPP
+FALLOCATE_MODES = {0: "allocate", FALLOC_FL_KEEP_SIZE: "keep_size",
+                   FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE: "punch_hole|keep_size",
+                   FALLOC_FL_ZERO_RANGE: "zero_range", FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE: "zero_range|keep_size"}
 
 
 def fs_error(code: int) -> OSError:
@@ -67,6 +73,21 @@ class Node:
         return (self.ino, self.lower_ino, self.mode, self.uid, self.gid, self.size, self.atime_ns,
                 self.mtime_ns, self.ctime_ns, self.rdev, self.nlink, self.target,
                 encode_xattrs(self.xattrs), int(self.has_data), self.seen_size, self.seen_mtime_ns)
+
+
+_libc_fallocate = None
+
+
+def fallocate_fd(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2), which the os module lacks (it has posix_fallocate: mode 0 only)."""
+    global _libc_fallocate
+    import ctypes
+    if _libc_fallocate is None:
+        call = ctypes.CDLL(None, use_errno=True).fallocate64
+        call.argtypes, call.restype = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64), ctypes.c_int
+        _libc_fallocate = call
+    if _libc_fallocate(fd, mode, offset, length) != 0:
+        raise fs_error(ctypes.get_errno())
 
 
 def clamp_ns(ns: int) -> int:
@@ -113,6 +134,7 @@ class UnionView:
         self.logs_before: list[tuple[WriteLog, int | None, bool]] = []  # (log, seq, unstored)
         self.nodes: dict[int, Node] = {}
         self.handles: dict[int, Node] = {}  # open fd -> node
+        self.fallocated: set[int] = set()  # (journal) open fds that fallocated (_being_written)
         # Bumped by every change to the view: a cached attribute reply (Node.attr) is
         # valid while the generation it was made in lasts. Lookups and listings change
         # nothing, so they are answered from the cache; any write invalidates it all.
@@ -286,11 +308,11 @@ class UnionView:
         return nodes
 
     def _being_written(self, n: Node) -> bool:
-        """Written through a handle still open: the kernel's own time updates of a write
-        (writeback cache) belong to that write's record, not to a utimens of their own."""
+        """Written (or fallocated) through a handle still open: the kernel's own time updates
+        of a write (writeback cache) belong to that write's record, not to a utimens of their own."""
         handles = self.handles
         for fd, log in self.write_logs.items():
-            if log.ranges and handles.get(fd) is n:
+            if (log.ranges or fd in self.fallocated) and handles.get(fd) is n:
                 return True
         return False
 
@@ -718,6 +740,27 @@ class UnionView:
                 log.on_record(seq)
         return written
 
+    def fallocate(self, ino: int, fd: int, mode: int, offset: int, length: int) -> Node:
+        """fallocate(2) on an open handle's data file, journalled as its own change, as a
+        truncate is. The kernel sends it only through a handle open for writing, and
+        opening for writing copies the file up, so the data file is the upper one."""
+        if mode not in FALLOCATE_MODES:
+            raise fs_error(errno.EOPNOTSUPP)
+        n = self.handles.get(fd)
+        if n is None or n.ino != ino or not n.has_data:  # (a lower file's fd is read-only)
+            raise fs_error(errno.EBADF)
+        self._writable()
+        fallocate_fd(fd, mode, offset, length)
+        n.size = os.fstat(fd).st_size  # (mode 0 extends only past the end)
+        n.mtime_ns = n.ctime_ns = time.time_ns()
+        with self._changing():
+            self._persist(n)
+            self._record("fallocate", self.path_of(n), n, data=True,
+                         detail={"mode": FALLOCATE_MODES[mode], "offset": offset, "length": length, "size": n.size})
+        if fd in self.write_logs:
+            self.fallocated.add(fd)
+        return n
+
     def flush(self, fd: int) -> None:
         n = self.handles[fd]
         if n.dirty:  # stored with the next transaction (store_pending)
@@ -736,6 +779,7 @@ class UnionView:
     def release(self, fd: int) -> None:
         n = self.handles.pop(fd)
         log = self.write_logs.pop(fd, None)
+        self.fallocated.discard(fd)
         left = (None, n, None, None) if n.dirty else None  # for the next transaction (store_pending)
         if log is not None:
             log.open = False
