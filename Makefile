@@ -8,7 +8,8 @@ STRATA       := $(VENV)/bin/strata
 SYSTEM_PY    := /usr/bin/python3
 # fuse-overlayfs, unionfs-fuse, bubblewrap: the peers benchmarks/ runs beside strata
 # libseccomp2: the syscall filter (pyseccomp binds it); gcc and libc6-dev: the tests'
-# static probe (tests/probe.c) that tries the calls a container must not make;
+# static probe (tests/probe.c) that tries the calls a container must not make, and with
+# libfuse3-dev and python3-dev the fallocate shim (unionfs/_fallocate.c, built by pip);
 # debootstrap: the Debian 12 image of the real-workload tests (tests/debian.py)
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config libcap-dev busybox-static \
                 python3 python3-venv python3-dev gcc libc6-dev zstd libseccomp2 \
@@ -29,7 +30,7 @@ system-packages:
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
 	fi
 
-$(STAMP): pyproject.toml | system-packages
+$(STAMP): pyproject.toml setup.py unionfs/_fallocate.c | system-packages
 	test -x $(PY) || $(SYSTEM_PY) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]' --config-settings editable_mode=compat
@@ -51,4 +52,4 @@ test: deps
 	$(PY) -m pytest -q
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis build unionfs/*.so

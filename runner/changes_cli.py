@@ -90,6 +90,8 @@ def audit_detail(record: dict) -> str:
         return "bytes " + ",".join(f"{s}-{e}" for s, e in d["ranges"])
     if d.get("recovered"):
         return f"recovered by fsck (size {d.get('size')})"
+    if record["op"] == "fallocate":
+        return f"{d['mode']} bytes {d['offset']}-{d['offset'] + d['length']}, size {d['size']}"
     if "mode" in d:
         return f"mode {d['mode']}"
     if "uid" in d:

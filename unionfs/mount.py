@@ -43,6 +43,8 @@ import sys
 import traceback
 from typing import Iterator
 
+from . import fallocate  # before anything imports pyfuse3 (see unionfs.fallocate)
+
 log = logging.getLogger("strata.unionfs")
 
 
@@ -183,9 +185,12 @@ def mounted(view, mountpoint: str, options: set[str]) -> Iterator[None]:
     from .ops import UnionOperations
     raise_fd_limit()
     before = fuse_device_fds()
+    operations = UnionOperations(view)
+    fallocate.set_handler(operations.fallocate)  # (the session pyfuse3.init makes takes it)
     try:
-        pyfuse3.init(UnionOperations(view), mountpoint, options)
+        pyfuse3.init(operations, mountpoint, options)
     except BaseException:
+        fallocate.set_handler(None)
         view.close()
         raise
     fuse_fds = fuse_device_fds() - before
@@ -197,6 +202,7 @@ def mounted(view, mountpoint: str, options: set[str]) -> Iterator[None]:
         try:
             pyfuse3.close(unmount=True)
         finally:
+            fallocate.set_handler(None)
             view.close()
 
 

@@ -193,6 +193,18 @@ class UnionOperations(pyfuse3.Operations):
     async def write(self, fh, off, buf):
         return self.view.write(fh, off, buf)
 
+    def fallocate(self, inode, fh, mode, offset, length, pid, uid, gid) -> int:
+        """Not a pyfuse3 handler: unionfs.fallocate's shim calls it, synchronously, and
+        replies with what it returns (0 or an errno), so it never raises."""
+        try:
+            self.view.fallocate(inode, fh, mode, offset, length, (pid, uid, gid))
+        except OSError as e:
+            return self.errno_of(e)
+        except Exception:
+            log.exception("unexpected error in fallocate")
+            return errno.EIO
+        return 0
+
     @answer_errors
     async def flush(self, fh):
         self.view.flush(fh)

@@ -38,12 +38,13 @@ class JournalRecorder:
     `view` (unionfs.view.UnionView), for the paths of nodes (path_of, child_path),
     their rows (persist), its open handles and its transaction (changing)."""
 
-    __slots__ = ("journal", "view", "write_logs", "pending", "unrecorded_creates", "taken", "creates_stored",
-                 "created", "logs_before")
+    __slots__ = ("journal", "view", "write_logs", "fallocated", "pending", "unrecorded_creates", "taken",
+                 "creates_stored", "created", "logs_before")
 
     def __init__(self, journal, view):
         self.journal, self.view = journal, view
         self.write_logs: dict[int, WriteLog] = {}  # open fd -> what it wrote
+        self.fallocated: set[int] = set()  # open fds that fallocated (as good as written: _being_written)
         # what closes left on record: a new write record, or an update of the ranges on a
         # handle's record; they go with the next transaction (a group commit), so that
         # writing a file costs no transaction of its own
@@ -160,6 +161,15 @@ class JournalRecorder:
         self._note_data(n)
         self.view.persist(n)
 
+    def record_fallocate(self, caller: Caller, n, fd: int, detail: dict) -> None:
+        """`fd` allocated, punched or zeroed a range of `n` (detail: mode, range, size): a
+        record of its own, as a truncate; the kernel's time stamp after it is no utimens."""
+        self._insert(caller, "fallocate", self.view.path_of(n), n, detail=detail)
+        self._note_data(n)
+        self.view.persist(n)
+        if fd in self.write_logs:
+            self.fallocated.add(fd)
+
     def record_setattr(self, caller: Caller, n, mode: int | None, uid: int | None, gid: int | None,
                        atime_ns: int | None, mtime_ns: int | None, times_before: tuple[int, int]) -> None:
         """What a setattr changed (its new values are `n`'s; the arguments say what was
@@ -220,6 +230,7 @@ class JournalRecorder:
         next transaction (a create's record still waiting in its batch takes them as
         they are when it is stored)."""
         log = self.write_logs.pop(fd, None)
+        self.fallocated.discard(fd)
         if log is None:
             return
         log.open = False
@@ -263,11 +274,11 @@ class JournalRecorder:
         n.seen_size, n.seen_mtime_ns = size_mtime if size_mtime is not None else (None, None)
 
     def _being_written(self, n) -> bool:
-        """Written through a handle still open: the kernel's own time updates of a write
-        (writeback cache) belong to that write's record, not to a utimens of their own."""
+        """Written (or fallocated) through a handle still open: the kernel's own time updates
+        of a write (writeback cache) belong to that write's record, not to a utimens of their own."""
         handles = self.view.handles
         for fd, log in self.write_logs.items():
-            if log.ranges and handles.get(fd) is n:
+            if (log.ranges or fd in self.fallocated) and handles.get(fd) is n:
                 return True
         return False
 
@@ -313,6 +324,9 @@ class NoRecorder:
         pass
 
     def record_truncate(self, caller: Caller, n, size: int) -> None:
+        pass
+
+    def record_fallocate(self, caller: Caller, n, fd: int, detail: dict) -> None:
         pass
 
     def record_setattr(self, caller: Caller, n, mode: int | None, uid: int | None, gid: int | None,

@@ -31,6 +31,12 @@ XATTR_CREATE, XATTR_REPLACE = 1, 2
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
 ALLOWED_XATTR_PREFIXES = (b"user.", b"trusted.", b"security.")
 S_IFDIR, S_IFREG, S_IFLNK = stat.S_IFDIR, stat.S_IFREG, stat.S_IFLNK
+FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE = 0x01, 0x02, 0x10
+# the fallocate modes served, as fuse-overlayfs serves them, by their journal names (a hole
+# keeps the size: the kernel refuses PUNCH_HOLE without KEEP_SIZE); the rest: EOPNOTSUPP
+FALLOCATE_MODES = {0: "allocate", FALLOC_FL_KEEP_SIZE: "keep_size",
+                   FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE: "punch_hole|keep_size",
+                   FALLOC_FL_ZERO_RANGE: "zero_range", FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE: "zero_range|keep_size"}
 
 
 def fs_error(code: int) -> OSError:
@@ -71,6 +77,21 @@ class Node:
         return (self.ino, self.lower_ino, self.mode, self.uid, self.gid, self.size, self.atime_ns,
                 self.mtime_ns, self.ctime_ns, self.rdev, self.nlink, self.target,
                 encode_xattrs(self.xattrs), int(self.has_data), self.seen_size, self.seen_mtime_ns)
+
+
+_libc_fallocate = None
+
+
+def fallocate_fd(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2), which the os module lacks (it has posix_fallocate: mode 0 only)."""
+    global _libc_fallocate
+    import ctypes
+    if _libc_fallocate is None:
+        call = ctypes.CDLL(None, use_errno=True).fallocate64
+        call.argtypes, call.restype = (ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64), ctypes.c_int
+        _libc_fallocate = call
+    if _libc_fallocate(fd, mode, offset, length) != 0:
+        raise fs_error(ctypes.get_errno())
 
 
 def clamp_ns(ns: int) -> int:
@@ -630,6 +651,25 @@ class UnionView:
         n.dirty = True
         self.recorder.record_write(fd, n, offset, end)
         return written
+
+    def fallocate(self, ino: int, fd: int, mode: int, offset: int, length: int, caller: Caller = NOBODY) -> Node:
+        """fallocate(2) on an open handle's data file, journalled as its own change, as a
+        truncate is. The kernel sends it only through a handle open for writing, and
+        opening for writing copies the file up, so the data file is the upper one."""
+        if mode not in FALLOCATE_MODES:
+            raise fs_error(errno.EOPNOTSUPP)
+        n = self.handles.get(fd)
+        if n is None or n.ino != ino or not n.has_data:  # (a lower file's fd is read-only)
+            raise fs_error(errno.EBADF)
+        self._writable()
+        fallocate_fd(fd, mode, offset, length)
+        n.size = os.fstat(fd).st_size  # (mode 0 extends only past the end)
+        n.mtime_ns = n.ctime_ns = time.time_ns()
+        with self.changing():
+            self.persist(n)
+            self.recorder.record_fallocate(caller, n, fd, {"mode": FALLOCATE_MODES[mode], "offset": offset,
+                                                           "length": length, "size": n.size})
+        return n
 
     def flush(self, fd: int) -> None:
         n = self.handles[fd]
