@@ -74,30 +74,60 @@ def run_strata(root: str, *args: str, input: bytes | None = None, check: bool = 
 FUSECTL = "/sys/fs/fuse/connections"
 
 
-def fuse_connections() -> set[str]:
-    """The live FUSE connections (mounting fusectl first if the host has not)."""
+def fuse_connections() -> set[tuple[str, int]]:
+    """(minor, inode) of each live FUSE connection (mounting fusectl first if the host has
+    not): a minor is reused at once, the directory fusectl makes for each connection is new."""
     with open("/proc/self/mountinfo") as f:
         if not any(line.split()[4] == FUSECTL for line in f):
             subprocess.run(["mount", "-t", "fusectl", "none", FUSECTL], check=True)
-    return set(os.listdir(FUSECTL))
+    connections = set()
+    for name in os.listdir(FUSECTL):
+        try:
+            connections.add((name, os.stat(f"{FUSECTL}/{name}").st_ino))
+        except FileNotFoundError:
+            continue
+    return connections
 
 
-def run_within(argv: list[str], deadline: float, env: dict | None = None,
-               input: bytes | None = None) -> subprocess.CompletedProcess:
-    """Run `argv`; past `deadline` seconds abort every FUSE connection made meanwhile (so
-    that nothing stays hung) and fail: a hang is a test failure, never a hung suite."""
+def abort_connection(mountpoint: str) -> None:
+    """Fail every request of the FUSE mount on `mountpoint`, answered or not (fusectl)."""
+    with open("/proc/self/mountinfo") as f:
+        minors = [line.split()[2].split(":")[1] for line in f if line.split()[4] == mountpoint]
+    mounted_here = not os.path.ismount(FUSECTL)
+    if mounted_here:
+        subprocess.run(["mount", "-t", "fusectl", "none", FUSECTL], check=True)
+    try:
+        for minor in minors:
+            with open(f"{FUSECTL}/{minor}/abort", "w") as f:
+                f.write("1")
+    finally:
+        if mounted_here:
+            subprocess.run(["umount", FUSECTL], check=True)
+
+
+def run_within(argv: list[str], deadline: float, env: dict | None = None, input: bytes | None = None,
+               release=None) -> subprocess.CompletedProcess:
+    """Run `argv`; past `deadline` seconds `release()` (if given) lets what is stuck go on,
+    every FUSE connection made meanwhile is aborted (so that nothing stays hung), and it
+    fails: a hang is a test failure, never a hung suite."""
+    mounted_here = not os.path.ismount(FUSECTL)
     before = fuse_connections()
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env=env, cwd="/")
     try:
         out, err = proc.communicate(input, timeout=deadline)
     except subprocess.TimeoutExpired:
-        for connection in fuse_connections() - before:
-            with open(f"{FUSECTL}/{connection}/abort", "w") as f:
+        if release is not None:
+            release()
+        for name, _ in fuse_connections() - before:
+            with open(f"{FUSECTL}/{name}/abort", "w") as f:
                 f.write("1")
         proc.kill()
         proc.communicate()
-        raise AssertionError(f"{' '.join(argv)} hung for {deadline} s (its FUSE connections were aborted)")
+        raise AssertionError(f"{' '.join(argv)} hung for {deadline} s (released, its FUSE connections aborted)")
+    finally:
+        if mounted_here:   # (fusectl as the host had it)
+            subprocess.run(["umount", FUSECTL], check=True)
     return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
 

@@ -77,14 +77,13 @@ def test_fsck_names_a_lost_create_below_4096_directories(store_root, tmp_path):
     upper = str(tmp_path / "upper")
     view = make_view_factory(store, image_id, upper, run=1)()
     try:
-        view.caller = (os.getpid(), 0, 0)
         parent = 1
         for _ in range(4200):
             parent = view.mkdir(parent, b"d", 0o755, 0, 0).ino
         view.store_pending()
         _, fd = view.create(parent, b"lost", 0o644, os.O_RDWR, 0, 0)
         view.release(fd)
-        view.unrecorded_creates.clear()  # killed -9 before the batch was stored
+        view.recorder.unrecorded_creates.clear()  # killed -9 before the batch was stored
         deep_file = "/d" * 4200 + "/lost"
         changes = ContainerChanges(store, image_id, upper)  # diff beside the live server
         try:
@@ -116,7 +115,6 @@ def make_wide_container(store: Store, image_id: str) -> str:
     config = create_container(store, image_id, "wide", {"Cmd": ["sh"]})
     upper = os.path.join(container_dir(store, config["Id"]), "upper")
     view = make_view_factory(store, image_id, upper, run=1)()
-    view.caller = (os.getpid(), 0, 0)
     wide = view.mkdir(1, b"wide", 0o755, 0, 0)
     with view.upper.transaction():  # one commit for all (a server commits each): set-up speed only
         for i in range(ENTRIES - UNRECORDED):
@@ -131,7 +129,7 @@ def make_wide_container(store: Store, image_id: str) -> str:
     for i in range(ENTRIES - UNRECORDED, ENTRIES):
         _, fd = view.create(wide.ino, b"e%06d" % i, 0o644, os.O_RDWR, 0, 0)
         view.release(fd)
-    view.unrecorded_creates.clear()  # the server is killed before it stores its batch
+    view.recorder.unrecorded_creates.clear()  # the server is killed before it stores its batch
     view.pending_writes.clear()
     view.close()
     return upper

@@ -13,10 +13,9 @@ import textwrap
 
 from store.containers import supervisor_name
 
-from .helpers import REPO, run_strata
+from .helpers import REPO, abort_connection, run_strata
 from .mounts import served, standalone_argv, wait_for
 
-FUSECTL = "/sys/fs/fuse/connections"
 ANSWER_DEADLINE = 30  # seconds for a check that must not hang (it takes about one)
 
 # open a file on the mount O_WRONLY|O_CLOEXEC, write, wait for SIGUSR1, exec: the exec's
@@ -37,22 +36,6 @@ HOLD_EXEC = textwrap.dedent("""\
 def process_state(pid: int) -> str:
     with open(f"/proc/{pid}/status") as f:
         return next(line.split()[1] for line in f if line.startswith("State:"))
-
-
-def abort_connection(mountpoint: str) -> None:
-    """Fail every request of the FUSE mount on `mountpoint`, answered or not (fusectl)."""
-    with open("/proc/self/mountinfo") as f:
-        minors = [line.split()[2].split(":")[1] for line in f if line.split()[4] == mountpoint]
-    mounted_here = not os.path.ismount(FUSECTL)
-    if mounted_here:
-        subprocess.run(["mount", "-t", "fusectl", "none", FUSECTL], check=True)
-    try:
-        for minor in minors:
-            with open(f"{FUSECTL}/{minor}/abort", "w") as f:
-                f.write("1")
-    finally:
-        if mounted_here:
-            subprocess.run(["umount", FUSECTL], check=True)
 
 
 @contextlib.contextmanager

@@ -16,32 +16,11 @@ import pytest
 from store import Store
 from store.containers import container_dir, create_container
 
-from .helpers import member, run_strata
+from .helpers import abort_connection, member, run_strata
 from .images import make_chain
 from .mounts import served, standalone_argv, strata_mount_argv, wait_for
 
-FUSECTL = "/sys/fs/fuse/connections"
 DEADLINE = 10  # seconds: a request the server answers takes milliseconds
-
-
-def fuse_connection(mountpoint: str) -> str | None:
-    """The fusectl connection number of a mount: the minor of its device."""
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            if fields[4] == mountpoint:
-                return fields[2].split(":")[1]
-    return None
-
-
-def abort_connection(mountpoint: str) -> None:
-    with open("/proc/self/mountinfo") as f:
-        if not any(line.split()[4] == FUSECTL for line in f):
-            subprocess.run(["mount", "-t", "fusectl", "none", FUSECTL], check=True)
-    connection = fuse_connection(mountpoint)
-    if connection is not None:
-        with open(f"{FUSECTL}/{connection}/abort", "w") as f:
-            f.write("1")
 
 
 def promptly(argv: list[str], mountpoint: str, timeout: float = DEADLINE) -> subprocess.CompletedProcess:

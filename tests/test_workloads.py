@@ -13,47 +13,18 @@ import textwrap
 
 import pytest
 
+from .helpers import run_within
 from .mounts import wait_for
 from .test_containment import Strata, probe_binary, strata  # noqa: F401  (fixtures)
 from .test_procfs import process_state, stuck_in_exec
 
-FUSECTL = "/sys/fs/fuse/connections"
 DEADLINE = 30  # seconds: the whole script takes well under one
 
 
-def fuse_connections() -> set[tuple[str, int]]:
-    """(minor, inode) of each FUSE connection: a minor is reused at once, the directory
-    fusectl makes for each connection is new."""
-    with open("/proc/self/mountinfo") as f:
-        if not any(line.split()[4] == FUSECTL for line in f):
-            subprocess.run(["mount", "-t", "fusectl", "none", FUSECTL], check=True)
-    connections = set()
-    for name in os.listdir(FUSECTL):
-        try:
-            connections.add((name, os.stat(f"{FUSECTL}/{name}").st_ino))
-        except FileNotFoundError:
-            continue
-    return connections
-
-
 def within_deadline(cli: Strata, *args: str, release=None) -> subprocess.CompletedProcess:
-    """strata ARGS, which must finish in DEADLINE s; past it `release()` (if given) lets
-    what is stuck go on, the FUSE connections made meanwhile are aborted, and it fails."""
-    before = fuse_connections()
-    proc = subprocess.Popen(cli.command(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli.env,
-                            cwd="/")
-    try:
-        out, err = proc.communicate(timeout=DEADLINE)
-    except subprocess.TimeoutExpired:
-        if release is not None:
-            release()
-        for name, _ in fuse_connections() - before:
-            with open(f"{FUSECTL}/{name}/abort", "w") as f:
-                f.write("1")
-        proc.kill()
-        proc.communicate()
-        raise AssertionError(f"strata {' '.join(args)} hung for {DEADLINE} s (released, aborted)")
-    return subprocess.CompletedProcess(args, proc.returncode, out.decode(), err.decode())
+    """strata ARGS, which must finish in DEADLINE s (helpers.run_within says what past it)."""
+    proc = run_within(cli.command(*args), DEADLINE, cli.env, release=release)
+    return subprocess.CompletedProcess(args, proc.returncode, proc.stdout.decode(), proc.stderr.decode())
 
 
 @pytest.fixture

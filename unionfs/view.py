@@ -150,11 +150,6 @@ class UnionView:
     def journal(self, journal) -> None:
         self.recorder = JournalRecorder(journal, self) if journal is not None else NO_RECORDER
 
-    @property
-    def unrecorded_creates(self) -> list:
-        """The recorder's batch (tests/test_deep_trees.py empties it, as a kill -9 would)."""
-        return self.recorder.unrecorded_creates
-
     # -- nodes -----------------------------------------------------------------
 
     def node(self, ino: int) -> Node:
