@@ -287,7 +287,8 @@ def main(root: str, container_id: str, wait_attach: bool) -> int:
         exit_code, error = serve_container(store, config, rootfs, child, sync_w, status_r, ours, wait_attach,
                                            state, container_id)
     except BaseException as e:  # never leave "running" behind: ps must tell the truth
-        exit_code, error = 125, f"supervisor: {type(e).__name__}: {e}"
+        cause = first_cause(e)
+        exit_code, error = 125, f"supervisor: {type(cause).__name__}: {cause}"
         try:
             os.kill(child, 9)
         except ProcessLookupError:
@@ -302,6 +303,13 @@ def main(root: str, container_id: str, wait_attach: bool) -> int:
     if config.get("AutoRemove"):  # --rm: removed here, as dockerd does, also when detached
         remove_container(store, container_id)
     return 0
+
+
+def first_cause(error: BaseException) -> BaseException:
+    """The first exception inside trio's nested exception groups: the one that names what failed."""
+    while isinstance(error, BaseExceptionGroup) and error.exceptions:
+        error = error.exceptions[0]
+    return error
 
 
 def peak_rss_kib() -> int:

@@ -481,3 +481,10 @@ def test_a_supervisor_pid_recycled_by_another_supervisor_is_not_taken_for_its_ow
     statuses = ok(strata(strata_root, "ps", "-a", "--format", "{{.Names}} {{.Status}}")).splitlines()
     assert any(line.startswith("orphan Exited (255)") for line in statuses), statuses
     assert any(line.startswith("alive Up") for line in statuses), statuses
+
+
+def test_a_supervisor_error_is_named_by_its_cause_not_by_trios_exception_group():
+    from runner.supervisor import first_cause
+    cause = OSError(28, "No space left on device")
+    nested = BaseExceptionGroup("outer", [ExceptionGroup("Exceptions from Trio nursery", [cause, KeyError(1)])])
+    assert first_cause(nested) is cause and first_cause(cause) is cause
