@@ -162,14 +162,33 @@ def log_files(cdir: str) -> list[str]:
     return [os.path.join(cdir, f) for f in rotated] + ([base] if os.path.exists(base) else [])
 
 
+def read_log_entries(f) -> tuple[list[dict], int]:
+    """The entries of a json.log from where `f` is, and the bytes they took: a last line
+    without its newline is still being written (left for later), and a line torn by a
+    supervisor's kill -9 (the next one starts on a line of its own) is passed over."""
+    entries, consumed = [], 0
+    for line in f:
+        if not line.endswith(b"\n"):
+            break
+        consumed += len(line)
+        try:
+            entries.append(json.loads(line))
+        except ValueError:
+            continue
+    return entries, consumed
+
+
 def cmd_logs(args, store: Store) -> int:
     config = resolve_container(store, args.container)
     cdir = container_dir(store, config["Id"])
     since, until = parse_since(args.since), parse_since(args.until)
-    entries = []
-    for path in log_files(cdir):
-        with open(path, "rb") as f:
-            entries += [json.loads(line) for line in f if line.strip()]
+    entries, path, offset = [], os.path.join(cdir, "json.log"), 0
+    for name in log_files(cdir):
+        with open(name, "rb") as f:
+            read, consumed = read_log_entries(f)
+        entries += read
+        if name == path:
+            offset = consumed   # (follow goes on from there, with a line half written)
 
     def show(entry) -> None:
         when = fmt.parse_time(entry["time"])
@@ -185,19 +204,19 @@ def cmd_logs(args, store: Store) -> int:
         show(entry)
     if args.follow:
         import time
-        path = os.path.join(cdir, "json.log")
-        offset = os.path.getsize(path) if os.path.exists(path) else 0
         while True:
+            consumed = 0
             if os.path.exists(path) and os.path.getsize(path) > offset:
                 with open(path, "rb") as f:
                     f.seek(offset)
-                    for line in f:
-                        if line.endswith(b"\n"):
-                            offset += len(line)
-                            show(json.loads(line))
-            elif current_state(store, config["Id"]).get("Status") != "running":
-                break
-            time.sleep(0.05)
+                    new, consumed = read_log_entries(f)
+                offset += consumed
+                for entry in new:
+                    show(entry)
+            if not consumed:   # (a line a dead supervisor left half written never ends)
+                if current_state(store, config["Id"]).get("Status") != "running":
+                    break
+                time.sleep(0.05)
     return 0
 
 

@@ -153,7 +153,11 @@ class JsonLog:
         self.f = self._open()
 
     def _open(self):
-        return os.fdopen(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600), "ab")
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":  # a line torn by a supervisor's kill -9
+            os.write(fd, b"\n")                          # stays alone: the next entry starts afresh
+        return os.fdopen(fd, "ab")
 
 
 # -- steps 2-4 ------------------------------------------------------------------------

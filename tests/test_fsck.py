@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from runner.containers_cli import read_log_entries
 from store.index import MergedIndex
 
 from .helpers import Strata, build_tar, cli_store, member, snapshot
@@ -275,9 +276,8 @@ def output_of_runs(cli, cid: str) -> dict[int, list[str]]:
     """The container's stdout, by run (json.log, read as the supervisor wrote it)."""
     runs: dict[int, list[str]] = {}
     text = ""
-    with open(os.path.join(cli.root, "containers", cid, "json.log")) as f:
-        for line in f:
-            entry = json.loads(line)
+    with open(os.path.join(cli.root, "containers", cid, "json.log"), "rb") as f:
+        for entry in read_log_entries(f)[0]:   # (as `strata logs` reads it, a line half written left)
             if entry["stream"] == "stdout":
                 text += entry["log"]
     run = 0

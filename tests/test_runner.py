@@ -488,3 +488,18 @@ def test_a_supervisor_error_is_named_by_its_cause_not_by_trios_exception_group()
     cause = OSError(28, "No space left on device")
     nested = BaseExceptionGroup("outer", [ExceptionGroup("Exceptions from Trio nursery", [cause, KeyError(1)])])
     assert first_cause(nested) is cause and first_cause(cause) is cause
+
+
+def test_logs_pass_over_a_line_torn_by_a_killed_supervisor_and_one_half_written(strata_root):
+    """A kill -9 can leave json.log's last line torn; the next run's entries start on a
+    line of their own, and logs (with or without -f) shows every whole entry."""
+    ok(strata(strata_root, "run", "--name", "torn", "busybox", "echo", "one"))
+    cid = ok(strata(strata_root, "inspect", "--format", "{{.Id}}", "torn")).strip()
+    log = os.path.join(strata_root, "containers", cid, "json.log")
+    with open(log, "ab") as f:
+        f.write(b'{"log": "lost in the ki')
+    ok(strata(strata_root, "start", "-a", "torn"))
+    with open(log, "ab") as f:
+        f.write(b'{"log": "being writ')   # a supervisor's write caught half done
+    assert ok(strata(strata_root, "logs", "torn")) == "one\none\n"
+    assert ok(strata(strata_root, "logs", "-f", "torn")) == "one\none\n"
