@@ -270,16 +270,18 @@ class Store:
         return PreparedLayer(diff_id, entries, size, layer_stage)
 
     def create_image(self, config: dict, parent: str | None, new_layers: list[PreparedLayer],
-                     staging: str, tag: str | None = None) -> str:
+                     staging: str, tag: str | None = None, raw_config: bytes | None = None) -> str:
         """Add an image whose chain is the parent's plus `new_layers`; tag it.
 
         The merged index is the parent's index copied plus the new layers
         applied, so its cost is independent of the parent chain's depth.
+        `raw_config`: the config's bytes as another tool wrote them (load,
+        pull), kept so that the image id is their digest; else canonical JSON.
         """
         import hashlib
 
         from . import index as merged_index
-        raw = canonical_json(config)
+        raw = canonical_json(config) if raw_config is None else raw_config
         image_id = "sha256:" + hashlib.sha256(raw).hexdigest()
         image_stage = os.path.join(staging, "image")
         # built even when the image exists now: an rmi may remove it before the lock is ours
