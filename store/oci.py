@@ -107,7 +107,7 @@ class VerifyingReader(io.RawIOBase):
     """Reads a blob, hashing and counting it; `check()` at the end compares both with
     the descriptor. More bytes than the descriptor's size is an error at once."""
 
-    def __init__(self, raw: BinaryIO, digest: str, size: int | None, what: str,
+    def __init__(self, raw: BinaryIO, digest: str | None, size: int | None, what: str,
                  advance: Callable[[int], None] = lambda n: None):
         self.raw, self.digest, self.expected_size, self.what = raw, digest, size, what
         self.hash = hashlib.sha256()
@@ -138,7 +138,7 @@ class VerifyingReader(io.RawIOBase):
         if self.expected_size is not None and self.count != self.expected_size:
             raise BadArchive(f"{self.what}: truncated blob ({self.count} of {self.expected_size} bytes)")
         got = "sha256:" + self.hash.hexdigest()
-        if got != self.digest:
+        if self.digest is not None and got != self.digest:
             raise DigestMismatch(self.what, self.digest, got)
 
 
@@ -185,11 +185,14 @@ class BlobSource:
         return f"blobs/sha256/{digest_hex(digest, what)}"
 
     def open_blob(self, desc: dict, what: str, advance=lambda n: None) -> VerifyingReader:
+        """The blob a descriptor names: by its digest, or (docker-archive, where a layer's
+        digest may be unknown) by its "path" in the archive."""
+        path = desc.get("path") or self.blob_path(desc["digest"], what)
         try:
-            f, _ = self.open(self.blob_path(desc["digest"], what))
+            f, _ = self.open(path)
         except FileNotFoundError:
-            raise StoreError(f"{what}: blob {desc['digest']} is missing from the layout") from None
-        return VerifyingReader(f, desc["digest"], desc.get("size"), what, advance)
+            raise StoreError(f"{what}: {desc.get('digest') or path} is missing from the archive") from None
+        return VerifyingReader(f, desc.get("digest"), desc.get("size"), what, advance)
 
     def read_blob(self, desc: dict, what: str) -> bytes:
         size = desc.get("size")
@@ -328,13 +331,23 @@ def check_config(config_raw: bytes, n_layers: int, what: str) -> dict:
     return config
 
 
+def local_name(ref: str) -> str:
+    """A reference as strata tags it: NAME:TAG, Docker Hub's names in their short form
+    (docker.io/library/busybox:1 is busybox:1, as docker load shows it)."""
+    name = parse_reference(ref)
+    for prefix in ("docker.io/library/", "index.docker.io/library/", "docker.io/", "index.docker.io/"):
+        if name.startswith(prefix):
+            return name[len(prefix):]
+    return name
+
+
 def names_of(entry: dict) -> list[str]:
     """The tags an index.json entry asks for."""
     annotations = entry.get("annotations") or {}
     for key in (CONTAINERD_NAME, REF_NAME):
         name = annotations.get(key)
         if isinstance(name, str) and name:
-            return [parse_reference(name)]
+            return [local_name(name)]
     return []
 
 
@@ -424,7 +437,7 @@ def load_plans(store: Store, plans: list[ImagePlan], progress=None) -> list[str]
                 layer = layer_in_store(store, diff_id)
                 if layer is None:
                     layer = prepare_blob_layer(store, os.path.join(staging, f"layer-{len(prepared)}"), plan.source,
-                                               desc, diff_id, f"layer {short_digest(desc['digest'])}", progress)
+                                               desc, diff_id, f"layer {short_digest(diff_id)}", progress)
                 prepared[diff_id] = layer
         for plan in plans:
             canonical = [prepared[d].diff_id for d in plan.config["rootfs"]["diff_ids"]]
@@ -437,7 +450,7 @@ def load_plans(store: Store, plans: list[ImagePlan], progress=None) -> list[str]
             image_stage = os.path.join(staging, f"image-{n}")
             os.mkdir(image_stage, OWNER_ONLY)
             layers = [prepared[d] for d in plan.config["rootfs"]["diff_ids"]]
-            names = [parse_reference(name) for name in plan.names]
+            names = plan.names
             try:
                 image_id = store.create_image(plan.config, None, layers, image_stage, names[0] if names else None,
                                               raw_config=plan.config_raw)
@@ -480,6 +493,24 @@ class LayoutSink:
         raise NotImplementedError
 
 
+@contextlib.contextmanager
+def replacing(dest: str) -> Iterator[BinaryIO]:
+    """A file written beside `dest` and renamed onto it once whole and on disk; on an
+    error it is removed and `dest` is left as it was."""
+    head, tail = os.path.split(os.path.abspath(dest))
+    tmp = os.path.join(head, f".{tail}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
 class DirectorySink(LayoutSink):
     def __init__(self, path: str):
         self.path = path
@@ -489,18 +520,8 @@ class DirectorySink(LayoutSink):
         return os.path.isfile(os.path.join(self.path, "blobs", "sha256", hex_digest))
 
     def _replace(self, relpath: str, fill: Callable[[BinaryIO], None]) -> None:
-        dest = os.path.join(self.path, relpath)
-        tmp = f"{dest}.tmp-{os.getpid()}"
-        try:
-            with open(tmp, "wb") as f:
-                fill(f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.rename(tmp, dest)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        with replacing(os.path.join(self.path, relpath)) as f:
+            fill(f)
 
     def add_file(self, relpath: str, data: bytes) -> None:
         self._replace(relpath, lambda f: f.write(data))
