@@ -545,3 +545,128 @@ def test_export_then_import_gives_the_same_tree(strata, store, store_root, two_l
 def test_export_of_an_unknown_container(strata):
     proc = strata("export", "nosuch", "-o", "/dev/null")
     assert proc.returncode == 125 and proc.stderr.decode() == "strata: error: No such container: nosuch\n"
+
+
+# -- layers strata did not make (tar splits) ---------------------------------------------
+
+def foreign_layout(path: str, layers: list[bytes], name: str = "foreign:1", compress=None) -> tuple[str, bytes]:
+    """An OCI layout around layer tars made by other tools; returns (image id, config bytes).
+    The config is written as another tool would (its own key order and spacing)."""
+    os.makedirs(os.path.join(path, "blobs", "sha256"))
+    diff_ids = ["sha256:" + hashlib.sha256(t).hexdigest() for t in layers]
+    config = json.dumps({"os": "linux", "architecture": "amd64", "rootfs": {"type": "layers", "diff_ids": diff_ids},
+                         "config": {"Cmd": ["sh"]}, "history": [{"created_by": f"step {n}"} for n in range(len(layers))]},
+                        indent=3).encode()
+    descs = []
+    for tar in layers:
+        blob = {None: lambda b: b, "gzip": gzip.compress, "zstd": __import__("zstandard").compress}[compress](tar)
+        media = oci.OCI_LAYER + ("" if compress is None else f"+{compress}")
+        descs.append(dict(rewrite_blob(path, blob), mediaType=media))
+    manifest = {"schemaVersion": 2, "mediaType": oci.OCI_MANIFEST,
+                "config": dict(rewrite_blob(path, config), mediaType=oci.OCI_CONFIG), "layers": descs}
+    entry = dict(rewrite_blob(path, json.dumps(manifest).encode()), mediaType=oci.OCI_MANIFEST,
+                 annotations={oci.REF_NAME: name})
+    with open(os.path.join(path, "index.json"), "w") as f:
+        json.dump({"schemaVersion": 2, "manifests": [entry]}, f)
+    with open(os.path.join(path, "oci-layout"), "w") as f:
+        f.write('{"imageLayoutVersion": "1.0.0"}')
+    return "sha256:" + hashlib.sha256(config).hexdigest(), config
+
+
+def gnu_tar_layer(tmp_path) -> bytes:
+    """A layer by GNU tar: user names, a long name, a hard link, a symlink, an empty file."""
+    src = tmp_path / "gnu-src"
+    deep = src / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True)
+    (deep / "long-file-name-past-one-hundred-bytes.txt").write_bytes(b"deep\n" * 1000)
+    (src / "empty").write_bytes(b"")
+    (src / "data").write_bytes(os.urandom(70_000))
+    os.link(src / "data", src / "data-link")
+    os.symlink("data", src / "sym")
+    out = tmp_path / "gnu.tar"
+    subprocess.run(["tar", "--format=gnu", "--sort=name", "-C", str(src), "-cf", str(out), "."], check=True)
+    return out.read_bytes()
+
+
+def pax_layer() -> bytes:
+    """tarfile's PAX with sub-second times, owner names and an xattr, a whiteout, an
+    opaque directory and a file's data that the layer drops (a whiteout with data)."""
+    infos = [member("usr", "dir", pax={"mtime": "1700000000.123456789"}),
+             member("usr/lib", "dir"), member("usr/lib/.wh..wh..opq"),
+             member("usr/lib/libx.so", data=b"\x7fELF" + bytes(5000) + b"tail", pax={"SCHILY.xattr.user.a": "b"}),
+             member("etc/.wh.passwd", data=b"a whiteout with data"),
+             member("etc/hostname", data=b"foreign\n", uid=1000, gid=1000)]
+    for info, _ in infos:
+        info.uname, info.gname = "someone", "somegroup"
+    return build_tar(infos)
+
+
+@pytest.mark.parametrize("compress", [None, "gzip", "zstd"])
+def test_foreign_layers_keep_their_bytes_and_the_image_its_id(tmp_path, other_root, compress):
+    layers = [gnu_tar_layer(tmp_path), pax_layer(), build_tar([member("x", data=b"ustar\n", uid=5)],
+                                                              fmt=tarfile.USTAR_FORMAT)]
+    layout = str(tmp_path / "foreign")
+    image_id, config_raw = foreign_layout(layout, layers, compress=compress)
+    proc = load_into(other_root, "-i", layout, check=True)
+    assert proc.stdout.decode() == "Loaded image: foreign:1\n"
+    other = Store(other_root)
+    assert other.read_tags() == {"foreign:1": image_id}
+    assert open(os.path.join(other.image_dir(image_id), "config.json"), "rb").read() == config_raw
+    entries = {e.path: e for e in other.layer_entries(other.image_config(image_id)["rootfs"]["diff_ids"][1])}
+    assert entries["usr/lib"].opaque and entries["etc/passwd"].kind == "whiteout"
+    assert entries["usr/lib/libx.so"].xattrs == {"user.a": b"b"}
+    saved = str(tmp_path / "saved")
+    run_strata(other_root, "save", "-q", "--format", "oci-dir", "-o", saved, "foreign:1", check=True)
+    for tar in layers:  # uncompressed, byte for byte the tars the other tools made
+        assert open(os.path.join(saved, "blobs", "sha256", hashlib.sha256(tar).hexdigest()), "rb").read() == tar
+    assert open(os.path.join(saved, "blobs", "sha256", image_id[7:]), "rb").read() == config_raw
+    assert json.loads(skopeo("inspect", f"oci:{saved}:foreign:1"))["Layers"] == \
+        ["sha256:" + hashlib.sha256(t).hexdigest() for t in layers]
+    third = str(tmp_path / "third")
+    load_into(third, "-q", "-i", saved, check=True)
+    assert Store(third).read_tags() == {"foreign:1": image_id}
+
+
+def test_a_tar_that_names_a_path_twice_is_kept_as_strata_own(tmp_path, other_root):
+    twice = build_tar([member("a", data=b"first"), member("b", data=b"b"), member("a", data=b"second")])
+    layout = str(tmp_path / "twice")
+    image_id, _ = foreign_layout(layout, [twice], name="twice:1")
+    proc = load_into(other_root, "-i", layout, check=True)
+    out = proc.stdout.decode().splitlines()
+    assert out[-1] == "Loaded image: twice:1"
+    assert "kept as strata's own tar" in out[0] and "'a' comes twice" in out[0] and "id changes" in out[0]
+    other = Store(other_root)
+    loaded = other.read_tags()["twice:1"]
+    assert loaded != image_id
+    diff_id = other.image_config(loaded)["rootfs"]["diff_ids"][0]
+    assert diff_id != "sha256:" + hashlib.sha256(twice).hexdigest()
+    assert [(e.path, e.size) for e in other.layer_entries(diff_id) if e.path] == [("a", 6), ("b", 1)]
+    saved = str(tmp_path / "saved")
+    run_strata(other_root, "save", "-q", "--format", "oci-dir", "-o", saved, "twice:1", check=True)
+    load_into(str(tmp_path / "third"), "-q", "-i", saved, check=True)
+    assert Store(str(tmp_path / "third")).read_tags() == {"twice:1": loaded}
+
+
+@pytest.mark.parametrize("kind", ["strata's own", "foreign"])
+def test_save_checks_the_layer_it_sends(store, two_layer_image, tmp_path, other_root, kind):
+    """A layer file changed behind the store's back: save says so in one line and leaves
+    no archive (the layer's digest is checked as it is written)."""
+    if kind == "foreign":
+        layout = str(tmp_path / "foreign")
+        foreign_layout(layout, [pax_layer()])
+        load_into(other_root, "-q", "-i", layout, check=True)
+        target, ref = Store(other_root), "foreign:1"
+    else:
+        target, ref = store, "app:v1"
+    diff_id = target.image_config(target.resolve_image(ref))["rootfs"]["diff_ids"][0]
+    path = os.path.join(target.layer_dir(diff_id), "root", "etc", "hostname" if kind == "foreign" else "keep")
+    data = bytearray(open(path, "rb").read())
+    data[0] ^= 1
+    with open(path, "wb") as f:
+        f.write(data)
+    out = tmp_path / "out.tar"
+    proc = run_strata(target.root, "save", "-q", "-o", str(out), ref)
+    assert proc.returncode == 125
+    assert proc.stderr.decode().startswith(f"strata: error: layer {diff_id[7:19]} in the store is damaged")
+    assert proc.stderr.decode().count("\n") == 1
+    assert not out.exists() and not [n for n in os.listdir(tmp_path) if n.startswith(".out.tar")]
