@@ -28,11 +28,12 @@ records the layer's tar split; skopeo copies blobs. The last row makes skopeo
 decompress as strata must.
 
 Rows are data (ROWS): a later row (push, pull) gives its name, strata's arguments,
-skopeo's, and what it needs prepared; `Bench` has the places.
+skopeo's, and what it needs prepared (Row.prepare); `Bench` has the places.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import shutil
@@ -60,6 +61,7 @@ class Bench:
         self.store = f"{work}/store"
         self.layout, self.docker_archive, self.oci_archive = f"{work}/A", f"{work}/B.tar", f"{work}/C.tar"
         self.gzip_layout = f"{work}/G"
+        self.teardown = contextlib.ExitStack()
 
     def strata(self, *args: str, store: str | None = None) -> list[str]:
         return [sys.executable, "-m", "runner", "--root", store or self.store, *args]
@@ -80,11 +82,14 @@ def run(argv: list[str]) -> None:
 @dataclasses.dataclass
 class Row:
     """One comparison: `strata(bench, out)` and `peer(bench, out)` give the commands,
-    `out` a fresh directory of the round (gone afterwards)."""
+    `out` a fresh directory of the round (gone afterwards). `prepare(bench)`, run once
+    before the rounds, sets up what the row needs (a registry, say), registering its
+    teardown on bench.teardown (an ExitStack)."""
 
     name: str
     strata: Callable[[Bench, str], list[str]]
     peer: Callable[[Bench, str], list[str]]
+    prepare: Callable[[Bench], None] | None = None
 
 
 def skopeo(*args: str) -> list[str]:
@@ -160,10 +165,14 @@ def main() -> None:
     subprocess.run([sys.executable, "-m", "compileall", "-q", "runner", "store", "unionfs"], cwd=REPO, check=True)
     rows = [r for r in ROWS if args.only is None or args.only in r.name]
     work = tempfile.mkdtemp(prefix="strata-images-bench-", dir="/dev/shm")
+    bench = Bench(work)
     try:
-        bench = Bench(work)
-        bench.prepare()
-        results = measure(bench, rows, args.rounds)
+        with bench.teardown:
+            bench.prepare()
+            for row in rows:
+                if row.prepare is not None:
+                    row.prepare(bench)
+            results = measure(bench, rows, args.rounds)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report(results, args.rounds)
