@@ -260,6 +260,18 @@ def test_save_of_an_unknown_name_writes_nothing(strata, store, two_layer_image, 
     assert os.listdir(tmp_path) == ["store"]
 
 
+def test_an_image_saved_by_id_loads_untagged(strata, store, two_layer_image, other_root, tmp_path):
+    saved = strata("save", "-q", two_layer_image[7:19], check=True).stdout
+    manifest = json.loads(tarfile.open(fileobj=io.BytesIO(saved)).extractfile("manifest.json").read())
+    assert manifest[0]["RepoTags"] == []
+    proc = load_into(other_root, "-q", input=saved, check=True)
+    assert proc.stdout.decode() == f"Loaded image ID: {two_layer_image}\n"
+    assert Store(other_root).read_tags() == {} and Store(other_root).image_exists(two_layer_image)
+    proc = strata("save", "-o", str(tmp_path / "no" / "such.tar"), "app:v1")
+    assert proc.returncode == 125
+    assert proc.stderr.decode() == f"strata: error: cannot write {tmp_path}/no/such.tar: No such file or directory\n"
+
+
 def make_bad_inputs(store: Store, image_id: str, tmp_path) -> dict:
     """name -> (path, error) of archives that must be refused with nothing stored."""
     good = str(tmp_path / "good.tar")
