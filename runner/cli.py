@@ -18,6 +18,7 @@ from . import fmt
 COMMANDS = ("import", "images", "history", "tag", "rmi", "inspect", "run", "create", "start", "attach",
             "logs", "ps", "stop", "restart", "kill", "wait", "rm", "rename", "update", "exec", "top",
             "pause", "unpause", "mount", "umount", "base", "diff", "commit", "squash", "fsck")
+COMMANDS += ("save", "load", "export")  # runner.images_cli
 
 # argparse looks up a translation catalogue on disk for every help string it
 # stores (gettext); building the parser's 30 subcommands did ~80 such lookups,
@@ -165,7 +166,9 @@ def cmd_history(args, store: Store) -> int:
 
 def cmd_import(args, store: Store) -> int:
     from store.imports import import_image
-    image_id = import_image(store, args.source, args.reference, args.change, args.message or "")
+    from .progress import make_progress
+    with make_progress(args.quiet) as progress:
+        image_id = import_image(store, args.source, args.reference, args.change, args.message or "", progress)
     print(image_id)
     return 0
 
@@ -302,6 +305,7 @@ def build_parser(only: str | None = None) -> CliParser:
     p.add_argument("-c", "--change", action="append", default=[], metavar="INSTRUCTION",
                    help="apply a Dockerfile instruction (CMD, ENTRYPOINT, ENV, WORKDIR, USER, LABEL, ...)")
     p.add_argument("-m", "--message", help="commit message for the history entry")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress")
     p.set_defaults(func=cmd_import)
 
     p = add_parser("images", help="list images",
@@ -493,6 +497,7 @@ def build_parser(only: str | None = None) -> CliParser:
     p.add_argument("-p", "--pause", action=argparse.BooleanOptionalAction, default=True,
                    help="stop a running container's processes while committing (default: yes)")
     p.add_argument("--squash", action="store_true", help="make the whole image one layer")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress (shown past 64 MB of data)")
     p.add_argument("--source-date-epoch", type=int, metavar="SECONDS",
                    default=int(os.environ["SOURCE_DATE_EPOCH"]) if os.environ.get("SOURCE_DATE_EPOCH", "").isdigit()
                    else None, help="clamp timestamps to this time (reproducible layers)")
@@ -516,6 +521,10 @@ def build_parser(only: str | None = None) -> CliParser:
     # when the store was missing it is made before fsck runs: its files' times tell (by
     # CLOCK_REALTIME_COARSE, 5, the clock they are stamped from; fsck_cli.made_by_this_command)
     p.set_defaults(func=fsck_command, parsed_at_ns=time.clock_gettime_ns(5))
+
+    if only in (None, "save", "load", "export"):
+        from .images_cli import add_parsers as add_image_file_parsers
+        add_image_file_parsers(add_parser)
     return parser
 
 

@@ -251,8 +251,11 @@ class Store:
 
     # -- making layers and images -------------------------------------------
 
-    def prepare_layer(self, staging: str, fill: Callable[[LayerWriter], None]) -> PreparedLayer:
-        """Build a layer in `staging/layer` with `fill(writer)`, and digest it."""
+    def prepare_layer(self, staging: str, fill: Callable[[LayerWriter], None],
+                      diff_id: str | None = None) -> PreparedLayer:
+        """Build a layer in `staging/layer` with `fill(writer)`, and digest it. `diff_id`:
+        the digest of the tar `fill` applied, checked by the caller, which keeps what
+        makes that tar again (store.tarsplit); then the canonical tar is not made."""
         from .layer import LayerWriter, layer_digest, save_index
         layer_stage = os.path.join(staging, "layer")
         os.mkdir(layer_stage, OWNER_ONLY)
@@ -262,7 +265,8 @@ class Store:
             entries = writer.finish()
         finally:
             writer.close()
-        diff_id = layer_digest(entries, writer.root_path)
+        if diff_id is None:
+            diff_id = layer_digest(entries, writer.root_path)
         size = sum(e.size for e in entries if e.kind == "file")
         save_index(entries, os.path.join(layer_stage, "index.json"))
         write_atomic(os.path.join(layer_stage, "meta.json"),
@@ -270,16 +274,18 @@ class Store:
         return PreparedLayer(diff_id, entries, size, layer_stage)
 
     def create_image(self, config: dict, parent: str | None, new_layers: list[PreparedLayer],
-                     staging: str, tag: str | None = None) -> str:
+                     staging: str, tag: str | None = None, raw_config: bytes | None = None) -> str:
         """Add an image whose chain is the parent's plus `new_layers`; tag it.
 
         The merged index is the parent's index copied plus the new layers
         applied, so its cost is independent of the parent chain's depth.
+        `raw_config`: the config's bytes as another tool wrote them (load,
+        pull), kept so that the image id is their digest; else canonical JSON.
         """
         import hashlib
 
         from . import index as merged_index
-        raw = canonical_json(config)
+        raw = canonical_json(config) if raw_config is None else raw_config
         image_id = "sha256:" + hashlib.sha256(raw).hexdigest()
         image_stage = os.path.join(staging, "image")
         # built even when the image exists now: an rmi may remove it before the lock is ours
