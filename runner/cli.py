@@ -17,7 +17,8 @@ from . import fmt
 
 COMMANDS = ("import", "images", "history", "tag", "rmi", "inspect", "run", "create", "start", "attach",
             "logs", "ps", "stop", "restart", "kill", "wait", "rm", "rename", "update", "exec", "top",
-            "pause", "unpause", "mount", "umount", "base", "diff", "commit", "squash", "fsck")
+            "pause", "unpause", "mount", "umount", "base", "diff", "commit", "squash", "fsck",
+            "pull", "push", "login", "logout")
 
 # argparse looks up a translation catalogue on disk for every help string it
 # stores (gettext); building the parser's 30 subcommands did ~80 such lookups,
@@ -516,6 +517,10 @@ def build_parser(only: str | None = None) -> CliParser:
     # when the store was missing it is made before fsck runs: its files' times tell (by
     # CLOCK_REALTIME_COARSE, 5, the clock they are stamped from; fsck_cli.made_by_this_command)
     p.set_defaults(func=fsck_command, parsed_at_ns=time.clock_gettime_ns(5))
+
+    if only in (None, "pull", "push", "login", "logout"):
+        from . import registry_cli
+        registry_cli.add_parsers(add_parser)
     return parser
 
 
