@@ -7,28 +7,29 @@ which store.oci.read_layout loads (checking every digest again). The store takes
 nothing until the whole image is there; a pull that breaks leaves only verified
 blobs and a partial file in the cache, which the next pull resumes (Range).
 
-push: store.oci.write_layout writes the image as an OCI layout with the store's
-canonical, uncompressed layer tars in staging; each layer is compressed (gzip by
-default) while it is uploaded, unless the registry has it already (HEAD), or has
-it in another repository (a cross-repository mount), by the digests the cache
-knows for the layer (store.blobcache layers.json: what pulls and pushes have seen).
-Blobs whose digest is known beforehand go up in one PUT; a compressed stream goes
-up as one streamed PATCH (or ranged PATCHes of chunk_size) and a closing PUT.
+push: each layer is the store's canonical tar (store.oci.layer_tar_writer: the blob a
+saved OCI layout has, so its digest is the diff_id), made in a thread as it is read,
+compressed (gzip on every core by default, store.compress) and uploaded in one pass:
+never on disk. A layer is not uploaded when the registry has it already (HEAD) or has
+it in another repository (a cross-repository mount), by the digests the cache knows
+for it (store.blobcache layers.json: what pulls and pushes have seen). Blobs whose
+digest is known beforehand go up in one PUT; a compressed stream goes up as one
+streamed PATCH (or ranged PATCHes of chunk_size) and a closing PUT.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
-import queue
 import threading
-import zlib
-from typing import Iterator
+from typing import BinaryIO, Callable, Iterator
 
 from .blobcache import BlobCache
 from .distribution import (DOCKER_LIST, DOCKER_MANIFEST, DOCKER_SCHEMA1, INDEX_TYPES, MANIFEST_TYPES,
                            OCI_INDEX, OCI_MANIFEST, DigestMismatch, RegistryClient, RegistryError,
-                           TransferBroken, parse_json, pull_scope, push_scope)
+                           TransferBroken, parse_json, push_scope)
 from .errors import StoreError
 from .fsutil import OWNER_ONLY, write_atomic
 from .reference import RemoteReference, parse_registry, parse_remote_reference
@@ -332,100 +333,120 @@ def layer_media_type(compression: str, manifest_format: str) -> str:
     return OCI_LAYER + {"gzip": "+gzip", "zstd": "+zstd", "none": ""}[compression]
 
 
-class Compressed:
-    """A file compressed in a thread while the upload reads it: chunks, digest, size."""
+@contextlib.contextmanager
+def piped(write: Callable[[BinaryIO], None]) -> Iterator[BinaryIO]:
+    """A readable file of what write(out) writes, in a thread (a layer's tar, made as it is
+    read: never on disk). The writer's error is raised when the reader is done."""
+    read_fd, write_fd = os.pipe()
+    failure: list[BaseException] = []
 
-    def __init__(self, path: str, compression: str, level: int | None):
-        self.path, self.compression, self.level = path, compression, level
+    def produce() -> None:
+        try:
+            with open(write_fd, "wb", buffering=CHUNK) as out:
+                write(out)
+        except BrokenPipeError:
+            pass  # the reader gave up first: its error is the one to tell
+        except BaseException as e:
+            failure.append(e)
+    thread = threading.Thread(target=produce, daemon=True, name="layer-tar")
+    thread.start()
+    try:
+        with open(read_fd, "rb", buffering=CHUNK) as f:
+            yield f
+    finally:
+        thread.join()
+    if failure:
+        raise failure[0]
+
+
+class Compressed:
+    """The chunks of a stream compressed (store.compress), hashed and counted as they go."""
+
+    def __init__(self, source: BinaryIO, compression: str, level: int | None, advance):
+        self.source, self.compression, self.level, self.advance = source, compression, level, advance
         self.hash = hashlib.sha256()
         self.size = 0
-        self.chunks: queue.Queue = queue.Queue(maxsize=16)
-        self.thread = threading.Thread(target=self._produce, daemon=True)
-        self.stop = False
-        self.advance = lambda n: None  # told the uncompressed bytes consumed
-
-    def _compressor(self):
-        if self.compression == "zstd":
-            import zstandard
-            return zstandard.ZstdCompressor(level=self.level or 3).compressobj()
-        # wbits 31: a gzip member with mtime 0 and no name, so the same layer gives the same bytes
-        return zlib.compressobj(6 if self.level is None else self.level, zlib.DEFLATED, 31)
-
-    def _produce(self) -> None:
-        try:
-            compressor = self._compressor()
-            with open(self.path, "rb") as f:
-                while not self.stop and (data := f.read(4 * CHUNK)):
-                    self._put(compressor.compress(data), len(data))
-            self._put(compressor.flush(), 0)
-            self.chunks.put(None)
-        except BaseException as e:  # handed to the reader
-            self.chunks.put(e)
-
-    def _put(self, data: bytes, consumed: int) -> None:
-        self.hash.update(data)
-        self.size += len(data)
-        self.chunks.put((data, consumed))
 
     def __iter__(self) -> Iterator[bytes]:
-        self.thread.start()
-        try:
-            while (item := self.chunks.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise item
-                self.advance(item[1])
-                if item[0]:
-                    yield item[0]
-        finally:
-            self.stop = True
-            while self.thread.is_alive():  # let a blocked producer finish
-                try:
-                    self.chunks.get(timeout=0.1)
-                except queue.Empty:
-                    pass
+        from .compress import compressed_chunks
+        for data, consumed in compressed_chunks(self.source, self.compression, self.level):
+            self.advance(consumed)
+            if data:
+                self.hash.update(data)
+                self.size += len(data)
+                yield data
 
     @property
     def digest(self) -> str:
         return "sha256:" + self.hash.hexdigest()
 
 
-def file_chunks(path: str, advance, start: int = 0, length: int | None = None) -> Iterator[bytes]:
-    with open(path, "rb") as f:
-        f.seek(start)
-        left = os.fstat(f.fileno()).st_size - start if length is None else length
-        while left > 0 and (data := f.read(min(CHUNK, left))):
+def read_chunks(f: BinaryIO, advance, length: int | None = None) -> Iterator[bytes]:
+    """The next `length` bytes of `f` (all of it when None), a chunk at a time."""
+    left = length
+    while left is None or left > 0:
+        data = f.read(CHUNK if left is None else min(CHUNK, left))
+        if not data:
+            break
+        if left is not None:
             left -= len(data)
-            advance(len(data))
-            yield data
+        advance(len(data))
+        yield data
 
 
 class Pusher:
-    def __init__(self, store: Store, client: RegistryClient, ref: RemoteReference, progress,
+    def __init__(self, client: RegistryClient, ref: RemoteReference, cache: BlobCache, progress,
                  chunk_size: int | None):
-        self.store, self.client, self.ref, self.progress = store, client, ref, progress
+        self.client, self.ref, self.cache, self.progress = client, ref, cache, progress
         self.chunk_size = chunk_size
-        self.cache = BlobCache(store.root)
         self.scopes = push_scope(ref.repository)
+        self.what = f"to {ref.registry}/{ref.repository}"
 
     def exists(self, digest: str) -> bool:
         return self.client.blob_exists(self.ref.repository, digest, self.scopes)
 
-    def upload_file(self, path: str, digest: str, size: int, label: str) -> None:
-        """A blob whose digest is known: skipped if there, else one PUT (or ranged PATCHes)."""
+    def upload(self, chunks: Iterator[bytes], location: str, what: str) -> str:
+        """PATCH the chunks: one streamed request, or ranged ones of chunk_size."""
+        if not self.chunk_size:
+            return self.client.upload_chunk(location, self.scopes, chunks, None, None, what)
+        start, pending = 0, bytearray()
+        for chunk in chunks:
+            pending += chunk
+            while len(pending) >= self.chunk_size:
+                data, pending = bytes(pending[:self.chunk_size]), pending[self.chunk_size:]
+                location = self.client.upload_chunk(location, self.scopes, data, start, len(data), what)
+                start += len(data)
+        if pending or not start:
+            location = self.client.upload_chunk(location, self.scopes, bytes(pending), start, len(pending), what)
+        return location
+
+    def upload_known(self, open_source, digest: str, size: int, label: str) -> None:
+        """A blob whose digest is known: skipped when the registry has it, else one PUT
+        (or ranged PATCHes and a closing PUT)."""
         if self.exists(digest):
             self.progress.note(f"{label}: already exists")
             return
-        what = f"uploading {label} to {self.ref.repository}"
+        what = f"uploading {label} {self.what}"
         location = self.client.start_upload(self.ref.repository, self.scopes)
-        with self.progress.task(label, size) as advance:
+        self.client.authorization(self.scopes)  # a stream cannot be sent twice: the token first
+        with self.progress.task(label, size) as advance, open_source() as source:
             if self.chunk_size:
-                for start in range(0, size, self.chunk_size):
-                    length = min(self.chunk_size, size - start)
-                    data = b"".join(file_chunks(path, advance, start, length))
-                    location = self.client.upload_chunk(location, self.scopes, data, start, length, what)
+                location = self.upload(read_chunks(source, advance, size), location, what)
                 self.client.finish_upload(location, self.scopes, digest, what)
             else:
-                self.client.finish_upload(location, self.scopes, digest, what, file_chunks(path, advance), size)
+                self.client.finish_upload(location, self.scopes, digest, what, read_chunks(source, advance, size),
+                                          size)
+
+    def upload_compressed(self, open_source, size: int, compression: str, level: int | None, media_type: str,
+                          label: str) -> dict:
+        what = f"uploading {label} {self.what}"
+        location = self.client.start_upload(self.ref.repository, self.scopes)
+        self.client.authorization(self.scopes)
+        with self.progress.task(f"{label} ({compression})", size) as advance, open_source() as source:
+            stream = Compressed(source, compression, level, advance)
+            location = self.upload(iter(stream), location, what)
+            self.client.finish_upload(location, self.scopes, stream.digest, what)
+        return {"mediaType": media_type, "digest": stream.digest, "size": stream.size}
 
     def reuse(self, diff_id: str, media_type: str, label: str) -> dict | None:
         """A descriptor for the layer from a blob the registry has, or can mount; else None."""
@@ -445,37 +466,15 @@ class Pusher:
                     return desc
         return None
 
-    def upload_compressed(self, path: str, compression: str, level: int | None, media_type: str,
-                          label: str) -> dict:
-        what = f"uploading {label} to {self.ref.repository}"
-        stream = Compressed(path, compression, level)
-        location = self.client.start_upload(self.ref.repository, self.scopes)
-        self.client.authorization(self.scopes)  # a stream cannot be sent twice: the token first
-        with self.progress.task(f"{label} ({compression})", os.path.getsize(path)) as advance:
-            stream.advance = advance
-            if self.chunk_size:
-                start, pending = 0, bytearray()
-                for chunk in stream:
-                    pending += chunk
-                    while len(pending) >= self.chunk_size:
-                        data, pending = bytes(pending[:self.chunk_size]), pending[self.chunk_size:]
-                        location = self.client.upload_chunk(location, self.scopes, data, start, len(data), what)
-                        start += len(data)
-                if pending or not start:
-                    location = self.client.upload_chunk(location, self.scopes, bytes(pending), start,
-                                                        len(pending), what)
-            else:
-                location = self.client.upload_chunk(location, self.scopes, iter(stream), None, None, what)
-            self.client.finish_upload(location, self.scopes, stream.digest, what)
-        return {"mediaType": media_type, "digest": stream.digest, "size": stream.size}
-
 
 def push(store: Store, image: str, dest: str | None = None, tls_verify: bool | None = None,
          compression: str = "gzip", level: int | None = None, manifest_format: str = "oci",
          chunk_size: int | None = None, progress=None) -> str:
-    """Push IMAGE to DEST (default: IMAGE's name); the digest of the manifest pushed."""
-    from .oci import write_layout
-    from .oci import NO_PROGRESS
+    """Push IMAGE to DEST (default: IMAGE's name); the digest of the manifest pushed.
+
+    Layers are the store's canonical tars (store.oci.layer_tar_writer, as in a saved OCI
+    layout), made while they are compressed and uploaded."""
+    from .oci import NO_PROGRESS, layer_tar_writer
     progress = progress or NO_PROGRESS
     if compression not in COMPRESSIONS:
         raise StoreError(f"unknown compression {compression!r} (gzip, zstd or none)")
@@ -487,48 +486,43 @@ def push(store: Store, image: str, dest: str | None = None, tls_verify: bool | N
     if dest is None and image.removeprefix("sha256:") in image_id:
         raise StoreError(f"push of image id {image}: name a destination (strata push IMAGE DEST)")
     ref = parse_remote_reference(dest or image)
-    with store.staging() as staging:
-        layout = os.path.join(staging, "layout")
-        write_layout(store, [image_id], layout)
-        blobs = os.path.join(layout, "blobs", "sha256")
-        index = json.loads(read_file(os.path.join(layout, "index.json")))
-        source = json.loads(read_file(os.path.join(blobs, index["manifests"][0]["digest"][7:])))
-        config_desc = source["config"]
-        diff_ids = store.image_config(image_id)["rootfs"]["diff_ids"]
-        with open_client(ref, tls_verify) as client:
-            pusher = Pusher(store, client, ref, progress, chunk_size)
-            progress.note(f"Pushing {ref}")
-            layers, seen = [], []
-            for diff_id, layer in zip(diff_ids, source["layers"]):
-                path = os.path.join(blobs, layer["digest"][7:])
-                label = f"layer {diff_id[7:19]}"
-                media_type = layer_media_type(compression, manifest_format)
-                desc = pusher.reuse(diff_id, media_type, label)
-                if desc is None and compression == "none":
-                    pusher.upload_file(path, layer["digest"], layer["size"], label)
-                    desc = {"mediaType": media_type, "digest": layer["digest"], "size": layer["size"]}
-                elif desc is None:
-                    desc = pusher.upload_compressed(path, compression, level, media_type, label)
-                layers.append(desc)
-                seen.append((diff_id, place(desc, ref)))
-            pusher.cache.remember(seen)
-            pusher.upload_file(os.path.join(blobs, config_desc["digest"][7:]), config_desc["digest"],
-                               config_desc["size"], "config")
-            config_type = DOCKER_CONFIG if manifest_format == "v2s2" else OCI_CONFIG
-            manifest = {"schemaVersion": 2,
-                        "mediaType": DOCKER_MANIFEST if manifest_format == "v2s2" else OCI_MANIFEST,
-                        "config": {"mediaType": config_type, "digest": config_desc["digest"],
-                                   "size": config_desc["size"]},
-                        "layers": layers}
-            body = json.dumps(manifest, indent=3).encode()
-            digest = sha256_digest(body)
-            claimed = client.put_manifest(ref.repository, ref.digest or ref.tag or "latest", body,
-                                          manifest["mediaType"])
-            if claimed and claimed != digest:
-                raise DigestMismatch(f"digest mismatch: {ref.registry} took the manifest as {claimed}, "
-                                     f"not {digest}")
-            if ref.digest and ref.digest != digest:
-                raise DigestMismatch(f"digest mismatch: the manifest pushed is {digest}, not {ref.digest}")
+    config_raw = read_file(os.path.join(store.image_dir(image_id), "config.json"))
+    diff_ids = json.loads(config_raw)["rootfs"]["diff_ids"]
+    media_type = layer_media_type(compression, manifest_format)
+    with open_client(ref, tls_verify) as client:
+        pusher = Pusher(client, ref, BlobCache(store.root), progress, chunk_size)
+        progress.note(f"Pushing {ref}")
+        layers, seen = [], []
+        for diff_id in diff_ids:
+            label = f"layer {diff_id[7:19]}"
+            desc = pusher.reuse(diff_id, media_type, label)
+            if desc is None:
+                size, write = layer_tar_writer(store, diff_id)
+                open_source = lambda write=write: piped(write)
+                if compression == "none":
+                    pusher.upload_known(open_source, diff_id, size, label)
+                    desc = {"mediaType": media_type, "digest": diff_id, "size": size}
+                else:
+                    desc = pusher.upload_compressed(open_source, size, compression, level, media_type, label)
+            layers.append(desc)
+            seen.append((diff_id, place(desc, ref)))
+        pusher.cache.remember(seen)
+        pusher.upload_known(lambda: contextlib.nullcontext(io.BytesIO(config_raw)), image_id,
+                            len(config_raw), "config")
+        manifest = {"schemaVersion": 2,
+                    "mediaType": DOCKER_MANIFEST if manifest_format == "v2s2" else OCI_MANIFEST,
+                    "config": {"mediaType": DOCKER_CONFIG if manifest_format == "v2s2" else OCI_CONFIG,
+                               "digest": image_id, "size": len(config_raw)},
+                    "layers": layers}
+        body = json.dumps(manifest, indent=3).encode()
+        digest = sha256_digest(body)
+        claimed = client.put_manifest(ref.repository, ref.digest or ref.tag or "latest", body,
+                                      manifest["mediaType"])
+        if claimed and claimed != digest:
+            raise DigestMismatch(f"digest mismatch: {ref.registry} took the manifest as {claimed}, "
+                                 f"not {digest}")
+        if ref.digest and ref.digest != digest:
+            raise DigestMismatch(f"digest mismatch: the manifest pushed is {digest}, not {ref.digest}")
     return digest
 
 

@@ -546,3 +546,16 @@ def test_challenge_parsing():
     assert parse_challenge('Basic realm="x \\"quoted\\""') == ("basic", {"realm": 'x "quoted"'})
     assert parse_challenge("Bearer realm=https://a/t, error=invalid_token") == (
         "bearer", {"realm": "https://a/t", "error": "invalid_token"})
+
+
+@pytest.mark.parametrize("size", [0, 1, (1 << 20) - 1, 1 << 20, (3 << 20) + 12345])
+def test_parallel_gzip_is_one_member_that_decompresses_and_does_not_depend_on_the_threads(size):
+    from store.compress import gzip_chunks
+    data = (os.urandom(size // 3) + b"strata " * (size // 7 + 1))[:size]
+    out = b"".join(chunk for chunk, _ in gzip_chunks(io.BytesIO(data)))
+    assert gzip.decompress(out) == data
+    assert sum(n for _, n in gzip_chunks(io.BytesIO(data))) == size
+    assert b"".join(chunk for chunk, _ in gzip_chunks(io.BytesIO(data), workers=1)) == out
+    import zlib
+    d = zlib.decompressobj(31)
+    assert d.decompress(out) == data and d.eof and d.unused_data == b"", "a single gzip member"
