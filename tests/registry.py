@@ -6,13 +6,21 @@ systemd). It is ready when GET /v2/ answers (200 without auth, 401 with); it is
 stopped with SIGTERM, then SIGKILL. htpasswd files are bcrypt (the registry
 accepts nothing else), made with python's bcrypt from the test venv.
 
+TokenServer is the other half of the registry's `token` auth mode: the registry trusts
+a certificate (made here with openssl) and checks every bearer token's RS256 signature,
+issuer, audience, lifetime and access claims; the server hands such tokens out, for
+the scopes asked, to a client that gives a right user:password (none to others).
+
 ThrottledProxy sits between strata and a registry and relays at a bounded rate,
 so a test can kill the registry while a blob is half-way through; it counts the
 bytes it relays, so a test can tell a resumed download from a restarted one.
 """
 from __future__ import annotations
 
+import base64
 import contextlib
+import http.server
+import json
 import os
 import signal
 import socket
@@ -40,13 +48,13 @@ class Registry:
     """One registry process; `host` is 127.0.0.1:PORT, `data` its storage root."""
 
     def __init__(self, workdir: str, users: dict[str, str] | None = None, port: int | None = None,
-                 extra_config: str = ""):
+                 token_server: "TokenServer | None" = None):
         self.workdir = workdir
         self.data = os.path.join(workdir, "data")
         self.port = port or free_port()
         self.host = f"127.0.0.1:{self.port}"
         self.users = users
-        self.extra_config = extra_config
+        self.token_server = token_server
         self.proc: subprocess.Popen | None = None
         os.makedirs(self.data, exist_ok=True)
 
@@ -60,7 +68,11 @@ class Registry:
             with open(path, "w") as f:
                 f.writelines(htpasswd_line(u, p) for u, p in self.users.items())
             text += f"auth: {{htpasswd: {{realm: strata-tests, path: {path}}}}}\n"
-        return text + self.extra_config
+        elif self.token_server is not None:
+            t = self.token_server
+            text += (f"auth: {{token: {{realm: '{t.realm}', service: {t.service}, issuer: {t.issuer}, "
+                     f"rootcertbundle: {t.cert_path}}}}}\n")
+        return text
 
     def start(self, timeout: float = 30) -> "Registry":
         config = os.path.join(self.workdir, "config.yml")
@@ -86,7 +98,7 @@ class Registry:
             with urllib.request.urlopen(f"http://{self.host}/v2/", timeout=2) as r:
                 return r.status == 200
         except urllib.error.HTTPError as e:
-            return e.code == 401 and self.users is not None
+            return e.code == 401 and (self.users is not None or self.token_server is not None)
         except OSError:
             return False
 
@@ -118,6 +130,82 @@ class Registry:
         hexdigest = digest.removeprefix("sha256:")
         return os.path.join(self.data, "docker", "registry", "v2", "blobs", "sha256", hexdigest[:2],
                             hexdigest, "data")
+
+
+def b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+class TokenServer:
+    """Issues the registry's bearer tokens (Docker's token protocol) on 127.0.0.1."""
+
+    service, issuer = "strata-tests-registry", "strata-tests-issuer"
+
+    def __init__(self, workdir: str, users: dict[str, str], lifetime: int = 300):
+        self.users, self.lifetime = users, lifetime
+        self.key_path = os.path.join(workdir, "token.key")
+        self.cert_path = os.path.join(workdir, "token.crt")
+        subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", self.key_path,
+                        "-out", self.cert_path, "-days", "2", "-subj", "/CN=strata-tests-token-issuer"],
+                       check=True, capture_output=True)
+        der = subprocess.run(["openssl", "x509", "-in", self.cert_path, "-outform", "DER"], check=True,
+                             capture_output=True).stdout
+        self.x5c = base64.b64encode(der).decode()
+        self.requests: list[dict] = []  # what each token request asked for, and who asked
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                server.answer(self)
+
+            def log_message(self, *args):
+                pass
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.realm = f"http://127.0.0.1:{self.httpd.server_address[1]}/token"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread.start()
+
+    def sign(self, data: bytes) -> bytes:
+        return subprocess.run(["openssl", "dgst", "-sha256", "-sign", self.key_path], input=data,
+                              check=True, capture_output=True).stdout
+
+    def answer(self, request: http.server.BaseHTTPRequestHandler) -> None:
+        import urllib.parse
+        query = urllib.parse.parse_qs(urllib.parse.urlparse(request.path).query)
+        user = None
+        header = request.headers.get("Authorization", "")
+        if header.startswith("Basic "):
+            name, _, password = base64.b64decode(header[6:]).decode().partition(":")
+            if self.users.get(name) != password:
+                self.requests.append({"user": name, "refused": True})
+                request.send_response(401)
+                request.end_headers()
+                return
+            user = name
+        scopes = query.get("scope", [])
+        self.requests.append({"user": user, "scopes": scopes, "service": query.get("service")})
+        access = []
+        for scope in scopes if user else []:  # anonymous clients get no access
+            kind, _, rest = scope.partition(":")
+            name, _, actions = rest.rpartition(":")
+            access.append({"type": kind, "name": name, "actions": actions.split(",")})
+        now = int(time.time())
+        header_b = b64url(json.dumps({"typ": "JWT", "alg": "RS256", "x5c": [self.x5c]}).encode())
+        claims = b64url(json.dumps({"iss": self.issuer, "sub": user or "", "aud": self.service,
+                                    "exp": now + self.lifetime, "nbf": now - 1, "iat": now,
+                                    "jti": os.urandom(8).hex(), "access": access}).encode())
+        signed = f"{header_b}.{claims}"
+        token = f"{signed}.{b64url(self.sign(signed.encode()))}"
+        body = json.dumps({"token": token, "expires_in": self.lifetime}).encode()
+        request.send_response(200)
+        request.send_header("Content-Type", "application/json")
+        request.send_header("Content-Length", str(len(body)))
+        request.end_headers()
+        request.wfile.write(body)
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
 
 
 class ThrottledProxy:

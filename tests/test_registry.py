@@ -559,3 +559,42 @@ def test_parallel_gzip_is_one_member_that_decompresses_and_does_not_depend_on_th
     import zlib
     d = zlib.decompressobj(31)
     assert d.decompress(out) == data and d.eof and d.unused_data == b"", "a single gzip member"
+
+
+@pytest.fixture(scope="module")
+def token_registry(tmp_path_factory):
+    from .registry import TokenServer
+    work = str(tmp_path_factory.mktemp("token-registry"))
+    tokens = TokenServer(work, USERS)
+    reg = Registry(work, token_server=tokens)
+    try:
+        reg.start()
+        yield reg
+    finally:
+        reg.stop()
+        tokens.close()
+
+
+def test_bearer_tokens_from_the_registry_token_service(cli, store, token_registry, home):
+    """The registry in token mode checks each token's signature and access claims."""
+    tokens = token_registry.token_server
+    host = token_registry.host
+    image_id = busybox(cli)
+    line = error_line(cli("push", "-q", "--tls-verify=false", "busybox", f"{host}/tok/busybox:1"))
+    assert f"authentication required by {host}" in line
+    assert tokens.requests and tokens.requests[-1]["user"] is None, "an anonymous token was asked for"
+    line = error_line(cli("login", "--tls-verify=false", "-u", "alice", "-p", "nope", host))
+    assert "authentication refused" in line and "token service" in line
+    ok(cli("login", "--tls-verify=false", "-u", "alice", "-p", USERS["alice"], host))
+    del tokens.requests[:]
+    ok(cli("push", "-q", "--tls-verify=false", "busybox", f"{host}/tok/busybox:1"))
+    asked = [r for r in tokens.requests if r["user"] == "alice"]
+    assert asked and all(r["service"] == [tokens.service] for r in asked)
+    assert ["repository:tok/busybox:pull,push"] in [r["scopes"] for r in asked]
+    assert len(asked) <= 3, f"a token is kept for its scopes, not asked for each request: {asked}"
+    ok(cli("rmi", "busybox"))
+    del tokens.requests[:]
+    assert ok(cli("pull", "-q", "--tls-verify=false", f"{host}/tok/busybox:1")) == image_id
+    assert [r["scopes"] for r in tokens.requests] == [["repository:tok/busybox:pull"]]
+    ok(cli("logout", host))
+    assert "authentication required" in error_line(cli("pull", "-q", "--tls-verify=false", f"{host}/tok/busybox:1"))
