@@ -17,8 +17,9 @@ from . import fmt
 
 COMMANDS = ("import", "images", "history", "tag", "rmi", "inspect", "run", "create", "start", "attach",
             "logs", "ps", "stop", "restart", "kill", "wait", "rm", "rename", "update", "exec", "top",
-            "pause", "unpause", "mount", "umount", "base", "diff", "commit", "squash", "fsck",
-            "pull", "push", "login", "logout")
+            "pause", "unpause", "mount", "umount", "base", "diff", "commit", "squash", "fsck")
+COMMANDS += ("save", "load", "export")  # runner.images_cli
+COMMANDS += ("pull", "push", "login", "logout")  # runner.registry_cli
 
 # argparse looks up a translation catalogue on disk for every help string it
 # stores (gettext); building the parser's 30 subcommands did ~80 such lookups,
@@ -518,9 +519,12 @@ def build_parser(only: str | None = None) -> CliParser:
     # CLOCK_REALTIME_COARSE, 5, the clock they are stamped from; fsck_cli.made_by_this_command)
     p.set_defaults(func=fsck_command, parsed_at_ns=time.clock_gettime_ns(5))
 
+    if only in (None, "save", "load", "export"):
+        from .images_cli import add_parsers as add_image_file_parsers
+        add_image_file_parsers(add_parser)
     if only in (None, "pull", "push", "login", "logout"):
-        from . import registry_cli
-        registry_cli.add_parsers(add_parser)
+        from .registry_cli import add_parsers as add_registry_parsers
+        add_registry_parsers(add_parser)
     return parser
 
 

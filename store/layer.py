@@ -477,8 +477,9 @@ class SparseMember:
         return self.size
 
 
-def apply_tar_stream(stream: BinaryIO, writer: LayerWriter) -> None:
-    """Apply every member of a (possibly compressed) tar stream to `writer`."""
+def apply_tar_stream(stream: BinaryIO, writer: LayerWriter, on_member=None) -> None:
+    """Apply every member of a (possibly compressed) tar stream to `writer`.
+    `on_member(member, entry)`, if given, sees each member first (store.tarsplit)."""
     import lzma
     import zlib
     try:
@@ -497,6 +498,8 @@ def apply_tar_stream(stream: BinaryIO, writer: LayerWriter) -> None:
                 data = tar.extractfile(member)
                 if member.sparse is not None:
                     data = SparseMember(tar, member, entry.size)
+            if on_member is not None:
+                on_member(member, entry)
             writer.add(member.name, entry, data)
         # tarfile stops without a word at a bad header after the first one, and
         # an archive cut at a member boundary parses cleanly: only the

@@ -10,8 +10,10 @@ Writing: a layer blob is the store's canonical tar of that layer (uncompressed,
 media type application/vnd.oci.image.layer.v1.tar), so its digest is the
 layer's diff_id and writing the same image twice gives the same bytes; the
 config blob is the image's config.json as stored, so its digest is the image
-id. A layer loaded from a tar strata did not make is stored as strata's
-canonical tar, so that image's diff_ids, and its id, change on load.
+id. A layer loaded from a tar strata did not make keeps that tar's split
+(store.tarsplit) and is written back byte for byte, so a loaded image keeps
+its id; only a tar the split cannot make again (one naming a path twice) is
+stored as strata's own tar, and that image's diff_ids, and id, change.
 
 Reading: image indexes (OCI, and Docker's manifest lists) pick a platform;
 manifests may be OCI or Docker v2 schema 2; layers tar, tar+gzip or
@@ -107,7 +109,7 @@ class VerifyingReader(io.RawIOBase):
     """Reads a blob, hashing and counting it; `check()` at the end compares both with
     the descriptor. More bytes than the descriptor's size is an error at once."""
 
-    def __init__(self, raw: BinaryIO, digest: str, size: int | None, what: str,
+    def __init__(self, raw: BinaryIO, digest: str | None, size: int | None, what: str,
                  advance: Callable[[int], None] = lambda n: None):
         self.raw, self.digest, self.expected_size, self.what = raw, digest, size, what
         self.hash = hashlib.sha256()
@@ -138,31 +140,8 @@ class VerifyingReader(io.RawIOBase):
         if self.expected_size is not None and self.count != self.expected_size:
             raise BadArchive(f"{self.what}: truncated blob ({self.count} of {self.expected_size} bytes)")
         got = "sha256:" + self.hash.hexdigest()
-        if got != self.digest:
+        if self.digest is not None and got != self.digest:
             raise DigestMismatch(self.what, self.digest, got)
-
-
-class HashingPipe(io.RawIOBase):
-    """A readable stream passed through unchanged, hashed on the way (the uncompressed
-    layer, to check against its diff_id)."""
-
-    def __init__(self, raw):
-        self.raw = raw
-        self.hash = hashlib.sha256()
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, buf) -> int:
-        data = self.raw.read(len(buf))
-        n = len(data)
-        buf[:n] = data
-        self.hash.update(data)
-        return n
-
-    def drain(self) -> None:
-        while self.raw.read(READ_CHUNK):
-            pass  # pragma: no cover - apply_tar_stream reads to the end itself
 
 
 # -- where blobs come from --------------------------------------------------------
@@ -185,11 +164,14 @@ class BlobSource:
         return f"blobs/sha256/{digest_hex(digest, what)}"
 
     def open_blob(self, desc: dict, what: str, advance=lambda n: None) -> VerifyingReader:
+        """The blob a descriptor names: by its digest, or (docker-archive, where a layer's
+        digest may be unknown) by its "path" in the archive."""
+        path = desc.get("path") or self.blob_path(desc["digest"], what)
         try:
-            f, _ = self.open(self.blob_path(desc["digest"], what))
+            f, _ = self.open(path)
         except FileNotFoundError:
-            raise StoreError(f"{what}: blob {desc['digest']} is missing from the layout") from None
-        return VerifyingReader(f, desc["digest"], desc.get("size"), what, advance)
+            raise StoreError(f"{what}: {desc.get('digest') or path} is missing from the archive") from None
+        return VerifyingReader(f, desc.get("digest"), desc.get("size"), what, advance)
 
     def read_blob(self, desc: dict, what: str) -> bytes:
         size = desc.get("size")
@@ -328,13 +310,23 @@ def check_config(config_raw: bytes, n_layers: int, what: str) -> dict:
     return config
 
 
+def local_name(ref: str) -> str:
+    """A reference as strata tags it: NAME:TAG, Docker Hub's names in their short form
+    (docker.io/library/busybox:1 is busybox:1, as docker load shows it)."""
+    name = parse_reference(ref)
+    for prefix in ("docker.io/library/", "index.docker.io/library/", "docker.io/", "index.docker.io/"):
+        if name.startswith(prefix):
+            return name[len(prefix):]
+    return name
+
+
 def names_of(entry: dict) -> list[str]:
     """The tags an index.json entry asks for."""
     annotations = entry.get("annotations") or {}
     for key in (CONTAINERD_NAME, REF_NAME):
         name = annotations.get(key)
         if isinstance(name, str) and name:
-            return [parse_reference(name)]
+            return [local_name(name)]
     return []
 
 
@@ -387,29 +379,46 @@ def layer_in_store(store: Store, diff_id: str) -> PreparedLayer | None:
 
 def prepare_blob_layer(store: Store, staging: str, source: BlobSource, desc: dict, diff_id: str,
                        what: str, progress) -> PreparedLayer:
-    """Apply one layer blob in staging, checking its digest, size and diff_id."""
-    """Apply one layer blob in staging, checking its digest, size and diff_id. The
-    layer returned has strata's canonical digest, which differs from `diff_id` when
-    the blob's tar is not the one strata makes."""
-    from .layer import apply_tar_stream, open_decompressed
+    """Apply one layer blob in staging, checking its digest, size and diff_id, and keep its
+    tar split (store.tarsplit), so that the layer is `diff_id`. Where the split cannot
+    make the tar again the layer returned has strata's canonical digest instead."""
+    from .layer import apply_tar_stream, layer_digest, open_decompressed
+    from .tarsplit import SplitUnusable, TarSplitRecorder, save_split
     os.mkdir(staging, OWNER_ONLY)
+    split_path = os.path.join(staging, "tarsplit.zst")
+    recorder = None
     with progress.task(what, desc.get("size")) as advance:
         blob = source.open_blob(desc, what, advance)
 
         def fill(writer):
+            nonlocal recorder
             with blob:
                 try:
-                    decompressed, _ = open_decompressed(blob)
-                    uncompressed = HashingPipe(decompressed)
-                    apply_tar_stream(uncompressed, writer)
+                    decompressed, compressed = open_decompressed(blob)
+                    # the uncompressed stream's digest is the diff_id; uncompressed, it is the blob's
+                    recorder = TarSplitRecorder(decompressed, split_path, hashing=compressed)
+                    apply_tar_stream(recorder, writer, recorder.on_member)
                 except StoreError:
                     blob.check()  # a blob that is not what its digest says: that is the cause
                     raise
                 blob.check()
-                got = "sha256:" + uncompressed.hash.hexdigest()
+                got = "sha256:" + (recorder if compressed else blob).hash.hexdigest()
                 if got != diff_id:
                     raise DigestMismatch(f"{what} (uncompressed, the config's diff_id)", diff_id, got)
-        return store.prepare_layer(staging, fill)
+        try:
+            layer = store.prepare_layer(staging, fill, diff_id)
+        except BaseException:
+            if recorder is not None:
+                recorder.abandon()
+            raise
+    try:
+        recorder.finish(layer.entries)
+        save_split(split_path, recorder.size(), layer.staging)
+    except SplitUnusable as e:
+        layer.diff_id = layer_digest(layer.entries, os.path.join(layer.staging, "root"))
+        progress.note(f"{what}: kept as strata's own tar ({short_digest(layer.diff_id)}), as {e}: "
+                      "the image's id changes")
+    return layer
 
 
 def load_plans(store: Store, plans: list[ImagePlan], progress=None) -> list[str]:
@@ -424,20 +433,19 @@ def load_plans(store: Store, plans: list[ImagePlan], progress=None) -> list[str]
                 layer = layer_in_store(store, diff_id)
                 if layer is None:
                     layer = prepare_blob_layer(store, os.path.join(staging, f"layer-{len(prepared)}"), plan.source,
-                                               desc, diff_id, f"layer {short_digest(desc['digest'])}", progress)
+                                               desc, diff_id, f"layer {short_digest(diff_id)}", progress)
                 prepared[diff_id] = layer
-        for plan in plans:
-            canonical = [prepared[d].diff_id for d in plan.config["rootfs"]["diff_ids"]]
-            if canonical != plan.config["rootfs"]["diff_ids"]:
-                # a tar strata does not make: stored as strata's own, so the config (and id) change
-                plan.config = dict(plan.config, rootfs={"type": "layers", "diff_ids": canonical})
-                plan.config_raw = None
         image_ids = []
         for n, plan in enumerate(plans):
+            layers = [prepared[d] for d in plan.config["rootfs"]["diff_ids"]]
+            stored_as = [layer.diff_id for layer in layers]
+            if stored_as != plan.config["rootfs"]["diff_ids"]:
+                # a tar kept as strata's own (prepare_blob_layer): the config, so the id, change
+                plan.config = dict(plan.config, rootfs={"type": "layers", "diff_ids": stored_as})
+                plan.config_raw = None
             image_stage = os.path.join(staging, f"image-{n}")
             os.mkdir(image_stage, OWNER_ONLY)
-            layers = [prepared[d] for d in plan.config["rootfs"]["diff_ids"]]
-            names = [parse_reference(name) for name in plan.names]
+            names = plan.names
             try:
                 image_id = store.create_image(plan.config, None, layers, image_stage, names[0] if names else None,
                                               raw_config=plan.config_raw)
@@ -480,6 +488,24 @@ class LayoutSink:
         raise NotImplementedError
 
 
+@contextlib.contextmanager
+def replacing(dest: str) -> Iterator[BinaryIO]:
+    """A file written beside `dest` and renamed onto it once whole and on disk; on an
+    error it is removed and `dest` is left as it was."""
+    head, tail = os.path.split(os.path.abspath(dest))
+    tmp = os.path.join(head, f".{tail}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.rename(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
 class DirectorySink(LayoutSink):
     def __init__(self, path: str):
         self.path = path
@@ -489,18 +515,8 @@ class DirectorySink(LayoutSink):
         return os.path.isfile(os.path.join(self.path, "blobs", "sha256", hex_digest))
 
     def _replace(self, relpath: str, fill: Callable[[BinaryIO], None]) -> None:
-        dest = os.path.join(self.path, relpath)
-        tmp = f"{dest}.tmp-{os.getpid()}"
-        try:
-            with open(tmp, "wb") as f:
-                fill(f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.rename(tmp, dest)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(tmp)
-            raise
+        with replacing(os.path.join(self.path, relpath)) as f:
+            fill(f)
 
     def add_file(self, relpath: str, data: bytes) -> None:
         self._replace(relpath, lambda f: f.write(data))
@@ -551,6 +567,7 @@ def resolve_refs(store: Store, refs: list[str]) -> list[tuple[str, list[str]]]:
 
 def write_images(store: Store, refs: list[str], sink: LayoutSink, progress=None) -> list[SavedImage]:
     """Write the blobs of the images `refs` name to `sink`; return what was written."""
+    from .tarsplit import layer_tar_writer
     progress = progress or NO_PROGRESS
     saved = []
     for image_id, names in resolve_refs(store, refs):
@@ -579,35 +596,6 @@ def write_images(store: Store, refs: list[str], sink: LayoutSink, progress=None)
                 "platform": {"architecture": config.get("architecture", go_arch()), "os": config.get("os", "linux")}}
         saved.append(SavedImage(image_id, names, desc, config_path, layer_paths))
     return saved
-
-
-def canonical_tar_size(entries) -> int:
-    """The size of the canonical tar store.layer.write_layer_tar makes of `entries`,
-    known before it is written (a tar stream's member header needs it)."""
-    import tarfile
-
-    from .layer import tar_members
-    size = 0
-    for info, _ in tar_members(entries):
-        size += len(info.tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "surrogateescape"))
-        size += -(-info.size // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE if info.isreg() else 0
-    size += 2 * tarfile.BLOCKSIZE
-    return -(-size // tarfile.RECORDSIZE) * tarfile.RECORDSIZE
-
-
-def layer_tar_writer(store: Store, diff_id: str) -> tuple[int, Callable[[BinaryIO], None]]:
-    """(size, write(out)) of the layer's blob; the write checks its digest."""
-    from .layer import write_layer_tar
-    entries = store.layer_entries(diff_id)
-    size = canonical_tar_size(entries)
-
-    def write(out: BinaryIO) -> None:
-        counted = ProgressWriter(out, lambda n: None)
-        got = write_layer_tar(entries, os.path.join(store.layer_dir(diff_id), "root"), counted)
-        if got != diff_id or counted.count != size:
-            raise StoreError(f"layer {short_digest(diff_id)} in the store is damaged: its tar is "
-                             f"{got} of {counted.count} bytes (strata fsck)")
-    return size, write
 
 
 class ProgressWriter:

@@ -7,10 +7,10 @@ which store.oci.read_layout loads (checking every digest again). The store takes
 nothing until the whole image is there; a pull that breaks leaves only verified
 blobs and a partial file in the cache, which the next pull resumes (Range).
 
-push: each layer is the store's canonical tar (store.oci.layer_tar_writer: the blob a
-saved OCI layout has, so its digest is the diff_id), made in a thread as it is read,
-compressed (gzip on every core by default, store.compress) and uploaded in one pass:
-never on disk. A layer is not uploaded when the registry has it already (HEAD) or has
+push: each layer is the tar a saved OCI layout has (store.tarsplit.layer_tar_writer: the
+canonical tar, or the very tar the layer came as; its digest is the diff_id), made in a
+thread as it is read, compressed (gzip on every core by default, store.compress) and
+uploaded in one pass: never on disk. A layer is not uploaded when the registry has it already (HEAD) or has
 it in another repository (a cross-repository mount), by the digests the cache knows
 for it (store.blobcache layers.json: what pulls and pushes have seen). Blobs whose
 digest is known beforehand go up in one PUT; a compressed stream goes up as one
@@ -472,9 +472,10 @@ def push(store: Store, image: str, dest: str | None = None, tls_verify: bool | N
          chunk_size: int | None = None, progress=None) -> str:
     """Push IMAGE to DEST (default: IMAGE's name); the digest of the manifest pushed.
 
-    Layers are the store's canonical tars (store.oci.layer_tar_writer, as in a saved OCI
-    layout), made while they are compressed and uploaded."""
-    from .oci import NO_PROGRESS, layer_tar_writer
+    Layers are the tars a saved OCI layout has (store.tarsplit.layer_tar_writer), made
+    while they are compressed and uploaded."""
+    from .oci import NO_PROGRESS
+    from .tarsplit import layer_tar_writer
     progress = progress or NO_PROGRESS
     if compression not in COMPRESSIONS:
         raise StoreError(f"unknown compression {compression!r} (gzip, zstd or none)")

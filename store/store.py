@@ -251,8 +251,11 @@ class Store:
 
     # -- making layers and images -------------------------------------------
 
-    def prepare_layer(self, staging: str, fill: Callable[[LayerWriter], None]) -> PreparedLayer:
-        """Build a layer in `staging/layer` with `fill(writer)`, and digest it."""
+    def prepare_layer(self, staging: str, fill: Callable[[LayerWriter], None],
+                      diff_id: str | None = None) -> PreparedLayer:
+        """Build a layer in `staging/layer` with `fill(writer)`, and digest it. `diff_id`:
+        the digest of the tar `fill` applied, checked by the caller, which keeps what
+        makes that tar again (store.tarsplit); then the canonical tar is not made."""
         from .layer import LayerWriter, layer_digest, save_index
         layer_stage = os.path.join(staging, "layer")
         os.mkdir(layer_stage, OWNER_ONLY)
@@ -262,7 +265,8 @@ class Store:
             entries = writer.finish()
         finally:
             writer.close()
-        diff_id = layer_digest(entries, writer.root_path)
+        if diff_id is None:
+            diff_id = layer_digest(entries, writer.root_path)
         size = sum(e.size for e in entries if e.kind == "file")
         save_index(entries, os.path.join(layer_stage, "index.json"))
         write_atomic(os.path.join(layer_stage, "meta.json"),

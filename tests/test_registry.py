@@ -297,6 +297,8 @@ def test_strata_pulls_what_skopeo_pushed_gzip_and_zstd(cli, store, registry, tmp
     dest = f"{registry.host}/from-skopeo/mixed:1"
     skopeo("copy", "--dest-tls-verify=false", "--preserve-digests", f"oci:{layout}:mixed", f"docker://{dest}")
     image_id = ok(cli("pull", "-q", "--tls-verify=false", dest))
+    raw = json.loads(skopeo("inspect", "--raw", "--tls-verify=false", f"docker://{dest}").stdout)
+    assert image_id == raw["config"]["digest"], "the image id is the registry's config digest"
     config = store.image_config(image_id)
     assert len(config["rootfs"]["diff_ids"]) == 3
     for diff_id, path, text in zip(config["rootfs"]["diff_ids"], ("etc/gzipped", "etc/zstded", "etc/plain"),
