@@ -78,16 +78,24 @@ def add_parsers(add_parser) -> None:
     p.set_defaults(func=cmd_logout)
 
 
+class CurrentStderr:
+    """sys.stderr as it is when written to: rich redirects it above its bars while they
+    are drawn, so a note printed then does not tear them."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def progress_for(args):
     """Bars on a terminal, lines otherwise, all on stderr (stdout is for the result);
     None with -q: not even the notes."""
     if args.quiet:
         return None
-    try:
-        from .progress import make_progress
-    except ImportError:  # runner.progress comes with the formats branch
-        return None
-    return make_progress(stream=sys.stderr, out=sys.stderr)
+    from .progress import make_progress
+    return make_progress(stream=sys.stderr, out=CurrentStderr())
 
 
 def cmd_pull(args, store) -> int:

@@ -270,9 +270,9 @@ def pull(store: Store, name: str, platform: str | None = None, tls_verify: bool 
                 raise RegistryError(f"the config of {ref} does not list one diff_id per layer")
             for desc, diff_id in zip(layers, diff_ids):
                 dest = os.path.join(blobs, desc["digest"][7:])
-                label = f"layer {desc['digest'][7:19]}"
+                label = f"layer {desc['digest'][7:19]} (download)"
                 if isinstance(diff_id, str) and os.path.isdir(store.layer_dir(diff_id)):
-                    progress.note(f"{label}: already in the store")  # read_layout reuses it
+                    progress.note(f"layer {desc['digest'][7:19]}: already in the store")  # read_layout reuses it
                 elif not os.path.exists(dest):
                     puller.fetch(desc, dest, label)
             entry = {"mediaType": media_type, "digest": digest, "size": len(body)}
