@@ -600,3 +600,29 @@ def test_bearer_tokens_from_the_registry_token_service(cli, store, token_registr
     assert [r["scopes"] for r in tokens.requests] == [["repository:tok/busybox:pull"]]
     ok(cli("logout", host))
     assert "authentication required" in error_line(cli("pull", "-q", "--tls-verify=false", f"{host}/tok/busybox:1"))
+
+
+@pytest.fixture(params=["root", "unprivileged"])
+def user_cli(request, tmp_path):
+    from .helpers import cli_store
+    with cli_store(request, tmp_path, "registry") as cli:
+        yield cli
+
+
+def test_pull_run_login_push_as_root_and_unprivileged(user_cli, cli, registry, auth_registry):
+    """Pull from and push to registries, and log in, as each kind of user does."""
+    busybox(cli)
+    ok(cli("push", "-q", "--tls-verify=false", "busybox", f"{registry.host}/users/busybox:1"))
+    image_id = user_cli.ok("pull", "-q", "--tls-verify=false", f"{registry.host}/users/busybox:1").strip()
+    out = user_cli.ok("run", "--rm", f"{registry.host}/users/busybox:1", "sh", "-c", "id -u; echo pulled")
+    assert out.split() == ["0", "pulled"]
+    host = auth_registry.host
+    user_cli.ok("login", "--tls-verify=false", "-u", "alice", "--password-stdin", host,
+                input=USERS["alice"].encode())
+    auth = os.path.join(user_cli.env["HOME"], ".config", "strata", "auth.json")
+    st = os.stat(auth)
+    assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == (0 if user_cli.mode == "root" else 65534)
+    dest = f"{host}/users/{user_cli.mode}:1"
+    user_cli.ok("push", "-q", "--tls-verify=false", f"{registry.host}/users/busybox:1", dest)
+    user_cli.ok("rmi", f"{registry.host}/users/busybox:1")
+    assert user_cli.ok("pull", "-q", "--tls-verify=false", dest).strip() == image_id
