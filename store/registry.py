@@ -24,12 +24,13 @@ import io
 import json
 import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from typing import BinaryIO, Callable, Iterator
 
 from .blobcache import BlobCache
 from .distribution import (DOCKER_LIST, DOCKER_MANIFEST, DOCKER_SCHEMA1, INDEX_TYPES, MANIFEST_TYPES,
                            OCI_INDEX, OCI_MANIFEST, DigestMismatch, RegistryClient, RegistryError,
-                           TransferBroken, parse_json, push_scope)
+                           TransferBroken, Unreachable, parse_json, push_scope)
 from .errors import StoreError
 from .fsutil import OWNER_ONLY, write_atomic
 from .reference import RemoteReference, parse_registry, parse_remote_reference
@@ -52,6 +53,7 @@ FOREIGN_LAYER_TYPES = ("application/vnd.docker.image.rootfs.foreign.diff.tar.gzi
                        "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
                        "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd")
 CHUNK = 1 << 20
+DOWNLOADS = 3  # layers pulled at once
 REF_NAME = "org.opencontainers.image.ref.name"
 
 
@@ -179,7 +181,9 @@ class Puller:
         if self.cache.link_into(digest, dest):
             return
         with self.cache.partial(digest) as fd:
-            if self.cache.link_into(digest, dest):
+            if self.cache.link_into(digest, dest):  # another pull finished it while this one waited
+                if os.fstat(fd).st_size == 0:
+                    self.cache.discard_partial(digest)
                 return
             for attempt in (0, 1):
                 with self.progress.task(label, size) as advance:
@@ -195,6 +199,26 @@ class Puller:
             self.cache.complete(digest)
         if not self.cache.link_into(digest, dest):
             raise StoreError(f"blob {digest} left the cache while it was being pulled")
+
+    def fetch_all(self, layers: list[dict], blobs: str) -> None:
+        """Layer blobs into `blobs`, DOWNLOADS at a time (as Docker does); the first error
+        is raised once the others have stopped, and says what is kept for the next pull."""
+        def one(desc: dict) -> None:
+            self.fetch(desc, os.path.join(blobs, desc["digest"][7:]), f"layer {desc['digest'][7:19]} (download)")
+        try:
+            if len(layers) <= 1:
+                for desc in layers:
+                    one(desc)
+                return
+            with ThreadPoolExecutor(DOWNLOADS, thread_name_prefix="pull") as pool:
+                futures = [pool.submit(one, desc) for desc in layers]
+                for future in futures:
+                    if future.exception() is not None:
+                        for other in futures:
+                            other.cancel()
+                        raise future.exception()
+        except (TransferBroken, Unreachable) as e:
+            raise type(e)(f"{e} (what arrived is kept: pull again to resume)") from None
 
     def download(self, fd: int, digest: str, size: int, advance) -> bool | None:
         """Fill the partial file `fd` to `size` bytes; None when it hashes to `digest`, else
@@ -268,13 +292,13 @@ def pull(store: Store, name: str, platform: str | None = None, tls_verify: bool 
             diff_ids = config.get("rootfs", {}).get("diff_ids") if isinstance(config.get("rootfs"), dict) else None
             if not isinstance(diff_ids, list) or len(diff_ids) != len(layers):
                 raise RegistryError(f"the config of {ref} does not list one diff_id per layer")
+            wanted = {}
             for desc, diff_id in zip(layers, diff_ids):
-                dest = os.path.join(blobs, desc["digest"][7:])
-                label = f"layer {desc['digest'][7:19]} (download)"
                 if isinstance(diff_id, str) and os.path.isdir(store.layer_dir(diff_id)):
                     progress.note(f"layer {desc['digest'][7:19]}: already in the store")  # read_layout reuses it
-                elif not os.path.exists(dest):
-                    puller.fetch(desc, dest, label)
+                else:
+                    wanted.setdefault(desc["digest"], desc)
+            puller.fetch_all(list(wanted.values()), blobs)
             entry = {"mediaType": media_type, "digest": digest, "size": len(body)}
             if tag is not None:
                 entry["annotations"] = {REF_NAME: tag}

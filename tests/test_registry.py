@@ -434,6 +434,7 @@ def test_registry_killed_mid_pull_stores_nothing_and_the_next_pull_resumes(cli, 
         assert pulling.returncode == 125, (out, err)
         line = err.decode().strip()
         assert line.startswith("strata: error: registry ") and "\n" not in line, line
+        assert line.endswith("(what arrived is kept: pull again to resume)"), line
         assert store_state(store.root) == before, "nothing of the image is stored"
         kept = max(partial())
         assert size // 4 < kept < size, "the partial download is kept for the next pull"
@@ -443,6 +444,33 @@ def test_registry_killed_mid_pull_stores_nothing_and_the_next_pull_resumes(cli, 
         assert ok(cli("pull", "-q", "--tls-verify=false", f"{proxy.host}/big:1")) == image_id
         assert proxy.relayed < size - kept + (1 << 20), "the layer was resumed, not fetched again"
         assert partial() == [] and os.listdir(cache.verified) == []
+    finally:
+        if proxy is not None:
+            proxy.close()
+        reg.stop()
+
+
+def test_two_pulls_of_one_image_at_once_share_the_download(cli, store, tmp_path):
+    size = 8 << 20
+    reg = Registry(str(tmp_path / "registry")).start()
+    proxy = None
+    try:
+        tar = tmp_path / "shared.tar"
+        tar.write_bytes(small_tar("etc/shared", os.urandom(size)))
+        image_id = ok(cli("import", str(tar), "shared:1"))
+        ok(cli("push", "-q", "--tls-verify=false", "--compression-format", "none", "shared:1", f"{reg.host}/shared:1"))
+        ok(cli("rmi", "shared:1"))
+        proxy = ThrottledProxy(reg.port, rate=16 << 20)
+        pulls = [subprocess.Popen([*cli_command(store.root), "pull", "-q", "--tls-verify=false",
+                                   f"{proxy.host}/shared:1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  env=cli_env(store.root, tmp_path)) for _ in range(2)]
+        results = [p.communicate(timeout=120) for p in pulls]
+        assert [p.returncode for p in pulls] == [0, 0], results
+        assert [out.decode().strip() for out, _ in results] == [image_id, image_id]
+        assert proxy.relayed < 1.5 * size, "the layer came once: the second pull waited for the first"
+        cache = BlobCache(store.root)
+        assert os.listdir(cache.partials) == [] and os.listdir(cache.verified) == []
+        assert store.read_tags() == {f"{proxy.host}/shared:1": image_id}
     finally:
         if proxy is not None:
             proxy.close()
