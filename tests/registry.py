@@ -261,6 +261,12 @@ class ThrottledProxy:
                 with contextlib.suppress(OSError):
                     s.shutdown(socket.SHUT_RDWR)
 
+    def __enter__(self) -> "ThrottledProxy":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def close(self) -> None:
         self.closing = True
         self.listener.close()

@@ -411,26 +411,33 @@ def wait_for(predicate, timeout: float, what: str):
         time.sleep(0.01)
 
 
+@contextlib.contextmanager
+def random_image_in_own_registry(cli, tmp_path, name: str, size: int):
+    """A registry of the test's own holding a one-layer image of `size` random bytes
+    (uncompressed: the layer is `size` on the wire), removed from the store; yields
+    (registry, image id)."""
+    reg = Registry(str(tmp_path / "registry")).start()
+    try:
+        tar = tmp_path / f"{name}.tar"
+        tar.write_bytes(small_tar(f"etc/{name}", os.urandom(size)))
+        image_id = ok(cli("import", str(tar), f"{name}:1"))
+        ok(cli("push", "-q", "--tls-verify=false", "--compression-format", "none", f"{name}:1", f"{reg.host}/{name}:1"))
+        ok(cli("rmi", f"{name}:1"))
+        yield reg, image_id
+    finally:
+        reg.stop()
+
+
 def test_registry_killed_mid_pull_stores_nothing_and_the_next_pull_resumes(cli, store, tmp_path):
     size = 24 << 20
-    reg = Registry(str(tmp_path / "registry")).start()
-    proxy = None
-    try:
-        tar = tmp_path / "big.tar"
-        tar.write_bytes(small_tar("etc/big", os.urandom(size)))
-        image_id = ok(cli("import", str(tar), "big:1"))
-        ok(cli("push", "-q", "--tls-verify=false", "--compression-format", "none", "big:1", f"{reg.host}/big:1"))
-        ok(cli("rmi", "big:1"))
+    cache = BlobCache(store.root)
+    partial = lambda: [os.path.getsize(os.path.join(cache.partials, n)) for n in os.listdir(cache.partials)]
+    with random_image_in_own_registry(cli, tmp_path, "big", size) as (reg, image_id):
         before = store_state(store.root)
-        proxy = ThrottledProxy(reg.port, rate=12 << 20)
-        cache = BlobCache(store.root)
-        pulling = subprocess.Popen(
-            [*cli_command(store.root), "pull", "-q", "--tls-verify=false", f"{proxy.host}/big:1"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=cli_env(store.root, tmp_path))
-        partial = lambda: [os.path.getsize(os.path.join(cache.partials, n)) for n in os.listdir(cache.partials)]
-        wait_for(lambda: any(n > size // 4 for n in partial()), 60, "a quarter of the layer")
-        reg.kill()
-        out, err = pulling.communicate(timeout=60)
+        with ThrottledProxy(reg.port, rate=12 << 20) as proxy, background_pull(store, tmp_path, proxy.host, "big:1") as pulling:
+            wait_for(lambda: any(n > size // 4 for n in partial()), 60, "a quarter of the layer")
+            reg.kill()
+            out, err = pulling.communicate(timeout=60)
         assert pulling.returncode == 125, (out, err)
         line = err.decode().strip()
         assert line.startswith("strata: error: registry ") and "\n" not in line, line
@@ -438,55 +445,44 @@ def test_registry_killed_mid_pull_stores_nothing_and_the_next_pull_resumes(cli, 
         assert store_state(store.root) == before, "nothing of the image is stored"
         kept = max(partial())
         assert size // 4 < kept < size, "the partial download is kept for the next pull"
-        proxy.close()
         reg.start()
-        proxy = ThrottledProxy(reg.port, rate=200 << 20)
-        assert ok(cli("pull", "-q", "--tls-verify=false", f"{proxy.host}/big:1")) == image_id
+        with ThrottledProxy(reg.port, rate=200 << 20) as proxy:
+            assert ok(cli("pull", "-q", "--tls-verify=false", f"{proxy.host}/big:1")) == image_id
         assert proxy.relayed < size - kept + (1 << 20), "the layer was resumed, not fetched again"
         assert partial() == [] and os.listdir(cache.verified) == []
-    finally:
-        if proxy is not None:
-            proxy.close()
-        reg.stop()
 
 
 def test_two_pulls_of_one_image_at_once_share_the_download(cli, store, tmp_path):
     size = 8 << 20
-    reg = Registry(str(tmp_path / "registry")).start()
-    proxy = None
-    try:
-        tar = tmp_path / "shared.tar"
-        tar.write_bytes(small_tar("etc/shared", os.urandom(size)))
-        image_id = ok(cli("import", str(tar), "shared:1"))
-        ok(cli("push", "-q", "--tls-verify=false", "--compression-format", "none", "shared:1", f"{reg.host}/shared:1"))
-        ok(cli("rmi", "shared:1"))
-        proxy = ThrottledProxy(reg.port, rate=16 << 20)
-        pulls = [subprocess.Popen([*cli_command(store.root), "pull", "-q", "--tls-verify=false",
-                                   f"{proxy.host}/shared:1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  env=cli_env(store.root, tmp_path)) for _ in range(2)]
-        results = [p.communicate(timeout=120) for p in pulls]
-        assert [p.returncode for p in pulls] == [0, 0], results
+    with random_image_in_own_registry(cli, tmp_path, "shared", size) as (reg, image_id):
+        with ThrottledProxy(reg.port, rate=16 << 20) as proxy, \
+                background_pull(store, tmp_path, proxy.host, "shared:1") as first, \
+                background_pull(store, tmp_path, proxy.host, "shared:1") as second:
+            results = [p.communicate(timeout=120) for p in (first, second)]
+        assert [first.returncode, second.returncode] == [0, 0], results
         assert [out.decode().strip() for out, _ in results] == [image_id, image_id]
         assert proxy.relayed < 1.5 * size, "the layer came once: the second pull waited for the first"
         cache = BlobCache(store.root)
         assert os.listdir(cache.partials) == [] and os.listdir(cache.verified) == []
         assert store.read_tags() == {f"{proxy.host}/shared:1": image_id}
-    finally:
-        if proxy is not None:
-            proxy.close()
-        reg.stop()
 
 
-def cli_command(root: str) -> list[str]:
+@contextlib.contextmanager
+def background_pull(store, tmp_path, host: str, name: str):
+    """`strata pull` of host/name running; killed if the test leaves it running."""
     import sys
-    return [sys.executable, "-m", "runner"]
-
-
-def cli_env(root: str, tmp_path) -> dict:
     from .helpers import REPO
     home = tmp_path / "home"
-    return dict(os.environ, STRATA_ROOT=root, PYTHONPATH=REPO, HOME=str(home),
-                XDG_CONFIG_HOME=str(home / ".config"), REGISTRY_AUTH_FILE="")
+    env = dict(os.environ, STRATA_ROOT=store.root, PYTHONPATH=REPO, HOME=str(home),
+               XDG_CONFIG_HOME=str(home / ".config"), REGISTRY_AUTH_FILE="")
+    proc = subprocess.Popen([sys.executable, "-m", "runner", "pull", "-q", "--tls-verify=false", f"{host}/{name}"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
 
 
 def test_a_corrupted_blob_is_a_digest_error_and_nothing_is_stored(cli, store, registry, tmp_path):
