@@ -1,10 +1,12 @@
 """`strata diff`, `commit` and `squash`: changes read from the journal, written as layers."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import signal
+import stat
 import sys
 import time
 
@@ -221,7 +223,27 @@ def sync_and_close(fd: int) -> bool:
         os.close(fd)
 
 
+LARGE_COMMIT = 64 << 20  # bytes of file data past which a commit shows its progress
+
+
+@contextlib.contextmanager
+def commit_progress(args, config: dict, after, found):
+    """A progress bar (or line) for a commit of more than LARGE_COMMIT bytes of data."""
+    from .progress import make_progress
+    total = 0
+    for kind, path in found:
+        st = after.stat(path) if kind != "D" else None
+        if st is not None and stat.S_ISREG(st.fmt):
+            total += st.size
+    if total < LARGE_COMMIT or args.quiet:
+        yield lambda n: None
+        return
+    with make_progress() as progress, progress.task(f"commit {config['Name']}", total) as advance:
+        yield advance
+
+
 def cmd_commit(args, store: Store) -> int:
+    from store.imports import AdvancingWriter
     from unionfs.commit import fill_layer
     config = resolve_container(store, args.container)
     tag = parse_reference(args.reference) if args.reference else None
@@ -240,8 +262,9 @@ def cmd_commit(args, store: Store) -> int:
                     wait_for_creates_on_record(changes.upper.db)
                 found = while_steady(changes, lambda c: c.diff())
                 records = changes.records()
-                layer = store.prepare_layer(staging, lambda w: fill_layer(
-                    w, changes.before, changes.after, found, changes.hidden, epoch))
+                with commit_progress(args, config, changes.after, found) as advance:
+                    layer = store.prepare_layer(staging, lambda w: fill_layer(
+                        AdvancingWriter(w, advance), changes.before, changes.after, found, changes.hidden, epoch))
             finally:
                 changes.close()
             created = rfc3339_of_epoch(epoch) if epoch is not None else now_rfc3339()

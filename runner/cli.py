@@ -167,7 +167,9 @@ def cmd_history(args, store: Store) -> int:
 
 def cmd_import(args, store: Store) -> int:
     from store.imports import import_image
-    image_id = import_image(store, args.source, args.reference, args.change, args.message or "")
+    from .progress import make_progress
+    with make_progress(args.quiet) as progress:
+        image_id = import_image(store, args.source, args.reference, args.change, args.message or "", progress)
     print(image_id)
     return 0
 
@@ -304,6 +306,7 @@ def build_parser(only: str | None = None) -> CliParser:
     p.add_argument("-c", "--change", action="append", default=[], metavar="INSTRUCTION",
                    help="apply a Dockerfile instruction (CMD, ENTRYPOINT, ENV, WORKDIR, USER, LABEL, ...)")
     p.add_argument("-m", "--message", help="commit message for the history entry")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress")
     p.set_defaults(func=cmd_import)
 
     p = add_parser("images", help="list images",
@@ -495,6 +498,7 @@ def build_parser(only: str | None = None) -> CliParser:
     p.add_argument("-p", "--pause", action=argparse.BooleanOptionalAction, default=True,
                    help="stop a running container's processes while committing (default: yes)")
     p.add_argument("--squash", action="store_true", help="make the whole image one layer")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress (shown past 64 MB of data)")
     p.add_argument("--source-date-epoch", type=int, metavar="SECONDS",
                    default=int(os.environ["SOURCE_DATE_EPOCH"]) if os.environ.get("SOURCE_DATE_EPOCH", "").isdigit()
                    else None, help="clamp timestamps to this time (reproducible layers)")

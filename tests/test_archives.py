@@ -670,3 +670,31 @@ def test_save_checks_the_layer_it_sends(store, two_layer_image, tmp_path, other_
     assert proc.stderr.decode().startswith(f"strata: error: layer {diff_id[7:19]} in the store is damaged")
     assert proc.stderr.decode().count("\n") == 1
     assert not out.exists() and not [n for n in os.listdir(tmp_path) if n.startswith(".out.tar")]
+
+
+# -- progress of import and commit ---------------------------------------------------------
+
+def test_import_shows_its_progress_unless_quiet(strata, tmp_path):
+    tar = tmp_path / "root.tar"
+    tar.write_bytes(build_tar([member("f", data=os.urandom(300_000))]))
+    proc = strata("import", str(tar), "imp:1", check=True)
+    assert proc.stderr.decode().startswith(f"import {tar}: 30") and proc.stderr.decode().endswith("B/s)\n")
+    proc = strata("import", "-q", str(tar), "imp:2", check=True)
+    assert proc.stderr == b"" and proc.stdout.decode().startswith("sha256:")
+    proc = strata("import", "-", "imp:3", input=tar.read_bytes(), check=True)
+    assert proc.stderr.decode().startswith("import stdin: 30")
+
+
+def test_a_large_commit_shows_its_progress_a_small_one_does_not(strata, store):
+    build_busybox_image(store, "busybox:latest")
+    try:
+        strata("run", "--name", "big", "busybox", "sh", "-c",
+               "dd if=/dev/urandom of=/big bs=1M count=65 2>/dev/null && echo small > /small", check=True)
+        proc = strata("commit", "big", "big:1", check=True)
+        line = proc.stderr.decode()
+        assert line.startswith("commit big: 68.2 MB in ") and line.endswith("B/s)\n"), line
+        assert strata("commit", "-q", "big", "big:2", check=True).stderr == b""
+        strata("run", "--name", "little", "busybox", "sh", "-c", "echo x > /x", check=True)
+        assert strata("commit", "little", "little:1", check=True).stderr == b""
+    finally:
+        strata("rm", "-f", "big", "little")
