@@ -9,7 +9,8 @@
 
 A blob is checked as it streams into its partial file, and renamed to its name
 only when the whole of it hashes to its digest. A pull hard-links the blobs into
-its staging layout and drops them from the cache once its image is stored. The
+its staging layout and drops them from the cache once its image is stored; what a
+broken pull left and no pull took up within a week goes at the next good pull. The
 partial file is its own lock: a downloader that waited on it checks after taking
 the lock that it still is the file at that name (the holder may have renamed it).
 """
@@ -19,11 +20,13 @@ import contextlib
 import fcntl
 import json
 import os
+import time
 from typing import Iterator
 
 from .fsutil import OWNER_ONLY, flocked, write_atomic
 
 MAX_PLACES = 8  # per layer in layers.json: enough for a few registries and repositories
+KEEP_SECONDS = 7 * 24 * 3600  # what a broken pull left, for the next pull to resume
 
 
 class BlobCache:
@@ -87,6 +90,30 @@ class BlobCache:
         for digest in digests:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.path(digest))
+
+    def prune(self, keep_seconds: float = KEEP_SECONDS) -> None:
+        """Drop verified blobs and partial downloads untouched for `keep_seconds`
+        (a partial file only when no download holds it)."""
+        old = time.time() - keep_seconds
+        for directory, locked in ((self.verified, False), (self.partials, True)):
+            for name in os.listdir(directory):
+                path = os.path.join(directory, name)
+                try:
+                    if os.lstat(path).st_mtime >= old:
+                        continue
+                    if not locked:
+                        os.unlink(path)
+                        continue
+                    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+                except FileNotFoundError:
+                    continue
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    os.unlink(path)
+                except (BlockingIOError, FileNotFoundError):
+                    pass  # a download is under way: it is not stale
+                finally:
+                    os.close(fd)
 
     # -- where layers have been seen ------------------------------------------
 

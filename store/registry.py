@@ -307,6 +307,7 @@ def pull(store: Store, name: str, platform: str | None = None, tls_verify: bool 
             write_atomic(os.path.join(layout, "oci-layout"), b'{"imageLayoutVersion":"1.0.0"}')
             image_id = read_layout(store, layout, tag, progress=progress)[0]
         puller.cache.forget([config_desc["digest"]] + [d["digest"] for d in layers])
+        puller.cache.prune()
         # where each layer is in this registry, for pushes (only layers stored as they came:
         # a tar strata does not make is stored as its own, with another diff_id)
         stored = store.image_config(image_id)["rootfs"]["diff_ids"]

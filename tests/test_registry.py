@@ -650,3 +650,21 @@ def test_pull_run_login_push_as_root_and_unprivileged(user_cli, cli, registry, a
     user_cli.ok("push", "-q", "--tls-verify=false", f"{registry.host}/users/busybox:1", dest)
     user_cli.ok("rmi", f"{registry.host}/users/busybox:1")
     assert user_cli.ok("pull", "-q", "--tls-verify=false", dest).strip() == image_id
+
+
+def test_the_cache_drops_what_no_pull_took_up_within_a_week(store):
+    cache = BlobCache(store.root)
+    paths = {name: os.path.join(directory, name) for directory, name in
+             ((cache.verified, "a" * 64), (cache.verified, "b" * 64), (cache.partials, "c" * 64),
+              (cache.partials, "d" * 64), (cache.partials, "e" * 64))}
+    for path in paths.values():
+        with open(path, "wb") as f:
+            f.write(b"x")
+    week_ago = time.time() - 8 * 24 * 3600
+    for name in ("a" * 64, "c" * 64, "e" * 64):
+        os.utime(paths[name], (week_ago, week_ago))
+    with cache.partial("sha256:" + "e" * 64):  # a download under way holds its partial file
+        os.utime(paths["e" * 64], (week_ago, week_ago))
+        cache.prune()
+    assert sorted(os.listdir(cache.verified)) == ["b" * 64]
+    assert sorted(os.listdir(cache.partials)) == ["d" * 64, "e" * 64]
