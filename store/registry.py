@@ -518,10 +518,10 @@ def push(store: Store, image: str, dest: str | None = None, tls_verify: bool | N
     with open_client(ref, tls_verify) as client:
         pusher = Pusher(client, ref, BlobCache(store.root), progress, chunk_size)
         progress.note(f"Pushing {ref}")
-        layers, seen = [], []
+        layers, seen, pushed = [], [], {}
         for diff_id in diff_ids:
             label = f"layer {diff_id[7:19]}"
-            desc = pusher.reuse(diff_id, media_type, label)
+            desc = pushed.get(diff_id) or pusher.reuse(diff_id, media_type, label)
             if desc is None:
                 size, write = layer_tar_writer(store, diff_id)
                 open_source = lambda write=write: piped(write)
@@ -531,6 +531,7 @@ def push(store: Store, image: str, dest: str | None = None, tls_verify: bool | N
                 else:
                     desc = pusher.upload_compressed(open_source, size, compression, level, media_type, label)
             layers.append(desc)
+            pushed[diff_id] = desc
             seen.append((diff_id, place(desc, ref)))
         pusher.cache.remember(seen)
         pusher.upload_known(lambda: contextlib.nullcontext(io.BytesIO(config_raw)), image_id,
