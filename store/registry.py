@@ -28,7 +28,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import BinaryIO, Callable, Iterator
 
 from .blobcache import BlobCache
-from .distribution import (DOCKER_LIST, DOCKER_MANIFEST, DOCKER_SCHEMA1, INDEX_TYPES, MANIFEST_TYPES,
+from .distribution import (DOCKER_MANIFEST, DOCKER_SCHEMA1, INDEX_TYPES, MANIFEST_TYPES,
                            OCI_INDEX, OCI_MANIFEST, DigestMismatch, RegistryClient, RegistryError,
                            TransferBroken, Unreachable, parse_json, push_scope)
 from .errors import StoreError
@@ -164,16 +164,12 @@ class Puller:
     def resolve(self, platform: tuple[str, str, str]) -> tuple[bytes, str, str]:
         """The image manifest to pull, through an index if the reference names one."""
         body, media_type, digest = self.manifest(self.ref.reference, self.ref.digest)
-        for _ in range(2):  # an index may point at an index, once
-            if media_type not in INDEX_TYPES:
+        for _ in range(4):  # an index may list indexes: a few levels, not a loop
+            if media_type in MANIFEST_TYPES:
                 return body, media_type, digest
             desc = choose_platform(json.loads(body), platform, str(self.ref))
             body, media_type, digest = self.manifest(desc["digest"], desc["digest"])
-            if media_type in (OCI_INDEX, DOCKER_LIST) and desc.get("mediaType") in MANIFEST_TYPES:
-                break
-        if media_type not in MANIFEST_TYPES:
-            raise RegistryError(f"image index {self.ref} nests indexes too deeply")
-        return body, media_type, digest
+        raise RegistryError(f"image index {self.ref} nests indexes too deeply")
 
     def fetch(self, desc: dict, dest: str, label: str) -> None:
         """The blob, from the cache or the registry, checked, hard-linked to `dest`."""
@@ -378,8 +374,12 @@ def piped(write: Callable[[BinaryIO], None]) -> Iterator[BinaryIO]:
     try:
         with open(read_fd, "rb", buffering=CHUNK) as f:
             yield f
-    finally:
+    except BaseException:
         thread.join()
+        if failure:  # the tar broke off (a damaged layer): that is why the upload failed
+            raise failure[0] from None
+        raise
+    thread.join()
     if failure:
         raise failure[0]
 

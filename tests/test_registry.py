@@ -668,3 +668,18 @@ def test_the_cache_drops_what_no_pull_took_up_within_a_week(store):
         cache.prune()
     assert sorted(os.listdir(cache.verified)) == ["b" * 64]
     assert sorted(os.listdir(cache.partials)) == ["d" * 64, "e" * 64]
+
+
+@pytest.mark.parametrize("compression", ["gzip", "none"])
+def test_a_damaged_layer_in_the_store_is_a_clear_error_and_no_manifest_is_pushed(cli, store, registry, tmp_path,
+                                                                                compression):
+    tar = tmp_path / "damaged.tar"
+    tar.write_bytes(small_tar("etc/damaged", b"the bytes the layer had\n"))
+    image_id = ok(cli("import", str(tar), "damaged:1"))
+    diff_id = store.image_config(image_id)["rootfs"]["diff_ids"][0]
+    with open(os.path.join(store.layer_dir(diff_id), "root", "etc", "damaged"), "r+b") as f:
+        f.write(b"THE")  # same size, other bytes
+    dest = f"{registry.host}/damaged-{compression}:1"
+    line = error_line(cli("push", "-q", "--tls-verify=false", "--compression-format", compression, "damaged:1", dest))
+    assert "damaged" in line and "strata fsck" in line, line
+    assert skopeo("inspect", "--tls-verify=false", f"docker://{dest}", check=False).returncode != 0
