@@ -324,7 +324,7 @@ def copy_keeping_holes(src: BinaryIO, fd: int, size: int) -> int:
         chunk = src.read(min(COPY_CHUNK, size - copied))
         if not chunk:
             break
-        if chunk.count(0) == len(chunk):
+        if chunk[0] == 0 and chunk.count(0) == len(chunk):  # (counted only where a hole may start)
             os.lseek(fd, len(chunk), os.SEEK_CUR)
         else:
             os.write(fd, chunk)

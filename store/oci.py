@@ -193,7 +193,7 @@ class DirectorySource(BlobSource):
     def open(self, relpath: str) -> tuple[BinaryIO, int]:
         if relpath.startswith("/") or ".." in relpath.split("/"):
             raise StoreError(f"layout path {relpath!r} leaves the layout")
-        f = open(os.path.join(self.path, relpath), "rb")
+        f = open(os.path.join(self.path, relpath), "rb", buffering=0)
         return f, os.fstat(f.fileno()).st_size
 
 
@@ -397,7 +397,8 @@ def prepare_blob_layer(store: Store, staging: str, source: BlobSource, desc: dic
                     decompressed, compressed = open_decompressed(blob)
                     # the uncompressed stream's digest is the diff_id; uncompressed, it is the blob's
                     recorder = TarSplitRecorder(decompressed, split_path, hashing=compressed)
-                    apply_tar_stream(recorder, writer, recorder.on_member)
+                    # tarfile reads 10 kB at a time: served from one buffer, not through every reader
+                    apply_tar_stream(io.BufferedReader(recorder, READ_CHUNK), writer, recorder.on_member)
                 except StoreError:
                     blob.check()  # a blob that is not what its digest says: that is the cause
                     raise

@@ -41,8 +41,7 @@ from typing import BinaryIO, Callable
 
 from .errors import StoreError
 from .fsutil import DIR_FLAGS, write_atomic
-from .layer import (OPAQUE_MARKER, WHITEOUT_PREFIX, DirFds, Entry, normalize_member_name, parent_of,
-                    tar_members)
+from .layer import OPAQUE_MARKER, WHITEOUT_PREFIX, DirFds, Entry, parent_of, tar_members
 
 SPLIT_META = "tarsplit.json"
 SPLIT_DATA = "tarsplit.zst"
@@ -70,7 +69,8 @@ class TarSplitRecorder(io.RawIOBase):
         self.done = 0  # bytes before this are recorded (kept, or noted as a file's)
         self.pending = bytearray()  # the bytes [done, pos)
         self.regions: list[tuple[int, int, str]] = []  # (start, size, path) not yet past, in order
-        self.literal = bytearray()
+        self.literal = bytearray()  # kept bytes not yet in a record
+        self.records = bytearray()  # records not yet handed to the compressor
         self.files: dict[str, int] = {}  # path -> size of the data the split names for it
         self.unusable = ""  # why, once known
 
@@ -96,7 +96,7 @@ class TarSplitRecorder(io.RawIOBase):
     def on_member(self, member: tarfile.TarInfo, entry: Entry) -> None:
         if self.unusable:
             return
-        path = normalize_member_name(member.name)
+        path = "/".join(part for part in member.name.split("/") if part not in ("", "."))  # as the writer has it
         if path in self.files:  # replaced, or linked over: the data named first is gone
             self.unusable = f"{path!r} comes twice"
             return
@@ -123,9 +123,14 @@ class TarSplitRecorder(io.RawIOBase):
 
     def _flush_literal(self) -> None:
         if self.literal:
-            self.out.write(b"L" + struct.pack(">Q", len(self.literal)))
-            self.out.write(self.literal)
+            self._record(b"L" + struct.pack(">Q", len(self.literal)) + self.literal)
             self.literal = bytearray()
+
+    def _record(self, data: bytes, last: bool = False) -> None:
+        self.records += data
+        if len(self.records) >= LITERAL_FLUSH or last:
+            self.out.write(self.records)
+            self.records = bytearray()
 
     def _settle(self) -> None:
         while self.pending:
@@ -144,7 +149,7 @@ class TarSplitRecorder(io.RawIOBase):
             if self.done == start + size:
                 self._flush_literal()
                 name = os.fsencode(path)
-                self.out.write(b"F" + struct.pack(">I", len(name)) + name + struct.pack(">Q", size))
+                self._record(b"F" + struct.pack(">I", len(name)) + name + struct.pack(">Q", size))
                 self.regions.pop(0)
 
     def abandon(self) -> None:
@@ -160,6 +165,7 @@ class TarSplitRecorder(io.RawIOBase):
                 raise SplitUnusable("the stream ended inside a member's data")
             self._keep(len(self.pending))
             self._flush_literal()
+            self._record(b"", last=True)
             by_path = {e.path: e for e in entries}
             for path, size in self.files.items():
                 e = by_path.get(path)
