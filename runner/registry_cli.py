@@ -15,17 +15,18 @@ from store import StoreError
 
 def tls_verify_flag(text: str) -> bool:
     """--tls-verify, --tls-verify=true, --tls-verify=false (skopeo's and podman's flag)."""
+    import argparse
     value = text.lower()
     if value in ("true", "1", "yes"):
         return True
     if value in ("false", "0", "no"):
         return False
-    raise ValueError(f"--tls-verify takes true or false, not {text!r}")
+    raise argparse.ArgumentTypeError(f"true or false, not {text!r} (write --tls-verify=false)")
 
 
 def add_tls_flag(p) -> None:
     p.add_argument("--tls-verify", type=tls_verify_flag, nargs="?", const=True, default=None,
-                   metavar="BOOL", help="require https with a trusted certificate (default: true, "
+                   metavar="=BOOL", help="require https with a trusted certificate (default: true, "
                    "unless registries.conf lists the registry as insecure); false allows plain http")
 
 
