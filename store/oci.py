@@ -455,8 +455,10 @@ def load_plans(store: Store, plans: list[ImagePlan], progress=None) -> list[str]
             for name in names[1:]:
                 store.tag(image_id, name)
             image_ids.append(image_id)
-            for name in names or [image_id]:
+            for name in names:
                 progress.note(f"Loaded image: {name}")
+            if not names:
+                progress.note(f"Loaded image ID: {image_id}")
         return image_ids
 
 
@@ -496,7 +498,11 @@ def replacing(dest: str) -> Iterator[BinaryIO]:
     head, tail = os.path.split(os.path.abspath(dest))
     tmp = os.path.join(head, f".{tail}.tmp-{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
+        f = open(tmp, "wb")
+    except OSError as e:
+        raise StoreError(f"cannot write {dest}: {e.strerror}") from None
+    try:
+        with f:
             yield f
             f.flush()
             os.fsync(f.fileno())

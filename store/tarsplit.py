@@ -63,7 +63,7 @@ class TarSplitRecorder(io.RawIOBase):
         super().__init__()
         self.raw = raw
         self.hash = hashlib.sha256() if hashing else None  # of the stream, when asked
-        self.file = open(path, "wb")
+        self.file = os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600), "wb")
         self.out = zstandard.ZstdCompressor(level=3).stream_writer(self.file, closefd=False)
         self.pos = 0  # bytes read from `raw`
         self.done = 0  # bytes before this are recorded (kept, or noted as a file's)
@@ -172,6 +172,8 @@ class TarSplitRecorder(io.RawIOBase):
                 if e is None or e.kind not in ("file", "hardlink") or e.size != size:
                     raise SplitUnusable(f"{path!r} is not in the layer as the tar had it")
             self.out.close()
+            self.file.flush()
+            os.fsync(self.file.fileno())  # renamed into the store with its layer (invariant 7)
         finally:
             self.file.close()
 

@@ -19,7 +19,7 @@ from store import Store, StoreError
 from store import oci
 from store.busybox import build_busybox_image
 
-from .helpers import build_tar, member, run_strata
+from .helpers import build_tar, cli_store, member, run_strata
 from .images import make_chain
 from .mounts import served, strata_mount_argv
 
@@ -260,6 +260,18 @@ def test_save_of_an_unknown_name_writes_nothing(strata, store, two_layer_image, 
     assert os.listdir(tmp_path) == ["store"]
 
 
+def test_an_image_saved_by_id_loads_untagged(strata, store, two_layer_image, other_root, tmp_path):
+    saved = strata("save", "-q", two_layer_image[7:19], check=True).stdout
+    manifest = json.loads(tarfile.open(fileobj=io.BytesIO(saved)).extractfile("manifest.json").read())
+    assert manifest[0]["RepoTags"] == []
+    proc = load_into(other_root, "-q", input=saved, check=True)
+    assert proc.stdout.decode() == f"Loaded image ID: {two_layer_image}\n"
+    assert Store(other_root).read_tags() == {} and Store(other_root).image_exists(two_layer_image)
+    proc = strata("save", "-o", str(tmp_path / "no" / "such.tar"), "app:v1")
+    assert proc.returncode == 125
+    assert proc.stderr.decode() == f"strata: error: cannot write {tmp_path}/no/such.tar: No such file or directory\n"
+
+
 def make_bad_inputs(store: Store, image_id: str, tmp_path) -> dict:
     """name -> (path, error) of archives that must be refused with nothing stored."""
     good = str(tmp_path / "good.tar")
@@ -445,8 +457,16 @@ def test_umoci_unpacks_strata_layout_to_the_same_tree(strata, store, two_layer_i
     strata("create", "--name", "ctr", "app:v1", check=True)
     exported = strata("export", "ctr", check=True).stdout
     with tarfile.open(fileobj=io.BytesIO(exported)) as tar:
-        names = {os.path.normpath(m.name) for m in tar if m.name not in (".", "./")}
-    assert names == set(tree)
+        members = {os.path.normpath(m.name): m for m in tar if m.name not in (".", "./")}
+        assert set(members) == set(tree)
+        for name, m in members.items():  # files (their data and modes) and symlinks alike
+            if m.isreg():
+                data = tar.extractfile(m).read()
+                assert tree[name] == ("file", m.mode, data)
+            elif m.issym():
+                assert tree[name] == ("symlink", 0, m.linkname)
+            elif m.islnk():
+                assert tree[name][2] == tree[os.path.normpath(m.linkname)][2]
 
 
 @pytest.mark.parametrize("dest", ["docker-archive", "oci-archive", "oci", "oci-gzip", "oci-zstd"])
@@ -625,6 +645,9 @@ def test_foreign_layers_keep_their_bytes_and_the_image_its_id(tmp_path, other_ro
     third = str(tmp_path / "third")
     load_into(third, "-q", "-i", saved, check=True)
     assert Store(third).read_tags() == {"foreign:1": image_id}
+    loose = [os.path.join(d, n) for d, _, names in os.walk(other_root) for n in names
+             if os.lstat(os.path.join(d, n)).st_mode & 0o077]
+    assert loose == []  # the split too is its owner's alone, as everything in a store
 
 
 def test_a_tar_that_names_a_path_twice_is_kept_as_strata_own(tmp_path, other_root):
@@ -698,3 +721,41 @@ def test_a_large_commit_shows_its_progress_a_small_one_does_not(strata, store):
         assert strata("commit", "little", "little:1", check=True).stderr == b""
     finally:
         strata("rm", "-f", "big", "little")
+
+
+# -- without privileges ------------------------------------------------------------------
+
+@pytest.fixture(params=["root", "unprivileged"])
+def cli(request, tmp_path):
+    with cli_store(request, tmp_path, "archives") as cli:
+        yield cli
+
+
+def test_save_load_export_import_as_root_and_unprivileged(cli):
+    """Owners and devices of an image are metadata: an unprivileged user saves, loads and
+    exports them as they are, and an export run through `import` keeps them."""
+    tar = os.path.join(cli.scratch, "root.tar")
+    with open(tar, "wb") as f:
+        f.write(build_tar([member("etc", "dir"), member("etc/shadow", data=b"root:*:1::::::\n", mode=0o640, gid=42),
+                           member("dev", "dir"), member("dev/tty", "char", major=5, minor=0, mode=0o666),
+                           member("bin", "dir"), member("bin/su", data=b"su", mode=0o4755)]))
+    image_id = cli.ok("import", "-q", tar, "owned:1").strip()
+    archive = os.path.join(cli.scratch, "owned.tar")
+    cli.ok("save", "-q", "-o", archive, "owned:1")
+    cli.ok("rmi", "owned:1")
+    assert cli.ok("load", "-q", "-i", archive) == "Loaded image: owned:1\n"
+    assert cli.ok("images", "-q", "--no-trunc", "owned:1").strip() == image_id
+    cli.ok("create", "--name", "ctr", "owned:1", "/bin/su")
+    exported = os.path.join(cli.scratch, "exported.tar")
+    cli.ok("export", "-q", "-o", exported, "ctr")
+    with tarfile.open(exported) as t:
+        members = {os.path.normpath(m.name): m for m in t}
+    assert (members["etc/shadow"].gid, members["etc/shadow"].mode) == (42, 0o640)
+    assert members["dev/tty"].ischr() and (members["dev/tty"].devmajor, members["dev/tty"].devminor) == (5, 0)
+    assert members["bin/su"].mode == 0o4755 and members["bin/su"].uid == 0
+    again = cli.ok("import", "-q", exported, "again:1").strip()
+    saved_again = os.path.join(cli.scratch, "again")
+    cli.ok("save", "-q", "--format", "oci-dir", "-o", saved_again, "again:1")
+    index = json.load(open(os.path.join(saved_again, "index.json")))
+    assert index["manifests"][0]["annotations"][oci.REF_NAME] == "again:1"
+    assert again.startswith("sha256:")
