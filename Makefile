@@ -11,12 +11,14 @@ SYSTEM_PY    := /usr/bin/python3
 # static probe (tests/probe.c) that tries the calls a container must not make, and with
 # libfuse3-dev and python3-dev the fallocate shim (unionfs/_fallocate.c, built by pip);
 # debootstrap: the Debian 12 image of the real-workload tests (tests/debian.py);
-# skopeo and umoci: the tools that check what strata save writes and make what load reads
+# skopeo and umoci: the tools that check what strata save writes and make what load reads;
+# docker-registry: the CNCF registry the push/pull tests start on 127.0.0.1 (tests/registry.py;
+# never its packaged service, which policy-rc.d keeps from starting on these machines)
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config libcap-dev busybox-static \
                 python3 python3-venv python3-dev gcc libc6-dev zstd libseccomp2 \
                 uidmap util-linux debootstrap \
                 fuse-overlayfs unionfs-fuse bubblewrap \
-                skopeo umoci
+                skopeo umoci docker-registry
 STAMP        := $(VENV)/.installed
 
 .PHONY: all deps bytecode system-packages demo test clean

@@ -27,8 +27,26 @@ skopeo's copy: strata unpacks every file into its store, builds the image's inde
 records the layer's tar split; skopeo copies blobs. The last row makes skopeo
 decompress as strata must.
 
-Rows are data (ROWS): a later row (push, pull) gives its name, strata's arguments,
-skopeo's, and what it needs prepared (Row.prepare); `Bench` has the places.
+The registry rows run the CNCF registry (docker-registry, tests/registry.py) on
+127.0.0.1; what it does is the same for both sides:
+
+  push gzip             strata push                    skopeo copy oci:A docker://R/push:1
+  push zstd             strata push --compression-format zstd   ... --dest-compress-format zstd
+  pull                  strata pull (a fresh store)    skopeo copy docker://P/base:1
+                                                         containers-storage:[vfs@X]
+  pull, skopeo blobs    strata pull (a fresh store)    skopeo copy docker://P/base:1 oci:X
+
+A push goes, every time, to a registry R started afresh for it (on one port, with
+empty storage; not timed), so that neither side finds the layer there or can mount
+it; both compress the layer as they upload it (skopeo reads the uncompressed layout
+A; strata makes the layer's tar from its store as it goes). P is one registry holding
+the image as skopeo pushed it (gzip). A pull unpacks the layer into a store: strata's,
+and containers/storage's (vfs driver) for skopeo in the first pull row; in the second
+skopeo only copies blobs.
+
+Rows are data (ROWS): a row gives its name, strata's arguments, skopeo's, what it
+needs prepared once (Row.prepare) and around each timed command (Row.around);
+`Bench` has the places.
 """
 from __future__ import annotations
 
@@ -48,6 +66,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from tests.debian import minbase_tarball  # noqa: E402
+from tests.registry import Registry, free_port  # noqa: E402
 
 IMAGE = "bench:base"
 UNCOMPRESSED = ("--dest-oci-accept-uncompressed-layers",)
@@ -62,6 +81,29 @@ class Bench:
         self.layout, self.docker_archive, self.oci_archive = f"{work}/A", f"{work}/B.tar", f"{work}/C.tar"
         self.gzip_layout = f"{work}/G"
         self.teardown = contextlib.ExitStack()
+        self.push_port = free_port()  # where each push's fresh registry listens
+        self.push_host = f"127.0.0.1:{self.push_port}"
+        self.pull_registry: Registry | None = None
+
+    @contextlib.contextmanager
+    def fresh_registry(self, out: str):
+        """An empty registry on push_host, for one timed push."""
+        registry = Registry(f"{out}/registry", port=self.push_port).start()
+        try:
+            yield
+        finally:
+            registry.stop()
+
+    def image_in_registry(self) -> None:
+        """The registry pulls come from, holding the image as skopeo pushed it (gzip)."""
+        if self.pull_registry is None:
+            self.pull_registry = Registry(f"{self.work}/pull-registry").start()
+            self.teardown.callback(self.pull_registry.stop)
+            run(skopeo("--dest-tls-verify=false", f"oci:{self.layout}:{IMAGE}", f"docker://{self.pull_host}/bench/base:1"))
+
+    @property
+    def pull_host(self) -> str:
+        return self.pull_registry.host
 
     def strata(self, *args: str, store: str | None = None) -> list[str]:
         return [sys.executable, "-m", "runner", "--root", store or self.store, *args]
@@ -84,12 +126,14 @@ class Row:
     """One comparison: `strata(bench, out)` and `peer(bench, out)` give the commands,
     `out` a fresh directory of the round (gone afterwards). `prepare(bench)`, run once
     before the rounds, sets up what the row needs (a registry, say), registering its
-    teardown on bench.teardown (an ExitStack)."""
+    teardown on bench.teardown (an ExitStack); `around(bench, out)`, a context manager,
+    what each timed command needs made before it and taken down after (untimed)."""
 
     name: str
     strata: Callable[[Bench, str], list[str]]
     peer: Callable[[Bench, str], list[str]]
     prepare: Callable[[Bench], None] | None = None
+    around: Callable[[Bench, str], contextlib.AbstractContextManager] | None = None
 
 
 def skopeo(*args: str) -> list[str]:
@@ -110,6 +154,21 @@ def load_row(fmt: str, place: Callable[[Bench], str], source: Callable[[Bench], 
                lambda b, out: skopeo(*UNCOMPRESSED, source(b), f"oci:{out}/x:{IMAGE}"))
 
 
+def push_row(compression: str, strata_flags: tuple, skopeo_flags: tuple) -> Row:
+    """strata push from its store beside skopeo copying the uncompressed layout A, each to
+    an empty registry, both compressing the layer as `compression`."""
+    return Row(f"push {compression}",
+               lambda b, out: b.strata("push", "-q", "--tls-verify=false", *strata_flags, IMAGE,
+                                       f"{b.push_host}/bench/push:1"),
+               lambda b, out: skopeo("--dest-tls-verify=false", *skopeo_flags, f"oci:{b.layout}:{IMAGE}",
+                                     f"docker://{b.push_host}/bench/push:1"),
+               around=Bench.fresh_registry)
+
+
+def strata_pull(b: Bench, out: str) -> list[str]:
+    return b.strata("pull", "-q", "--tls-verify=false", f"{b.pull_host}/bench/base:1", store=f"{out}/store")
+
+
 ROWS = [
     save_row("docker-archive", "docker-archive", "x.tar"),
     save_row("oci-archive", "oci-archive", "x.tar"),
@@ -123,15 +182,26 @@ ROWS = [
     Row("load gzip oci-dir",  # skopeo decompresses too, as strata must
         lambda b, out: b.strata("load", "-q", "-i", b.gzip_layout, store=f"{out}/store"),
         lambda b, out: skopeo(f"oci:{b.gzip_layout}:{IMAGE}", f"docker-archive:{out}/x.tar:{IMAGE}")),
+    push_row("gzip", (), ()),
+    push_row("zstd", ("--compression-format", "zstd"), ("--dest-compress-format", "zstd")),
+    Row("pull", strata_pull,
+        lambda b, out: skopeo("--src-tls-verify=false", f"docker://{b.pull_host}/bench/base:1",
+                              f"containers-storage:[vfs@{out}/cs+{out}/cs-run]{IMAGE}"),
+        prepare=Bench.image_in_registry),
+    Row("pull, skopeo blobs", strata_pull,
+        lambda b, out: skopeo("--src-tls-verify=false", f"docker://{b.pull_host}/bench/base:1", f"oci:{out}/x:{IMAGE}"),
+        prepare=Bench.image_in_registry),
 ]
 
 
-def timed(argv: list[str], out: str) -> float:
+def timed(bench: Bench, row: Row, command: Callable[[Bench, str], list[str]], out: str) -> float:
     os.makedirs(out)
     try:
-        start = time.perf_counter()
-        run(argv)
-        return time.perf_counter() - start
+        with row.around(bench, out) if row.around else contextlib.nullcontext():
+            argv = command(bench, out)
+            start = time.perf_counter()
+            run(argv)
+            return time.perf_counter() - start
     finally:
         shutil.rmtree(out)
 
@@ -143,7 +213,7 @@ def measure(bench: Bench, rows: list[Row], rounds: int) -> dict[str, dict[str, l
             sides = [("strata", row.strata), ("skopeo", row.peer)]
             for side, command in sides if n % 2 == 0 else sides[::-1]:
                 out = f"{bench.work}/round"
-                results[row.name][side].append(timed(command(bench, out), out))
+                results[row.name][side].append(timed(bench, row, command, out))
         print(f"round {n + 1}/{rounds} done", file=sys.stderr)
     return results
 
