@@ -224,17 +224,6 @@ class TarSource(BlobSource):
             os.close(self.fd)
             raise BadArchive(f"truncated archive: {what} ends inside a member")
 
-    def close(self) -> None:
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
     def resolve(self, relpath: str) -> tarfile.TarInfo:
         name = archive_name(relpath)
         for _ in range(MAX_LINKS):
@@ -355,7 +344,8 @@ def load(store: Store, source: str | None = None, progress=None, stdin: BinaryIO
         if not os.path.exists(os.path.join(source, "oci-layout")):
             raise BadArchive(f"{source}: a directory that is not an OCI image layout (no oci-layout); "
                              "load a docker-archive as the tar it is")
-        return load_plans(store, plan_layout(DirectorySource(source), None, None, source), progress)
+        with DirectorySource(source) as layout:
+            return load_plans(store, plan_layout(layout, None, None, source), progress)
     with store.staging() as staging:
         if source in (None, "-"):
             stdin = stdin or sys.stdin.buffer

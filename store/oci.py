@@ -29,15 +29,17 @@ manager whose value is called with the bytes done since the last call, and
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import io
 import json
 import os
 import re
+import stat
 from typing import BinaryIO, Callable, Iterator
 
 from .errors import BadArchive, StoreError
-from .fsutil import OWNER_ONLY, fsync_dir
+from .fsutil import OWNER_ONLY, fsync_dir, open_beneath
 from .store import PreparedLayer, Store, canonical_json, go_arch, parse_reference
 
 OCI_LAYOUT_VERSION = "1.0.0"
@@ -148,7 +150,20 @@ class VerifyingReader(io.RawIOBase):
 
 class BlobSource:
     """The files of a layout by their path relative to it: a directory here,
-    the members of a tar archive in store.archive."""
+    the members of a tar archive in store.archive; `fd` is the one they are read from."""
+
+    fd = -1
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     def open(self, relpath: str) -> tuple[BinaryIO, int]:
         raise NotImplementedError
@@ -187,14 +202,31 @@ class BlobSource:
 
 
 class DirectorySource(BlobSource):
+    """A layout directory someone else may have made: its files are opened beneath it
+    without following any symlink (a blob linked to a host file, to /dev/zero, a blobs/
+    linked elsewhere), and only regular files are read: a FIFO is opened without blocking
+    and refused."""
+
     def __init__(self, path: str):
         self.path = path
+        self.fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)  # the user's own path may be a link
 
     def open(self, relpath: str) -> tuple[BinaryIO, int]:
         if relpath.startswith("/") or ".." in relpath.split("/"):
             raise StoreError(f"layout path {relpath!r} leaves the layout")
-        f = open(os.path.join(self.path, relpath), "rb", buffering=0)
-        return f, os.fstat(f.fileno()).st_size
+        try:
+            fd = open_beneath(self.fd, relpath, os.O_RDONLY | os.O_NONBLOCK)
+        except OSError as e:
+            if e.errno in (errno.ELOOP, errno.EXDEV):
+                raise BadArchive(f"layout file {relpath!r} is a symlink, or under one; not read") from None
+            if e.errno == errno.ENOTDIR:  # (without openat2, a symlinked directory says so too)
+                raise BadArchive(f"layout path {relpath!r} goes through a symlink or a non-directory") from None
+            raise
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise BadArchive(f"layout file {relpath!r} is not a regular file; not read")
+        return os.fdopen(fd, "rb", buffering=0), st.st_size
 
 
 def parse_json(data: bytes, what: str) -> dict:
@@ -468,7 +500,8 @@ def read_layout(store: Store, layout_dir: str, ref: str | None = None, platform=
     given); tag them by their ref names; return their ids. Nothing is stored on error."""
     if not os.path.isdir(layout_dir):
         raise StoreError(f"{layout_dir}: not a directory")
-    return load_from_source(store, DirectorySource(layout_dir), ref, platform, progress, f"layout {layout_dir}")
+    with DirectorySource(layout_dir) as source:
+        return load_from_source(store, source, ref, platform, progress, f"layout {layout_dir}")
 
 
 def load_from_source(store: Store, source: BlobSource, ref, platform, progress, what: str) -> list[str]:
