@@ -25,13 +25,14 @@ import io
 import json
 import os
 import re
+import stat
 import sys
 import tarfile
 from typing import BinaryIO
 
 from .errors import BadArchive, StoreError
-from .oci import (DOCKER_LAYER, BlobSource, ImagePlan, LayoutSink, OCI_LAYOUT_FILE, check_config, local_name,
-                  index_entries, layout_index, load_plans, plan_layout, replacing, write_images,
+from .oci import (DOCKER_LAYER, BlobSource, ImagePlan, LayoutSink, OCI_LAYOUT_FILE, OutputFile, check_config,
+                  index_entries, layout_index, load_plans, local_name, plan_layout, replacing, write_images,
                   write_layout)
 from .store import Store
 
@@ -147,7 +148,9 @@ def save(store: Store, refs: list[str], fmt: str = "docker-archive", output: str
 @contextlib.contextmanager
 def output_stream(output: str | None, stdout: BinaryIO | None = None):
     """Where an archive goes: `output` (written beside it and renamed into place when
-    whole, so that a failure leaves no half archive), or stdout, if not a terminal."""
+    whole, so that a failure leaves no half archive), or stdout, if not a terminal.
+    An `output` that is a character device or a FIFO (/dev/null, /dev/stdout, a pipe
+    to another tool) is written into: renamed over, /dev/null itself would be replaced."""
     if output is None:
         stdout = stdout or sys.stdout.buffer
         if os.isatty(stdout.fileno()):
@@ -155,8 +158,39 @@ def output_stream(output: str | None, stdout: BinaryIO | None = None):
         yield stdout
         stdout.flush()
         return
-    with replacing(output) as f:
-        yield f
+    if not is_stream_node(output):
+        with replacing(output) as f:
+            yield f
+        return
+    try:
+        f = open(output, "wb")
+    except OSError as e:
+        raise StoreError(f"cannot write {output}: {e.strerror}") from None
+    with OutputFile(f, output).closing() as out:
+        if os.isatty(f.fileno()):
+            raise StoreError(f"refusing to write an archive to a terminal ({output})")
+        yield out
+
+
+def is_stream_node(path: str) -> bool:
+    """Whether `path` is a character device or a FIFO to write into as it is. A symlink
+    is followed to one only when it is the caller's or root's (/dev/stdout,
+    /proc/self/fd/N), as fs.protected_symlinks has it: a link someone else planted at
+    the output's name is replaced, never written through. A block device or a socket
+    is refused."""
+    try:
+        st = os.lstat(path)
+        if stat.S_ISLNK(st.st_mode):
+            if st.st_uid not in (0, os.geteuid()):
+                return False
+            st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    except OSError as e:
+        raise StoreError(f"cannot write {path}: {e.strerror}") from None
+    if stat.S_ISBLK(st.st_mode) or stat.S_ISSOCK(st.st_mode):
+        raise StoreError(f"cannot write {path}: a {'block device' if stat.S_ISBLK(st.st_mode) else 'socket'}")
+    return stat.S_ISCHR(st.st_mode) or stat.S_ISFIFO(st.st_mode)
 
 
 # -- reading ----------------------------------------------------------------

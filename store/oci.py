@@ -524,21 +524,78 @@ class LayoutSink:
         raise NotImplementedError
 
 
+class OutputFile:
+    """A file being written whose write errors (ENOSPC, EIO, ...) name the file the user
+    asked for (`dest`), not the temporary one, nor nothing at all."""
+
+    def __init__(self, f: BinaryIO, dest: str):
+        self.f, self.dest = f, dest
+
+    def _failed(self, e: OSError) -> StoreError:
+        return StoreError(f"cannot write {self.dest}: {e.strerror or e}")
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            raise self._failed(e) from None
+
+    def flush(self) -> None:
+        try:
+            self.f.flush()
+        except OSError as e:
+            raise self._failed(e) from None
+
+    def fileno(self) -> int:
+        return self.f.fileno()
+
+    def close(self, failing: bool = False) -> None:
+        """Close (the buffer's last bytes are written now); `failing`: an error is on its
+        way already, and the one closing meets would only hide it."""
+        try:
+            self.f.close()
+        except OSError as e:
+            if not failing:
+                raise self._failed(e) from None
+
+    @contextlib.contextmanager
+    def closing(self) -> Iterator["OutputFile"]:
+        try:
+            yield self
+            self.flush()
+        except BaseException:
+            self.close(failing=True)
+            raise
+        self.close()
+
+
 @contextlib.contextmanager
-def replacing(dest: str) -> Iterator[BinaryIO]:
+def replacing(dest: str) -> Iterator[OutputFile]:
     """A file written beside `dest` and renamed onto it once whole and on disk; on an
-    error it is removed and `dest` is left as it was."""
+    error it is removed and `dest` is left as it was. The temporary file is made anew
+    under a random name (O_EXCL, O_NOFOLLOW): in a directory others write to, a name
+    planted there is never written through. A symlink at `dest` is replaced, not followed."""
     head, tail = os.path.split(os.path.abspath(dest))
-    tmp = os.path.join(head, f".{tail}.tmp-{os.getpid()}")
+    if os.path.isdir(dest):
+        raise StoreError(f"cannot write {dest}: Is a directory")
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    while True:
+        tmp = os.path.join(head, f".{tail}.tmp-{os.urandom(6).hex()}")
+        try:
+            fd = os.open(tmp, flags, 0o666)
+            break
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise StoreError(f"cannot write {dest}: {e.strerror}") from None
     try:
-        f = open(tmp, "wb")
-    except OSError as e:
-        raise StoreError(f"cannot write {dest}: {e.strerror}") from None
-    try:
-        with f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+        with OutputFile(os.fdopen(fd, "wb"), dest).closing() as out:
+            yield out
+            out.flush()
+            try:
+                os.fsync(fd)
+            except OSError as e:
+                raise out._failed(e) from None
         os.rename(tmp, dest)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

@@ -246,6 +246,17 @@ def test_save_never_writes_through_a_planted_name(store, busybox, tmp_path):
     assert victim.read_bytes() == b"precious\n"
     assert stat.S_ISREG(os.lstat(shared / "out.tar").st_mode)
     assert "manifest.json" in {m.name for m in tarfile.open(shared / "out.tar")}
+    # a link to a device is followed when it is the caller's own (as /dev/stdout is), and
+    # replaced when someone else planted it (protected_symlinks' rule)
+    node = tmp_path / "node"
+    os.mknod(node, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    os.symlink(node, shared / "mine")
+    os.symlink(node, shared / "planted")
+    os.lchown(shared / "planted", 65534, 65534)
+    save(store, ["busybox"], output=str(shared / "mine"))
+    save(store, ["busybox"], output=str(shared / "planted"))
+    assert os.path.islink(shared / "mine") and stat.S_ISCHR(os.lstat(node).st_mode)
+    assert stat.S_ISREG(os.lstat(shared / "planted").st_mode)
 
 
 def test_save_into_a_directory_names_it(strata, busybox, tmp_path):
