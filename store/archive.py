@@ -32,8 +32,9 @@ from typing import BinaryIO
 
 from .errors import BadArchive, StoreError
 from .oci import (DOCKER_LAYER, BlobSource, ImagePlan, LayoutSink, OCI_LAYOUT_FILE, OutputFile, check_config,
-                  index_entries, layout_index, load_plans, local_name, plan_layout, replacing, write_images,
+                  index_entries, parse_json_value, layout_index, load_plans, local_name, plan_layout, replacing, write_images,
                   write_layout)
+from .layer import BoundedTarInfo
 from .store import Store
 
 FORMATS = ("docker-archive", "oci-archive", "oci-dir")
@@ -243,7 +244,8 @@ class TarSource(BlobSource):
         self.members: dict[str, tarfile.TarInfo] = {}
         try:
             with os.fdopen(os.dup(self.fd), "rb") as f:
-                tar = tarfile.open(fileobj=f, mode="r:")
+                # headers are read into memory: capped as a layer's are
+                tar = tarfile.open(fileobj=f, mode="r:", tarinfo=BoundedTarInfo)
                 for m in tar:
                     name = archive_name(m.name)
                     if name and (m.isreg() or m.issym() or m.islnk()):
@@ -251,6 +253,9 @@ class TarSource(BlobSource):
         except tarfile.TarError as e:
             os.close(self.fd)
             raise BadArchive(f"{what} is not a tar archive, or is truncated ({e})") from None
+        except BadArchive as e:
+            os.close(self.fd)
+            raise BadArchive(f"{what}: {e}") from None
         except BaseException:
             os.close(self.fd)
             raise
@@ -290,10 +295,7 @@ class TarSource(BlobSource):
 
 def plan_docker_archive(source: TarSource) -> list[ImagePlan]:
     """Plans from Docker's manifest.json: configs and layers by their paths."""
-    try:
-        manifest = json.loads(source.read_small("manifest.json", "manifest.json"))
-    except (ValueError, UnicodeDecodeError) as e:
-        raise BadArchive(f"manifest.json is not valid JSON ({e})") from None
+    manifest = parse_json_value(source.read_small("manifest.json", "manifest.json"), "manifest.json")
     if not isinstance(manifest, list) or not all(isinstance(e, dict) for e in manifest):
         raise BadArchive("manifest.json is not a list of images")
     if not manifest:

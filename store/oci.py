@@ -229,11 +229,17 @@ class DirectorySource(BlobSource):
         return os.fdopen(fd, "rb", buffering=0), st.st_size
 
 
-def parse_json(data: bytes, what: str) -> dict:
+def parse_json_value(data: bytes, what: str):
     try:
-        obj = json.loads(data)
+        return json.loads(data)
     except (ValueError, UnicodeDecodeError) as e:
         raise BadArchive(f"{what} is not valid JSON ({e})") from None
+    except RecursionError:  # [[[[... a few hundred thousand deep: json recurses
+        raise BadArchive(f"{what} is not valid JSON (nested too deeply)") from None
+
+
+def parse_json(data: bytes, what: str) -> dict:
+    obj = parse_json_value(data, what)
     if not isinstance(obj, dict):
         raise BadArchive(f"{what} is not a JSON object")
     return obj
