@@ -477,9 +477,11 @@ class SparseMember:
         return self.size
 
 
-def apply_tar_stream(stream: BinaryIO, writer: LayerWriter, on_member=None) -> None:
+def apply_tar_stream(stream: BinaryIO, writer: LayerWriter, on_member=None, decompress: bool = True) -> None:
     """Apply every member of a (possibly compressed) tar stream to `writer`.
-    `on_member(member, entry)`, if given, sees each member first (store.tarsplit)."""
+    `on_member(member, entry)`, if given, sees each member first (store.tarsplit).
+    `decompress=False`: the stream is decompressed already (an image's layer: its
+    uncompressed stream is the tar the diff_id names, never a compressed one again)."""
     import lzma
     import zlib
     try:
@@ -488,7 +490,7 @@ def apply_tar_stream(stream: BinaryIO, writer: LayerWriter, on_member=None) -> N
     except ImportError:  # pragma: no cover - zstandard is a declared dependency
         zstd_errors = ()
     try:
-        decompressed, compressed = open_decompressed(stream)
+        decompressed, compressed = open_decompressed(stream) if decompress else (stream, False)
         counted = CountingReader(decompressed)
         tar = tarfile.open(fileobj=counted, mode="r|", tarinfo=BoundedTarInfo)
         for member in tar:

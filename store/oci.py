@@ -436,9 +436,12 @@ def prepare_blob_layer(store: Store, staging: str, source: BlobSource, desc: dic
                     # the uncompressed stream's digest is the diff_id; uncompressed, it is the blob's
                     recorder = TarSplitRecorder(decompressed, split_path, hashing=compressed)
                     # tarfile reads 10 kB at a time: served from one buffer, not through every reader
-                    apply_tar_stream(io.BufferedReader(recorder, READ_CHUNK), writer, recorder.on_member)
-                except StoreError:
+                    apply_tar_stream(io.BufferedReader(recorder, READ_CHUNK), writer, recorder.on_member,
+                                     decompress=False)
+                except StoreError as e:
                     blob.check()  # a blob that is not what its digest says: that is the cause
+                    if type(e) is BadArchive:
+                        raise BadArchive(f"{what}: {e}") from None
                     raise
                 blob.check()
                 got = "sha256:" + (recorder if compressed else blob).hash.hexdigest()

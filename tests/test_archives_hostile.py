@@ -200,7 +200,7 @@ def test_a_layer_compressed_twice_is_refused(tmp_path, target):
     layout = str(tmp_path / "twice")
     foreign_layout(layout, [gzip.compress(tar, mtime=0)], name="twice:1", compress="gzip")
     before = store_state(Store(target))
-    assert_refused(target, run_strata(target, "load", "-q", "-i", layout), "not a tar archive", before)
+    assert_refused(target, run_strata(target, "load", "-q", "-i", layout), ": not a tar archive", before)
 
 
 # -- where save writes ---------------------------------------------------------------------
