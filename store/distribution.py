@@ -9,6 +9,14 @@ cannot be sent twice, so its token is fetched before it is sent.
 
 Every failure is a RegistryError with one line that says what went wrong and
 where; transport errors are mapped here and nowhere else.
+
+The registry may be the attacker's. Credentials go only to the registry's own origin
+(scheme, host, port) and to the token realm it names, which must be https unless the
+registry is insecure (a password would cross the network in the clear); httpx drops the
+Authorization header itself when a redirect leaves the origin. Every answer is read
+streamed, and only so far: a manifest up to MAX_MANIFEST, anything else that is not a
+blob up to MAX_BODY (an endless error body or token is cut off, not held in memory).
+Text the registry wrote goes into errors through printable(): one line, no escapes.
 """
 from __future__ import annotations
 
@@ -34,6 +42,7 @@ MANIFEST_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST)
 INDEX_TYPES = (OCI_INDEX, DOCKER_LIST)
 ACCEPT = ", ".join(MANIFEST_TYPES + INDEX_TYPES)
 MAX_MANIFEST = 4 << 20  # as containerd: a manifest is small; a registry that sends more is wrong
+MAX_BODY = 1 << 20  # an error, a token, /v2/: as containers/image caps error bodies and tokens
 
 USER_AGENT = "strata/0.1"
 
@@ -68,11 +77,17 @@ def parse_challenge(header: str) -> tuple[str, dict[str, str]]:
     return scheme.lower(), params
 
 
-def error_codes(response: httpx.Response) -> list[tuple[str, str]]:
+def error_codes(body: bytes) -> list[tuple[str, str]]:
     """(code, message) of the registry's {"errors": [...]} body, if it sent one."""
-    with contextlib.suppress(ValueError, TypeError, AttributeError):
-        return [(str(e.get("code", "")), str(e.get("message", ""))) for e in response.json()["errors"]]
+    with contextlib.suppress(ValueError, TypeError, AttributeError, KeyError):
+        return [(str(e.get("code", "")), printable(str(e.get("message", "")))) for e in json.loads(body)["errors"]]
     return []
+
+
+def printable(text: str) -> str:
+    """Text a registry wrote, as one line of plain characters: no newline, no terminal
+    escape, no bidi control gets from a hostile registry into an error."""
+    return "".join(c if c.isprintable() else "?" for c in text)
 
 
 class RegistryClient:
@@ -122,13 +137,19 @@ class RegistryClient:
         if "WRONG_VERSION_NUMBER" in text or "record layer failure" in text:
             return ("it does not speak https (plain http is used only for an insecure registry: "
                     "--tls-verify=false, or insecure = true in registries.conf)")
-        return text.splitlines()[0]
+        return printable(text.splitlines()[0] if text.strip() else type(e).__name__)
 
     def fail(self, response: httpx.Response, what: str, scopes: list[str] = ()) -> RegistryError:
-        """The one-line error for a response that is not a success (its body is read here)."""
-        with contextlib.suppress(httpx.HTTPError):
-            response.read()
-        codes = dict(error_codes(response))
+        """The one-line error for a response that is not a success (its body is read here,
+        its first MAX_BODY bytes)."""
+        try:
+            body = response.content
+        except httpx.ResponseNotRead:
+            body = b""
+            if not response.is_stream_consumed:
+                with contextlib.suppress(RegistryError):
+                    body = self.read_capped(response, MAX_BODY, what)
+        codes = dict(error_codes(body))
         status = response.status_code
         if status == 401 or "UNAUTHORIZED" in codes:
             if self.credentials is None:
@@ -150,7 +171,56 @@ class RegistryClient:
                 return RegistryError(f"{label}: {what}" + (f" ({detail})" if detail else ""))
         if status == 404:
             return RegistryError(f"not found: {what}")
-        return RegistryError(f"registry {self.registry} answered {status} {response.reason_phrase} ({what})")
+        return RegistryError(f"registry {self.registry} answered {status} {printable(response.reason_phrase)} "
+                             f"({what})")
+
+    def read_capped(self, response: httpx.Response, limit: int, what: str) -> bytes:
+        """The body of a streamed response, `limit` bytes at most (more is an error); the
+        response is closed, and keeps the body as httpx's read() would (.content)."""
+        body = bytearray()
+        try:
+            with self.transport(what):
+                for chunk in response.iter_bytes():
+                    body += chunk
+                    if len(body) > limit:
+                        raise RegistryError(f"registry {self.registry} sent more than {limit >> 20} MiB "
+                                            f"{what}")
+        finally:
+            response.close()
+        response._content = bytes(body)  # what httpx's own read() sets
+        return response._content
+
+    def get(self, url, what: str, **kw) -> httpx.Response:
+        """A GET whose answer is small (/v2/, a token): streamed and read to MAX_BODY."""
+        with self.transport(what):
+            response = self.http.send(self.http.build_request("GET", url, params=kw.pop("params", None)),
+                                      stream=True, **kw)
+        self.read_capped(response, MAX_BODY, what)
+        return response
+
+    def same_origin(self, url) -> bool:
+        """Whether `url` is the registry's own scheme, host and port (credentials go nowhere else)."""
+        if self.base is None:
+            return False
+        mine, other = httpx.URL(self.base), httpx.URL(str(url))
+        return (mine.scheme, mine.host, mine.port) == (other.scheme, other.host, other.port)
+
+    def location(self, response: httpx.Response, default: str | None = None) -> str:
+        """The upload URL a response's Location names, checked: http(s), and never plain http
+        for a registry reached over https (unless it is insecure): the layers would go in the clear."""
+        text = response.headers.get("location", default)
+        try:
+            url = response.url.join(text)
+        except httpx.InvalidURL:
+            raise RegistryError(f"registry {self.registry} sent an upload location that is not a URL: "
+                                f"{printable(text)!r}") from None
+        if url.scheme not in ("http", "https"):
+            raise RegistryError(f"registry {self.registry} sent an upload location that is not http(s): "
+                                f"{printable(str(url))!r}")
+        if url.scheme == "http" and self.base and self.base.startswith("https:") and not self.insecure:
+            raise RegistryError(f"registry {self.registry} sent an upload location on plain http "
+                                f"({printable(str(url))}): refused for a registry reached over https")
+        return str(url)
 
     # -- authentication -----------------------------------------------------
 
@@ -160,16 +230,16 @@ class RegistryClient:
         error: RegistryError | None = None
         for scheme in schemes:
             try:
-                with self.transport("answering /v2/"):
-                    response = self.http.get(f"{scheme}://{self.api_host}/v2/")
+                response = self.get(f"{scheme}://{self.api_host}/v2/", "answering /v2/")
             except RegistryError as e:
-                error = error or e
+                if error is None or isinstance(error, Unreachable):  # what one that answered said
+                    error = e
                 continue
             if response.status_code == 401 and "www-authenticate" in response.headers:
                 self.challenge = parse_challenge(response.headers["www-authenticate"])
             elif not response.is_success:
                 error = RegistryError(f"{self.api_host} is not a registry: GET /v2/ answered "
-                                      f"{response.status_code} {response.reason_phrase}")
+                                      f"{response.status_code} {printable(response.reason_phrase)}")
                 continue
             self.base = f"{scheme}://{self.api_host}"
             return
@@ -201,48 +271,59 @@ class RegistryClient:
     def fetch_token(self, params: dict[str, str], scopes: list[str]) -> tuple[str, float]:
         """(token, seconds it lives: expires_in, else the spec's 60)."""
         realm = params.get("realm")
-        if not realm or not realm.startswith(("https://", "http://")):
+        try:
+            url = httpx.URL(realm or "")
+        except httpx.InvalidURL:
+            url = None
+        if url is None or url.scheme not in ("https", "http") or not url.host:
             raise AuthError(f"registry {self.registry} asks for a bearer token without a realm URL")
+        if url.scheme == "http" and not self.insecure:
+            raise AuthError(f"registry {self.registry} names a token service on plain http "
+                            f"({printable(realm)}): refused, it would have the credentials in the clear "
+                            f"(--tls-verify=false, or insecure = true in registries.conf, to allow it)")
         query = [("scope", s) for s in scopes] or ([("scope", params["scope"])] if "scope" in params else [])
         if "service" in params:
             query.insert(0, ("service", params["service"]))
         auth = httpx.BasicAuth(*self.credentials) if self.credentials else None
-        with self.transport("answering the token request"):
-            response = self.http.get(realm, params=query, auth=auth)
+        response = self.get(url, "answering the token request", params=query, auth=auth)
         if response.status_code in (401, 403):
             who = f"user {self.credentials[0]!r}" if self.credentials else "anonymous access"
             raise AuthError(f"authentication refused by {self.registry}'s token service ({who})")
         if not response.is_success:
             raise AuthError(f"token service of {self.registry} answered {response.status_code} "
-                            f"{response.reason_phrase}")
+                            f"{printable(response.reason_phrase)}")
         try:
-            body = response.json()
+            body = json.loads(response.content)
             token = body.get("token") or body.get("access_token")
             lifetime = float(body.get("expires_in") or 60)
         except (ValueError, AttributeError, TypeError):
             token, lifetime = None, 0
-        if not isinstance(token, str) or not token:
-            raise AuthError(f"token service of {self.registry} sent no token")
+        if not isinstance(token, str) or not token or not all("!" <= c <= "~" for c in token):
+            raise AuthError(f"token service of {self.registry} sent no token (of visible ASCII characters)")
         return token, lifetime
 
     def send(self, method: str, path_or_url: str, scopes: list[str], what: str, *, headers=None,
              content=None, params=None, stream: bool = False, replayable: bool = True) -> httpx.Response:
-        """One request, with authorization; a 401 is answered once (for a replayable body)."""
+        """One request, with authorization (to the registry's own origin only); a 401 is
+        answered once (for a replayable body). Unless `stream`, the answer is read (MAX_BODY)."""
         url = path_or_url if path_or_url.startswith(("http://", "https://")) else self.url(path_or_url)
+        own = self.same_origin(url)
         for attempt in (0, 1):
             all_headers = dict(headers or {})
-            auth = self.authorization(scopes)
+            auth = self.authorization(scopes) if own else None
             if auth:
                 all_headers["Authorization"] = auth
             with self.transport(what):
                 request = self.http.build_request(method, url, headers=all_headers, content=content,
                                                   params=params)
-                response = self.http.send(request, stream=stream)
+                response = self.http.send(request, stream=True)
             header = response.headers.get("www-authenticate")
-            if response.status_code != 401 or attempt or not replayable or not header:
+            if response.status_code != 401 or attempt or not replayable or not header or \
+                    not (own and self.same_origin(response.url)):  # another host's challenge is not ours
+                if not stream:
+                    self.read_capped(response, MAX_BODY, what)
                 return response
-            with self.transport(what):
-                response.read()  # small; kept readable for fail()
+            self.read_capped(response, MAX_BODY, what)  # small; kept readable for fail()
             challenge = parse_challenge(header)
             if challenge[0] != "bearer" and (challenge == self.challenge or self.credentials is None):
                 self.challenge = challenge
@@ -261,16 +342,11 @@ class RegistryClient:
         try:
             if not response.is_success:
                 raise self.fail(response, what.replace("for ", "", 1))
-            body = bytearray()
-            with self.transport(f"sending the manifest {what}"):
-                for chunk in response.iter_bytes():
-                    body += chunk
-                    if len(body) > MAX_MANIFEST:
-                        raise RegistryError(f"manifest {what} is larger than {MAX_MANIFEST >> 20} MiB")
+            body = self.read_capped(response, MAX_MANIFEST, f"as the manifest {what}")
         finally:
             response.close()
         media_type = response.headers.get("content-type", "").split(";")[0].strip()
-        return bytes(body), media_type, response.headers.get("docker-content-digest")
+        return body, media_type, response.headers.get("docker-content-digest")
 
     def put_manifest(self, repository: str, reference: str, body: bytes, media_type: str) -> str | None:
         what = f"for {self.registry}/{repository}:{reference}"
@@ -313,7 +389,7 @@ class RegistryClient:
             return None
         if response.status_code != 202 or "location" not in response.headers:
             raise self.fail(response, f"starting an upload to {self.registry}/{repository}")
-        return str(response.url.join(response.headers["location"]))
+        return self.location(response)
 
     def upload_chunk(self, location: str, scopes: list[str], data, start: int | None, length: int | None,
                      what: str) -> str:
@@ -326,7 +402,7 @@ class RegistryClient:
                              replayable=start is not None and isinstance(data, bytes))
         if response.status_code != 202:
             raise self.fail(response, what)
-        return str(response.url.join(response.headers.get("location", location)))
+        return self.location(response, location)
 
     def finish_upload(self, location: str, scopes: list[str], digest: str, what: str, data=b"",
                       length: int | None = None) -> None:

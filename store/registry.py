@@ -30,7 +30,7 @@ from typing import BinaryIO, Callable, Iterator
 from .blobcache import BlobCache
 from .distribution import (DOCKER_MANIFEST, DOCKER_SCHEMA1, INDEX_TYPES, MANIFEST_TYPES,
                            OCI_INDEX, OCI_MANIFEST, DigestMismatch, RegistryClient, RegistryError,
-                           TransferBroken, Unreachable, parse_json, push_scope)
+                           TransferBroken, Unreachable, parse_json, printable, push_scope)
 from .errors import StoreError
 from .fsutil import OWNER_ONLY, write_atomic
 from .reference import RemoteReference, parse_registry, parse_remote_reference
@@ -53,6 +53,7 @@ FOREIGN_LAYER_TYPES = ("application/vnd.docker.image.rootfs.foreign.diff.tar.gzi
                        "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip",
                        "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd")
 CHUNK = 1 << 20
+MAX_CONFIG = 4 << 20  # a config is a small JSON document, read whole: as containers/image caps it
 DOWNLOADS = 3  # layers pulled at once
 REF_NAME = "org.opencontainers.image.ref.name"
 
@@ -99,7 +100,9 @@ def parse_platform(text: str) -> tuple[str, str, str]:
 
 
 def platform_name(p: dict) -> str:
-    return "/".join(x for x in (p.get("os", "?"), p.get("architecture", "?"), p.get("variant", "")) if x)
+    """os/arch[/variant] of an index entry, as the registry wrote it (made printable)."""
+    return "/".join(printable(str(x)) for x in (p.get("os", "?"), p.get("architecture", "?"), p.get("variant", ""))
+                    if x)
 
 
 def choose_platform(index: dict, wanted: tuple[str, str, str], what: str) -> dict:
@@ -117,6 +120,8 @@ def choose_platform(index: dict, wanted: tuple[str, str, str], what: str) -> dic
         if platform.get("os") != want_os or platform.get("architecture") != want_arch:
             continue
         variant = platform.get("variant", "")
+        if not isinstance(variant, str):
+            continue
         default = {"arm64": "v8"}.get(want_arch, "")
         if want_variant and variant != want_variant and not ({variant, want_variant} <= {"", default}):
             continue
@@ -315,6 +320,9 @@ def pull(store: Store, name: str, platform: str | None = None, tls_verify: bool 
 def check_image_manifest(manifest: dict, ref: RemoteReference) -> tuple[dict, list[dict]]:
     """The config and layer descriptors, checked before anything is fetched."""
     config_desc = check_descriptor(manifest.get("config"), f"the config of {ref}")
+    if config_desc["size"] > MAX_CONFIG:
+        raise RegistryError(f"the config of {ref} is {config_desc['size']} bytes: more than the "
+                            f"{MAX_CONFIG >> 20} MiB a config may be")
     if config_desc.get("mediaType", OCI_CONFIG) not in (OCI_CONFIG, DOCKER_CONFIG):
         raise RegistryError(f"unknown media type {config_desc['mediaType']!r} for the config of {ref} "
                             f"(not a container image)")
@@ -324,6 +332,8 @@ def check_image_manifest(manifest: dict, ref: RemoteReference) -> tuple[dict, li
     for n, desc in enumerate(layers):
         check_descriptor(desc, f"layer {n + 1} of {ref}")
         layer_type = desc.get("mediaType", "")
+        if not isinstance(layer_type, str):
+            raise RegistryError(f"unknown media type {layer_type!r} for layer {n + 1} of {ref}")
         if layer_type in FOREIGN_LAYER_TYPES:
             raise RegistryError(f"layer {n + 1} of {ref} is a foreign (non-distributable) layer "
                                 f"({layer_type}), which strata does not fetch")

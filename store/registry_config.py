@@ -25,9 +25,10 @@ import binascii
 import contextlib
 import json
 import os
+import secrets
 
 from .errors import StoreError
-from .fsutil import write_atomic
+from .fsutil import fsync_dir
 
 DOCKER_HUB = "docker.io"
 LEGACY_HUB_KEYS = ("https://index.docker.io/v1/", "index.docker.io", "registry-1.docker.io")
@@ -125,11 +126,31 @@ def remove_credentials(registry: str | None, path: str | None = None) -> list[st
 
 
 def write_auth_file(path: str, data: dict) -> None:
+    """Replace the auth file atomically, 0600 whatever the umask. It may be in a directory
+    others can write (--authfile /tmp/auth.json): the temporary file has a name no one can
+    guess and is made new (O_EXCL, O_NOFOLLOW), so nothing planted there gets the
+    credentials, and its mode is set on the fd, never through the name."""
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         os.makedirs(directory, mode=0o700)
-    write_atomic(path, json.dumps(data, indent="\t").encode() + b"\n", 0o600)
-    os.chmod(path, 0o600)  # whatever the umask
+    tmp = os.path.join(directory, f".tmp.{os.path.basename(path)}.{secrets.token_hex(8)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+        view = memoryview(json.dumps(data, indent="\t").encode() + b"\n")
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
+        os.rename(tmp, path)
+    except BaseException:
+        if fd >= 0:
+            os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(directory)
 
 
 def insecure_locations() -> list[str]:
