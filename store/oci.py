@@ -613,12 +613,24 @@ def replacing(dest: str) -> Iterator[OutputFile]:
 
 
 class DirectorySink(LayoutSink):
+    """A layout directory written in place. Its blobs/ and blobs/sha256/ must be its own
+    directories, not symlinks (into which a layout someone else prepared would have the
+    blobs written), and an existing blob or index.json counts only as a regular file."""
+
     def __init__(self, path: str):
         self.path = path
-        os.makedirs(os.path.join(path, "blobs", "sha256"), exist_ok=True)
+        os.makedirs(path, exist_ok=True)
+        for sub in ("blobs", "blobs/sha256"):
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(os.path.join(path, sub))
+            if not stat.S_ISDIR(os.lstat(os.path.join(path, sub)).st_mode):
+                raise StoreError(f"{path}: its {sub} is not a directory (a symlink?); not written into")
 
     def has_blob(self, hex_digest: str) -> bool:
-        return os.path.isfile(os.path.join(self.path, "blobs", "sha256", hex_digest))
+        try:
+            return stat.S_ISREG(os.lstat(os.path.join(self.path, "blobs", "sha256", hex_digest)).st_mode)
+        except FileNotFoundError:
+            return False
 
     def _replace(self, relpath: str, fill: Callable[[BinaryIO], None]) -> None:
         with replacing(os.path.join(self.path, relpath)) as f:
@@ -636,10 +648,13 @@ class DirectorySink(LayoutSink):
 
     def existing_index(self) -> list[dict]:
         try:
-            with open(os.path.join(self.path, "index.json"), "rb") as f:
-                return list(parse_json(f.read(), "the existing index.json").get("manifests") or [])
+            with DirectorySource(self.path) as layout:  # beneath it, a regular file
+                index = parse_json(layout.read_small("index.json", "the existing index.json"),
+                                   "the existing index.json")
         except FileNotFoundError:
             return []
+        manifests = index.get("manifests") or []
+        return [e for e in manifests if isinstance(e, dict)] if isinstance(manifests, list) else []
 
 
 class SavedImage:

@@ -16,7 +16,7 @@ import threading
 
 import pytest
 
-from store import Store, oci
+from store import Store, StoreError, oci
 from store.busybox import build_busybox_image
 
 from .helpers import build_tar, cli_store, member, run_strata
@@ -266,3 +266,35 @@ def test_save_into_a_directory_names_it(strata, busybox, tmp_path):
     assert proc.stderr.decode() == f"strata: error: cannot write {out}: Is a directory\n"
     assert sorted(os.listdir(tmp_path)) == ["adir", "store"]
     assert os.listdir(out) == []
+
+
+def test_save_into_a_layout_someone_prepared_writes_only_inside_it(store, busybox, tmp_path):
+    """An oci-dir output whose blobs/ is a symlink would have had the blobs written where
+    it points, and its index.json linked to another file would have been read (and its
+    entries kept in the new index); a blob linked elsewhere counted as written."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    linked_blobs = tmp_path / "linked-blobs"
+    linked_blobs.mkdir()
+    linked_blobs.joinpath("oci-layout").write_text('{"imageLayoutVersion": "1.0.0"}')
+    os.symlink(elsewhere, linked_blobs / "blobs")
+    with pytest.raises(StoreError, match="its blobs is not a directory"):
+        oci.write_layout(store, ["busybox"], str(linked_blobs))
+    assert os.listdir(elsewhere) == []
+
+    planted = tmp_path / "planted"
+    oci.write_layout(store, ["busybox"], str(planted))
+    _, _, layer = layout_paths(str(planted))
+    secret = tmp_path / "secret.json"
+    secret.write_text(json.dumps({"manifests": [{"digest": "sha256:" + "5" * 64, "password": "hunter2"}]}))
+    os.unlink(planted / "index.json")
+    os.symlink(secret, planted / "index.json")
+    os.unlink(layer)
+    os.symlink("/dev/null", layer)
+    with pytest.raises(StoreError, match="is a symlink"):
+        oci.write_layout(store, ["busybox"], str(planted))
+    os.unlink(planted / "index.json")
+    oci.write_layout(store, ["busybox"], str(planted))
+    assert "hunter2" not in (planted / "index.json").read_text()
+    assert stat.S_ISREG(os.lstat(layer).st_mode)
+    assert oci.read_layout(Store(str(tmp_path / "again")), str(planted)) == [busybox]
