@@ -344,21 +344,14 @@ def read_member(source: BlobSource, path: str, what: str) -> bytes:
 
 def spool(stream: BinaryIO, dest: str, progress, what: str) -> None:
     """Copy (decompressing) an archive from a pipe or a compressed file into staging."""
-    from .layer import open_decompressed
-    import lzma
-    import zlib
-    try:
-        import zstandard
-        zstd_errors: tuple = (zstandard.ZstdError,)
-    except ImportError:  # pragma: no cover - a declared dependency
-        zstd_errors = ()
+    from .layer import decompression_errors, open_decompressed
     with progress.task(f"reading {what}", None) as advance, open(dest, "wb") as out:
         try:
             data, _ = open_decompressed(stream)
             while chunk := data.read(1 << 20):
                 out.write(chunk)
                 advance(len(chunk))
-        except (EOFError, OSError, zlib.error, lzma.LZMAError, *zstd_errors) as e:
+        except (OSError, *decompression_errors()) as e:
             if isinstance(e, OSError) and e.errno is not None:
                 raise
             raise BadArchive(f"truncated or corrupt compressed archive {what} ({e})") from None
