@@ -9,7 +9,8 @@ bytes done since the last call; `note(line)` is a result for the user
 - otherwise: one plain line per finished task (description, bytes, time, rate);
 - quiet (-q): no progress at all.
 
-Notes always go to stdout, quiet or not, as docker load's "Loaded image" does.
+Notes go to stdout (or stderr, for a command whose stdout is its result), quiet or
+not, as docker load's "Loaded image" does.
 rich is imported only when a bar is drawn (CLI start-up time). Tasks may run in
 threads (parallel blob transfers): the plain printer and rich both lock.
 """
@@ -33,15 +34,16 @@ def human_bytes(n: float) -> str:
 class Progress:
     """Quiet: no progress lines; the base of the two that draw."""
 
-    def __init__(self, out: TextIO | None = None):
-        self.out = out  # None: sys.stdout when the note is made (rich redirects it above its bars)
+    def __init__(self, notes_to: str = "stdout"):
+        # "stdout" or "stderr", looked up when a note is made: rich redirects both above its bars
+        self.notes_to = notes_to
 
     @contextlib.contextmanager
     def task(self, description: str, total: int | None) -> Iterator[Callable[[int], None]]:
         yield lambda n: None
 
     def note(self, line: str) -> None:
-        print(line, file=self.out or sys.stdout, flush=True)
+        print(line, file=getattr(sys, self.notes_to), flush=True)
 
     def close(self) -> None:
         pass
@@ -56,8 +58,8 @@ class Progress:
 class PlainProgress(Progress):
     """One line per finished task, for logs and pipes."""
 
-    def __init__(self, stream: TextIO, out: TextIO | None = None):
-        super().__init__(out)
+    def __init__(self, stream: TextIO, notes_to: str = "stdout"):
+        super().__init__(notes_to)
         self.stream = stream
         self.lock = threading.Lock()
 
@@ -79,8 +81,8 @@ class PlainProgress(Progress):
 class BarProgress(Progress):
     """A rich bar per task, kept on screen when it is done."""
 
-    def __init__(self, stream: TextIO, out: TextIO | None = None):
-        super().__init__(out)
+    def __init__(self, stream: TextIO, notes_to: str = "stdout"):
+        super().__init__(notes_to)
         from rich.console import Console
         from rich.progress import (BarColumn, DownloadColumn, Progress as RichProgress, TextColumn,
                                    TimeRemainingColumn, TransferSpeedColumn)
@@ -105,11 +107,11 @@ class BarProgress(Progress):
             self.started = False
 
 
-def make_progress(quiet: bool = False, stream: TextIO | None = None, out: TextIO | None = None) -> Progress:
+def make_progress(quiet: bool = False, stream: TextIO | None = None, notes_to: str = "stdout") -> Progress:
     """The progress a command shows: bars on a terminal, lines elsewhere, none when quiet."""
     stream = stream or sys.stderr
     if quiet:
-        return Progress(out)
+        return Progress(notes_to)
     if stream.isatty():
-        return BarProgress(stream, out)
-    return PlainProgress(stream, out)
+        return BarProgress(stream, notes_to)
+    return PlainProgress(stream, notes_to)

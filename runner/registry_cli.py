@@ -79,24 +79,13 @@ def add_parsers(add_parser) -> None:
     p.set_defaults(func=cmd_logout)
 
 
-class CurrentStderr:
-    """sys.stderr as it is when written to: rich redirects it above its bars while they
-    are drawn, so a note printed then does not tear them."""
-
-    def write(self, text: str) -> int:
-        return sys.stderr.write(text)
-
-    def flush(self) -> None:
-        sys.stderr.flush()
-
-
 def progress_for(args):
     """Bars on a terminal, lines otherwise, all on stderr (stdout is for the result);
     None with -q: not even the notes."""
     if args.quiet:
         return None
     from .progress import make_progress
-    return make_progress(stream=sys.stderr, out=CurrentStderr())
+    return make_progress(stream=sys.stderr, notes_to="stderr")
 
 
 def cmd_pull(args, store) -> int:
