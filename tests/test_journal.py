@@ -283,7 +283,6 @@ def test_files_made_and_written_in_one_open_share_a_row_of_creates(image, tmp_pa
             n, fd = v.create(ROOT, b"f%d" % i, 0o644, os.O_RDWR, 0, 0, ME)
             v.write(fd, 0, b"x" * 4096)
             v.setattr(n.ino, mtime_ns=time.time_ns(), caller=ME)  # the kernel's own stamp of the write
-            v.flush(fd)
             v.release(fd)
         v.store_pending()
         v.upper.db.set_trace_callback(None)
@@ -488,7 +487,6 @@ def some_changes(v, caller):
     d = v.lookup(ROOT, b"d")
     n, fd = v.create(d.ino, b"new", 0o644, os.O_RDWR, 0, 0, caller)
     v.write(fd, 0, b"made and written")
-    v.flush(fd)
     v.release(fd)
     fd, _ = v.open(lookup_path(v, "/etc/passwd").ino, os.O_WRONLY, caller)
     v.write(fd, 4, b"X")
@@ -661,7 +659,6 @@ def apply_op(view, op, pick, pick_dir, name):
             view.write(fd, 0, b"new " + name)
             view.setattr(n.ino, mtime_ns=time.time_ns())
             view.write(fd, 4, b"more" * (pick % 2))
-            view.flush(fd)
             view.release(fd)
         elif op == "mkdir":
             view.mkdir(d.ino, name, 0o755, 0, 0)

@@ -666,11 +666,6 @@ class UnionView:
                                                            "length": length, "size": n.size})
         return n
 
-    def flush(self, fd: int) -> None:
-        n = self.handles[fd]
-        if n.dirty:  # stored with the next transaction (store_pending)
-            self.pending_writes.append(n)
-
     def fsync(self, fd: int, datasync: bool) -> None:
         self.store_pending()
         n = self.handles[fd]
