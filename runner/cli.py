@@ -518,10 +518,7 @@ def build_parser(only: str | None = None) -> CliParser:
                    "stopped container's upper layer against its journal. One line per problem; "
                    "exit status 1 while any is left unrepaired. Running containers are left alone.")
     p.add_argument("--repair", action="store_true", help="mend what was found")
-    import time
-    # when the store was missing it is made before fsck runs: its files' times tell (by
-    # CLOCK_REALTIME_COARSE, 5, the clock they are stamped from; fsck_cli.made_by_this_command)
-    p.set_defaults(func=fsck_command, parsed_at_ns=time.clock_gettime_ns(5))
+    p.set_defaults(func=fsck_command, existing_store=True)   # fsck never makes the store it checks
 
     if only in (None, "save", "load", "export"):
         from .images_cli import add_parsers as add_image_file_parsers
@@ -579,7 +576,7 @@ def run_command(argv: list[str], early_supervisor) -> int:
         if args.command is None:
             parser.print_help()
             return 0
-        store = Store(args.root)
+        store = Store(args.root, create=not getattr(args, "existing_store", False))
         args.early_supervisor = early_supervisor
         status = args.func(args, store)
         sys.stdout.flush()  # a closed pipe must surface here, not at interpreter exit

@@ -83,9 +83,6 @@ class Report:
 
 
 def cmd_fsck(args, store: Store) -> int:
-    if made_by_this_command(store, args.parsed_at_ns):
-        remove_new_store(store)
-        raise StoreError(f"no store at {store.root}")
     report = Report(args.repair, sys.stdout)
     with store.locked():
         report.take(stale_mounts(store))
@@ -94,25 +91,6 @@ def cmd_fsck(args, store: Store) -> int:
         report.take(container_findings(store, images.unusable, args.repair))
     print(report.summary())
     return 0 if report.left == 0 else 1
-
-
-def made_by_this_command(store: Store, parsed_at_ns: int) -> bool:
-    """Every command makes its store when it is missing, before it runs; a store whose
-    lock file is no older than this command's parsing was missing. `parsed_at_ns` is read
-    from CLOCK_REALTIME_COARSE (runner.cli), the clock file times are stamped from: a
-    file made after that reading is never stamped before it (the fine clock runs ahead)."""
-    return os.stat(store.lock_path).st_mtime_ns >= parsed_at_ns
-
-
-def remove_new_store(store: Store) -> None:
-    """What Store() just made (the root itself stays: it may have been there, empty)."""
-    from store.store import SUBDIRS
-    os.unlink(store.lock_path)
-    for sub in SUBDIRS:
-        try:
-            os.rmdir(os.path.join(store.root, sub))
-        except OSError:
-            pass
 
 
 # -- mounts ----------------------------------------------------------------------------

@@ -106,13 +106,16 @@ class ImageInfo:
 class Store:
     """One store root. Cheap to construct; every method re-reads what it needs."""
 
-    def __init__(self, root: str | None = None):
+    def __init__(self, root: str | None = None, create: bool = True):
+        """create=False: a missing store is an error, not made (fsck must find one)."""
         self.root = os.path.abspath(root or default_root())
+        self.lock_path = os.path.join(self.root, "lock")
+        if not create and not os.path.exists(self.lock_path):
+            raise StoreError(f"no store at {self.root}")
         os.makedirs(self.root, mode=OWNER_ONLY, exist_ok=True)  # a root made beforehand keeps its mode
         for sub in SUBDIRS:
             with contextlib.suppress(FileExistsError):
                 os.mkdir(os.path.join(self.root, sub), OWNER_ONLY)
-        self.lock_path = os.path.join(self.root, "lock")
         if not os.path.exists(self.lock_path):
             with flocked(self.lock_path):
                 pass
