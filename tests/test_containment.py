@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 
-from .helpers import NOBODY, REPO, Strata, cli_store  # noqa: F401  (Strata and NOBODY: other modules)
+from .helpers import REPO, Strata, cli_store
 
 DOCKER_DEFAULT_CAPS = 0xA80425FB
 AS_ROOT = {"CapInh": 0, "CapPrm": DOCKER_DEFAULT_CAPS, "CapEff": DOCKER_DEFAULT_CAPS,

@@ -21,6 +21,7 @@ from store import Store
 from store.blobcache import BlobCache
 
 from .helpers import build_tar, member, run_strata
+from .mounts import wait_for
 from .registry import Registry, ThrottledProxy
 
 USERS = {"alice": "wonderland-42"}
@@ -404,13 +405,6 @@ def test_registries_conf_makes_a_registry_insecure(cli, store, registry, home):
 
 # -- faults -------------------------------------------------------------------------
 
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
-
-
 @contextlib.contextmanager
 def random_image_in_own_registry(cli, tmp_path, name: str, size: int):
     """A registry of the test's own holding a one-layer image of `size` random bytes
@@ -435,7 +429,7 @@ def test_registry_killed_mid_pull_stores_nothing_and_the_next_pull_resumes(cli, 
     with random_image_in_own_registry(cli, tmp_path, "big", size) as (reg, image_id):
         before = store_state(store.root)
         with ThrottledProxy(reg.port, rate=12 << 20) as proxy, background_pull(store, tmp_path, proxy.host, "big:1") as pulling:
-            wait_for(lambda: any(n > size // 4 for n in partial()), 60, "a quarter of the layer")
+            wait_for(lambda: any(n > size // 4 for n in partial()), 60, what="a quarter of the layer")
             reg.kill()
             out, err = pulling.communicate(timeout=60)
         assert pulling.returncode == 125, (out, err)

@@ -13,9 +13,9 @@ import textwrap
 
 import pytest
 
-from .helpers import run_within
+from .helpers import Strata, run_within
 from .mounts import wait_for
-from .test_containment import Strata, probe_binary, strata  # noqa: F401  (fixtures)
+from .test_containment import probe_binary, strata  # noqa: F401  (fixtures)
 from .test_procfs import process_state, stuck_in_exec
 
 DEADLINE = 30  # seconds: the whole script takes well under one
