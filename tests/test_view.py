@@ -125,6 +125,22 @@ def test_fsck_repairs_what_a_crash_leaves(view, image, tmp_path):
         upper.close()
 
 
+def test_a_new_file_is_made_under_its_final_name_over_what_an_uncommitted_create_left(view, tmp_path):
+    """create makes data/<ino> with one O_CREAT|O_EXCL, no temp file and rename; a file
+    (even a FIFO, which an open would wait on) left at that name by a create whose
+    transaction never committed is replaced, never opened."""
+    data = tmp_path / "upper" / "data"
+    os.mkfifo(data / str(view.upper.next_ino))
+    (data / str(view.upper.next_ino + 1)).write_bytes(b"stale")
+    for name in (b"a", b"b"):
+        n, fd = view.create(ROOT, name, 0o644, os.O_RDWR, 0, 0)
+        assert stat.S_ISREG(os.fstat(fd).st_mode) and os.fstat(fd).st_size == 0
+        view.write(fd, 0, b"new " + name)
+        view.release(fd)
+        assert (data / str(n.ino)).read_bytes() == b"new " + name
+    assert not [name for name in os.listdir(data) if name.startswith(".tmp-")]
+
+
 def test_xattrs_are_metadata_only(view, tmp_path):
     f = view.lookup(ROOT, b"h1")
     view.setxattr(f.ino, b"trusted.a", b"1")

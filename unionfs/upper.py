@@ -17,7 +17,8 @@ need no `.wh.` prefix. Ownership, modes, devices and xattrs are rows too
 
 Crash consistency (invariant 3): SQLite in WAL mode commits every change
 before the FUSE reply, and copy-up writes a temp file that is renamed into
-place only when complete. A process killed with -9 loses nothing the kernel
+place only when complete (a new file's data starts empty, so it is made under
+its final name). A process killed with -9 loses nothing the kernel
 already has; `check()` repairs what a crash can leave (sizes, orphan data).
 """
 from __future__ import annotations
@@ -239,19 +240,17 @@ class UpperLayer:
                                        0o600, dir_fd=self.data_fd))
 
     def create_data(self, ino: int, src_fd: int | None = None, keep_open: bool = False) -> int | None:
-        """Make data/<ino> complete before it appears: copy to a temp name, then rename.
+        """Make data/<ino>: a copy of `src_fd` complete before it appears (a temp name, then
+        a rename), or, without a source, an empty file made under its final name at once
+        (one O_CREAT|O_EXCL: nothing in it can be incomplete; one left by a create that
+        never committed is an orphan, removed here or by check()).
         `keep_open`: return the new file's fd (O_RDWR), not closed."""
-        tmp = f".tmp-{ino}"
-        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
-        try:  # O_EXCL: whatever is there (a crashed copy-up's temp, a FIFO) is never opened
-            fd = os.open(tmp, flags, 0o600, dir_fd=self.data_fd)
-        except FileExistsError:
-            os.unlink(tmp, dir_fd=self.data_fd)
-            fd = os.open(tmp, flags, 0o600, dir_fd=self.data_fd)
+        name = self.data_name(ino) if src_fd is None else f".tmp-{ino}"
+        fd = self._create_exclusive(name)
         try:
             if src_fd is not None:
                 copy_sparse(src_fd, fd)
-            os.rename(tmp, self.data_name(ino), src_dir_fd=self.data_fd, dst_dir_fd=self.data_fd)
+                os.rename(name, self.data_name(ino), src_dir_fd=self.data_fd, dst_dir_fd=self.data_fd)
         except BaseException:
             os.close(fd)
             raise
@@ -259,6 +258,16 @@ class UpperLayer:
             return fd
         os.close(fd)
         return None
+
+    def _create_exclusive(self, name: str) -> int:
+        """A new empty file data/`name`; whatever was there (a crashed copy-up's temp, the
+        data of a create that never committed, a FIFO) is removed, never opened (O_EXCL)."""
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW
+        try:
+            return os.open(name, flags, 0o600, dir_fd=self.data_fd)
+        except FileExistsError:
+            os.unlink(name, dir_fd=self.data_fd)
+            return os.open(name, flags, 0o600, dir_fd=self.data_fd)
 
     def remove_data(self, ino: int) -> None:
         with contextlib.suppress(FileNotFoundError):
