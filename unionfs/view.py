@@ -68,9 +68,7 @@ class Node:
 
     def load_lower(self, attrs: InodeAttrs) -> None:
         """Take every attribute from a lower source's attrs()."""
-        self.mode, self.uid, self.gid, self.size = attrs.mode, attrs.uid, attrs.gid, attrs.size
-        self.mtime_ns, self.rdev, self.nlink = attrs.mtime_ns, attrs.rdev, attrs.nlink
-        self.target, self.xattrs = attrs.target, attrs.xattrs
+        attrs.copy_to(self)  # mode, uid, gid, size, mtime_ns, rdev, nlink, target, xattrs
         self.atime_ns = self.ctime_ns = self.mtime_ns
 
     def is_dir(self) -> bool:
