@@ -95,9 +95,7 @@ class IndexLower(LowerSource):
         self.index = MergedIndex(index_path, immutable=True)
         super().__init__(layer_roots)
         self.first_free_ino = self.index.next_ino()
-        # the index's own methods, bound once (the request path calls them directly)
-        self.attrs, self.path_of, self.names_of = self.index.attrs, self.index.path_of, self.index.names_of
-        self.child_names = self.index.child_names
+        self.attrs = self.index.attrs  # bound once: the request path calls the index's own
 
     def close(self) -> None:
         self.index.close()
@@ -115,9 +113,19 @@ class IndexLower(LowerSource):
         children = self.dirs[dir_ino] = self.index.load_dir(dir_ino)
         return children
 
+    def path_of(self, ino: int) -> bytes | None:
+        return self.index.path_of(ino)
+
+    def names_of(self, ino: int) -> list[tuple[int, bytes]]:
+        return self.index.names_of(ino)
+
+    def child_names(self, dir_ino: int) -> list[bytes]:
+        """A directory's names, in no order, without loading it (diff's point lookups)."""
+        return self.index.child_names(dir_ino)
+
     def open_data(self, ino: int) -> int:
-        layer, path = self.index.data_location(ino)
-        return checked_regular(open_beneath(self.layer_fds[layer], path, os.O_RDONLY | HOST_DATA_FLAGS))
+        data = self.index.data_location(ino)
+        return checked_regular(open_beneath(self.layer_fds[data.layer], data.path, os.O_RDONLY | HOST_DATA_FLAGS))
 
 
 OVERLAY_XATTR_PREFIXES = (b"trusted.overlay.", b"user.overlay.", b"user.fuseoverlayfs.")
