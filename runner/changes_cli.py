@@ -164,13 +164,13 @@ def rfc3339_of_epoch(epoch: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
 
 
-def wait_for_creates_on_record(db, seconds: float = 2.0) -> None:
+def wait_for_creates_on_record(upper, seconds: float = 2.0) -> None:
     """A paused container's newest creates wait in the batch its server stores when idle
     (within 0.5 s, unionfs.journal): the provenance's journal digest must cover them. (The
     layer does not wait: diff takes such files from the upper layer.)"""
     from unionfs.journal import unrecorded_creates
     deadline = time.monotonic() + seconds
-    while unrecorded_creates(db) and time.monotonic() < deadline:
+    while unrecorded_creates(upper) and time.monotonic() < deadline:
         time.sleep(0.02)
 
 
@@ -259,7 +259,7 @@ def cmd_commit(args, store: Store) -> int:
             try:
                 from unionfs.storeview import while_steady
                 if paused is not None and paused.pid1 is not None:
-                    wait_for_creates_on_record(changes.upper.db)
+                    wait_for_creates_on_record(changes.upper)
                 found = while_steady(changes, lambda c: c.diff())
                 records = changes.records()
                 with commit_progress(args, config, changes.after, found) as advance:

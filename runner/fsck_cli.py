@@ -29,7 +29,6 @@ import re
 import sqlite3
 import sys
 import threading
-import urllib.parse
 from typing import Iterable, Iterator
 
 from store import Store, StoreError
@@ -274,21 +273,10 @@ def repair_upper(upper_path: str, lower, run: int) -> list[str]:
 def copy_for_trial(upper: str, trial: str) -> None:
     """upper.db as it is (a read-only connection's backup: what the write-ahead log holds
     too), and a sparse stand-in with the size and times of every data file."""
+    from unionfs.upper import copy_database
     os.mkdir(trial, 0o700)
     os.mkdir(os.path.join(trial, "data"), 0o700)
-    database = os.path.join(upper, "upper.db")
-    # a read-only open of a WAL database makes the -wal file if it is missing; with none
-    # there is nothing but the database file to read, and immutable=1 makes nothing
-    options = "mode=ro" if os.path.exists(database + "-wal") else "mode=ro&immutable=1"
-    source = sqlite3.connect(f"file:{urllib.parse.quote(database)}?{options}", uri=True)
-    try:
-        copy = sqlite3.connect(os.path.join(trial, "upper.db"))
-        try:
-            source.backup(copy)
-        finally:
-            copy.close()
-    finally:
-        source.close()
+    copy_database(upper, trial)
     try:
         data_fd = os.open(os.path.join(upper, "data"), DIR_FLAGS)
     except FileNotFoundError:

@@ -28,10 +28,10 @@ import json
 import os
 import sqlite3
 import stat
-import urllib.parse
 from typing import Callable, Generator, Iterator
 
 from .fsutil import write_atomic
+from .index import MergedIndex
 from .store import Store, canonical_json
 
 
@@ -220,22 +220,22 @@ def index_problem(path: str, diff_ids: list[str]) -> str | None:
     if not os.path.exists(path):
         return "index.db is missing"
     try:
-        db = sqlite3.connect(f"file:{urllib.parse.quote(path)}?mode=ro&immutable=1", uri=True)
+        index = MergedIndex(path, immutable=True)
     except sqlite3.Error as e:
         return f"index.db is unreadable ({e})"
     try:
-        if db.execute("PRAGMA quick_check").fetchone()[0] != "ok":
+        if not index.quick_check():
             return "index.db is corrupt"
-        meta = dict(db.execute("SELECT key, value FROM meta"))
+        meta = index.meta()
         if json.loads(meta.get("layers", "null")) != diff_ids or not meta.get("next_ino", "").isdigit():
             return "index.db was built for other layers"
-        (top,) = db.execute("SELECT max(layer) FROM inodes").fetchone()
+        top = index.max_layer()
         if top is None or top >= len(diff_ids):
             return "index.db names a layer the image does not have"
     except (sqlite3.Error, ValueError) as e:
         return f"index.db is unreadable ({e})"
     finally:
-        db.close()
+        index.close()
     return None
 
 

@@ -14,15 +14,24 @@ Schema
   meta(key, value)            'layers' (JSON list of diff_ids), 'next_ino'
 Names, paths and symlink targets are BLOBs (os.fsencode): file names are
 bytes, and SQLite's TEXT cannot hold the surrogates of non-UTF-8 names.
+
+This module owns every query on the file: IndexBuilder writes it, MergedIndex
+is its one reader (the filesystem through unionfs.lower, diff, fsck, tests),
+answering named records; nothing else runs SQL on it (tests/test_sql_owners.py).
+The reader lives here, not in unionfs, because store.fsck reads it too and the
+store imports nothing of unionfs.
 """
 from __future__ import annotations
 
 import base64
+import collections
 import json
 import os
 import shutil
 import sqlite3
 import stat
+import urllib.parse
+from typing import NamedTuple
 
 from .layer import Entry
 
@@ -223,29 +232,156 @@ def build_index(dest: str, parent_index: str | None, diff_ids: list[str],
     os.rename(tmp, dest)
 
 
-class MergedIndex:
-    """Read-only queries on a merged index (used by tests, export and the filesystem)."""
+# A row of the inodes table, in the schema's column order (xattrs as stored: decode_xattrs
+# makes the dict). For tests and export; the request path reads InodeAttrs.
+IndexInode = collections.namedtuple("IndexInode", "ino layer path mode uid gid size mtime_ns rdev target xattrs nlink")
 
-    def __init__(self, path: str):
-        self.db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
+
+class InodeAttrs(NamedTuple):
+    """What a lower source answers for an inode (unionfs.lower): its attributes, with
+    the xattrs as a dict bytes -> bytes."""
+    mode: int
+    uid: int
+    gid: int
+    size: int
+    mtime_ns: int
+    rdev: int
+    nlink: int
+    target: bytes | None
+    xattrs: dict
+
+    def copy_to(self, obj) -> None:
+        """obj.mode, obj.uid, ... obj.xattrs = these (one unpacking: a lookup makes a node
+        from each, and nine attribute reads of a NamedTuple cost more)."""
+        obj.mode, obj.uid, obj.gid, obj.size, obj.mtime_ns, obj.rdev, obj.nlink, obj.target, obj.xattrs = self
+
+
+class DataLocation(NamedTuple):
+    """Where a regular file's data is: `path` below the root/ of layer `layer`."""
+    layer: int
+    path: bytes
+
+
+def decode_xattrs(text: str | None) -> dict:
+    if not text:
+        return {}
+    return {os.fsencode(k): base64.b64decode(v) for k, v in json.loads(text).items()}
+
+
+# the attribute columns of InodeAttrs, in its order; rows of them are made InodeAttrs
+# with tuple.__new__ (a NamedTuple's own constructor is Python code, on the lookup path)
+ATTR_COLUMNS = "i.mode, i.uid, i.gid, i.size, i.mtime_ns, i.rdev, i.nlink, i.target, i.xattrs"
+_new_tuple = tuple.__new__
+
+
+class MergedIndex:
+    """The one reader of a merged index (the filesystem, diff, fsck, export and tests):
+    every query on it is here, and answers are named records.
+
+    `load_dir` and `lookup_with_attrs` keep the attributes of the inodes they return
+    until `attrs` takes them (once: the caller keeps its node), so the first lookup
+    in a directory costs one query for its entries and their attributes together."""
+
+    DIR_SQL = f"SELECT d.name, i.ino, {ATTR_COLUMNS} FROM dirents d JOIN inodes i ON i.ino = d.ino WHERE d.parent=?"
+    POINT_SQL = (f"SELECT i.ino, {ATTR_COLUMNS} FROM dirents d JOIN inodes i ON i.ino = d.ino "
+                 "WHERE d.parent=? AND d.name=?")
+    ATTR_SQL = f"SELECT {ATTR_COLUMNS} FROM inodes i WHERE i.ino=?"
+
+    def __init__(self, path: str, immutable: bool = False):
+        """`immutable`: the file cannot change while open (an image's index never does),
+        so SQLite skips locking and change checks."""
+        options = "mode=ro&immutable=1" if immutable else "mode=ro"
+        self.db = sqlite3.connect(f"file:{urllib.parse.quote(path)}?{options}", uri=True, check_same_thread=False)
+        self.attr_rows: dict[int, tuple] = {}
 
     def close(self) -> None:
         self.db.close()
 
+    # -- whole-file facts (fsck, mount) -------------------------------------------
+
+    def quick_check(self) -> bool:
+        return self.db.execute("PRAGMA quick_check").fetchone()[0] == "ok"
+
+    def meta(self) -> dict[str, str]:
+        return dict(self.db.execute("SELECT key, value FROM meta"))
+
     def layers(self) -> list[str]:
         return json.loads(self.db.execute("SELECT value FROM meta WHERE key='layers'").fetchone()[0])
+
+    def next_ino(self) -> int:
+        """The first inode number the index does not use (an upper layer's first)."""
+        return int(self.db.execute("SELECT value FROM meta WHERE key='next_ino'").fetchone()[0])
+
+    def max_layer(self) -> int | None:
+        """The topmost layer any inode's data is in (None: an empty index)."""
+        return self.db.execute("SELECT max(layer) FROM inodes").fetchone()[0]
+
+    # -- the request path -----------------------------------------------------------
+
+    def load_dir(self, dir_ino: int) -> dict[bytes, int]:
+        """name -> ino of a directory's entries; their attributes wait for `attrs`."""
+        children = {}
+        attr_rows = self.attr_rows
+        for row in self.db.execute(self.DIR_SQL, (dir_ino,)):
+            children[row[0]] = row[1]
+            attr_rows[row[1]] = row[2:]
+        return children
+
+    def lookup_with_attrs(self, parent: int, name: bytes) -> int | None:
+        """One name's inode; its attributes wait for `attrs` (a point query)."""
+        row = self.db.execute(self.POINT_SQL, (parent, name)).fetchone()
+        if row is None:
+            return None
+        self.attr_rows[row[0]] = row[1:]
+        return row[0]
+
+    def attrs(self, ino: int) -> InodeAttrs | None:
+        row = self.attr_rows.pop(ino, None)  # the caller keeps its node: not needed twice
+        if row is None:
+            row = self.db.execute(self.ATTR_SQL, (ino,)).fetchone()
+            if row is None:
+                return None
+        return _new_tuple(InodeAttrs, row[:8] + (decode_xattrs(row[8]),))
+
+    def data_location(self, ino: int) -> DataLocation:
+        return _new_tuple(DataLocation, self.db.execute("SELECT layer, path FROM inodes WHERE ino=?", (ino,)).fetchone())
+
+    # -- names -------------------------------------------------------------------------
 
     def lookup(self, parent: int, name: bytes) -> int | None:
         row = self.db.execute("SELECT ino FROM dirents WHERE parent=? AND name=?", (parent, name)).fetchone()
         return None if row is None else row[0]
 
-    def inode(self, ino: int) -> tuple | None:
-        return self.db.execute("SELECT * FROM inodes WHERE ino=?", (ino,)).fetchone()
-
     def children(self, ino: int) -> list[tuple[bytes, int]]:
+        """(name, ino) of a directory's entries, by name."""
         return self.db.execute("SELECT name, ino FROM dirents WHERE parent=? ORDER BY name", (ino,)).fetchall()
 
-    def walk(self) -> dict[str, tuple]:
+    def child_names(self, ino: int) -> list[bytes]:
+        """A directory's names, in no order, without their inodes' rows."""
+        return [name for (name,) in self.db.execute("SELECT name FROM dirents WHERE parent=?", (ino,))]
+
+    def names_of(self, ino: int) -> list[tuple[int, bytes]]:
+        """Every (parent, name) of an inode (several for hard links)."""
+        return [(parent, bytes(name)) for parent, name in
+                self.db.execute("SELECT parent, name FROM dirents WHERE ino=?", (ino,))]
+
+    def path_of(self, ino: int) -> bytes | None:
+        """The image path of an inode (one of them, for hard links), or None if not in the image."""
+        parts, seen = [], set()
+        while ino != ROOT_INO:
+            row = self.db.execute("SELECT parent, name FROM dirents WHERE ino=? LIMIT 1", (ino,)).fetchone()
+            if row is None or ino in seen:  # not in the image, or a corrupt index's cycle
+                return None
+            seen.add(ino)
+            ino = row[0]
+            parts.append(bytes(row[1]))
+        return b"/" + b"/".join(reversed(parts))
+
+    def inode(self, ino: int) -> IndexInode | None:
+        row = self.db.execute("SELECT * FROM inodes WHERE ino=?", (ino,)).fetchone()
+        return None if row is None else _new_tuple(IndexInode, row)
+
+    def walk(self) -> dict[str, IndexInode]:
         """Every visible path ("" = root) with its inode row. O(image); for tests and export."""
         out = {"": self.inode(ROOT_INO)}
         stack = [("", ROOT_INO)]
@@ -256,6 +392,6 @@ class MergedIndex:
                 path = f"{prefix}/{name}" if prefix else name
                 row = self.inode(child)
                 out[path] = row
-                if stat.S_ISDIR(row[3]):
+                if stat.S_ISDIR(row.mode):
                     stack.append((path, child))
         return out

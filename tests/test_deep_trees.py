@@ -94,7 +94,7 @@ def test_fsck_names_a_lost_create_below_4096_directories(store_root, tmp_path):
         view.close()
     again = make_view_factory(store, image_id, upper, run=2)()
     try:
-        assert [r["path"] for r in read_records(again.upper.db) if r["detail"].get("recovered")] == [deep_file]
+        assert [r["path"] for r in read_records(again.upper) if r["detail"].get("recovered")] == [deep_file]
     finally:
         again.close()
     remove_tree(upper)
@@ -150,7 +150,7 @@ def test_200000_entries_in_one_directory_through_fsck_diff_and_commit(root):
     view = make_view_factory(store, image_id, upper, run=2)()  # fsck, as the next start runs it
     times["fsck"] = time.monotonic() - started
     try:
-        recovered = [r["path"] for r in read_records(view.upper.db) if r["detail"].get("recovered")]
+        recovered = [r["path"] for r in read_records(view.upper) if r["detail"].get("recovered")]
     finally:
         view.close()
     assert recovered == [f"/wide/e{i:06d}" for i in range(ENTRIES - UNRECORDED, ENTRIES)]

@@ -61,7 +61,7 @@ def data_file(store, c, st) -> str:
 def records(store, c, path):
     changes = ContainerChanges(store, c["Image"], os.path.join(container_dir(store, c["Id"]), "upper"))
     try:
-        return [r for r in read_records(changes.upper.db) if r["path"] == path], changes.diff()
+        return [r for r in read_records(changes.upper) if r["path"] == path], changes.diff()
     finally:
         changes.close()
 
@@ -178,10 +178,10 @@ def test_the_view_itself_refuses_other_modes_and_read_only_handles(container, tm
         with pytest.raises(OSError) as e:  # (copied up: the read-only handle reads the upper file now)
             view.fallocate(n.ino, lower_fd, KEEP_SIZE, 0, PAGE)
         assert e.value.errno == errno.EBADF
-        assert [r["op"] for r in read_records(view.upper.db)] == []
+        assert [r["op"] for r in read_records(view.upper)] == []
         view.fallocate(n.ino, fd, ZERO_RANGE, len(LOWER) - 1, 2)
         assert n.size == len(LOWER) + 1 and os.pread(fd, 3, len(LOWER) - 2) == LOWER[-2:-1] + bytes(2)
-        assert [r["op"] for r in read_records(view.upper.db)] == ["fallocate"]
+        assert [r["op"] for r in read_records(view.upper)] == ["fallocate"]
         view.release(fd)
         view.release(lower_fd)
     finally:

@@ -7,7 +7,6 @@ import random
 import re
 import shutil
 import signal
-import sqlite3
 import subprocess
 import time
 
@@ -15,6 +14,7 @@ import pytest
 
 from runner.containers_cli import read_log_entries
 from store.index import MergedIndex
+from unionfs.upper import UpperDatabase
 
 from .helpers import Strata, build_tar, cli_store, member, snapshot
 from .mounts import wait_for
@@ -88,9 +88,9 @@ def owned(cli, path: str) -> None:
 
 
 def upper_ino(upper: str, name: bytes) -> int:
-    db = sqlite3.connect(f"file:{upper}/upper.db?mode=ro", uri=True)
+    db = UpperDatabase.open_reader(upper)
     try:
-        return db.execute("SELECT ino FROM dirents WHERE parent=1 AND name=?", (name,)).fetchone()[0]
+        return db.dirent(1, name)
     finally:
         db.close()
 

@@ -263,10 +263,10 @@ print(os.getpid())
 
 def test_every_change_is_recorded_for_the_process_that_made_it(mounted):
     """Each handler passes its request's caller to the view: pid, uid and gid of the process."""
-    import sqlite3
     import sys
 
     from unionfs.journal import read_records
+    from unionfs.upper import UpperDatabase
     mnt, store, c = mounted
     os.mkdir(f"{mnt}/w")
     with open(f"{mnt}/w/old", "w") as f:
@@ -279,7 +279,7 @@ def test_every_change_is_recorded_for_the_process_that_made_it(mounted):
     pid = int(done.stdout)
     ops = {"create", "truncate", "write", "chmod", "utimens", "setxattr", "removexattr", "mkdir", "mknod",
            "symlink", "link", "rename", "unlink", "rmdir"}
-    db = sqlite3.connect(os.path.join(container_dir(store, c["Id"]), "upper", "upper.db"))
+    db = UpperDatabase.open_reader(os.path.join(container_dir(store, c["Id"]), "upper"))
     try:
         def made():  # (the set-up's, the process's): the set-up ends with its chown of w/old
             records = read_records(db)

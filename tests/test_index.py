@@ -78,16 +78,15 @@ def check_against_brute_force(tmp_path, layer_members):
         assert set(got) == set(expected)
         by_ino = {}
         for path, row in got.items():
-            ino, layer, data_path, mode, uid, gid, size, mtime, rdev, target, xattrs, nlink = row
-            data_path, target = os.fsdecode(data_path), target and os.fsdecode(target)
-            assert (mode, uid, size, target, layer, data_path) == expected[path], path
-            by_ino.setdefault(ino, []).append(path)
-            if stat.S_ISDIR(mode):
+            data_path, target = os.fsdecode(row.path), row.target and os.fsdecode(row.target)
+            assert (row.mode, row.uid, row.size, target, row.layer, data_path) == expected[path], path
+            by_ino.setdefault(row.ino, []).append(path)
+            if stat.S_ISDIR(row.mode):
                 subdirs = sum(1 for p, r in got.items() if p and p.rpartition("/")[0] == path
-                              and stat.S_ISDIR(r[3]) and p != path)
-                assert nlink == 2 + subdirs, path
+                              and stat.S_ISDIR(r.mode) and p != path)
+                assert row.nlink == 2 + subdirs, path
             else:
-                assert nlink == sum(1 for p in got if got[p][0] == ino), path
+                assert row.nlink == sum(1 for p in got if got[p].ino == row.ino), path
         for paths in by_ino.values():  # one inode per hard-link group, nothing else shared
             assert len({groups.get(p, p) for p in paths}) == 1
         assert idx.layers() == diff_ids
@@ -168,8 +167,8 @@ def test_non_utf8_names_survive_import_and_index(tmp_path):
     idx = MergedIndex(str(tmp_path / "i.db"))
     try:
         ino = idx.lookup(ROOT_INO, b"caf\xe9")
-        assert ino and idx.inode(ino)[2] == b"caf\xe9"
+        assert ino and idx.inode(ino).path == b"caf\xe9"
         link = idx.lookup(idx.lookup(ROOT_INO, b"d"), b"caf\xe9")
-        assert idx.inode(link)[9] == b"caf\xe9"
+        assert idx.inode(link).target == b"caf\xe9"
     finally:
         idx.close()

@@ -120,7 +120,7 @@ def test_fsck_repairs_what_a_crash_leaves(view, image, tmp_path):
         assert any("orphan" in r for r in repairs)
         assert any(f"inode {n.ino}" in r for r in repairs)
         assert sorted(os.listdir(data)) == [str(n.ino)]
-        assert upper.load_inodes()[n.ino][5] == 10
+        assert upper.load_inodes()[n.ino].size == 10
     finally:
         upper.close()
 

@@ -151,7 +151,7 @@ class ImageTree:
     file; across unrelated indexes they mean nothing, and content is compared instead."""
 
     def __init__(self, lower, same_chain: bool = True):
-        self.lower, self.db, self.same_chain = lower, lower.db, same_chain
+        self.lower, self.same_chain = lower, same_chain
         self.inos: dict[str, int | None] = {"/": 1}
 
     def ino_of(self, path: str) -> int | None:
@@ -164,15 +164,15 @@ class ImageTree:
         ino = self.ino_of(path)
         if ino is None:
             return None
-        mode, uid, gid, size, mtime_ns, rdev, nlink, target, xattrs = self.lower.attrs(ino)
-        return Stat(("lower", ino) if self.same_chain else None, mode, uid, gid, size, mtime_ns, rdev, target,
-                    xattrs, not self.same_chain, nlink)
+        a = self.lower.attrs(ino)
+        return Stat(("lower", ino) if self.same_chain else None, a.mode, a.uid, a.gid, a.size, a.mtime_ns, a.rdev,
+                    a.target, a.xattrs, not self.same_chain, a.nlink)
 
     def children(self, path: str) -> list[str]:
         ino = self.ino_of(path)
         if ino is None:
             return []
-        return [os.fsdecode(name) for (name,) in self.db.execute("SELECT name FROM dirents WHERE parent=?", (ino,))]
+        return [os.fsdecode(name) for name in self.lower.child_names(ino)]
 
     def open(self, path: str) -> int:
         return self.lower.open_data(self.ino_of(path))
@@ -503,7 +503,7 @@ def other_names(view, inos: set[int], linked_by_journal: set[int]) -> set[str]:
         if n.is_dir():
             continue
         image_attrs = view.lower.attrs(n.lower_ino) if n.lower_ino is not None else None
-        if n.nlink > 1 or (image_attrs is not None and image_attrs[6] > 1):
+        if n.nlink > 1 or (image_attrs is not None and image_attrs.nlink > 1):
             linked.add(ino)
     if not linked:
         return set()
@@ -515,11 +515,8 @@ def other_names(view, inos: set[int], linked_by_journal: set[int]) -> set[str]:
                 upper_parents[child] = (parent, name)
                 if child in linked:
                     names.add((parent, name))
-    db = getattr(view.lower, "db", None)
-    if db is not None:
-        for ino in linked:
-            for parent, name in db.execute("SELECT parent, name FROM dirents WHERE ino=?", (ino,)):
-                names.add((parent, bytes(name)))
+    for ino in linked:
+        names.update(view.lower.names_of(ino))
     out = set()
     for parent, name in names:
         parent_path = dir_path(view, parent, upper_parents)

@@ -49,11 +49,7 @@ import time
 
 from .upper import storage_errors
 
-INSERT_SQL = ("INSERT INTO journal(time_ns, run, pid, uid, gid, comm, exe, op, path, path2, ino, kind, detail) "
-              "VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?)")
 BATCH_OP = "creates"  # one row for several create records (see the module docstring)
-COLUMNS = ("seq", "time_ns", "run", "pid", "uid", "gid", "comm", "exe", "op", "path", "path2", "ino",
-           "kind", "detail")
 NOBODY = (0, 0, 0)  # the caller of a change made outside any request (fsck, the init layer)
 UNRECORDED_FROM = "unrecorded_from"  # meta: the first inode of the batch of creates not on record
 CREATE_BATCH = 64  # create records stored together
@@ -214,9 +210,8 @@ class Journal:
         pid, uid, gid = caller
         comm, exe = names or self.processes.describe(pid)
         # inside the change's transaction: UpperLayer.transaction turns SQLite's errors into errno
-        return self.upper.db.execute(INSERT_SQL, (time_ns or time.time_ns(), self.run, pid, uid, gid, comm, exe, op,
-                                                  path, path2, ino, kind,
-                                                  detail_json(detail) if detail else None)).lastrowid
+        return self.upper.add_record((time_ns or time.time_ns(), self.run, pid, uid, gid, comm, exe, op, path, path2,
+                                      ino, kind, detail_json(detail) if detail else None))
 
     def begin_creates(self, ino: int) -> None:
         """`ino` is the first of a new batch of creates (in its create's transaction); the
@@ -238,7 +233,7 @@ class Journal:
                                           detail={"ranges": log.ranges} if log.ranges else None,
                                           names=log.names, time_ns=log.time_ns))
             self._store_closed(closed)
-            self.upper.db.execute("DELETE FROM meta WHERE key=?", (UNRECORDED_FROM,))
+            self.upper.delete_meta(UNRECORDED_FROM)
         except sqlite3.Error as e:
             raise storage_errors(e) from None
 
@@ -247,46 +242,43 @@ class Journal:
             return
         first, first_ino = closed[0]
         entries = [[log.time_ns, *log.caller, *log.names, ino, log.ranges or None] for log, ino in closed]
-        self.upper.db.execute(INSERT_SQL, (first.time_ns, self.run, *first.caller, *first.names, BATCH_OP,
-                                           b"\0".join([log.path for log, _ in closed]), None, first_ino,
-                                           0o100000, json.dumps({"entries": entries})))
+        self.upper.add_record((first.time_ns, self.run, *first.caller, *first.names, BATCH_OP,
+                               b"\0".join([log.path for log, _ in closed]), None, first_ino,
+                               0o100000, json.dumps({"entries": entries})))
         closed.clear()
 
     def update_write(self, log: WriteLog) -> None:
         """The byte ranges of a handle's writes, on the record its first write (or its create)
         made, if it wrote since."""
         if log.unstored:
-            self.upper.execute("UPDATE journal SET detail=? WHERE seq=?", (ranges_json(log.ranges), log.seq))
+            self.upper.set_record_detail(log.seq, ranges_json(log.ranges))
             log.unstored = False
 
     def recover(self, path_of_ino) -> list[str]:
         """fsck: a create record for every file made since the last batch was stored, and
         a write record for every data file the journal has not accounted for (the server
         was killed before it stored them)."""
-        seen = {ino: (size, mtime) for ino, size, mtime in
-                self.upper.db.execute("SELECT ino, seen_size, seen_mtime_ns FROM inodes")}
+        seen = self.upper.seen_states()
         repairs = []
         with self.upper.transaction():
-            lost_run = unrecorded_run(self.upper.db) or self.run
-            for ino in unrecorded_creates(self.upper.db):  # killed before their batch was stored
+            lost_run = unrecorded_run(self.upper) or self.run
+            for ino in unrecorded_creates(self.upper):  # killed before their batch was stored
                 path = path_of_ino(ino)
                 size = (self.upper.data_stat(ino) or (0, 0))[0]
-                made = self.upper.db.execute("SELECT ctime_ns FROM inodes WHERE ino=?", (ino,)).fetchone()[0]
-                self.upper.execute(INSERT_SQL, (made, lost_run, *NOBODY, "?", "?", "create", path, None, ino,
-                                                0o100000, json.dumps({"recovered": "fsck", "size": size})))
+                self.upper.add_record((self.upper.ctime_of(ino), lost_run, *NOBODY, "?", "?", "create", path, None,
+                                       ino, 0o100000, json.dumps({"recovered": "fsck", "size": size})))
                 repairs.append(f"journal: recovered the creation of {os.fsdecode(path)}")
-            self.upper.execute("DELETE FROM meta WHERE key=?", (UNRECORDED_FROM,))
+            self.upper.delete_meta(UNRECORDED_FROM)
             for ino in self.upper.data_inodes():
                 now = self.upper.data_stat(ino)
                 if now is None or ino not in seen:
                     continue  # an orphan: UpperLayer.check removes it
                 if seen[ino][0] is None or seen[ino] == now:  # (none: its create record accounts for it)
                     continue
-                row = self.upper.db.execute(f"SELECT path, kind FROM journal WHERE ino=? AND op!='{BATCH_OP}' "
-                                            "ORDER BY seq DESC LIMIT 1", (ino,)).fetchone()
+                row = self.upper.last_record_of(ino, excluding_op=BATCH_OP)
                 path, kind = row if row else (path_of_ino(ino), 0o100000)
                 self.record(NOBODY, "write", path, ino, kind, detail={"recovered": "fsck", "size": now[0]})
-                self.upper.execute("UPDATE inodes SET seen_size=?, seen_mtime_ns=? WHERE ino=?", (*now, ino))
+                self.upper.set_seen(ino, *now)
                 repairs.append(f"journal: recovered a write to {os.fsdecode(path)}")
         return repairs
 
@@ -304,19 +296,19 @@ def expand_creates(row: dict, since_ns: int | None) -> list[dict]:
     return out
 
 
-def unrecorded_creates(db) -> list[int]:
-    """Created files whose create record is not stored yet (see the module docstring)."""
-    row = db.execute("SELECT value FROM meta WHERE key=?", (UNRECORDED_FROM,)).fetchone()
-    if row is None:
+def unrecorded_creates(upper) -> list[int]:
+    """Created files whose create record is not stored yet (see the module docstring);
+    `upper`: a unionfs.upper.UpperDatabase (or UpperLayer)."""
+    value = upper.get_meta(UNRECORDED_FROM)
+    if value is None:
         return []
-    first = int(row[0].split()[0])
-    return [ino for (ino,) in db.execute("SELECT ino FROM inodes WHERE ino>=? ORDER BY ino", (first,))]
+    return upper.inodes_from(int(value.split()[0]))
 
 
-def unrecorded_run(db) -> int:
+def unrecorded_run(upper) -> int:
     """The run whose creates wait in the batch `unrecorded_creates` names (0 if none)."""
-    row = db.execute("SELECT value FROM meta WHERE key=?", (UNRECORDED_FROM,)).fetchone()
-    parts = row[0].split() if row else []
+    value = upper.get_meta(UNRECORDED_FROM)
+    parts = value.split() if value else []
     return int(parts[1]) if len(parts) > 1 else 0
 
 
@@ -333,21 +325,12 @@ def detail_json(detail: dict) -> str:
     return json.dumps(detail, sort_keys=True)
 
 
-def read_records(db, run: int | None = None, since_ns: int | None = None) -> list[dict]:
-    """The journal in order, as dicts (paths as str), optionally one run's or from a time on."""
-    sql, args = "SELECT * FROM journal", []
-    where = []
-    if run is not None:
-        where.append("run=?")
-        args.append(run)
-    if since_ns is not None:
-        where.append(f"(time_ns>=? OR op='{BATCH_OP}')")  # a batch's entries are filtered one by one
-        args.append(since_ns)
-    if where:
-        sql += " WHERE " + " AND ".join(where)
+def read_records(upper, run: int | None = None, since_ns: int | None = None) -> list[dict]:
+    """The journal in order, as dicts (paths as str), optionally one run's or from a time on;
+    `upper`: a unionfs.upper.UpperDatabase (or UpperLayer)."""
     out = []
-    for row in db.execute(sql + " ORDER BY seq", args):
-        record = dict(zip(COLUMNS, row))
+    # a batch's entries are filtered one by one
+    for record in upper.journal_rows(run, since_ns, rows_of_any_time=BATCH_OP):
         if record["op"] == BATCH_OP:
             out += expand_creates(record, since_ns)
             continue

@@ -24,15 +24,12 @@ here: FUSE hands opens of special files to the kernel.
 """
 from __future__ import annotations
 
-import base64
 import errno
-import json
 import os
-import sqlite3
 import stat
 
 from store.fsutil import DIR_FLAGS, open_beneath
-from store.index import ROOT_INO
+from store.index import ROOT_INO, InodeAttrs, MergedIndex
 
 HOST_DATA_FLAGS = os.O_NONBLOCK | os.O_NOCTTY  # see the module comment
 
@@ -43,16 +40,6 @@ def checked_regular(fd: int) -> int:
         os.close(fd)
         raise OSError(errno.EIO, "not a regular file on the host")
     return fd
-
-
-# A lower inode's attributes: (mode, uid, gid, size, mtime_ns, rdev, nlink, target, xattrs)
-# target is bytes (symlinks) or None; xattrs a dict bytes -> bytes.
-
-
-def decode_xattrs(text: str | None) -> dict:
-    if not text:
-        return {}
-    return {os.fsencode(k): base64.b64decode(v) for k, v in json.loads(text).items()}
 
 
 class LowerSource:
@@ -93,83 +80,52 @@ class LowerSource:
 
 
 class IndexLower(LowerSource):
-    """The merged index of a store image plus the fds of its layer directories.
+    """The merged index of a store image (store.index.MergedIndex, which owns its
+    queries) plus the fds of its layer directories.
 
     The first lookup in a directory loads that directory's entries and their
     attributes in one query; later lookups there are dict hits. Nothing is
     read at mount, and memory grows only with the directories actually used.
     """
 
-    DIR_SQL = ("SELECT d.name, i.ino, i.mode, i.uid, i.gid, i.size, i.mtime_ns, i.rdev, i.nlink, "
-               "i.target, i.xattrs FROM dirents d JOIN inodes i ON i.ino = d.ino WHERE d.parent=?")
-    ATTR_SQL = "SELECT mode, uid, gid, size, mtime_ns, rdev, nlink, target, xattrs FROM inodes WHERE ino=?"
-
-    POINT_SQL = ("SELECT i.ino, i.mode, i.uid, i.gid, i.size, i.mtime_ns, i.rdev, i.nlink, i.target, i.xattrs "
-                 "FROM dirents d JOIN inodes i ON i.ino = d.ino WHERE d.parent=? AND d.name=?")
-
     def __init__(self, index_path: str, layer_roots: list[str], point_lookups: bool = False):
         """`point_lookups`: look names up one by one instead of loading each directory whole
         (diff and commit visit a few names of possibly huge directories)."""
         self.point_lookups = point_lookups
-        # immutable=1: the index never changes, so SQLite skips locking and change checks
-        self.db = sqlite3.connect(f"file:{index_path}?mode=ro&immutable=1", uri=True,
-                                  check_same_thread=False)
+        self.index = MergedIndex(index_path, immutable=True)
         super().__init__(layer_roots)
-        row = self.db.execute("SELECT value FROM meta WHERE key='next_ino'").fetchone()
-        self.first_free_ino = int(row[0])
-        self.attr_rows: dict[int, tuple] = {}
+        self.first_free_ino = self.index.next_ino()
+        self.attrs = self.index.attrs  # bound once: the request path calls the index's own
 
     def close(self) -> None:
-        self.db.close()
+        self.index.close()
         super().close()
 
     def lookup(self, dir_ino: int, name: bytes) -> int | None:
         children = self.dirs.get(dir_ino)
         if children is None:
             if self.point_lookups:
-                row = self.db.execute(self.POINT_SQL, (dir_ino, name)).fetchone()
-                if row is None:
-                    return None
-                self.attr_rows[row[0]] = row[1:]
-                return row[0]
+                return self.index.lookup_with_attrs(dir_ino, name)
             children = self._load_dir(dir_ino)
         return children.get(name)
 
     def _load_dir(self, dir_ino: int) -> dict[bytes, int]:
-        children = {}
-        attr_rows = self.attr_rows
-        for row in self.db.execute(self.DIR_SQL, (dir_ino,)):
-            children[row[0]] = row[1]
-            attr_rows[row[1]] = row[2:]
-        self.dirs[dir_ino] = children
+        children = self.dirs[dir_ino] = self.index.load_dir(dir_ino)
         return children
 
-    def attrs(self, ino: int) -> tuple | None:
-        row = self.attr_rows.pop(ino, None)  # the view keeps the node; the row is not needed twice
-        if row is None:
-            row = self.db.execute(self.ATTR_SQL, (ino,)).fetchone()
-            if row is None:
-                return None
-        return row[:8] + (decode_xattrs(row[8]),)
-
     def path_of(self, ino: int) -> bytes | None:
-        parts, seen = [], set()
-        while ino != 1:
-            row = self.db.execute("SELECT parent, name FROM dirents WHERE ino=? LIMIT 1", (ino,)).fetchone()
-            if row is None or ino in seen:  # not in the image, or a corrupt index's cycle
-                return None
-            seen.add(ino)
-            ino = row[0]
-            parts.append(bytes(row[1]))
-        return b"/" + b"/".join(reversed(parts))
+        return self.index.path_of(ino)
 
     def names_of(self, ino: int) -> list[tuple[int, bytes]]:
-        return [(parent, bytes(name)) for parent, name in
-                self.db.execute("SELECT parent, name FROM dirents WHERE ino=?", (ino,))]
+        return self.index.names_of(ino)
+
+    def child_names(self, dir_ino: int) -> list[bytes]:
+        """A directory's names, in no order, without loading it (diff's point lookups)."""
+        return self.index.child_names(dir_ino)
 
     def open_data(self, ino: int) -> int:
-        layer, path = self.db.execute("SELECT layer, path FROM inodes WHERE ino=?", (ino,)).fetchone()
-        return checked_regular(open_beneath(self.layer_fds[layer], path, os.O_RDONLY | HOST_DATA_FLAGS))
+        data = self.index.data_location(ino)
+        return checked_regular(open_beneath(self.layer_fds[data.layer], data.path, os.O_RDONLY | HOST_DATA_FLAGS))
 
 
 OVERLAY_XATTR_PREFIXES = (b"trusted.overlay.", b"user.overlay.", b"user.fuseoverlayfs.")
@@ -283,7 +239,7 @@ class DirLower(LowerSource):
         self.dirs[dir_ino] = children
         return children
 
-    def attrs(self, ino: int) -> tuple | None:
+    def attrs(self, ino: int) -> InodeAttrs | None:
         entry = self.entries.get(ino)
         if entry is None:
             return None
@@ -299,8 +255,8 @@ class DirLower(LowerSource):
         nlink = st.st_nlink
         if stat.S_ISDIR(st.st_mode) and len(self.dir_sources.get(ino, ())) > 1:
             nlink = 1  # merged from several layers: unknown, as overlayfs reports it
-        return (st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns, st.st_rdev, nlink,
-                target, self._xattrs(layer, rel, st))
+        return InodeAttrs(st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns, st.st_rdev, nlink,
+                          target, self._xattrs(layer, rel, st))
 
     def _xattrs(self, layer: int, rel: bytes, st) -> dict:
         if stat.S_ISLNK(st.st_mode):

@@ -34,8 +34,7 @@ class UpperPaths:
 
     def __call__(self, ino: int) -> bytes:
         if self.names is None:
-            self.names = {ino: (parent, bytes(name)) for parent, name, ino in
-                          self.upper.db.execute("SELECT parent, name, ino FROM dirents WHERE ino != 0")}
+            self.names = self.upper.names_by_ino()
         chain = []  # (ino, name) from `ino` up to the first inode whose path is known
         head = ino
         while head not in self.dirs:
@@ -140,7 +139,7 @@ class ContainerChanges:
         self.after = ViewTree(self.view)
 
     def records(self, run: int | None = None, since_ns: int | None = None) -> list[dict]:
-        return read_records(self.upper.db, run, since_ns)
+        return read_records(self.upper, run, since_ns)
 
     def diff(self) -> list[tuple[str, str]]:
         waiting = [r["path"] for r in self.waiting_creates()]  # read first: the server may store them
@@ -150,13 +149,13 @@ class ContainerChanges:
         """Records, as far as the upper layer tells them, of the creates still in the
         server's batch (their time is their inode's ctime)."""
         out = []
-        run = unrecorded_run(self.upper.db)
+        run = unrecorded_run(self.upper)
         paths = UpperPaths(self.upper, self.view.lower)
-        for ino in unrecorded_creates(self.upper.db):
-            row = self.upper.db.execute("SELECT ctime_ns FROM inodes WHERE ino=?", (ino,)).fetchone()
-            if row is None or since_ns is not None and row[0] < since_ns:
+        for ino in unrecorded_creates(self.upper):
+            made = self.upper.ctime_of(ino)
+            if made is None or since_ns is not None and made < since_ns:
                 continue
-            out.append({"seq": None, "time_ns": row[0], "run": run, "pid": 0, "uid": 0, "gid": 0, "comm": "?",
+            out.append({"seq": None, "time_ns": made, "run": run, "pid": 0, "uid": 0, "gid": 0, "comm": "?",
                         "exe": "?", "op": "create", "path": os.fsdecode(paths(ino)),
                         "path2": None, "ino": ino, "kind": 0o100000, "detail": {}})
         return out

@@ -20,6 +20,11 @@ before the FUSE reply, and copy-up writes a temp file that is renamed into
 place only when complete (a new file's data starts empty, so it is made under
 its final name). A process killed with -9 loses nothing the kernel
 already has; `check()` repairs what a crash can leave (sizes, orphan data).
+
+This module owns every query on upper.db, the journal table's included (its
+format is unionfs.journal's): the view, the journal, diff and fsck call the
+methods of UpperDatabase/UpperLayer, which answer named records (UpperInode);
+nothing else runs SQL on it (tests/test_sql_owners.py).
 """
 from __future__ import annotations
 
@@ -30,8 +35,11 @@ import json
 import os
 import sqlite3
 import stat
+import urllib.parse
+from typing import NamedTuple
 
 from store.fsutil import DIR_FLAGS
+from store.index import decode_xattrs  # noqa: F401 (the same encoding: the view decodes rows with it)
 
 from .lower import HOST_DATA_FLAGS, checked_regular
 
@@ -105,7 +113,135 @@ def storage_errors(e: sqlite3.Error) -> OSError:
     return OSError(errno.EIO, f"upper layer: {text}")
 
 
-class UpperLayer:
+class UpperInode(NamedTuple):
+    """A row of upper.db's inodes table (the schema above)."""
+    ino: int
+    lower_ino: int | None
+    mode: int
+    uid: int
+    gid: int
+    size: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    rdev: int
+    nlink: int
+    target: bytes | None
+    xattrs: str | None  # as stored: decode_xattrs() makes the dict, encode_xattrs() the text
+    has_data: int
+    seen_size: int | None
+    seen_mtime_ns: int | None
+
+
+INODE_COLUMNS = ", ".join(UpperInode._fields)
+PUT_INODE_SQL = f"INSERT OR REPLACE INTO inodes({INODE_COLUMNS}) VALUES({', '.join('?' * len(UpperInode._fields))})"
+JOURNAL_COLUMNS = ("seq", "time_ns", "run", "pid", "uid", "gid", "comm", "exe", "op", "path", "path2", "ino",
+                   "kind", "detail")
+INSERT_RECORD_SQL = (f"INSERT INTO journal({', '.join(JOURNAL_COLUMNS[1:])}) "
+                     f"VALUES({', '.join('?' * (len(JOURNAL_COLUMNS) - 1))})")
+_new_tuple = tuple.__new__  # a NamedTuple from a row, without its constructor's Python call
+
+
+def copy_database(upper_path: str, dest_path: str) -> None:
+    """upper.db of the layer at `upper_path` as it is, into the directory `dest_path`
+    (a read-only connection's backup: what the write-ahead log holds too)."""
+    database = os.path.join(upper_path, "upper.db")
+    # a read-only open of a WAL database makes the -wal file if it is missing; with none
+    # there is nothing but the database file to read, and immutable=1 makes nothing
+    options = "mode=ro" if os.path.exists(database + "-wal") else "mode=ro&immutable=1"
+    source = sqlite3.connect(f"file:{urllib.parse.quote(database)}?{options}", uri=True)
+    try:
+        copy = sqlite3.connect(os.path.join(dest_path, "upper.db"))
+        try:
+            source.backup(copy)
+        finally:
+            copy.close()
+    finally:
+        source.close()
+
+
+class UpperDatabase:
+    """The one owner of upper.db's SQL: every query on it, the view's, the journal's,
+    diff's and fsck's, is a method here or of UpperLayer, answering named records.
+
+    Alone (`open_reader`), a read-only connection: what tests and other processes read
+    of a layer that a server may be changing."""
+
+    def __init__(self, db: sqlite3.Connection):
+        self.db = db
+
+    @classmethod
+    def open_reader(cls, upper_path: str) -> "UpperDatabase":
+        database = urllib.parse.quote(os.path.join(upper_path, "upper.db"))
+        return cls(sqlite3.connect(f"file:{database}?mode=ro", uri=True))
+
+    def close(self) -> None:
+        self.db.close()
+
+    # -- reading ---------------------------------------------------------------
+
+    def load_inodes(self) -> dict[int, UpperInode]:
+        return {row[0]: _new_tuple(UpperInode, row) for row in self.db.execute(f"SELECT {INODE_COLUMNS} FROM inodes")}
+
+    def load_dirents(self) -> dict[int, dict[bytes, int]]:
+        out: dict[int, dict[bytes, int]] = {}
+        for parent, name, ino in self.db.execute("SELECT parent, name, ino FROM dirents"):
+            out.setdefault(parent, {})[name] = ino
+        return out
+
+    def names_by_ino(self) -> dict[int, tuple[int, bytes]]:
+        """ino -> (parent, name) of every stored name but whiteouts (one name per inode)."""
+        return {ino: (parent, bytes(name)) for parent, name, ino in
+                self.db.execute("SELECT parent, name, ino FROM dirents WHERE ino != 0")}
+
+    def dirent(self, parent: int, name: bytes) -> int | None:
+        """The inode a stored name leads to (0: a whiteout; None: no such row)."""
+        row = self.db.execute("SELECT ino FROM dirents WHERE parent=? AND name=?", (parent, name)).fetchone()
+        return None if row is None else row[0]
+
+    def ctime_of(self, ino: int) -> int | None:
+        row = self.db.execute("SELECT ctime_ns FROM inodes WHERE ino=?", (ino,)).fetchone()
+        return None if row is None else row[0]
+
+    def inodes_from(self, first: int) -> list[int]:
+        """The stored inode numbers from `first` on, in order."""
+        return [ino for (ino,) in self.db.execute("SELECT ino FROM inodes WHERE ino>=? ORDER BY ino", (first,))]
+
+    def seen_states(self) -> dict[int, tuple[int | None, int | None]]:
+        """ino -> (seen_size, seen_mtime_ns): each data file as the journal last accounted for it."""
+        return {ino: (size, mtime) for ino, size, mtime in
+                self.db.execute("SELECT ino, seen_size, seen_mtime_ns FROM inodes")}
+
+    def get_meta(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return None if row is None else row[0]
+
+    # -- the journal's table (its format is unionfs.journal's) -----------------------
+
+    def journal_rows(self, run: int | None = None, since_ns: int | None = None,
+                     rows_of_any_time: str | None = None) -> list[dict]:
+        """The journal's rows in order, as dicts of JOURNAL_COLUMNS, optionally one run's
+        or from a time on (rows whose op is `rows_of_any_time` are returned whatever
+        their time: they hold records of several times)."""
+        sql, args = "SELECT * FROM journal", []
+        where = []
+        if run is not None:
+            where.append("run=?")
+            args.append(run)
+        if since_ns is not None:
+            where.append("(time_ns>=? OR op=?)")
+            args += [since_ns, rows_of_any_time]
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        return [dict(zip(JOURNAL_COLUMNS, row)) for row in self.db.execute(sql + " ORDER BY seq", args)]
+
+    def last_record_of(self, ino: int, excluding_op: str) -> tuple[bytes, int] | None:
+        """(path, kind) of the newest journal row about `ino` whose op is not `excluding_op`."""
+        return self.db.execute("SELECT path, kind FROM journal WHERE ino=? AND op!=? ORDER BY seq DESC LIMIT 1",
+                               (ino, excluding_op)).fetchone()
+
+
+class UpperLayer(UpperDatabase):
     """Persistence of the upper layer. The view keeps the working copy in memory."""
 
     def __init__(self, path: str, first_free_ino: int):
@@ -115,8 +251,8 @@ class UpperLayer:
         self.data_fd = os.open(os.path.join(path, "data"), DIR_FLAGS)
         # owner only: SQLite gives its -wal and -shm files the database file's mode
         os.close(os.open(os.path.join(path, "upper.db"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600))
-        self.db = sqlite3.connect(os.path.join(path, "upper.db"), isolation_level=None,
-                                  check_same_thread=False)
+        super().__init__(sqlite3.connect(os.path.join(path, "upper.db"), isolation_level=None,
+                                         check_same_thread=False))
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")  # survives kill -9; fsync() syncs explicitly
         # checkpoints (they fsync) run when the server is idle (checkpoint()), not inside a
@@ -177,57 +313,61 @@ class UpperLayer:
         for ino in doomed:
             self.remove_data(ino)
 
-    # -- loading -------------------------------------------------------------
-
-    def load_inodes(self) -> dict[int, tuple]:
-        return {row[0]: row for row in self.db.execute("SELECT * FROM inodes")}
-
-    def load_dirents(self) -> dict[int, dict[bytes, int]]:
-        out: dict[int, dict[bytes, int]] = {}
-        for parent, name, ino in self.db.execute("SELECT parent, name, ino FROM dirents"):
-            out.setdefault(parent, {})[name] = ino
-        return out
-
     # -- updates ---------------------------------------------------------------
 
     def allocate_ino(self) -> int:
         ino = self.next_ino
         self.next_ino += 1
-        self.execute("UPDATE meta SET value=? WHERE key='next_ino'", (str(self.next_ino),))
+        self._execute("UPDATE meta SET value=? WHERE key='next_ino'", (str(self.next_ino),))
         return ino
 
-    def execute(self, sql: str, args: tuple = ()) -> None:
+    def _execute(self, sql: str, args: tuple = ()) -> sqlite3.Cursor:
         try:
-            self.db.execute(sql, args)
+            return self.db.execute(sql, args)
         except sqlite3.Error as e:
             raise storage_errors(e) from None
 
-    def get_meta(self, key: str) -> str | None:
-        row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
-        return None if row is None else row[0]
-
     def set_meta(self, key: str, value: str) -> None:
-        self.execute("INSERT OR REPLACE INTO meta VALUES(?, ?)", (key, value))
+        self._execute("INSERT OR REPLACE INTO meta VALUES(?, ?)", (key, value))
 
-    def put_inode(self, row: tuple) -> None:
-        self.execute("INSERT OR REPLACE INTO inodes VALUES(?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)", row)
+    def delete_meta(self, key: str) -> None:
+        self._execute("DELETE FROM meta WHERE key=?", (key,))
+
+    def put_inode(self, n) -> None:
+        """Store an inode as the view holds it (unionfs.view.Node): UpperInode's fields by
+        name, with xattrs as a dict and has_data a bool."""
+        self._execute(PUT_INODE_SQL, (n.ino, n.lower_ino, n.mode, n.uid, n.gid, n.size, n.atime_ns, n.mtime_ns,
+                                      n.ctime_ns, n.rdev, n.nlink, n.target, encode_xattrs(n.xattrs),
+                                      int(n.has_data), n.seen_size, n.seen_mtime_ns))
+
+    def set_seen(self, ino: int, size: int, mtime_ns: int) -> None:
+        """The journal has accounted for data/<ino> at this size and mtime."""
+        self._execute("UPDATE inodes SET seen_size=?, seen_mtime_ns=? WHERE ino=?", (size, mtime_ns, ino))
 
     def delete_inode(self, ino: int) -> None:
         """The row now; the data only after the commit, so a crash never leaves a name
         whose data is gone."""
-        self.execute("DELETE FROM inodes WHERE ino=?", (ino,))
+        self._execute("DELETE FROM inodes WHERE ino=?", (ino,))
         self._doomed_data.append(ino)
         if self._depth == 0:
             self._remove_doomed()
 
     def put_dirent(self, parent: int, name: bytes, ino: int) -> None:
-        self.execute("INSERT OR REPLACE INTO dirents VALUES(?,?,?)", (parent, name, ino))
+        self._execute("INSERT OR REPLACE INTO dirents VALUES(?,?,?)", (parent, name, ino))
 
     def delete_dirent(self, parent: int, name: bytes) -> None:
-        self.execute("DELETE FROM dirents WHERE parent=? AND name=?", (parent, name))
+        self._execute("DELETE FROM dirents WHERE parent=? AND name=?", (parent, name))
 
     def delete_dirents_of(self, parent: int) -> None:
-        self.execute("DELETE FROM dirents WHERE parent=?", (parent,))
+        self._execute("DELETE FROM dirents WHERE parent=?", (parent,))
+
+    def add_record(self, values: tuple) -> int:
+        """Insert a journal row of JOURNAL_COLUMNS[1:]; its seq. Inside a transaction, whose
+        rollback turns SQLite's errors into errno (sqlite3.Error passes through here)."""
+        return self.db.execute(INSERT_RECORD_SQL, values).lastrowid
+
+    def set_record_detail(self, seq: int, detail: str) -> None:
+        self._execute("UPDATE journal SET detail=? WHERE seq=?", (detail, seq))
 
     # -- data files ------------------------------------------------------------
 
@@ -313,12 +453,12 @@ class UpperLayer:
                 repairs.append(f"removed orphan data file {name}")
         for ino, row in rows.items():
             has_data = str(ino) in names
-            if row[10] <= 0 and not stat.S_ISDIR(row[2]):  # unlinked while open when the server died
+            if row.nlink <= 0 and not stat.S_ISDIR(row.mode):  # unlinked while open when the server died
                 self.delete_inode(ino)
                 repairs.append(f"removed unlinked inode {ino}")
                 continue
-            if has_data != bool(row[13]) or (has_data and self.data_size(ino) != row[5]):
-                size = self.data_size(ino) if has_data else row[5]
+            if has_data != bool(row.has_data) or (has_data and self.data_size(ino) != row.size):
+                size = self.data_size(ino) if has_data else row.size
                 self.db.execute("UPDATE inodes SET has_data=?, size=? WHERE ino=?", (int(has_data), size, ino))
                 repairs.append(f"fixed data state of inode {ino}")
         return repairs

@@ -20,9 +20,10 @@ import os
 import stat
 import time
 
-from .lower import decode_xattrs
+from store.index import InodeAttrs
+
 from .recorder import NO_RECORDER, NOBODY, Caller, JournalRecorder
-from .upper import UpperLayer, encode_xattrs
+from .upper import UpperInode, UpperLayer, decode_xattrs
 
 NAME_MAX = 255
 XATTR_NAME_MAX = 255
@@ -57,26 +58,21 @@ class Node:
         self.attr, self.attr_generation = None, -1
         self.seen_size = self.seen_mtime_ns = None
 
-    def load_row(self, row: tuple) -> None:
-        """Take every attribute from an upper-layer row (unionfs.upper's inodes table)."""
-        (_, self.lower_ino, self.mode, self.uid, self.gid, self.size, self.atime_ns, self.mtime_ns,
-         self.ctime_ns, self.rdev, self.nlink, self.target, xattrs, has_data, self.seen_size,
-         self.seen_mtime_ns) = row
-        self.xattrs, self.has_data = decode_xattrs(xattrs), bool(has_data)
+    def load_row(self, row: UpperInode) -> None:
+        """Take every attribute from an upper-layer row."""
+        self.lower_ino, self.mode, self.uid, self.gid, self.size = row.lower_ino, row.mode, row.uid, row.gid, row.size
+        self.atime_ns, self.mtime_ns, self.ctime_ns = row.atime_ns, row.mtime_ns, row.ctime_ns
+        self.rdev, self.nlink, self.target = row.rdev, row.nlink, row.target
+        self.xattrs, self.has_data = decode_xattrs(row.xattrs), bool(row.has_data)
+        self.seen_size, self.seen_mtime_ns = row.seen_size, row.seen_mtime_ns
 
-    def load_lower(self, attrs: tuple) -> None:
-        """Take every attribute from a lower source's attrs() tuple."""
-        self.mode, self.uid, self.gid, self.size, self.mtime_ns, self.rdev, self.nlink, self.target, \
-            self.xattrs = attrs
+    def load_lower(self, attrs: InodeAttrs) -> None:
+        """Take every attribute from a lower source's attrs()."""
+        attrs.copy_to(self)  # mode, uid, gid, size, mtime_ns, rdev, nlink, target, xattrs
         self.atime_ns = self.ctime_ns = self.mtime_ns
 
     def is_dir(self) -> bool:
         return self.mode & 0o170000 == S_IFDIR
-
-    def row(self) -> tuple:
-        return (self.ino, self.lower_ino, self.mode, self.uid, self.gid, self.size, self.atime_ns,
-                self.mtime_ns, self.ctime_ns, self.rdev, self.nlink, self.target,
-                encode_xattrs(self.xattrs), int(self.has_data), self.seen_size, self.seen_mtime_ns)
 
 
 _libc_fallocate = None
@@ -176,7 +172,7 @@ class UnionView:
         self.generation += 1
         if n.nlink <= 0 and n.opens == 0 and not n.is_dir():
             return  # gone for good; its row was deleted with its last name
-        self.upper.put_inode(n.row())
+        self.upper.put_inode(n)
         n.dirty = False
 
     @contextlib.contextmanager
