@@ -10,6 +10,13 @@ one: lookup(dir, name), children(dir), attrs(ino), parent-free data access
   drop-in), merged lazily one directory at a time, so a second lookup in a
   directory is a dict hit however many layers there are.
 
+The directories loaded are cached in two generations (LowerSource): a lookup
+is one dict hit in the recent one; a directory found in the old one moves to
+the recent one; once the recent one holds DIR_CACHE_ENTRIES names it becomes
+the old one, and the old one goes. So the cache holds at most about twice that
+many names (plus the directory being loaded) however large the image, the
+directories in use stay, and a walk of the whole image does not keep it all.
+
 Host objects can block an open: a FIFO swapped in for a lower file by a user
 who can write the lower directory makes a plain open(2) wait for a writer
 (fifo_open -> wait_for_partner), and with one task serving every request the
@@ -35,6 +42,7 @@ from store.fsutil import DIR_FLAGS, open_beneath
 from store.index import ROOT_INO
 
 HOST_DATA_FLAGS = os.O_NONBLOCK | os.O_NOCTTY  # see the module comment
+DIR_CACHE_ENTRIES = 32768  # names in the recent generation of the directory cache (module comment)
 
 
 def checked_regular(fd: int) -> int:
@@ -57,25 +65,43 @@ def decode_xattrs(text: str | None) -> dict:
 
 class LowerSource:
     """What both lower sources share: the layer directory fds, and each directory's
-    children loaded once, on first use, by `_load_dir`; later lookups are dict hits."""
+    children loaded by `_load_dir` on first use and cached (`_cached_dir`, see the
+    module comment); later lookups are dict hits."""
 
-    def __init__(self, layer_roots: list[str]):
+    def __init__(self, layer_roots: list[str], cache_entries: int = DIR_CACHE_ENTRIES):
         self.layer_fds = [os.open(p, DIR_FLAGS) for p in layer_roots]
-        self.dirs: dict[int, dict[bytes, int]] = {}
+        self.dirs: dict[int, dict[bytes, int]] = {}  # the recent generation
+        self.old_dirs: dict[int, dict[bytes, int]] = {}
+        self.cache_entries, self.cached = cache_entries, 0  # (names in the recent generation)
 
     def _load_dir(self, dir_ino: int) -> dict[bytes, int]:
         raise NotImplementedError
 
+    def _cached_dir(self, dir_ino: int) -> dict[bytes, int]:
+        """A directory not in the recent generation: from the old one, else loaded."""
+        children = self.old_dirs.pop(dir_ino, None)
+        if children is None:
+            children = self._load_dir(dir_ino)
+        self.dirs[dir_ino] = children
+        self.cached += len(children) + 1
+        if self.cached > self.cache_entries:
+            self.old_dirs, self.dirs, self.cached = self.dirs, {}, 0
+            self._new_generation()
+        return children
+
+    def _new_generation(self) -> None:
+        """The recent generation became the old one: what subclasses cache along goes too."""
+
     def lookup(self, dir_ino: int, name: bytes) -> int | None:
         children = self.dirs.get(dir_ino)
         if children is None:
-            children = self._load_dir(dir_ino)
+            children = self._cached_dir(dir_ino)
         return children.get(name)
 
     def children(self, dir_ino: int) -> list[tuple[bytes, int]]:
         children = self.dirs.get(dir_ino)
         if children is None:
-            children = self._load_dir(dir_ino)
+            children = self._cached_dir(dir_ino)
         return sorted(children.items())
 
     def path_of(self, ino: int) -> bytes | None:
@@ -117,7 +143,9 @@ class IndexLower(LowerSource):
         super().__init__(layer_roots)
         row = self.db.execute("SELECT value FROM meta WHERE key='next_ino'").fetchone()
         self.first_free_ino = int(row[0])
+        # the attributes loaded with the directories, until a node takes them (two generations too)
         self.attr_rows: dict[int, tuple] = {}
+        self.old_attr_rows: dict[int, tuple] = {}
 
     def close(self) -> None:
         self.db.close()
@@ -132,7 +160,7 @@ class IndexLower(LowerSource):
                     return None
                 self.attr_rows[row[0]] = row[1:]
                 return row[0]
-            children = self._load_dir(dir_ino)
+            children = self._cached_dir(dir_ino)
         return children.get(name)
 
     def _load_dir(self, dir_ino: int) -> dict[bytes, int]:
@@ -141,15 +169,19 @@ class IndexLower(LowerSource):
         for row in self.db.execute(self.DIR_SQL, (dir_ino,)):
             children[row[0]] = row[1]
             attr_rows[row[1]] = row[2:]
-        self.dirs[dir_ino] = children
         return children
+
+    def _new_generation(self) -> None:
+        self.old_attr_rows, self.attr_rows = self.attr_rows, {}
 
     def attrs(self, ino: int) -> tuple | None:
         row = self.attr_rows.pop(ino, None)  # the view keeps the node; the row is not needed twice
         if row is None:
-            row = self.db.execute(self.ATTR_SQL, (ino,)).fetchone()
+            row = self.old_attr_rows.pop(ino, None)
             if row is None:
-                return None
+                row = self.db.execute(self.ATTR_SQL, (ino,)).fetchone()
+                if row is None:
+                    return None
         return row[:8] + (decode_xattrs(row[8]),)
 
     def path_of(self, ino: int) -> bytes | None:
@@ -183,17 +215,20 @@ class DirLower(LowerSource):
     def __init__(self, lowerdirs: list[str]):
         super().__init__(lowerdirs)
         self.first_free_ino = 1 << 62
-        # ino -> (layer, relpath, lstat) of the entry that serves it
-        self.entries: dict[int, tuple[int, bytes, os.stat_result]] = {}
+        # ino -> (layer, relpath) of the entry that serves it, for every entry seen (kept:
+        # the view may ask about any of them); the lstat of those in the cached directories
+        # (two generations, as the directories), until a node takes it
+        self.entries: dict[int, tuple[int, bytes]] = {ROOT_INO: (0, b"")}
+        self.stats: dict[int, os.stat_result] = {}
+        self.old_stats: dict[int, os.stat_result] = {}
         # dir ino -> [(layer, relpath)] of the directories merged into it, top first
         self.dir_sources: dict[int, list[tuple[int, bytes]]] = {ROOT_INO: [(i, b"") for i in range(len(lowerdirs))]}
+        # (st_dev, st_ino) -> ino of host files that may be seen again under another name
+        # (hard links) or that clashed; the rest are numbered by the formula alone
         self.ino_of: dict[tuple[int, int], int] = {}
-        self.taken: set[int] = set()
         self.next_spare = 1 << 61
-        st = os.fstat(self.layer_fds[0])
-        self.entries[ROOT_INO] = (0, b"", st)
 
-    def _inode_number(self, layer: int, st: os.stat_result) -> int:
+    def _inode_number(self, layer: int, rel: bytes, st: os.stat_result) -> int:
         """(layer + 1) << 48 | st_ino, stable across remounts; a clash (another
         filesystem mounted inside a lower dir) gets a number of its own."""
         key = (st.st_dev, st.st_ino)
@@ -201,12 +236,17 @@ class DirLower(LowerSource):
         if known is not None:
             return known
         ino = ((layer + 1) << LAYER_SHIFT) | (st.st_ino & ((1 << LAYER_SHIFT) - 1))
-        if ino in self.entries or ino in self.taken:
+        held = self.entries.get(ino)
+        if held is not None and held != (layer, rel):  # another entry has it
             ino = self.next_spare
             self.next_spare += 1
-        self.ino_of[key] = ino
-        self.taken.add(ino)
+            self.ino_of[key] = ino
+        elif st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+            self.ino_of[key] = ino  # its other names take the same number
         return ino
+
+    def _new_generation(self) -> None:
+        self.old_stats, self.stats = self.stats, {}
 
     def _open_dir(self, layer: int, rel: bytes) -> int:
         if not rel:
@@ -256,9 +296,10 @@ class DirLower(LowerSource):
                         else:
                             sealed.add(bname)
                         continue
-                    ino = self._inode_number(layer, st)
+                    ino = self._inode_number(layer, child_rel, st)
                     children[bname] = ino
-                    self.entries[ino] = (layer, child_rel, st)
+                    self.entries[ino] = (layer, child_rel)
+                    self.stats[ino] = st
                     if stat.S_ISDIR(st.st_mode):
                         child_dirs[bname] = [(layer, child_rel)]
                     else:
@@ -280,14 +321,30 @@ class DirLower(LowerSource):
                 finally:
                     os.close(fd)
             self.dir_sources[ino] = sources_fixed
-        self.dirs[dir_ino] = children
         return children
+
+    def _lstat(self, ino: int, layer: int, rel: bytes) -> os.stat_result:
+        st = self.stats.pop(ino, None) or self.old_stats.pop(ino, None)
+        if st is not None:
+            return st
+        if not rel:
+            return os.fstat(self.layer_fds[layer])
+        head, _, name = rel.rpartition(b"/")
+        fd = self._open_dir(layer, head)
+        try:
+            return os.lstat(name, dir_fd=fd)
+        finally:
+            os.close(fd)
 
     def attrs(self, ino: int) -> tuple | None:
         entry = self.entries.get(ino)
         if entry is None:
             return None
-        layer, rel, st = entry
+        layer, rel = entry
+        try:
+            st = self._lstat(ino, layer, rel)
+        except OSError:
+            return None  # gone from the host since it was listed
         target = None
         if stat.S_ISLNK(st.st_mode):
             head, _, name = rel.rpartition(b"/")
@@ -322,6 +379,23 @@ class DirLower(LowerSource):
         finally:
             os.close(fd)
 
+    def path_of(self, ino: int) -> bytes | None:
+        entry = self.entries.get(ino)
+        return None if entry is None else b"/" + entry[1]
+
+    def names_of(self, ino: int) -> list[tuple[int, bytes]]:
+        """The one name of a lower entry (its merged path's, looked up from the root)."""
+        entry = self.entries.get(ino)
+        if entry is None or not entry[1]:
+            return []
+        head, _, name = entry[1].rpartition(b"/")
+        parent = ROOT_INO
+        for part in head.split(b"/") if head else ():
+            parent = self.lookup(parent, part)
+            if parent is None:
+                return []
+        return [(parent, name)]
+
     def open_data(self, ino: int) -> int:
-        layer, rel, _ = self.entries[ino]
+        layer, rel = self.entries[ino]
         return checked_regular(open_beneath(self.layer_fds[layer], rel, os.O_RDONLY | HOST_DATA_FLAGS))

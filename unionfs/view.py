@@ -19,6 +19,7 @@ import errno
 import os
 import stat
 import time
+import types
 
 from .lower import decode_xattrs
 from .recorder import NO_RECORDER, NOBODY, Caller, JournalRecorder
@@ -39,36 +40,47 @@ FALLOCATE_MODES = {0: "allocate", FALLOC_FL_KEEP_SIZE: "keep_size",
                    FALLOC_FL_ZERO_RANGE: "zero_range", FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE: "zero_range|keep_size"}
 
 
+# most inodes have no xattrs: they share one read-only empty mapping (a dict each costs 64
+# bytes a node); setxattr and removexattr replace a node's mapping, never change it
+NO_XATTRS = types.MappingProxyType({})
+
+
 def fs_error(code: int) -> OSError:
     return OSError(code, os.strerror(code))
 
 
 class Node:
-    """One inode of the merged view (materialised on first use, kept while mounted)."""
+    """One inode of the merged view, materialised on first use and kept while the kernel,
+    an open handle or a write not stored yet needs it (UnionView.forget)."""
 
     __slots__ = ("ino", "mode", "uid", "gid", "size", "atime_ns", "mtime_ns", "ctime_ns", "rdev",
                  "nlink", "target", "xattrs", "lower_ino", "has_data", "parent", "name", "opens", "dirty",
-                 "attr", "attr_generation", "seen_size", "seen_mtime_ns")
+                 "attr", "attr_generation", "seen_size", "seen_mtime_ns", "lookups", "stored")
     # attr: the adapter's cached reply, valid for one generation; seen_*: the journal's (upper.py)
     # parent, name: the name the kernel last reached it by (the journal's paths)
+    # lookups: the kernel's lookup count (the adapter counts the replies that give it an entry)
+    # stored: the upper layer has a row of it (a forgotten node's state comes back from that row)
 
     def __init__(self, ino: int):
         self.ino, self.parent, self.name, self.opens, self.dirty = ino, None, None, 0, False
         self.attr, self.attr_generation = None, -1
         self.seen_size = self.seen_mtime_ns = None
+        self.lookups, self.stored = 0, False
 
     def load_row(self, row: tuple) -> None:
         """Take every attribute from an upper-layer row (unionfs.upper's inodes table)."""
         (_, self.lower_ino, self.mode, self.uid, self.gid, self.size, self.atime_ns, self.mtime_ns,
          self.ctime_ns, self.rdev, self.nlink, self.target, xattrs, has_data, self.seen_size,
          self.seen_mtime_ns) = row
-        self.xattrs, self.has_data = decode_xattrs(xattrs), bool(has_data)
+        self.xattrs, self.has_data = decode_xattrs(xattrs) if xattrs else NO_XATTRS, bool(has_data)
 
     def load_lower(self, attrs: tuple) -> None:
         """Take every attribute from a lower source's attrs() tuple."""
         self.mode, self.uid, self.gid, self.size, self.mtime_ns, self.rdev, self.nlink, self.target, \
             self.xattrs = attrs
         self.atime_ns = self.ctime_ns = self.mtime_ns
+        if not self.xattrs:
+            self.xattrs = NO_XATTRS
 
     def is_dir(self) -> bool:
         return self.mode & 0o170000 == S_IFDIR
@@ -130,6 +142,7 @@ class UnionView:
         # do (the recorder's), so writing a file costs no transaction of its own
         self.pending_writes: list[Node] = []
         self.nodes: dict[int, Node] = {}
+        self.forgotten: set[int] = set()  # nodes the kernel forgot that something else still needs
         self.handles: dict[int, Node] = {}  # open fd -> node
         # Bumped by every change to the view: a cached attribute reply (Node.attr) is
         # valid while the generation it was made in lasts. Lookups and listings change
@@ -160,6 +173,7 @@ class UnionView:
         n = Node(ino)
         if row is not None:
             n.load_row(row)
+            n.stored = True
             if n.has_data:
                 size = self.upper.data_size(ino)
                 n.size = n.size if size is None else size  # the data file is the truth after a crash
@@ -177,7 +191,65 @@ class UnionView:
         if n.nlink <= 0 and n.opens == 0 and not n.is_dir():
             return  # gone for good; its row was deleted with its last name
         self.upper.put_inode(n.row())
-        n.dirty = False
+        n.dirty, n.stored = False, True
+
+    # -- the kernel's references (FORGET) -----------------------------------------
+
+    def forget(self, ino: int, nlookup: int) -> None:
+        """The kernel dropped `nlookup` of its references to `ino`. At none, the node goes,
+        unless something else needs it (_droppable; then it goes once idle, store_when_idle):
+        its row goes back where `node` finds it, and it comes back as it was, number and all."""
+        n = self.nodes.get(ino)
+        if n is None:
+            return
+        n.lookups = max(0, n.lookups - nlookup)
+        if n.lookups == 0 and ino != 1:
+            if self._droppable(n):
+                self._drop(n)
+            else:
+                self.forgotten.add(ino)
+
+    def _droppable(self, n: Node) -> bool:
+        """Nothing but the kernel needs `n`: no open handle, no change to store (writes left
+        for the next transaction, records that wait for one hold nodes, not numbers)."""
+        return (n.lookups == 0 and n.opens == 0 and not n.dirty and n.ino != 1
+                and not self.pending_writes and not self.recorder.waiting())
+
+    def _drop(self, n: Node) -> None:
+        del self.nodes[n.ino]
+        if n.stored and n.nlink > 0:  # (an inode with no name left has no row: its last close deleted it)
+            self.upper_rows[n.ino] = n.row()
+
+    def drop_forgotten(self) -> None:
+        """Drop the forgotten nodes nothing needs any more (the server calls this when idle)."""
+        nodes, still = self.nodes, set()
+        for ino in self.forgotten:
+            n = nodes.get(ino)
+            if n is None or n.lookups:
+                continue  # gone already, or the kernel has it again
+            if self._droppable(n):
+                self._drop(n)
+            else:
+                still.add(ino)
+        self.forgotten = still
+
+    def _parent_of(self, n: Node) -> Node:
+        """`n`'s parent node, named again if it was forgotten: a directory has one name,
+        the upper layer's if it was moved or made there, else the image's."""
+        p = self.nodes.get(n.parent) or self.node(n.parent)
+        if p.name is None and p.ino != 1:
+            self._name_directory(p)
+        return p
+
+    def _name_directory(self, d: Node) -> None:
+        for parent_ino, names in self.upper_dirents.items():  # (rare: a forgotten parent of a live node)
+            for name, ino in names.items():
+                if ino == d.ino:
+                    d.parent, d.name = parent_ino, name
+                    return
+        for parent_ino, name in self.lower.names_of(d.lower_ino) if d.lower_ino is not None else ():
+            d.parent, d.name = parent_ino, name
+            return
 
     @contextlib.contextmanager
     def changing(self):
@@ -228,16 +300,17 @@ class UnionView:
     def path_of(self, n: Node) -> bytes:
         """The path the kernel last reached `n` by (the lower path if it never did)."""
         parts = []
-        limit = len(self.nodes) + 1  # more steps than nodes: a cycle, a bug to report, not a hang
         while n.ino != 1:
-            if len(parts) > limit:
+            if len(parts) > len(self.nodes):  # more steps than nodes: a cycle, a bug to report, not a hang
                 raise RuntimeError(f"inode {n.ino}: its parents form a cycle")
+            if n.name is None and n.is_dir():
+                self._name_directory(n)  # forgotten, and reached again without a lookup
             if n.name is None or n.parent is None:
                 lower_path = self.lower.path_of(n.lower_ino) if n.lower_ino is not None else None
                 parts.append(lower_path.lstrip(b"/") if lower_path is not None else b"?%d" % n.ino)
                 break
             parts.append(n.name)
-            n = self.nodes.get(n.parent) or self.node(n.parent)
+            n = self._parent_of(n)
         return b"/" + b"/".join(reversed(parts))
 
     def child_path(self, parent: Node, name: bytes) -> bytes:
@@ -262,6 +335,8 @@ class UnionView:
             self.store_pending()
             self.upper.checkpoint()  # nothing changed since the last one: no work while idle
             self.checkpointed_generation = self.generation
+        if self.forgotten:
+            self.drop_forgotten()
 
     def _writable(self) -> UpperLayer:
         if self.upper is None:
@@ -302,11 +377,21 @@ class UnionView:
         if ino is None:
             raise fs_error(errno.ENOENT)
         n = self.nodes.get(ino) or self.node(ino)
-        n.parent, n.name = parent_ino, name
+        n.parent, n.name = parent.ino, name  # (the parent's int, not the request's: one object fewer)
         return n
 
     def listdir(self, dir_ino: int) -> list[tuple[bytes, Node]]:
-        """The merged entries, sorted by name (stable offsets come from this order)."""
+        """The merged entries, sorted by name, with their nodes."""
+        out = []
+        for name, ino in self.entries(dir_ino):
+            n = self.nodes.get(ino) or self.node(ino)
+            n.parent, n.name = dir_ino, name
+            out.append((name, n))
+        return out
+
+    def entries(self, dir_ino: int) -> list[tuple[bytes, int]]:
+        """The merged entries, sorted by name (stable offsets come from this order), as
+        inode numbers: nothing is materialised for names nobody asks about."""
         d = self.node(dir_ino)
         if not d.is_dir():
             raise fs_error(errno.ENOTDIR)
@@ -318,12 +403,7 @@ class UnionView:
                 merged[name] = ino
             else:
                 merged.pop(name, None)
-        out = []
-        for name in sorted(merged):
-            n = self.node(merged[name])
-            n.parent, n.name = dir_ino, name  # readdirplus: the kernel will not look these up
-            out.append((name, n))
-        return out
+        return sorted(merged.items())
 
     def _is_empty(self, d: Node) -> bool:
         entries = self.upper_dirents.get(d.ino, {})
@@ -572,7 +652,7 @@ class UnionView:
                 return True
             if n.ino == 1 or n.parent is None:
                 return False
-            n = self.node(n.parent)
+            n = self._parent_of(n)
         return False
 
     # -- data ------------------------------------------------------------------
