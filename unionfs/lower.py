@@ -12,10 +12,11 @@ one: lookup(dir, name), children(dir), attrs(ino), parent-free data access
 
 The directories loaded are cached in two generations (LowerSource): a lookup
 is one dict hit in the recent one; a directory found in the old one moves to
-the recent one; once the recent one holds DIR_CACHE_ENTRIES names it becomes
-the old one, and the old one goes. So the cache holds at most about twice that
-many names (plus the directory being loaded) however large the image, the
-directories in use stay, and a walk of the whole image does not keep it all.
+the recent one; when a directory would take the recent one past
+DIR_CACHE_ENTRIES names, the recent one becomes the old one and the old one
+goes. So the cache holds at most about twice that many names (plus one huge
+directory) however large the image, the directories in use stay, and a walk of
+the whole image does not keep it all.
 
 Host objects can block an open: a FIFO swapped in for a lower file by a user
 who can write the lower directory makes a plain open(2) wait for a writer
@@ -82,11 +83,12 @@ class LowerSource:
         children = self.old_dirs.pop(dir_ino, None)
         if children is None:
             children = self._load_dir(dir_ino)
-        self.dirs[dir_ino] = children
-        self.cached += len(children) + 1
-        if self.cached > self.cache_entries:
+        size = len(children) + 1
+        if self.cached + size > self.cache_entries and self.dirs:  # (a huge directory stays, alone)
             self.old_dirs, self.dirs, self.cached = self.dirs, {}, 0
             self._new_generation()
+        self.dirs[dir_ino] = children
+        self.cached += size
         return children
 
     def _new_generation(self) -> None:
