@@ -38,12 +38,16 @@ import json
 import os
 import sqlite3
 import stat
+import types
 
 from store.fsutil import DIR_FLAGS, open_beneath
 from store.index import ROOT_INO
 
 HOST_DATA_FLAGS = os.O_NONBLOCK | os.O_NOCTTY  # see the module comment
-DIR_CACHE_ENTRIES = 32768  # names in the recent generation of the directory cache (module comment)
+DIR_CACHE_ENTRIES = 16384  # names in the recent generation of the directory cache (module comment)
+# most inodes have no xattrs: they share one read-only empty mapping (a dict each costs 64
+# bytes a node); the view's setxattr and removexattr replace a node's mapping, never change it
+NO_XATTRS = types.MappingProxyType({})
 
 
 def checked_regular(fd: int) -> int:
@@ -58,10 +62,23 @@ def checked_regular(fd: int) -> int:
 # target is bytes (symlinks) or None; xattrs a dict bytes -> bytes.
 
 
+def _stat_of(st: os.stat_result) -> tuple:
+    """What DirLower keeps of an lstat: (mode, uid, gid, size, mtime_ns, rdev, nlink)."""
+    return st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns, st.st_rdev, st.st_nlink
+
+
 def decode_xattrs(text: str | None) -> dict:
     if not text:
         return {}
     return {os.fsencode(k): base64.b64decode(v) for k, v in json.loads(text).items()}
+
+
+def _move_along(children: dict[bytes, int], old: dict, recent: dict) -> None:
+    """What is cached per child of a directory moves with it from the old generation."""
+    for ino in children.values():
+        value = old.pop(ino, None)
+        if value is not None:
+            recent[ino] = value
 
 
 class LowerSource:
@@ -83,6 +100,8 @@ class LowerSource:
         children = self.old_dirs.pop(dir_ino, None)
         if children is None:
             children = self._load_dir(dir_ino)
+        else:
+            self._revived(children)
         size = len(children) + 1
         if self.cached + size > self.cache_entries and self.dirs:  # (a huge directory stays, alone)
             self.old_dirs, self.dirs, self.cached = self.dirs, {}, 0
@@ -93,6 +112,10 @@ class LowerSource:
 
     def _new_generation(self) -> None:
         """The recent generation became the old one: what subclasses cache along goes too."""
+
+    def _revived(self, children: dict[bytes, int]) -> None:
+        """A directory moves from the old generation back to the recent one (subclasses
+        move what they cache along with it)."""
 
     def lookup(self, dir_ino: int, name: bytes) -> int | None:
         children = self.dirs.get(dir_ino)
@@ -145,7 +168,8 @@ class IndexLower(LowerSource):
         super().__init__(layer_roots)
         row = self.db.execute("SELECT value FROM meta WHERE key='next_ino'").fetchone()
         self.first_free_ino = int(row[0])
-        # the attributes loaded with the directories, until a node takes them (two generations too)
+        # the attributes loaded with the directories, kept with them (a forgotten node comes back
+        # from them: a cold lookup after the kernel dropped its caches costs no query)
         self.attr_rows: dict[int, tuple] = {}
         self.old_attr_rows: dict[int, tuple] = {}
 
@@ -176,10 +200,13 @@ class IndexLower(LowerSource):
     def _new_generation(self) -> None:
         self.old_attr_rows, self.attr_rows = self.attr_rows, {}
 
+    def _revived(self, children: dict[bytes, int]) -> None:
+        _move_along(children, self.old_attr_rows, self.attr_rows)
+
     def attrs(self, ino: int) -> tuple | None:
-        row = self.attr_rows.pop(ino, None)  # the view keeps the node; the row is not needed twice
+        row = self.attr_rows.get(ino)
         if row is None:
-            row = self.old_attr_rows.pop(ino, None)
+            row = self.old_attr_rows.get(ino)
             if row is None:
                 row = self.db.execute(self.ATTR_SQL, (ino,)).fetchone()
                 if row is None:
@@ -218,11 +245,11 @@ class DirLower(LowerSource):
         super().__init__(lowerdirs)
         self.first_free_ino = 1 << 62
         # ino -> (layer, relpath) of the entry that serves it, for every entry seen (kept:
-        # the view may ask about any of them); the lstat of those in the cached directories
-        # (two generations, as the directories), until a node takes it
+        # the view may ask about any of them); what the lstat of each entry of the cached
+        # directories said (`_stat_of`, kept with them in two generations)
         self.entries: dict[int, tuple[int, bytes]] = {ROOT_INO: (0, b"")}
-        self.stats: dict[int, os.stat_result] = {}
-        self.old_stats: dict[int, os.stat_result] = {}
+        self.stats: dict[int, tuple] = {}
+        self.old_stats: dict[int, tuple] = {}
         # dir ino -> [(layer, relpath)] of the directories merged into it, top first
         self.dir_sources: dict[int, list[tuple[int, bytes]]] = {ROOT_INO: [(i, b"") for i in range(len(lowerdirs))]}
         # (st_dev, st_ino) -> ino of host files that may be seen again under another name
@@ -249,6 +276,9 @@ class DirLower(LowerSource):
 
     def _new_generation(self) -> None:
         self.old_stats, self.stats = self.stats, {}
+
+    def _revived(self, children: dict[bytes, int]) -> None:
+        _move_along(children, self.old_stats, self.stats)
 
     def _open_dir(self, layer: int, rel: bytes) -> int:
         if not rel:
@@ -301,7 +331,7 @@ class DirLower(LowerSource):
                     ino = self._inode_number(layer, child_rel, st)
                     children[bname] = ino
                     self.entries[ino] = (layer, child_rel)
-                    self.stats[ino] = st
+                    self.stats[ino] = _stat_of(st)
                     if stat.S_ISDIR(st.st_mode):
                         child_dirs[bname] = [(layer, child_rel)]
                     else:
@@ -325,16 +355,16 @@ class DirLower(LowerSource):
             self.dir_sources[ino] = sources_fixed
         return children
 
-    def _lstat(self, ino: int, layer: int, rel: bytes) -> os.stat_result:
-        st = self.stats.pop(ino, None) or self.old_stats.pop(ino, None)
+    def _lstat(self, ino: int, layer: int, rel: bytes) -> tuple:
+        st = self.stats.get(ino) or self.old_stats.get(ino)
         if st is not None:
             return st
         if not rel:
-            return os.fstat(self.layer_fds[layer])
+            return _stat_of(os.fstat(self.layer_fds[layer]))
         head, _, name = rel.rpartition(b"/")
         fd = self._open_dir(layer, head)
         try:
-            return os.lstat(name, dir_fd=fd)
+            return _stat_of(os.lstat(name, dir_fd=fd))
         finally:
             os.close(fd)
 
@@ -347,27 +377,30 @@ class DirLower(LowerSource):
             st = self._lstat(ino, layer, rel)
         except OSError:
             return None  # gone from the host since it was listed
+        if len(st) == 9:  # worked out before (a node forgotten and asked for again)
+            return st
+        mode, uid, gid, size, mtime_ns, rdev, nlink = st
         target = None
-        if stat.S_ISLNK(st.st_mode):
+        if stat.S_ISLNK(mode):
             head, _, name = rel.rpartition(b"/")
             fd = self._open_dir(layer, head)
             try:
                 target = os.fsencode(os.readlink(name, dir_fd=fd))
             finally:
                 os.close(fd)
-        nlink = st.st_nlink
-        if stat.S_ISDIR(st.st_mode) and len(self.dir_sources.get(ino, ())) > 1:
+        if stat.S_ISDIR(mode) and len(self.dir_sources.get(ino, ())) > 1:
             nlink = 1  # merged from several layers: unknown, as overlayfs reports it
-        return (st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns, st.st_rdev, nlink,
-                target, self._xattrs(layer, rel, st))
+        attrs = (mode, uid, gid, size, mtime_ns, rdev, nlink, target, self._xattrs(layer, rel, mode))
+        self.stats[ino] = attrs
+        return attrs
 
-    def _xattrs(self, layer: int, rel: bytes, st) -> dict:
-        if stat.S_ISLNK(st.st_mode):
-            return {}
+    def _xattrs(self, layer: int, rel: bytes, mode: int) -> dict:
+        if stat.S_ISLNK(mode):
+            return NO_XATTRS
         try:
             fd = open_beneath(self.layer_fds[layer], rel, os.O_RDONLY | os.O_PATH) if rel else os.dup(self.layer_fds[layer])
         except OSError:
-            return {}
+            return NO_XATTRS
         try:
             path = f"/proc/self/fd/{fd}"
             out = {}
@@ -375,9 +408,9 @@ class DirLower(LowerSource):
                 bname = os.fsencode(name)
                 if not bname.startswith(OVERLAY_XATTR_PREFIXES):
                     out[bname] = os.getxattr(path, name)
-            return out
+            return out or NO_XATTRS
         except OSError:
-            return {}
+            return NO_XATTRS
         finally:
             os.close(fd)
 

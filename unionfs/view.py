@@ -19,9 +19,8 @@ import errno
 import os
 import stat
 import time
-import types
 
-from .lower import decode_xattrs
+from .lower import NO_XATTRS, decode_xattrs
 from .recorder import NO_RECORDER, NOBODY, Caller, JournalRecorder
 from .upper import UpperLayer, encode_xattrs
 
@@ -38,11 +37,6 @@ FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE = 0x01, 0x02, 0x
 FALLOCATE_MODES = {0: "allocate", FALLOC_FL_KEEP_SIZE: "keep_size",
                    FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE: "punch_hole|keep_size",
                    FALLOC_FL_ZERO_RANGE: "zero_range", FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE: "zero_range|keep_size"}
-
-
-# most inodes have no xattrs: they share one read-only empty mapping (a dict each costs 64
-# bytes a node); setxattr and removexattr replace a node's mapping, never change it
-NO_XATTRS = types.MappingProxyType({})
 
 
 def fs_error(code: int) -> OSError:
@@ -285,6 +279,7 @@ class UnionView:
         self.upper_dirents = self.upper.load_dirents()
         for ino, n in self.nodes.items():
             row = rows.pop(ino, None)
+            n.stored = row is not None
             if row is not None:
                 n.load_row(row)
                 size = self.upper.data_size(ino) if n.has_data else None
