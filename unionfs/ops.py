@@ -108,7 +108,12 @@ class UnionOperations(pyfuse3.Operations):
         e.st_atime_ns = n.atime_ns
         e.st_mtime_ns = n.mtime_ns
         e.st_ctime_ns = n.ctime_ns
-        n.attr, n.attr_generation = e, generation  # pyfuse3 copies it into each reply
+        # pyfuse3 copies it into each reply. Kept from the second reply of a generation on:
+        # a walk asks once for each of its nodes, and a reply each would be a fifth of their memory
+        if n.attr_generation == ~generation:
+            n.attr, n.attr_generation = e, generation
+        else:
+            n.attr, n.attr_generation = None, ~generation
         return e
 
     def known(self, n) -> pyfuse3.EntryAttributes:

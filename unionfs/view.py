@@ -57,7 +57,7 @@ class Node:
 
     def __init__(self, ino: int):
         self.ino, self.parent, self.name, self.opens, self.dirty = ino, None, None, 0, False
-        self.attr, self.attr_generation = None, -1
+        self.attr, self.attr_generation = None, None
         self.seen_size = self.seen_mtime_ns = None
         self.lookups, self.stored = 0, False
 
