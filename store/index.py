@@ -30,6 +30,7 @@ import os
 import shutil
 import sqlite3
 import stat
+import types
 import urllib.parse
 from typing import NamedTuple
 
@@ -262,9 +263,16 @@ class DataLocation(NamedTuple):
     path: bytes
 
 
-def decode_xattrs(text: str | None) -> dict:
+# most inodes have no xattrs: they share one read-only empty mapping (a dict each costs 64
+# bytes a node); the view's setxattr and removexattr replace a node's mapping, never change it
+NO_XATTRS = types.MappingProxyType({})
+
+
+def decode_xattrs(text: str | None):
+    """Stored xattrs as a mapping name -> value; NO_XATTRS for none (callers replace, never
+    change, the mapping they got)."""
     if not text:
-        return {}
+        return NO_XATTRS
     return {os.fsencode(k): base64.b64decode(v) for k, v in json.loads(text).items()}
 
 
@@ -278,9 +286,10 @@ class MergedIndex:
     """The one reader of a merged index (the filesystem, diff, fsck, export and tests):
     every query on it is here, and answers are named records.
 
-    `load_dir` and `lookup_with_attrs` keep the attributes of the inodes they return
-    until `attrs` takes them (once: the caller keeps its node), so the first lookup
-    in a directory costs one query for its entries and their attributes together."""
+    `load_dir` and `lookup_with_attrs` put the attribute rows of the inodes they return
+    in the caller's dict, and `attrs` makes a record of such a row (querying only
+    without one), so the first lookup in a directory costs one query for its entries
+    and their attributes together; the caller decides how long rows are kept."""
 
     DIR_SQL = f"SELECT d.name, i.ino, {ATTR_COLUMNS} FROM dirents d JOIN inodes i ON i.ino = d.ino WHERE d.parent=?"
     POINT_SQL = (f"SELECT i.ino, {ATTR_COLUMNS} FROM dirents d JOIN inodes i ON i.ino = d.ino "
@@ -292,7 +301,6 @@ class MergedIndex:
         so SQLite skips locking and change checks."""
         options = "mode=ro&immutable=1" if immutable else "mode=ro"
         self.db = sqlite3.connect(f"file:{urllib.parse.quote(path)}?{options}", uri=True, check_same_thread=False)
-        self.attr_rows: dict[int, tuple] = {}
 
     def close(self) -> None:
         self.db.close()
@@ -318,25 +326,25 @@ class MergedIndex:
 
     # -- the request path -----------------------------------------------------------
 
-    def load_dir(self, dir_ino: int) -> dict[bytes, int]:
-        """name -> ino of a directory's entries; their attributes wait for `attrs`."""
+    def load_dir(self, dir_ino: int, attr_rows: dict[int, tuple]) -> dict[bytes, int]:
+        """name -> ino of a directory's entries; their attribute rows go into `attr_rows`."""
         children = {}
-        attr_rows = self.attr_rows
         for row in self.db.execute(self.DIR_SQL, (dir_ino,)):
             children[row[0]] = row[1]
             attr_rows[row[1]] = row[2:]
         return children
 
-    def lookup_with_attrs(self, parent: int, name: bytes) -> int | None:
-        """One name's inode; its attributes wait for `attrs` (a point query)."""
+    def lookup_with_attrs(self, parent: int, name: bytes, attr_rows: dict[int, tuple]) -> int | None:
+        """One name's inode (a point query); its attribute row goes into `attr_rows`."""
         row = self.db.execute(self.POINT_SQL, (parent, name)).fetchone()
         if row is None:
             return None
-        self.attr_rows[row[0]] = row[1:]
+        attr_rows[row[0]] = row[1:]
         return row[0]
 
-    def attrs(self, ino: int) -> InodeAttrs | None:
-        row = self.attr_rows.pop(ino, None)  # the caller keeps its node: not needed twice
+    def attrs(self, ino: int, row: tuple | None = None) -> InodeAttrs | None:
+        """The attributes of `ino`, from its row as load_dir or lookup_with_attrs gave it,
+        or queried without one."""
         if row is None:
             row = self.db.execute(self.ATTR_SQL, (ino,)).fetchone()
             if row is None:

@@ -10,6 +10,14 @@ one: lookup(dir, name), children(dir), attrs(ino), parent-free data access
   drop-in), merged lazily one directory at a time, so a second lookup in a
   directory is a dict hit however many layers there are.
 
+The directories loaded are cached in two generations (LowerSource): a lookup
+is one dict hit in the recent one; a directory found in the old one moves to
+the recent one; when a directory would take the recent one past
+DIR_CACHE_ENTRIES names, the recent one becomes the old one and the old one
+goes. So the cache holds at most about twice that many names (plus one huge
+directory) however large the image, the directories in use stay, and a walk of
+the whole image does not keep it all.
+
 Host objects can block an open: a FIFO swapped in for a lower file by a user
 who can write the lower directory makes a plain open(2) wait for a writer
 (fifo_open -> wait_for_partner), and with one task serving every request the
@@ -29,9 +37,10 @@ import os
 import stat
 
 from store.fsutil import DIR_FLAGS, open_beneath
-from store.index import ROOT_INO, InodeAttrs, MergedIndex
+from store.index import NO_XATTRS, ROOT_INO, InodeAttrs, MergedIndex
 
 HOST_DATA_FLAGS = os.O_NONBLOCK | os.O_NOCTTY  # see the module comment
+DIR_CACHE_ENTRIES = 16384  # names in the recent generation of the directory cache (module comment)
 
 
 def checked_regular(fd: int) -> int:
@@ -42,27 +51,65 @@ def checked_regular(fd: int) -> int:
     return fd
 
 
+def _stat_of(st: os.stat_result) -> tuple:
+    """What DirLower keeps of an lstat: (mode, uid, gid, size, mtime_ns, rdev, nlink)."""
+    return st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns, st.st_rdev, st.st_nlink
+
+
+def _move_along(children: dict[bytes, int], old: dict, recent: dict) -> None:
+    """What is cached per child of a directory moves with it from the old generation."""
+    for ino in children.values():
+        value = old.pop(ino, None)
+        if value is not None:
+            recent[ino] = value
+
+
 class LowerSource:
     """What both lower sources share: the layer directory fds, and each directory's
-    children loaded once, on first use, by `_load_dir`; later lookups are dict hits."""
+    children loaded by `_load_dir` on first use and cached (`_cached_dir`, see the
+    module comment); later lookups are dict hits."""
 
-    def __init__(self, layer_roots: list[str]):
+    def __init__(self, layer_roots: list[str], cache_entries: int = DIR_CACHE_ENTRIES):
         self.layer_fds = [os.open(p, DIR_FLAGS) for p in layer_roots]
-        self.dirs: dict[int, dict[bytes, int]] = {}
+        self.dirs: dict[int, dict[bytes, int]] = {}  # the recent generation
+        self.old_dirs: dict[int, dict[bytes, int]] = {}
+        self.cache_entries, self.cached = cache_entries, 0  # (names in the recent generation)
 
     def _load_dir(self, dir_ino: int) -> dict[bytes, int]:
         raise NotImplementedError
 
+    def _cached_dir(self, dir_ino: int) -> dict[bytes, int]:
+        """A directory not in the recent generation: from the old one, else loaded."""
+        children = self.old_dirs.pop(dir_ino, None)
+        if children is None:
+            children = self._load_dir(dir_ino)
+        else:
+            self._revived(children)
+        size = len(children) + 1
+        if self.cached + size > self.cache_entries and self.dirs:  # (a huge directory stays, alone)
+            self.old_dirs, self.dirs, self.cached = self.dirs, {}, 0
+            self._new_generation()
+        self.dirs[dir_ino] = children
+        self.cached += size
+        return children
+
+    def _new_generation(self) -> None:
+        """The recent generation became the old one: what subclasses cache along goes too."""
+
+    def _revived(self, children: dict[bytes, int]) -> None:
+        """A directory moves from the old generation back to the recent one (subclasses
+        move what they cache along with it)."""
+
     def lookup(self, dir_ino: int, name: bytes) -> int | None:
         children = self.dirs.get(dir_ino)
         if children is None:
-            children = self._load_dir(dir_ino)
+            children = self._cached_dir(dir_ino)
         return children.get(name)
 
     def children(self, dir_ino: int) -> list[tuple[bytes, int]]:
         children = self.dirs.get(dir_ino)
         if children is None:
-            children = self._load_dir(dir_ino)
+            children = self._cached_dir(dir_ino)
         return sorted(children.items())
 
     def path_of(self, ino: int) -> bytes | None:
@@ -95,7 +142,10 @@ class IndexLower(LowerSource):
         self.index = MergedIndex(index_path, immutable=True)
         super().__init__(layer_roots)
         self.first_free_ino = self.index.next_ino()
-        self.attrs = self.index.attrs  # bound once: the request path calls the index's own
+        # the attributes loaded with the directories, kept with them (a forgotten node comes back
+        # from them: a cold lookup after the kernel dropped its caches costs no query)
+        self.attr_rows: dict[int, tuple] = {}
+        self.old_attr_rows: dict[int, tuple] = {}
 
     def close(self) -> None:
         self.index.close()
@@ -105,13 +155,21 @@ class IndexLower(LowerSource):
         children = self.dirs.get(dir_ino)
         if children is None:
             if self.point_lookups:
-                return self.index.lookup_with_attrs(dir_ino, name)
-            children = self._load_dir(dir_ino)
+                return self.index.lookup_with_attrs(dir_ino, name, self.attr_rows)
+            children = self._cached_dir(dir_ino)
         return children.get(name)
 
     def _load_dir(self, dir_ino: int) -> dict[bytes, int]:
-        children = self.dirs[dir_ino] = self.index.load_dir(dir_ino)
-        return children
+        return self.index.load_dir(dir_ino, self.attr_rows)
+
+    def _new_generation(self) -> None:
+        self.old_attr_rows, self.attr_rows = self.attr_rows, {}
+
+    def _revived(self, children: dict[bytes, int]) -> None:
+        _move_along(children, self.old_attr_rows, self.attr_rows)
+
+    def attrs(self, ino: int) -> InodeAttrs | None:
+        return self.index.attrs(ino, self.attr_rows.get(ino) or self.old_attr_rows.get(ino))
 
     def path_of(self, ino: int) -> bytes | None:
         return self.index.path_of(ino)
@@ -139,17 +197,20 @@ class DirLower(LowerSource):
     def __init__(self, lowerdirs: list[str]):
         super().__init__(lowerdirs)
         self.first_free_ino = 1 << 62
-        # ino -> (layer, relpath, lstat) of the entry that serves it
-        self.entries: dict[int, tuple[int, bytes, os.stat_result]] = {}
+        # ino -> (layer, relpath) of the entry that serves it, for every entry seen (kept:
+        # the view may ask about any of them); what the lstat of each entry of the cached
+        # directories said (`_stat_of`, kept with them in two generations)
+        self.entries: dict[int, tuple[int, bytes]] = {ROOT_INO: (0, b"")}
+        self.stats: dict[int, tuple] = {}
+        self.old_stats: dict[int, tuple] = {}
         # dir ino -> [(layer, relpath)] of the directories merged into it, top first
         self.dir_sources: dict[int, list[tuple[int, bytes]]] = {ROOT_INO: [(i, b"") for i in range(len(lowerdirs))]}
+        # (st_dev, st_ino) -> ino of host files that may be seen again under another name
+        # (hard links) or that clashed; the rest are numbered by the formula alone
         self.ino_of: dict[tuple[int, int], int] = {}
-        self.taken: set[int] = set()
         self.next_spare = 1 << 61
-        st = os.fstat(self.layer_fds[0])
-        self.entries[ROOT_INO] = (0, b"", st)
 
-    def _inode_number(self, layer: int, st: os.stat_result) -> int:
+    def _inode_number(self, layer: int, rel: bytes, st: os.stat_result) -> int:
         """(layer + 1) << 48 | st_ino, stable across remounts; a clash (another
         filesystem mounted inside a lower dir) gets a number of its own."""
         key = (st.st_dev, st.st_ino)
@@ -157,12 +218,20 @@ class DirLower(LowerSource):
         if known is not None:
             return known
         ino = ((layer + 1) << LAYER_SHIFT) | (st.st_ino & ((1 << LAYER_SHIFT) - 1))
-        if ino in self.entries or ino in self.taken:
+        held = self.entries.get(ino)
+        if held is not None and held != (layer, rel):  # another entry has it
             ino = self.next_spare
             self.next_spare += 1
-        self.ino_of[key] = ino
-        self.taken.add(ino)
+            self.ino_of[key] = ino
+        elif st.st_nlink > 1 and not stat.S_ISDIR(st.st_mode):
+            self.ino_of[key] = ino  # its other names take the same number
         return ino
+
+    def _new_generation(self) -> None:
+        self.old_stats, self.stats = self.stats, {}
+
+    def _revived(self, children: dict[bytes, int]) -> None:
+        _move_along(children, self.old_stats, self.stats)
 
     def _open_dir(self, layer: int, rel: bytes) -> int:
         if not rel:
@@ -212,9 +281,10 @@ class DirLower(LowerSource):
                         else:
                             sealed.add(bname)
                         continue
-                    ino = self._inode_number(layer, st)
+                    ino = self._inode_number(layer, child_rel, st)
                     children[bname] = ino
-                    self.entries[ino] = (layer, child_rel, st)
+                    self.entries[ino] = (layer, child_rel)
+                    self.stats[ino] = _stat_of(st)
                     if stat.S_ISDIR(st.st_mode):
                         child_dirs[bname] = [(layer, child_rel)]
                     else:
@@ -236,35 +306,54 @@ class DirLower(LowerSource):
                 finally:
                     os.close(fd)
             self.dir_sources[ino] = sources_fixed
-        self.dirs[dir_ino] = children
         return children
+
+    def _lstat(self, ino: int, layer: int, rel: bytes) -> tuple:
+        st = self.stats.get(ino) or self.old_stats.get(ino)
+        if st is not None:
+            return st
+        if not rel:
+            return _stat_of(os.fstat(self.layer_fds[layer]))
+        head, _, name = rel.rpartition(b"/")
+        fd = self._open_dir(layer, head)
+        try:
+            return _stat_of(os.lstat(name, dir_fd=fd))
+        finally:
+            os.close(fd)
 
     def attrs(self, ino: int) -> InodeAttrs | None:
         entry = self.entries.get(ino)
         if entry is None:
             return None
-        layer, rel, st = entry
+        layer, rel = entry
+        try:
+            st = self._lstat(ino, layer, rel)
+        except OSError:
+            return None  # gone from the host since it was listed
+        if len(st) == 9:  # worked out before (a node forgotten and asked for again)
+            return st
+        mode, uid, gid, size, mtime_ns, rdev, nlink = st
         target = None
-        if stat.S_ISLNK(st.st_mode):
+        if stat.S_ISLNK(mode):
             head, _, name = rel.rpartition(b"/")
             fd = self._open_dir(layer, head)
             try:
                 target = os.fsencode(os.readlink(name, dir_fd=fd))
             finally:
                 os.close(fd)
-        nlink = st.st_nlink
-        if stat.S_ISDIR(st.st_mode) and len(self.dir_sources.get(ino, ())) > 1:
+        if stat.S_ISDIR(mode) and len(self.dir_sources.get(ino, ())) > 1:
             nlink = 1  # merged from several layers: unknown, as overlayfs reports it
-        return InodeAttrs(st.st_mode, st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns, st.st_rdev, nlink,
-                          target, self._xattrs(layer, rel, st))
+        attrs = InodeAttrs(mode, uid, gid, size, mtime_ns, rdev, nlink, target, self._xattrs(layer, rel, mode))
+        self.stats[ino] = attrs
+        return attrs
 
-    def _xattrs(self, layer: int, rel: bytes, st) -> dict:
-        if stat.S_ISLNK(st.st_mode):
-            return {}
+    def _xattrs(self, layer: int, rel: bytes, mode: int) -> dict:
+        if stat.S_ISLNK(mode):
+            return NO_XATTRS
         try:
             fd = open_beneath(self.layer_fds[layer], rel, os.O_RDONLY | os.O_PATH) if rel else os.dup(self.layer_fds[layer])
         except OSError:
-            return {}
+            return NO_XATTRS
         try:
             path = f"/proc/self/fd/{fd}"
             out = {}
@@ -272,12 +361,29 @@ class DirLower(LowerSource):
                 bname = os.fsencode(name)
                 if not bname.startswith(OVERLAY_XATTR_PREFIXES):
                     out[bname] = os.getxattr(path, name)
-            return out
+            return out or NO_XATTRS
         except OSError:
-            return {}
+            return NO_XATTRS
         finally:
             os.close(fd)
 
+    def path_of(self, ino: int) -> bytes | None:
+        entry = self.entries.get(ino)
+        return None if entry is None else b"/" + entry[1]
+
+    def names_of(self, ino: int) -> list[tuple[int, bytes]]:
+        """The one name of a lower entry (its merged path's, looked up from the root)."""
+        entry = self.entries.get(ino)
+        if entry is None or not entry[1]:
+            return []
+        head, _, name = entry[1].rpartition(b"/")
+        parent = ROOT_INO
+        for part in head.split(b"/") if head else ():
+            parent = self.lookup(parent, part)
+            if parent is None:
+                return []
+        return [(parent, name)]
+
     def open_data(self, ino: int) -> int:
-        layer, rel, _ = self.entries[ino]
+        layer, rel = self.entries[ino]
         return checked_regular(open_beneath(self.layer_fds[layer], rel, os.O_RDONLY | HOST_DATA_FLAGS))

@@ -11,6 +11,12 @@ that made it (or the kernel updates its own caches for unlink, rename and
 link), so no explicit invalidation is needed; readdirplus entries are
 revalidated against the view before they are sent.
 
+The kernel's lookup count: every reply that hands the kernel an entry (lookup,
+create, mknod, mkdir, symlink, link, and each readdirplus entry but `.` and
+`..`, which the kernel skips) adds one to the node's count (`known`), FORGET and
+BATCH_FORGET subtract, and at zero the view may drop the node (UnionView.forget).
+A negative entry (st_ino 0) is not counted by the kernel, nor here.
+
 Running out of file descriptors: the server holds one host fd per open
 handle, so the container's open files are the server's too. An open that
 fails with EMFILE or ENFILE answers EMFILE, and the log (the supervisor's)
@@ -107,13 +113,23 @@ class UnionOperations(pyfuse3.Operations):
         e.st_atime_ns = n.atime_ns
         e.st_mtime_ns = n.mtime_ns
         e.st_ctime_ns = n.ctime_ns
-        n.attr, n.attr_generation = e, generation  # pyfuse3 copies it into each reply
+        # pyfuse3 copies it into each reply. Kept from the second reply of a generation on:
+        # a walk asks once for each of its nodes, and a reply each would be a fifth of their memory
+        if n.attr_generation == ~generation:
+            n.attr, n.attr_generation = e, generation
+        else:
+            n.attr, n.attr_generation = None, ~generation
         return e
+
+    def known(self, n) -> pyfuse3.EntryAttributes:
+        """The entry of `n` for a reply the kernel counts (see the module comment)."""
+        n.lookups += 1
+        return self.entry(n)
 
     async def lookup(self, parent_inode, name, ctx=None):
         # the hot path: errors handled inline rather than through answer_errors
         try:
-            return self.entry(self.view.lookup(parent_inode, name))
+            return self.known(self.view.lookup(parent_inode, name))
         except OSError as e:
             if e.errno != errno.ENOENT:
                 raise pyfuse3.FUSEError(self.errno_of(e)) from None
@@ -123,7 +139,13 @@ class UnionOperations(pyfuse3.Operations):
         return self.negative
 
     async def forget(self, inode_list):
-        pass  # nodes stay materialised while mounted; unlinked data goes at last close
+        # no reply, so no FUSEError: anything unexpected is logged (the mount stays up)
+        forget = self.view.forget
+        try:
+            for inode, nlookup in inode_list:
+                forget(inode, nlookup)
+        except Exception:
+            log.exception("unexpected error in forget")
 
     @answer_errors
     async def getattr(self, inode, ctx=None):
@@ -146,9 +168,9 @@ class UnionOperations(pyfuse3.Operations):
         return self.view.readlink(inode)
 
     def snapshot(self, inode) -> list:
+        """(name, inode number) of each entry: nodes are materialised as they are sent."""
         n = self.view.node(inode)
-        parent = self.view.node(n.parent or inode)
-        return [(b".", n), (b"..", parent)] + self.view.listdir(inode)
+        return [(b".", inode), (b"..", n.parent or inode)] + self.view.entries(inode)
 
     @answer_errors
     async def opendir(self, inode, ctx):
@@ -167,14 +189,24 @@ class UnionOperations(pyfuse3.Operations):
             self.dir_handles[fh] = (inode, entries)
         entry = self.entry
         view = self.view
+        nodes = view.nodes
         directory = view.node(inode)
         for offset in range(start_id, len(entries)):
-            name, n = entries[offset]
-            # readdirplus makes the kernel cache each entry: never one removed since the snapshot
-            if offset >= 2 and view.current(directory, name) != n.ino:
+            name, ino = entries[offset]
+            if offset < 2:  # `.` and `..`: the kernel takes their attributes, but no reference
+                if not pyfuse3.readdir_reply(token, name, entry(nodes.get(ino) or view.node(ino)), offset + 1):
+                    break
                 continue
+            # readdirplus makes the kernel cache each entry: never one removed since the snapshot
+            if view.current(directory, name) != ino:
+                continue
+            n = nodes.get(ino) or view.node(ino)
+            n.parent, n.name = inode, name  # the kernel will not look it up
             if not pyfuse3.readdir_reply(token, name, entry(n), offset + 1):
+                if not n.lookups:
+                    view.forgotten.add(ino)  # not sent: nobody may ever ask for it again
                 break
+            n.lookups += 1
 
     async def releasedir(self, fh):
         self.dir_handles.pop(fh, None)
@@ -188,7 +220,7 @@ class UnionOperations(pyfuse3.Operations):
     async def create(self, parent_inode, name, mode, flags, ctx):
         n, fd = self.view.create(parent_inode, name, mode & ~ctx.umask, flags, ctx.uid, ctx.gid,
                                  (ctx.pid, ctx.uid, ctx.gid))
-        return pyfuse3.FileInfo(fh=fd, keep_cache=True), self.entry(n)
+        return pyfuse3.FileInfo(fh=fd, keep_cache=True), self.known(n)
 
     @answer_errors
     async def read(self, fh, off, size):
@@ -228,21 +260,21 @@ class UnionOperations(pyfuse3.Operations):
 
     @answer_errors
     async def mknod(self, parent_inode, name, mode, rdev, ctx):
-        return self.entry(self.view.mknod(parent_inode, name, mode & ~ctx.umask, rdev, ctx.uid, ctx.gid,
+        return self.known(self.view.mknod(parent_inode, name, mode & ~ctx.umask, rdev, ctx.uid, ctx.gid,
                                           (ctx.pid, ctx.uid, ctx.gid)))
 
     @answer_errors
     async def mkdir(self, parent_inode, name, mode, ctx):
-        return self.entry(self.view.mkdir(parent_inode, name, mode & ~ctx.umask, ctx.uid, ctx.gid,
+        return self.known(self.view.mkdir(parent_inode, name, mode & ~ctx.umask, ctx.uid, ctx.gid,
                                           (ctx.pid, ctx.uid, ctx.gid)))
 
     @answer_errors
     async def symlink(self, parent_inode, name, target, ctx):
-        return self.entry(self.view.symlink(parent_inode, name, target, ctx.uid, ctx.gid, (ctx.pid, ctx.uid, ctx.gid)))
+        return self.known(self.view.symlink(parent_inode, name, target, ctx.uid, ctx.gid, (ctx.pid, ctx.uid, ctx.gid)))
 
     @answer_errors
     async def link(self, inode, new_parent_inode, new_name, ctx):
-        return self.entry(self.view.link(inode, new_parent_inode, new_name, (ctx.pid, ctx.uid, ctx.gid)))
+        return self.known(self.view.link(inode, new_parent_inode, new_name, (ctx.pid, ctx.uid, ctx.gid)))
 
     @answer_errors
     async def unlink(self, parent_inode, name, ctx):

@@ -261,10 +261,10 @@ class JournalRecorder:
         self.journal.record_creates(batch)  # (if it fails, the batch is still there)
         self.unrecorded_creates = []
         self.creates_stored += batch
-        nodes = self.view.nodes
+        node = self.view.node
         for log, ino in batch:
             if log.open:  # what its record's ranges account for: later writes change it (release)
-                n = nodes[ino]
+                n = node(ino)
                 self._note_data(n)
                 self.view.persist(n)
 

@@ -142,6 +142,14 @@ INSERT_RECORD_SQL = (f"INSERT INTO journal({', '.join(JOURNAL_COLUMNS[1:])}) "
 _new_tuple = tuple.__new__  # a NamedTuple from a row, without its constructor's Python call
 
 
+def inode_record(n) -> UpperInode:
+    """An inode as the view holds it (unionfs.view.Node) as its row: UpperInode's fields by
+    name, xattrs encoded, has_data an int."""
+    return _new_tuple(UpperInode, (n.ino, n.lower_ino, n.mode, n.uid, n.gid, n.size, n.atime_ns, n.mtime_ns,
+                                   n.ctime_ns, n.rdev, n.nlink, n.target, encode_xattrs(n.xattrs),
+                                   int(n.has_data), n.seen_size, n.seen_mtime_ns))
+
+
 def copy_database(upper_path: str, dest_path: str) -> None:
     """upper.db of the layer at `upper_path` as it is, into the directory `dest_path`
     (a read-only connection's backup: what the write-ahead log holds too)."""
@@ -334,11 +342,8 @@ class UpperLayer(UpperDatabase):
         self._execute("DELETE FROM meta WHERE key=?", (key,))
 
     def put_inode(self, n) -> None:
-        """Store an inode as the view holds it (unionfs.view.Node): UpperInode's fields by
-        name, with xattrs as a dict and has_data a bool."""
-        self._execute(PUT_INODE_SQL, (n.ino, n.lower_ino, n.mode, n.uid, n.gid, n.size, n.atime_ns, n.mtime_ns,
-                                      n.ctime_ns, n.rdev, n.nlink, n.target, encode_xattrs(n.xattrs),
-                                      int(n.has_data), n.seen_size, n.seen_mtime_ns))
+        """Store an inode as the view holds it (unionfs.view.Node)."""
+        self._execute(PUT_INODE_SQL, inode_record(n))
 
     def set_seen(self, ino: int, size: int, mtime_ns: int) -> None:
         """The journal has accounted for data/<ino> at this size and mtime."""

@@ -20,10 +20,10 @@ import os
 import stat
 import time
 
-from store.index import InodeAttrs
+from store.index import NO_XATTRS, InodeAttrs
 
 from .recorder import NO_RECORDER, NOBODY, Caller, JournalRecorder
-from .upper import UpperInode, UpperLayer, decode_xattrs
+from .upper import UpperInode, UpperLayer, decode_xattrs, inode_record
 
 NAME_MAX = 255
 XATTR_NAME_MAX = 255
@@ -45,18 +45,22 @@ def fs_error(code: int) -> OSError:
 
 
 class Node:
-    """One inode of the merged view (materialised on first use, kept while mounted)."""
+    """One inode of the merged view, materialised on first use and kept while the kernel,
+    an open handle or a write not stored yet needs it (UnionView.forget)."""
 
     __slots__ = ("ino", "mode", "uid", "gid", "size", "atime_ns", "mtime_ns", "ctime_ns", "rdev",
                  "nlink", "target", "xattrs", "lower_ino", "has_data", "parent", "name", "opens", "dirty",
-                 "attr", "attr_generation", "seen_size", "seen_mtime_ns")
+                 "attr", "attr_generation", "seen_size", "seen_mtime_ns", "lookups", "stored")
     # attr: the adapter's cached reply, valid for one generation; seen_*: the journal's (upper.py)
     # parent, name: the name the kernel last reached it by (the journal's paths)
+    # lookups: the kernel's lookup count (the adapter counts the replies that give it an entry)
+    # stored: the upper layer has a row of it (a forgotten node's state comes back from that row)
 
     def __init__(self, ino: int):
         self.ino, self.parent, self.name, self.opens, self.dirty = ino, None, None, 0, False
-        self.attr, self.attr_generation = None, -1
+        self.attr, self.attr_generation = None, None
         self.seen_size = self.seen_mtime_ns = None
+        self.lookups, self.stored = 0, False
 
     def load_row(self, row: UpperInode) -> None:
         """Take every attribute from an upper-layer row."""
@@ -70,6 +74,8 @@ class Node:
         """Take every attribute from a lower source's attrs()."""
         attrs.copy_to(self)  # mode, uid, gid, size, mtime_ns, rdev, nlink, target, xattrs
         self.atime_ns = self.ctime_ns = self.mtime_ns
+        if not self.xattrs:
+            self.xattrs = NO_XATTRS
 
     def is_dir(self) -> bool:
         return self.mode & 0o170000 == S_IFDIR
@@ -126,6 +132,7 @@ class UnionView:
         # do (the recorder's), so writing a file costs no transaction of its own
         self.pending_writes: list[Node] = []
         self.nodes: dict[int, Node] = {}
+        self.forgotten: set[int] = set()  # nodes the kernel forgot that something else still needs
         self.handles: dict[int, Node] = {}  # open fd -> node
         # Bumped by every change to the view: a cached attribute reply (Node.attr) is
         # valid while the generation it was made in lasts. Lookups and listings change
@@ -156,6 +163,7 @@ class UnionView:
         n = Node(ino)
         if row is not None:
             n.load_row(row)
+            n.stored = True
             if n.has_data:
                 size = self.upper.data_size(ino)
                 n.size = n.size if size is None else size  # the data file is the truth after a crash
@@ -173,7 +181,65 @@ class UnionView:
         if n.nlink <= 0 and n.opens == 0 and not n.is_dir():
             return  # gone for good; its row was deleted with its last name
         self.upper.put_inode(n)
-        n.dirty = False
+        n.dirty, n.stored = False, True
+
+    # -- the kernel's references (FORGET) -----------------------------------------
+
+    def forget(self, ino: int, nlookup: int) -> None:
+        """The kernel dropped `nlookup` of its references to `ino`. At none, the node goes,
+        unless something else needs it (_droppable; then it goes once idle, store_when_idle):
+        its row goes back where `node` finds it, and it comes back as it was, number and all."""
+        n = self.nodes.get(ino)
+        if n is None:
+            return
+        n.lookups = max(0, n.lookups - nlookup)
+        if n.lookups == 0 and ino != 1:
+            if self._droppable(n):
+                self._drop(n)
+            else:
+                self.forgotten.add(ino)
+
+    def _droppable(self, n: Node) -> bool:
+        """Nothing but the kernel needs `n`: no open handle, no change to store (writes left
+        for the next transaction, records that wait for one hold nodes, not numbers)."""
+        return (n.lookups == 0 and n.opens == 0 and not n.dirty and n.ino != 1
+                and not self.pending_writes and not self.recorder.waiting())
+
+    def _drop(self, n: Node) -> None:
+        del self.nodes[n.ino]
+        if n.stored and n.nlink > 0:  # (an inode with no name left has no row: its last close deleted it)
+            self.upper_rows[n.ino] = inode_record(n)
+
+    def drop_forgotten(self) -> None:
+        """Drop the forgotten nodes nothing needs any more (the server calls this when idle)."""
+        nodes, still = self.nodes, set()
+        for ino in self.forgotten:
+            n = nodes.get(ino)
+            if n is None or n.lookups:
+                continue  # gone already, or the kernel has it again
+            if self._droppable(n):
+                self._drop(n)
+            else:
+                still.add(ino)
+        self.forgotten = still
+
+    def _parent_of(self, n: Node) -> Node:
+        """`n`'s parent node, named again if it was forgotten: a directory has one name,
+        the upper layer's if it was moved or made there, else the image's."""
+        p = self.nodes.get(n.parent) or self.node(n.parent)
+        if p.name is None and p.ino != 1:
+            self._name_directory(p)
+        return p
+
+    def _name_directory(self, d: Node) -> None:
+        for parent_ino, names in self.upper_dirents.items():  # (rare: a forgotten parent of a live node)
+            for name, ino in names.items():
+                if ino == d.ino:
+                    d.parent, d.name = parent_ino, name
+                    return
+        for parent_ino, name in self.lower.names_of(d.lower_ino) if d.lower_ino is not None else ():
+            d.parent, d.name = parent_ino, name
+            return
 
     @contextlib.contextmanager
     def changing(self):
@@ -209,6 +275,7 @@ class UnionView:
         self.upper_dirents = self.upper.load_dirents()
         for ino, n in self.nodes.items():
             row = rows.pop(ino, None)
+            n.stored = row is not None
             if row is not None:
                 n.load_row(row)
                 size = self.upper.data_size(ino) if n.has_data else None
@@ -224,16 +291,17 @@ class UnionView:
     def path_of(self, n: Node) -> bytes:
         """The path the kernel last reached `n` by (the lower path if it never did)."""
         parts = []
-        limit = len(self.nodes) + 1  # more steps than nodes: a cycle, a bug to report, not a hang
         while n.ino != 1:
-            if len(parts) > limit:
+            if len(parts) > len(self.nodes):  # more steps than nodes: a cycle, a bug to report, not a hang
                 raise RuntimeError(f"inode {n.ino}: its parents form a cycle")
+            if n.name is None and n.is_dir():
+                self._name_directory(n)  # forgotten, and reached again without a lookup
             if n.name is None or n.parent is None:
                 lower_path = self.lower.path_of(n.lower_ino) if n.lower_ino is not None else None
                 parts.append(lower_path.lstrip(b"/") if lower_path is not None else b"?%d" % n.ino)
                 break
             parts.append(n.name)
-            n = self.nodes.get(n.parent) or self.node(n.parent)
+            n = self._parent_of(n)
         return b"/" + b"/".join(reversed(parts))
 
     def child_path(self, parent: Node, name: bytes) -> bytes:
@@ -258,6 +326,8 @@ class UnionView:
             self.store_pending()
             self.upper.checkpoint()  # nothing changed since the last one: no work while idle
             self.checkpointed_generation = self.generation
+        if self.forgotten:
+            self.drop_forgotten()
 
     def _writable(self) -> UpperLayer:
         if self.upper is None:
@@ -298,11 +368,21 @@ class UnionView:
         if ino is None:
             raise fs_error(errno.ENOENT)
         n = self.nodes.get(ino) or self.node(ino)
-        n.parent, n.name = parent_ino, name
+        n.parent, n.name = parent.ino, name  # (the parent's int, not the request's: one object fewer)
         return n
 
     def listdir(self, dir_ino: int) -> list[tuple[bytes, Node]]:
-        """The merged entries, sorted by name (stable offsets come from this order)."""
+        """The merged entries, sorted by name, with their nodes."""
+        out = []
+        for name, ino in self.entries(dir_ino):
+            n = self.nodes.get(ino) or self.node(ino)
+            n.parent, n.name = dir_ino, name
+            out.append((name, n))
+        return out
+
+    def entries(self, dir_ino: int) -> list[tuple[bytes, int]]:
+        """The merged entries, sorted by name (stable offsets come from this order), as
+        inode numbers: nothing is materialised for names nobody asks about."""
         d = self.node(dir_ino)
         if not d.is_dir():
             raise fs_error(errno.ENOTDIR)
@@ -314,12 +394,7 @@ class UnionView:
                 merged[name] = ino
             else:
                 merged.pop(name, None)
-        out = []
-        for name in sorted(merged):
-            n = self.node(merged[name])
-            n.parent, n.name = dir_ino, name  # readdirplus: the kernel will not look these up
-            out.append((name, n))
-        return out
+        return sorted(merged.items())
 
     def _is_empty(self, d: Node) -> bool:
         entries = self.upper_dirents.get(d.ino, {})
@@ -568,7 +643,7 @@ class UnionView:
                 return True
             if n.ino == 1 or n.parent is None:
                 return False
-            n = self.node(n.parent)
+            n = self._parent_of(n)
         return False
 
     # -- data ------------------------------------------------------------------
