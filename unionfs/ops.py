@@ -35,6 +35,7 @@ CACHE_SECONDS = 24 * 3600.0  # the kernel's entry/attr cache: only this mount ch
 
 
 FD_EXHAUSTION = (errno.EMFILE, errno.ENFILE)
+READ_ONLY_MASK = os.O_ACCMODE | os.O_TRUNC  # the opens passed through (unionfs.passthrough): O_RDONLY alone
 
 
 def answer_errors(handler):
@@ -176,7 +177,12 @@ class UnionOperations(pyfuse3.Operations):
 
     @answer_errors
     async def open(self, inode, flags, ctx):
-        fd, _ = self.view.open(inode, flags, (ctx.pid, ctx.uid, ctx.gid))
+        view = self.view
+        fd, _ = view.open(inode, flags, (ctx.pid, ctx.uid, ctx.gid))
+        if view.passthrough is not None and flags & READ_ONLY_MASK == os.O_RDONLY:
+            backing_id = view.pass_through(fd)
+            if backing_id is not None:
+                view.passthrough.reply_with(fd, backing_id)  # (the shim patches this reply)
         return pyfuse3.FileInfo(fh=fd, keep_cache=True)
 
     @answer_errors

@@ -79,6 +79,15 @@ class Node:
                 encode_xattrs(self.xattrs), int(self.has_data), self.seen_size, self.seen_mtime_ns)
 
 
+class Backing:
+    """A node's kernel backing file while it has passthrough opens (unionfs.passthrough)."""
+
+    __slots__ = ("id", "upper", "opens")
+
+    def __init__(self, backing_id: int, upper: bool):
+        self.id, self.upper, self.opens = backing_id, upper, 0
+
+
 _libc_fallocate = None
 
 
@@ -131,6 +140,12 @@ class UnionView:
         self.pending_writes: list[Node] = []
         self.nodes: dict[int, Node] = {}
         self.handles: dict[int, Node] = {}  # open fd -> node
+        # unionfs.passthrough.Passthrough when read-only opens may bypass the server (its
+        # module comment has the kernel's io-mode rule these keep): node ino -> its backing
+        # while it has passthrough opens (then all its opens are), open fd -> that backing
+        self.passthrough = None
+        self.backings: dict[int, Backing] = {}
+        self.passed_through: dict[int, Backing] = {}
         # Bumped by every change to the view: a cached attribute reply (Node.attr) is
         # valid while the generation it was made in lasts. Lookups and listings change
         # nothing, so they are answered from the cache; any write invalidates it all.
@@ -582,6 +597,8 @@ class UnionView:
         if n.has_data:
             return
         upper = self._writable()
+        if n.ino in self.backings:  # readers pass through to the lower file (unionfs.passthrough)
+            raise fs_error(errno.ETXTBSY)
         if truncate or n.lower_ino is None:
             upper.create_data(n.ino)
             n.size = 0 if truncate else n.size
@@ -611,6 +628,8 @@ class UnionView:
         writing = flags & os.O_ACCMODE != os.O_RDONLY
         truncate = bool(flags & os.O_TRUNC)  # O_RDONLY|O_TRUNC truncates too (the kernel checked access)
         truncating = truncate and n.size > 0  # (a truncating copy-up empties it before we look again)
+        if (writing or truncate) and ino in self.backings:  # the kernel's io-mode rule (unionfs.passthrough)
+            raise fs_error(errno.ETXTBSY)
         if writing or truncate:
             self._copy_up(n, truncate)
         if n.has_data:
@@ -634,6 +653,23 @@ class UnionView:
         if writing:
             self.recorder.record_open(caller, fd)
         return fd, not n.has_data
+
+    def pass_through(self, fd: int) -> int | None:
+        """The backing id to answer the read-only open `fd` with, or None: served cached
+        (no passthrough, the node has cached opens, or the kernel refused the file)."""
+        n = self.handles[fd]
+        backing = self.backings.get(n.ino)
+        if backing is None:
+            if n.opens > 1 or self.passthrough is None or not self.passthrough.usable():
+                return None  # (with no backing, every other open of it is cached)
+            try:
+                backing_id = self.passthrough.open_backing(fd)
+            except OSError:  # a data file on a filesystem the kernel cannot pass through to
+                return None
+            backing = self.backings[n.ino] = Backing(backing_id, n.has_data)
+        backing.opens += 1
+        self.passed_through[fd] = backing
+        return backing.id
 
     def write(self, fd: int, offset: int, data: bytes) -> int:
         self.generation += 1
@@ -683,6 +719,12 @@ class UnionView:
         self.recorder.record_release(fd, n)
         os.close(fd)
         n.opens -= 1
+        backing = self.passed_through.pop(fd, None)
+        if backing is not None:
+            backing.opens -= 1
+            if backing.opens == 0:  # the kernel holds its own reference for open files
+                del self.backings[n.ino]
+                self.passthrough.close_backing(backing.id)
         if n.nlink <= 0 and n.opens == 0 and self.upper is not None:
             self.upper.delete_inode(n.ino)  # last close of an unlinked file
 
