@@ -17,9 +17,9 @@ from store.containers import container_dir, create_container
 from unionfs.journal import read_records
 from unionfs.storeview import ContainerChanges
 
-from .helpers import member
+from .helpers import member, run_in_user_namespace
 from .images import make_chain
-from .mounts import served, standalone_argv, strata_mount_argv
+from .mounts import container_mounted, served, standalone_argv
 
 LOWER = bytes(range(256)) * 4096  # 1 MiB, every page different
 SCRIPT = b"#!/bin/sh\necho ran $1\n"
@@ -181,12 +181,7 @@ def test_the_unprivileged_mount_does_not_pass_through(unprivileged_python):
             os.mkdir(os.path.join(work, d))
         with open(os.path.join(work, "lower", "file"), "w") as f:
             f.write("from below\n")
-        subprocess.run(["chown", "-R", "65534:65534", work], check=True)
-        proc = subprocess.run(
-            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-             "unshare", "--map-root-user", "--map-auto", "--mount", "sh", "-c", UNPRIVILEGED_SCRIPT],
-            capture_output=True, text=True, timeout=120,
-            env={"PATH": os.environ["PATH"], "WORK": work, "PY": python, "PYTHONPATH": pythonpath})
+        proc = run_in_user_namespace(UNPRIVILEGED_SCRIPT, work, python, pythonpath)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         *content, reads = proc.stdout.split("\n")[:-1]
         assert content == ["from below", "from below", "more"]  # a write beside a reader is served
@@ -206,9 +201,7 @@ def container(store_root):
 def test_the_runners_view_passes_through_and_the_journal_has_every_write(container, store_root, tmp_path):
     store, c = container
     mnt = str(tmp_path / "mnt")
-    os.mkdir(mnt)
-    argv, env = strata_mount_argv(store_root, "pt", mnt)
-    with served(argv, mnt, env):
+    with container_mounted(store_root, "pt", mnt):
         assert read_all(f"{mnt}/d/lower") == LOWER
         assert subprocess.run([f"{mnt}/d/tool", "x"], capture_output=True).stdout == b"ran x\n"
         with open(f"{mnt}/d/lower", "rb") as reader:  # passed through: the writer must wait
