@@ -80,12 +80,13 @@ class Node:
 
 
 class Backing:
-    """A node's kernel backing file while it has passthrough opens (unionfs.passthrough)."""
+    """A node's kernel backing file while it has passthrough opens (unionfs.passthrough):
+    always its data file of the moment, as a copy-up waits until it is gone."""
 
-    __slots__ = ("id", "upper", "opens")
+    __slots__ = ("id", "opens")
 
-    def __init__(self, backing_id: int, upper: bool):
-        self.id, self.upper, self.opens = backing_id, upper, 0
+    def __init__(self, backing_id: int):
+        self.id, self.opens = backing_id, 0
 
 
 _libc_fallocate = None
@@ -666,7 +667,7 @@ class UnionView:
                 backing_id = self.passthrough.open_backing(fd)
             except OSError:  # a data file on a filesystem the kernel cannot pass through to
                 return None
-            backing = self.backings[n.ino] = Backing(backing_id, n.has_data)
+            backing = self.backings[n.ino] = Backing(backing_id)
         backing.opens += 1
         self.passed_through[fd] = backing
         return backing.id
