@@ -27,9 +27,7 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from lookup import drop_caches, server  # noqa: E402  (benchmarks/ has no package yet)
-
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DIRS = 50
 WARM_FILES, COLD_FILES, CREATES = 5000, 3000, 2000
 SMALL = b"x" * 1024
@@ -59,6 +57,36 @@ def build_layers(root: str, depth: int) -> list[str]:
             f.write(SMALL)
         layers.append(layer)
     return layers[::-1]
+
+
+def drop_caches() -> None:
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+def mounted(mnt: str) -> bool:
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == mnt for line in f)
+
+
+@contextlib.contextmanager
+def server(argv: list[str], mnt: str, env: dict | None = None):
+    """A foreground FUSE server for the block, its mount waited for; unmounted and reaped after."""
+    proc = subprocess.Popen(argv, env=dict(os.environ, PYTHONPATH=REPO, **(env or {})), stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not mounted(mnt):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"{argv[0]} did not mount {mnt}")
+            time.sleep(0.005)
+        yield
+    finally:
+        subprocess.run(["fusermount3", "-u", mnt], capture_output=True)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
+        proc.kill()  # (nothing once it has exited)
+        proc.wait()
 
 
 @contextlib.contextmanager

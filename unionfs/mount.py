@@ -43,7 +43,7 @@ import sys
 import traceback
 from typing import Iterator
 
-from . import fuseshim  # before anything imports pyfuse3 (see unionfs.fuseshim)
+from . import fuseshim  # noqa: F401  (before anything imports pyfuse3: see unionfs.fuseshim)
 from . import fallocate, passthrough
 
 log = logging.getLogger("strata.unionfs")
