@@ -100,9 +100,3 @@ class Passthrough:
     def reply_with(fh: int, backing_id: int) -> None:
         """The open reply about to be sent for `fh` opens it in passthrough mode."""
         shim.reply_passthrough(fh, backing_id)
-
-    @staticmethod
-    def state() -> tuple[bool, bool]:
-        """(the kernel offered passthrough, the mount took it)."""
-        offered, granted = shim.passthrough_state()
-        return bool(offered), bool(granted)
