@@ -3,10 +3,12 @@ data file in the kernel, so no READ request reaches the server (counted in libfu
 debug log), the bytes are right for lower and upper files, mmap and exec work, the
 io-mode conflicts answer ETXTBSY (never the kernel's EIO), and the journal still has
 every write; unprivileged mounts and STRATA_PASSTHROUGH=0 serve reads as before."""
+import contextlib
 import errno
 import mmap
 import os
 import shutil
+import sqlite3
 import subprocess
 import textwrap
 
@@ -92,48 +94,77 @@ def test_mmap_and_exec_of_lower_and_upper_files(layers):
     assert requests(layers, "READ") == 0
 
 
-def test_io_mode_conflicts_answer_etxtbsy_and_then_clear(layers):
-    """A write or a truncating open of a file open for reading through passthrough cannot
-    be served (the kernel's io-mode rule) and answers ETXTBSY, on a lower file as on an
-    upper one, and so does a truncate(2) that would copy a lower file up under its readers
-    (they and every later open would stay on the old data); once the readers close, it
-    goes through, and every later reader sees only the new data."""
+def test_writes_beside_readers_of_a_lower_file_answer_etxtbsy_until_they_close(layers):
+    """A write or truncating open, or a truncate(2), of a lower file open for reading through
+    passthrough would copy it up under its readers (they and every later open would stay
+    on the lower file: the kernel's io-mode rule) and answers ETXTBSY, never EIO; once the
+    readers close it goes through, and every later reader sees only the new data."""
     mnt, mount = standalone(layers)
     with mount:
-        for name in ("small", "upper"):
-            if name == "upper":
-                with open(f"{mnt}/upper", "wb") as f:
-                    f.write(b"small\n")
-            reader = os.open(f"{mnt}/{name}", os.O_RDONLY)
-            second = os.open(f"{mnt}/{name}", os.O_RDONLY)  # another reader shares the backing
-            try:
-                for flags in (os.O_WRONLY, os.O_RDWR | os.O_APPEND, os.O_RDONLY | os.O_TRUNC, os.O_WRONLY | os.O_TRUNC):
-                    with pytest.raises(OSError) as e:
-                        os.close(os.open(f"{mnt}/{name}", flags))
-                    assert e.value.errno == errno.ETXTBSY, flags
-                if name == "upper":  # no copy-up: the readers' own file is truncated
-                    os.truncate(f"{mnt}/{name}", 6)
-                else:
-                    with pytest.raises(OSError) as e:
-                        os.truncate(f"{mnt}/{name}", 1)
-                    assert e.value.errno == errno.ETXTBSY
-                assert os.pread(reader, 100, 0) == os.pread(second, 100, 0) == b"small\n"
-                assert os.stat(f"{mnt}/{name}").st_size == 6
-            finally:
-                os.close(reader)
-                os.close(second)
-            with open(f"{mnt}/{name}", "r+b") as w:  # the readers are gone: a copy-up, a write
-                w.write(b"SM")
+        reader = os.open(f"{mnt}/small", os.O_RDONLY)
+        second = os.open(f"{mnt}/small", os.O_RDONLY)  # another reader shares the backing
+        try:
+            for flags in (os.O_WRONLY, os.O_RDWR | os.O_APPEND, os.O_RDONLY | os.O_TRUNC, os.O_WRONLY | os.O_TRUNC):
+                with pytest.raises(OSError) as e:
+                    os.close(os.open(f"{mnt}/small", flags))
+                assert e.value.errno == errno.ETXTBSY, flags
+            with pytest.raises(OSError) as e:
+                os.truncate(f"{mnt}/small", 1)
+            assert e.value.errno == errno.ETXTBSY
+            assert os.pread(reader, 100, 0) == os.pread(second, 100, 0) == b"small\n"
+            assert os.stat(f"{mnt}/small").st_size == 6
+        finally:
+            os.close(reader)
+            os.close(second)
+        with open(f"{mnt}/small", "r+b") as w:  # the readers are gone: a copy-up, a write
+            w.write(b"SM")
+            w.flush()
+            with open(f"{mnt}/small", "rb") as r:  # a reader beside a cached writer is cached
+                assert r.read() == b"SMall\n"
+                w.write(b"A")
                 w.flush()
-                with open(f"{mnt}/{name}", "rb") as r:  # a reader beside a writer is cached
-                    assert r.read() == b"SMall\n"
-                    w.write(b"A")
-                    w.flush()
-                    r.seek(0)
-                    assert r.read() == b"SMAll\n"
-            assert read_all(f"{mnt}/{name}") == b"SMAll\n"  # through passthrough again: no mix
-            assert subprocess.run(["cat", f"{mnt}/{name}"], capture_output=True).stdout == b"SMAll\n"
+                r.seek(0)
+                assert r.read() == b"SMAll\n"
+        assert read_all(f"{mnt}/small") == b"SMAll\n"  # through passthrough again: no mix
+        assert subprocess.run(["cat", f"{mnt}/small"], capture_output=True).stdout == b"SMAll\n"
     assert read_all(layers / "lower" / "small") == b"small\n"
+
+
+def test_writes_beside_readers_of_an_upper_file_pass_through_too(layers):
+    """Readers of an upper file pass through to it, so a writer beside them must too: its
+    writes reach no server (no WRITE request), yet stat sees them at once, readers read
+    them, a truncating open empties the file under them, and SQLite's read-only then
+    read-write connections both work."""
+    mnt, mount = standalone(layers)
+    with mount:
+        with open(f"{mnt}/upper", "wb") as f:
+            f.write(b"small\n")
+        writes = requests(layers, "WRITE")
+        with open(f"{mnt}/upper", "rb", buffering=0) as reader:
+            with open(f"{mnt}/upper", "r+b", buffering=0) as w:
+                w.write(b"SM")
+                w.seek(0, os.SEEK_END)
+                w.write(b"x" * 10000)
+                assert os.stat(f"{mnt}/upper").st_size == os.fstat(w.fileno()).st_size == 10006
+                assert os.pread(reader.fileno(), 6, 0) == b"SMall\n"
+            assert sorted(os.listdir(mnt)).count("upper") == 1 and os.stat(f"{mnt}/upper").st_size == 10006
+            os.close(os.open(f"{mnt}/upper", os.O_WRONLY | os.O_TRUNC))
+            assert os.stat(f"{mnt}/upper").st_size == 0 and os.pread(reader.fileno(), 10, 0) == b""
+        assert requests(layers, "WRITE") == writes
+        db = f"{mnt}/db.sqlite"
+        with contextlib.closing(sqlite3.connect(db)) as c:
+            c.execute("create table t (x)")
+            c.commit()
+        with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as ro:
+            assert ro.execute("select count(*) from t").fetchone() == (0,)
+            with contextlib.closing(sqlite3.connect(db)) as rw:
+                rw.execute("insert into t values (42)")
+                rw.commit()
+            assert ro.execute("select x from t").fetchall() == [(42,)]
+    with standalone(layers)[1]:  # a remount: all of it was stored
+        assert os.stat(f"{mnt}/upper").st_size == 0
+        with contextlib.closing(sqlite3.connect(db)) as c:
+            assert c.execute("select x from t").fetchall() == [(42,)]
 
 
 def test_without_passthrough_reads_reach_the_server(layers):
@@ -218,6 +249,9 @@ def test_the_runners_view_passes_through_and_the_journal_has_every_write(contain
             w.write(b"made")
         assert read_all(f"{mnt}/d/made") == b"made"
         assert read_all(f"{mnt}/d/lower") == b"ABCD" + LOWER[4:] + b"tail"
+        with open(f"{mnt}/d/lower", "rb") as reader, open(f"{mnt}/d/lower", "ab") as w:
+            w.write(b"more")  # beside a reader of the upper file: through passthrough too
+        assert reader.closed and os.stat(f"{mnt}/d/lower").st_size == len(LOWER) + 8
     changes = ContainerChanges(store, c["Image"], os.path.join(container_dir(store, c["Id"]), "upper"))
     try:
         records = [(r["op"], r["path"], r["detail"]) for r in read_records(changes.upper.db)]
@@ -225,6 +259,6 @@ def test_the_runners_view_passes_through_and_the_journal_has_every_write(contain
     finally:
         changes.close()
     writes = [detail["ranges"] for op, path, detail in records if op == "write" and path == "/d/lower"]
-    assert writes == [[[0, 4]], [[len(LOWER), len(LOWER) + 4]]], records
+    assert writes == [[[0, 4]], [[len(LOWER), len(LOWER) + 4]], [[0, len(LOWER) + 8]]], records
     assert [op for op, path, _ in records if path == "/d/made"] == ["create"]
     assert diff == [("A", "/d/made"), ("C", "/d"), ("C", "/d/lower")]

@@ -17,26 +17,32 @@ and `cp -a` of small files were no slower without it (faster: a close no longer
 writes back and stamps times in requests of its own), 4 KiB writes to one file
 up to a quarter slower (each write is a request).
 Passed-through writes never reach the server, so the journal would miss them:
-only read-only opens are passed through (of lower and upper files alike); a
-write, a truncating open and create are served as before.
+read-only opens are passed through (of lower and upper files alike), and a
+write open only where the rule below leaves no other way; create is served as
+before.
 STRATA_PASSTHROUGH=0 in the server's environment turns it off.
 
 Kernel quirk, the io-mode rule (iomode.c): an inode's open files are all cached
 or all passthrough, and all passthrough ones share one backing file (the
 kernel keeps it per inode while they are open). An open that breaks the rule
 fails with EIO in the opener, whatever the server meant. So the view
-(UnionView.pass_through) keeps, per node, its backing (id, and whether it is
-the upper data file) while it has passthrough opens:
+(UnionView.pass_through) keeps, per node, its backing while it has
+passthrough opens, and with it the fds among them open for writing:
 - a read-only open of a node with cached opens is cached;
 - one of a node with passthrough opens reuses its backing id (the same file
   object, as the rule needs: a new registration of the same file would not do);
-- a write or truncating open, and a copy-up (truncate(2) of a lower file), of a
-  node with passthrough opens answer ETXTBSY, as Linux answers writing to a
-  running executable: it can be served neither cached nor through the readers'
-  backing (a lower file is never written; an upper file written in passthrough
-  would escape the journal), and copying a lower file up under readers would
-  leave them and every later open on the old data (a mix, not a copy-up).
-  It lasts until the last such reader closes.
+- a write or truncating open of a node whose readers pass through to its
+  upper file passes through too (SQLite opens a database read-only, then
+  read-write). Its writes reach only the data file: the node takes its size
+  and times from that file whenever its attributes are asked for, and at the
+  release one write record covers the whole file, if the file changed
+  (a crash before the release leaves it to fsck, which recovers writes the
+  journal missed);
+- a write or truncating open, and a copy-up (truncate(2)), of a node whose
+  readers pass through to its lower file answer ETXTBSY, as Linux answers
+  writing to a running executable: the lower file is never written, and
+  copying it up under the readers would leave them and every later open on
+  the old data (a mix, not a copy-up). It lasts until the last reader closes.
 The backing id is given back (FUSE_DEV_IOC_BACKING_CLOSE) when the node's
 last passthrough open is released; the kernel holds its own reference from
 each open, so that only ends the sharing.
