@@ -189,8 +189,13 @@ class UnionOperations(pyfuse3.Operations):
 
     @answer_errors
     async def create(self, parent_inode, name, mode, flags, ctx):
-        n, fd = self.view.create(parent_inode, name, mode & ~ctx.umask, flags, ctx.uid, ctx.gid,
-                                 (ctx.pid, ctx.uid, ctx.gid))
+        view = self.view
+        n, fd = view.create(parent_inode, name, mode & ~ctx.umask, flags, ctx.uid, ctx.gid,
+                            (ctx.pid, ctx.uid, ctx.gid))
+        if view.passthrough is not None:
+            backing_id = view.pass_through(fd, False, created=True)
+            if backing_id is not None:
+                view.passthrough.reply_with(fd, backing_id)
         return pyfuse3.FileInfo(fh=fd, keep_cache=True), self.entry(n)
 
     @answer_errors

@@ -1,4 +1,4 @@
-"""FUSE passthrough: read-only opens read their data file in the kernel, not through us.
+"""FUSE passthrough: read-only opens and creates reach their data file in the kernel, not through us.
 
 Kernel 6.9+ (fs/fuse/passthrough.c, backing.c, iomode.c): a server that asked
 for FUSE_PASSTHROUGH in its INIT reply may register an open file of its own
@@ -17,9 +17,10 @@ and `cp -a` of small files were no slower without it (faster: a close no longer
 writes back and stamps times in requests of its own), 4 KiB writes to one file
 up to a quarter slower (each write is a request).
 Passed-through writes never reach the server, so the journal would miss them:
-read-only opens are passed through (of lower and upper files alike), and a
-write open only where the rule below leaves no other way; create is served as
-before.
+read-only opens are passed through (of lower and upper files alike), and so is
+create's (a new file: all of its content is new, so the one write record of the
+whole file at its release, below, is all the journal needs); another write open
+only where the rule below leaves no other way.
 STRATA_PASSTHROUGH=0 in the server's environment turns it off.
 
 Kernel quirk, the io-mode rule (iomode.c): an inode's open files are all cached
@@ -31,9 +32,9 @@ passthrough opens, and with it the fds among them open for writing:
 - a read-only open of a node with cached opens is cached;
 - one of a node with passthrough opens reuses its backing id (the same file
   object, as the rule needs: a new registration of the same file would not do);
-- a write or truncating open of a node whose readers pass through to its
-  upper file passes through too (SQLite opens a database read-only, then
-  read-write). Its writes reach only the data file: the node takes its size
+- a write or truncating open of a node whose readers (or creator) pass
+  through to its upper file passes through too (SQLite opens a database
+  read-only, then read-write). Its writes reach only the data file: the node takes its size
   and times from that file whenever its attributes are asked for, and at the
   release one write record covers the whole file, if the file changed
   (a crash before the release leaves it to fsck, which recovers writes the

@@ -657,22 +657,22 @@ class UnionView:
             self.recorder.record_open(caller, fd)
         return fd, not n.has_data
 
-    def pass_through(self, fd: int, read_only: bool) -> int | None:
+    def pass_through(self, fd: int, read_only: bool, created: bool = False) -> int | None:
         """The backing id to answer the open `fd` with, or None: served cached. A read-only
-        open passes through unless the node has cached opens (or the kernel refuses the
-        file); a write open only when the node already has passthrough opens (then of
-        its upper file: `open` refused the others), and then it must."""
+        open, and create's, pass through unless the node has cached opens (or the kernel
+        refuses the file); another write open only when the node already has passthrough
+        opens (then of its upper file: `open` refused the others), and then it must."""
         n = self.handles[fd]
         backing = self.backings.get(n.ino)
         if backing is None:
-            if not read_only or n.opens > 1 or self.passthrough is None or not self.passthrough.usable():
+            if not (read_only or created) or n.opens > 1 or self.passthrough is None or not self.passthrough.usable():
                 return None  # (with no backing, every other open of it is cached)
             try:
                 backing_id = self.passthrough.open_backing(fd)
             except OSError:  # a data file on a filesystem the kernel cannot pass through to
                 return None
             backing = self.backings[n.ino] = Backing(backing_id)
-        elif not read_only:
+        if not read_only:
             st = os.fstat(fd)
             backing.writers[fd] = (st.st_size, st.st_mtime_ns)
         backing.opens += 1
