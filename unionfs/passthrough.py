@@ -12,10 +12,12 @@ Where it is used: the kernel allows it only to a server with CAP_SYS_ADMIN in
 the initial user namespace (root mounts; `wanted`), and turns it off when the
 writeback cache is on, so a mount that gets it has no writeback cache (the shim
 takes it out of the INIT reply, only when the kernel offers passthrough). What
-that costs was measured (benchmarks/passthrough.py, one loaded machine): creates
-and `cp -a` of small files were no slower without it (faster: a close no longer
-writes back and stamps times in requests of its own), 4 KiB writes to one file
-up to a quarter slower (each write is a request).
+that costs was measured with creates served cached (benchmarks/passthrough.py,
+one loaded machine): creates and `cp -a` of small files were no slower without
+it (faster: a close no longer writes back and stamps times in requests of its
+own), 4 KiB writes about a quarter slower (each write is a request); with
+creates passed through, only writes through a cached open (an existing file
+opened for writing) pay that.
 Passed-through writes never reach the server, so the journal would miss them:
 read-only opens are passed through (of lower and upper files alike), and so is
 create's (a new file: all of its content is new, so the one write record of the
