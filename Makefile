@@ -9,7 +9,7 @@ SYSTEM_PY    := /usr/bin/python3
 # fuse-overlayfs, unionfs-fuse, bubblewrap: the peers benchmarks/ runs beside strata
 # libseccomp2: the syscall filter (pyseccomp binds it); gcc and libc6-dev: the tests'
 # static probe (tests/probe.c) that tries the calls a container must not make, and with
-# libfuse3-dev and python3-dev the fallocate shim (unionfs/_fallocate.c, built by pip);
+# libfuse3-dev and python3-dev the fallocate and passthrough shim (unionfs/_fuseshim.c, built by pip);
 # debootstrap: the Debian 12 image of the real-workload tests (tests/debian.py);
 # skopeo and umoci: the tools that check what strata save writes and make what load reads;
 # docker-registry: the CNCF registry the push/pull tests start on 127.0.0.1 (tests/registry.py;
@@ -34,7 +34,7 @@ system-packages:
 	  apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
 	fi
 
-$(STAMP): pyproject.toml setup.py unionfs/_fallocate.c | system-packages
+$(STAMP): pyproject.toml setup.py unionfs/_fuseshim.c | system-packages
 	test -x $(PY) || $(SYSTEM_PY) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]' --config-settings editable_mode=compat

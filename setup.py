@@ -1,6 +1,6 @@
-"""The one compiled part: unionfs/_fallocate.c, fallocate for pyfuse3 (see unionfs/fallocate.py).
+"""The one compiled part: unionfs/_fuseshim.c, fallocate and passthrough for pyfuse3 (see unionfs/fuseshim.py).
 Everything else is in pyproject.toml. Optional: without a compiler or libfuse3-dev the
-install goes on, and fallocate on the mount answers EOPNOTSUPP."""
+install goes on, fallocate on the mount answers EOPNOTSUPP and reads are not passed through."""
 import subprocess
 
 from setuptools import Extension, setup
@@ -15,5 +15,5 @@ def fuse3_include_dirs() -> list[str]:
     return [flag[2:] for flag in flags if flag.startswith("-I")]
 
 
-setup(ext_modules=[Extension("unionfs._fallocate", ["unionfs/_fallocate.c"], include_dirs=fuse3_include_dirs(),
+setup(ext_modules=[Extension("unionfs._fuseshim", ["unionfs/_fuseshim.c"], include_dirs=fuse3_include_dirs(),
                              libraries=["fuse3"], optional=True)])

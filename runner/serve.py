@@ -15,7 +15,7 @@ import struct
 import socket
 import termios
 
-import unionfs.mount  # noqa: F401  (first: it loads the fallocate shim pyfuse3 must bind to)
+import unionfs.mount  # noqa: F401  (first: it loads the shim pyfuse3 must bind to, unionfs.fuseshim)
 import pyfuse3
 import trio
 

@@ -134,6 +134,17 @@ def run_within(argv: list[str], deadline: float, env: dict | None = None, input:
 NOBODY = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
 
 
+def run_in_user_namespace(script: str, work: str, python: str, pythonpath: str) -> subprocess.CompletedProcess:
+    """`script` (sh) as nobody, root of a user namespace of its own with a mount namespace,
+    $WORK (given to nobody first), $PY and $PYTHONPATH set."""
+    subprocess.run(["chown", "-R", "65534:65534", work], check=True)
+    return subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
+         "unshare", "--map-root-user", "--map-auto", "--mount", "sh", "-c", script],
+        capture_output=True, text=True, timeout=120,
+        env={"PATH": os.environ["PATH"], "WORK": work, "PY": python, "PYTHONPATH": pythonpath})
+
+
 class Strata:
     """The CLI against one store, as root or (prefix=NOBODY) as the unprivileged user."""
 

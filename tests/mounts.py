@@ -66,6 +66,15 @@ def strata_mount_argv(store_root: str, obj: str, mountpoint: str) -> tuple[list[
     return ([sys.executable, "-m", "runner", "mount", "-f", obj, mountpoint], {"STRATA_ROOT": store_root})
 
 
+@contextlib.contextmanager
+def container_mounted(store_root: str, obj: str, mountpoint: str, env: dict | None = None):
+    """`strata mount -f obj` on a new directory `mountpoint` for the block (`env`: more of the server's)."""
+    os.mkdir(mountpoint)
+    argv, mount_env = strata_mount_argv(store_root, obj, mountpoint)
+    with served(argv, mountpoint, dict(mount_env, **(env or {}))) as server:
+        yield server
+
+
 def standalone_argv(lowers: list[str], upper: str | None, work: str | None, mountpoint: str) -> list[str]:
     opts = "lowerdir=" + ":".join(lowers)
     if upper:

@@ -328,4 +328,4 @@ def test_the_shim_is_built_and_loaded_before_pyfuse3():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
                          env=dict(os.environ, PYTHONPATH=REPO))
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip().startswith(os.path.join(REPO, "unionfs", "_fallocate"))
+    assert out.stdout.strip().startswith(os.path.join(REPO, "unionfs", "_fuseshim"))

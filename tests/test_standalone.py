@@ -9,6 +9,7 @@ import textwrap
 
 import pytest
 
+from .helpers import run_in_user_namespace
 from .mounts import is_mounted, require_fuse, served, standalone_argv, wait_for
 
 VENV_BIN = os.path.dirname(sys.executable)
@@ -112,12 +113,7 @@ def test_unprivileged_user_in_a_user_namespace(unprivileged_python):
             os.mkdir(os.path.join(work, d))
         with open(os.path.join(work, "bottom", "file"), "w") as f:
             f.write("from below\n")
-        subprocess.run(["chown", "-R", "65534:65534", work], check=True)
-        proc = subprocess.run(
-            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-             "unshare", "--map-root-user", "--map-auto", "--mount", "sh", "-c", UNPRIVILEGED_SCRIPT],
-            capture_output=True, text=True, timeout=120,
-            env={"PATH": os.environ["PATH"], "WORK": work, "PY": python, "PYTHONPATH": pythonpath})
+        proc = run_in_user_namespace(UNPRIVILEGED_SCRIPT, work, python, pythonpath)
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert proc.stdout.split() == ["from", "below", "1000:1000", "server-exited"]
         # ownership is metadata: the host file still belongs to the unprivileged user

@@ -43,7 +43,8 @@ import sys
 import traceback
 from typing import Iterator
 
-from . import fallocate  # before anything imports pyfuse3 (see unionfs.fallocate)
+from . import fuseshim  # noqa: F401  (before anything imports pyfuse3: see unionfs.fuseshim)
+from . import fallocate, passthrough
 
 log = logging.getLogger("strata.unionfs")
 
@@ -187,12 +188,17 @@ def mounted(view, mountpoint: str, options: set[str]) -> Iterator[None]:
     before = fuse_device_fds()
     operations = UnionOperations(view)
     fallocate.set_handler(operations.fallocate)  # (the session pyfuse3.init makes takes it)
+    passed_through = passthrough.request(passthrough.wanted())  # (and the mount)
     try:
         pyfuse3.init(operations, mountpoint, options)
     except BaseException:
         fallocate.set_handler(None)
+        passthrough.request(False)
         view.close()
         raise
+    passthrough.request(False)
+    if passed_through:
+        view.passthrough = passthrough.Passthrough()
     fuse_fds = fuse_device_fds() - before
     if len(fuse_fds) == 1:  # the session's channel, found without pyfuse3's private C globals
         install_single_task_wait(fuse_fds.pop())

@@ -41,6 +41,7 @@ CACHE_SECONDS = 24 * 3600.0  # the kernel's entry/attr cache: only this mount ch
 
 
 FD_EXHAUSTION = (errno.EMFILE, errno.ENFILE)
+READ_ONLY_MASK = os.O_ACCMODE | os.O_TRUNC  # O_RDONLY alone: an open that changes nothing
 
 
 def answer_errors(handler):
@@ -89,6 +90,8 @@ class UnionOperations(pyfuse3.Operations):
         return code
 
     def entry(self, n) -> pyfuse3.EntryAttributes:
+        if n.ino in self.view.backings:  # (writers through passthrough change it unseen)
+            self.view.written_through(n)
         generation = self.view.generation
         if n.attr_generation == generation:  # nothing changed since it was built
             return n.attr
@@ -208,13 +211,23 @@ class UnionOperations(pyfuse3.Operations):
 
     @answer_errors
     async def open(self, inode, flags, ctx):
-        fd, _ = self.view.open(inode, flags, (ctx.pid, ctx.uid, ctx.gid))
+        view = self.view
+        fd, _ = view.open(inode, flags, (ctx.pid, ctx.uid, ctx.gid))
+        if view.passthrough is not None:
+            backing_id = view.pass_through(fd, flags & READ_ONLY_MASK == os.O_RDONLY)
+            if backing_id is not None:
+                view.passthrough.reply_with(fd, backing_id)  # (the shim patches this reply)
         return pyfuse3.FileInfo(fh=fd, keep_cache=True)
 
     @answer_errors
     async def create(self, parent_inode, name, mode, flags, ctx):
-        n, fd = self.view.create(parent_inode, name, mode & ~ctx.umask, flags, ctx.uid, ctx.gid,
-                                 (ctx.pid, ctx.uid, ctx.gid))
+        view = self.view
+        n, fd = view.create(parent_inode, name, mode & ~ctx.umask, flags, ctx.uid, ctx.gid,
+                            (ctx.pid, ctx.uid, ctx.gid))
+        if view.passthrough is not None:
+            backing_id = view.pass_through(fd, False, created=True)
+            if backing_id is not None:
+                view.passthrough.reply_with(fd, backing_id)
         return pyfuse3.FileInfo(fh=fd, keep_cache=True), self.known(n)
 
     @answer_errors

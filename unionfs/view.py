@@ -81,6 +81,18 @@ class Node:
         return self.mode & 0o170000 == S_IFDIR
 
 
+class Backing:
+    """A node's kernel backing file while it has passthrough opens (unionfs.passthrough):
+    always its data file of the moment, as a copy-up waits until it is gone. `writers`:
+    its passthrough fds open for writing (only on an upper file), each with the data
+    file's (size, mtime) when it opened: their writes never reach us."""
+
+    __slots__ = ("id", "opens", "writers")
+
+    def __init__(self, backing_id: int):
+        self.id, self.opens, self.writers = backing_id, 0, {}
+
+
 _libc_fallocate = None
 
 
@@ -134,6 +146,12 @@ class UnionView:
         self.nodes: dict[int, Node] = {}
         self.forgotten: set[int] = set()  # nodes the kernel forgot that something else still needs
         self.handles: dict[int, Node] = {}  # open fd -> node
+        # unionfs.passthrough.Passthrough when read-only opens may bypass the server (its
+        # module comment has the kernel's io-mode rule these keep): node ino -> its backing
+        # while it has passthrough opens (then all its opens are), open fd -> that backing
+        self.passthrough = None
+        self.backings: dict[int, Backing] = {}
+        self.passed_through: dict[int, Backing] = {}
         # Bumped by every change to the view: a cached attribute reply (Node.attr) is
         # valid while the generation it was made in lasts. Lookups and listings change
         # nothing, so they are answered from the cache; any write invalidates it all.
@@ -653,6 +671,8 @@ class UnionView:
         if n.has_data:
             return
         upper = self._writable()
+        if n.ino in self.backings:  # readers pass through to the lower file (unionfs.passthrough)
+            raise fs_error(errno.ETXTBSY)
         if truncate or n.lower_ino is None:
             upper.create_data(n.ino)
             n.size = 0 if truncate else n.size
@@ -682,6 +702,8 @@ class UnionView:
         writing = flags & os.O_ACCMODE != os.O_RDONLY
         truncate = bool(flags & os.O_TRUNC)  # O_RDONLY|O_TRUNC truncates too (the kernel checked access)
         truncating = truncate and n.size > 0  # (a truncating copy-up empties it before we look again)
+        if (writing or truncate) and ino in self.backings and not n.has_data:
+            raise fs_error(errno.ETXTBSY)  # readers pass through to the lower file (unionfs.passthrough)
         if writing or truncate:
             self._copy_up(n, truncate)
         if n.has_data:
@@ -705,6 +727,28 @@ class UnionView:
         if writing:
             self.recorder.record_open(caller, fd)
         return fd, not n.has_data
+
+    def pass_through(self, fd: int, read_only: bool, created: bool = False) -> int | None:
+        """The backing id to answer the open `fd` with, or None: served cached. A read-only
+        open, and create's, pass through unless the node has cached opens (or the kernel
+        refuses the file); another write open only when the node already has passthrough
+        opens (then of its upper file: `open` refused the others), and then it must."""
+        n = self.handles[fd]
+        backing = self.backings.get(n.ino)
+        if backing is None:
+            if not (read_only or created) or n.opens > 1 or self.passthrough is None or not self.passthrough.usable():
+                return None  # (with no backing, every other open of it is cached)
+            try:
+                backing_id = self.passthrough.open_backing(fd)
+            except OSError:  # a data file on a filesystem the kernel cannot pass through to
+                return None
+            backing = self.backings[n.ino] = Backing(backing_id)
+        if not read_only:
+            st = os.fstat(fd)
+            backing.writers[fd] = (st.st_size, st.st_mtime_ns)
+        backing.opens += 1
+        self.passed_through[fd] = backing
+        return backing.id
 
     def write(self, fd: int, offset: int, data: bytes) -> int:
         self.generation += 1
@@ -737,9 +781,22 @@ class UnionView:
                                                            "length": length, "size": n.size})
         return n
 
+    def written_through(self, n: Node) -> None:
+        """Take n's size and times from its data file while writers pass through to it
+        (the adapter asks before it answers with n's attributes)."""
+        backing = self.backings.get(n.ino)
+        if backing is None or not backing.writers:
+            return
+        st = os.fstat(next(iter(backing.writers)))
+        if st.st_size != n.size or st.st_mtime_ns != n.mtime_ns:
+            n.size, n.mtime_ns, n.ctime_ns = st.st_size, st.st_mtime_ns, max(n.ctime_ns, st.st_ctime_ns)
+            n.dirty = True
+            self.generation += 1
+
     def fsync(self, fd: int, datasync: bool) -> None:
         self.store_pending()
         n = self.handles[fd]
+        self.written_through(n)
         if n.has_data:
             os.fdatasync(fd) if datasync else os.fsync(fd)
         if n.dirty:
@@ -749,11 +806,26 @@ class UnionView:
 
     def release(self, fd: int) -> None:
         n = self.handles.pop(fd)
+        backing = self.passed_through.pop(fd, None)
+        if backing is not None and fd in backing.writers:
+            # what it wrote, on record now: all of the file, as nothing says which part
+            before = backing.writers.pop(fd)
+            st = os.fstat(fd)
+            if (st.st_size, st.st_mtime_ns) != before:
+                self.generation += 1
+                n.size, n.mtime_ns, n.ctime_ns = st.st_size, st.st_mtime_ns, max(n.ctime_ns, st.st_ctime_ns)
+                n.dirty = True
+                self.recorder.record_write(fd, n, 0, st.st_size)
         if n.dirty:  # stored with the next transaction (store_pending)
             self.pending_writes.append(n)
         self.recorder.record_release(fd, n)
         os.close(fd)
         n.opens -= 1
+        if backing is not None:
+            backing.opens -= 1
+            if backing.opens == 0:  # the kernel holds its own reference for open files
+                del self.backings[n.ino]
+                self.passthrough.close_backing(backing.id)
         if n.nlink <= 0 and n.opens == 0 and self.upper is not None:
             self.upper.delete_inode(n.ino)  # last close of an unlinked file
 

@@ -1,0 +1,392 @@
+/* What pyfuse3 and libfuse 3.14 lack, added from outside: fallocate and FUSE passthrough
+ * (see unionfs/fuseshim.py for how it is loaded, unionfs/fallocate.py and
+ * unionfs/passthrough.py for why).
+ *
+ * fallocate: pyfuse3 3.5 fills a fuse_lowlevel_ops table without .fallocate and passes it
+ * to fuse_session_new(); libfuse then answers FUSE_FALLOCATE with ENOSYS, and
+ * the kernel answers EOPNOTSUPP to every later fallocate on the mount without
+ * asking again. This object defines fuse_session_new (and 3.17's
+ * fuse_session_new_versioned) itself: loaded with RTLD_GLOBAL before pyfuse3's
+ * extension module, it is found first when the dynamic linker binds that
+ * module's reference (the global scope is searched before the module's own
+ * dependencies, RTLD_LOCAL or not). While a handler is registered, it passes a
+ * copy of the table with .fallocate set to the real function (the next
+ * definition: libfuse's).
+ *
+ * The callback runs inside fuse_session_process_buf(), which pyfuse3 calls on
+ * its trio thread with the GIL held; it takes the GIL anyway (PyGILState_Ensure
+ * is cheap when held), calls the handler synchronously with
+ * (ino, fh, mode, offset, length, pid, uid, gid), and replies with the errno it
+ * returns (0: success). The handler must not raise; if it does, the error is
+ * printed as unraisable and the request answered EIO.
+ *
+ * passthrough: libfuse 3.14 knows neither FUSE_PASSTHROUGH nor the open reply's
+ * backing_id. While wanted (set_passthrough(True) before the mount), the
+ * fuse_session_mount defined here installs a custom io (fuse_session_custom_io,
+ * public since 3.14) on the session's own /dev/fuse fd: plain read() and writev(),
+ * except that read notes whether the INIT request offers FUSE_PASSTHROUGH
+ * (FUSE_INIT_EXT and flags2 bit 5), and writev patches, on the way out, the INIT
+ * reply (flags |= FUSE_INIT_EXT, flags2 |= FUSE_PASSTHROUGH, max_stack_depth = 1:
+ * backing files on a plain filesystem; the writeback cache taken out, as the kernel
+ * turns passthrough off with it) and the one open reply the server marked with
+ * reply_passthrough(fh, backing_id) just before answering (open_flags |=
+ * FOPEN_PASSTHROUGH, keeping only the flags the kernel accepts beside it,
+ * backing_id). Layouts: linux include/uapi/linux/fuse.h 7.40 (fuse_init_out and
+ * fuse_open_out only grew into their padding).
+ */
+#define _GNU_SOURCE
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#define FUSE_USE_VERSION 35
+#include <fuse_lowlevel.h>
+
+#include <dlfcn.h>
+#include <errno.h>
+#include <stddef.h>
+#include <stdlib.h>
+#include <string.h>
+#include <stdint.h>
+#include <sys/ioctl.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+static PyObject *handler;     /* the registered callable, or NULL: sessions are left as pyfuse3 made them */
+
+static void fallocate_op(fuse_req_t req, fuse_ino_t ino, int mode, off_t offset, off_t length,
+                         struct fuse_file_info *fi)
+{
+    const struct fuse_ctx *ctx = fuse_req_ctx(req);
+    int err = EOPNOTSUPP;  /* (not ENOSYS: the kernel would stop asking for good) */
+    PyGILState_STATE gil = PyGILState_Ensure();
+    if (handler != NULL) {
+        PyObject *result = PyObject_CallFunction(handler, "KKiLLlkk", (unsigned long long) ino,
+                                                 (unsigned long long) (fi ? fi->fh : 0), mode,
+                                                 (long long) offset, (long long) length, (long) ctx->pid,
+                                                 (unsigned long) ctx->uid, (unsigned long) ctx->gid);
+        long value = -1;
+        if (result != NULL) {
+            value = PyLong_AsLong(result);
+            Py_DECREF(result);
+        }
+        if (PyErr_Occurred()) {
+            PyErr_WriteUnraisable(handler);
+            value = EIO;
+        }
+        err = value < 0 ? EIO : (int) value;
+    }
+    PyGILState_Release(gil);
+    fuse_reply_err(req, err);
+}
+
+/* `op` with .fallocate added (a copy the caller frees), or `op` itself when it has one, the
+   caller's table is too short to hold it, or no handler is registered. */
+static const struct fuse_lowlevel_ops *with_fallocate(const struct fuse_lowlevel_ops *op, size_t op_size)
+{
+    const size_t needed = offsetof(struct fuse_lowlevel_ops, fallocate) + sizeof(op->fallocate);
+    if (op == NULL || op_size < needed || op->fallocate != NULL)
+        return op;
+    PyGILState_STATE gil = PyGILState_Ensure();  /* (pyfuse3.init holds it; no matter if not) */
+    int wanted = handler != NULL;
+    PyGILState_Release(gil);
+    struct fuse_lowlevel_ops *ops = wanted ? malloc(op_size) : NULL;
+    if (ops == NULL)
+        return op;
+    memcpy(ops, op, op_size);
+    ops->fallocate = fallocate_op;
+    return ops;
+}
+
+static void *next_definition(const char *name, const char *version)
+{
+    void *found = dlvsym(RTLD_NEXT, name, version);
+    if (found == NULL)
+        found = dlsym(RTLD_NEXT, name);
+    if (found == NULL)
+        fprintf(stderr, "strata: %s not found after the shim: %s\n", name, dlerror());
+    return found;
+}
+
+/* libfuse copies the table into the session (3.14 and 3.17 alike): the copy can go at once. */
+static void drop_copy(const struct fuse_lowlevel_ops *ops, const struct fuse_lowlevel_ops *op)
+{
+    if (ops != op)
+        free((void *) ops);
+}
+
+/* What a pyfuse3 built against libfuse < 3.17 calls (3.17's headers make fuse_session_new a
+   macro for the next one; the symbol stays for such callers). */
+#undef fuse_session_new
+struct fuse_session *fuse_session_new(struct fuse_args *args, const struct fuse_lowlevel_ops *op,
+                                      size_t op_size, void *userdata)
+{
+    typedef struct fuse_session *(*fn)(struct fuse_args *, const struct fuse_lowlevel_ops *, size_t, void *);
+    static fn real;
+    if (real == NULL)
+        real = (fn) next_definition("fuse_session_new", "FUSE_3.0");
+    const struct fuse_lowlevel_ops *ops = with_fallocate(op, op_size);
+    struct fuse_session *session = real ? real(args, ops, op_size, userdata) : NULL;
+    drop_copy(ops, op);
+    return session;
+}
+
+/* What a pyfuse3 built against libfuse >= 3.17 calls; never reached with an older libfuse.
+   Defined under another C name (the header's prototype differs between 3.17 releases: a
+   const version pointer or not) and exported under libfuse's. */
+struct fuse_session *session_new_versioned(struct fuse_args *args, const struct fuse_lowlevel_ops *op,
+                                           size_t op_size, void *version, void *userdata)
+    __asm__("fuse_session_new_versioned");
+struct fuse_session *session_new_versioned(struct fuse_args *args, const struct fuse_lowlevel_ops *op,
+                                           size_t op_size, void *version, void *userdata)
+{
+    typedef struct fuse_session *(*fn)(struct fuse_args *, const struct fuse_lowlevel_ops *, size_t, void *,
+                                       void *);
+    static fn real;
+    if (real == NULL)
+        real = (fn) next_definition("fuse_session_new_versioned", "FUSE_3.17");
+    const struct fuse_lowlevel_ops *ops = with_fallocate(op, op_size);
+    struct fuse_session *session = real ? real(args, ops, op_size, version, userdata) : NULL;
+    drop_copy(ops, op);
+    return session;
+}
+
+
+/* ---- passthrough ------------------------------------------------------------------------ */
+
+#define OP_INIT 26
+#define INIT_EXT (1u << 30)
+#define INIT_WRITEBACK_CACHE (1u << 16)
+#define INIT2_PASSTHROUGH (1u << (37 - 32))
+#define OPEN_PASSTHROUGH (1u << 7)
+/* the open flags the kernel takes beside FOPEN_PASSTHROUGH (fs/fuse/iomode.c, FOPEN_PASSTHROUGH_MASK:
+   DIRECT_IO, NOFLUSH, PARALLEL_DIRECT_WRITES); any other (KEEP_CACHE...) fails the open with EIO */
+#define OPEN_PASSTHROUGH_MASK (0x01u | 0x20u | 0x40u)
+#define ENTRY_OUT_SIZE 128  /* sizeof(struct fuse_entry_out): create's reply starts with it */
+#define DEV_IOC_BACKING_OPEN 0x4010e501u  /* _IOW(229, 1, struct fuse_backing_map) */
+#define DEV_IOC_BACKING_CLOSE 0x4004e502u /* _IOW(229, 2, uint32_t) */
+
+struct in_header { uint32_t len, opcode; uint64_t unique, nodeid; uint32_t uid, gid, pid, padding; };
+struct out_header { uint32_t len; int32_t error; uint64_t unique; };
+struct init_in { uint32_t major, minor, max_readahead, flags, flags2; };
+struct init_out {
+    uint32_t major, minor, max_readahead, flags;
+    uint16_t max_background, congestion_threshold;
+    uint32_t max_write, time_gran;
+    uint16_t max_pages, map_alignment;
+    uint32_t flags2, max_stack_depth;
+    uint16_t request_timeout, unused[11];
+};
+struct open_out { uint64_t fh; uint32_t open_flags; int32_t backing_id; };
+struct backing_map { int32_t fd; uint32_t flags; uint64_t padding; };
+_Static_assert(sizeof(struct init_out) == 64, "fuse_init_out");
+_Static_assert(sizeof(struct open_out) == 16, "fuse_open_out");
+
+/* All of it is touched on pyfuse3's one serving thread (reads, replies and the handlers that
+   mark them), so no locks. */
+static int passthrough_wanted;      /* set before the mount */
+static int kernel_offers;           /* the INIT request had FUSE_PASSTHROUGH */
+static int passthrough_granted;     /* the INIT reply asked for it */
+static uint64_t init_unique = ~0ull;
+static int session_fd = -1;
+static uint64_t marked_fh;          /* the open reply to patch, with this backing id */
+static int32_t marked_backing = -1;
+static size_t open_out_at = (size_t) -1; /* where fuse_open_out is in the reply being sent */
+
+static ssize_t io_read(int fd, void *buf, size_t len, void *userdata)
+{
+    (void) userdata;
+    ssize_t n = read(fd, buf, len);
+    const struct in_header *in = buf;
+    if (n >= (ssize_t) (sizeof *in + sizeof(struct init_in)) && in->opcode == OP_INIT) {
+        const struct init_in *arg = (const void *) (in + 1);
+        init_unique = in->unique;
+        kernel_offers = (arg->flags & INIT_EXT) && (arg->flags2 & INIT2_PASSTHROUGH);
+    }
+    return n;
+}
+
+static ssize_t io_writev(int fd, struct iovec *iov, int count, void *userdata)
+{
+    (void) userdata;
+    const struct out_header *out = iov[0].iov_base;
+    if (count != 2 || out->error != 0)
+        return writev(fd, iov, count);
+    struct iovec patched[2] = {iov[0], iov[1]};
+    if (out->unique == init_unique) {
+        struct init_out init;
+        init_unique = ~0ull;
+        if (!kernel_offers || iov[1].iov_len != sizeof init)
+            return writev(fd, iov, count);
+        memcpy(&init, iov[1].iov_base, sizeof init);
+        init.flags = (init.flags | INIT_EXT) & ~INIT_WRITEBACK_CACHE;
+        init.flags2 |= INIT2_PASSTHROUGH;
+        init.max_stack_depth = 1;
+        passthrough_granted = 1;
+        patched[1].iov_base = &init;
+        return writev(fd, patched, 2);
+    }
+    if (marked_backing >= 0 && open_out_at != (size_t) -1 && iov[1].iov_len == open_out_at + sizeof(struct open_out)) {
+        unsigned char reply[ENTRY_OUT_SIZE + sizeof(struct open_out)];
+        struct open_out arg;
+        memcpy(&arg, (char *) iov[1].iov_base + open_out_at, sizeof arg);
+        if (arg.fh == marked_fh && iov[1].iov_len <= sizeof reply) {
+            memcpy(reply, iov[1].iov_base, iov[1].iov_len);
+            arg.open_flags = (arg.open_flags & OPEN_PASSTHROUGH_MASK) | OPEN_PASSTHROUGH;
+            arg.backing_id = marked_backing;
+            memcpy(reply + open_out_at, &arg, sizeof arg);
+            marked_backing = -1;
+            patched[1].iov_base = reply;
+            return writev(fd, patched, 2);
+        }
+    }
+    return writev(fd, iov, count);
+}
+
+#if FUSE_MAJOR_VERSION == 3 && FUSE_MINOR_VERSION >= 14 && FUSE_MINOR_VERSION < 17
+#define HAVE_CUSTOM_IO 1  /* (3.17 made fuse_session_custom_io versioned: not yet ported) */
+static const struct fuse_custom_io custom_io = {.writev = io_writev, .read = io_read};
+#endif
+
+int fuse_session_mount(struct fuse_session *se, const char *mountpoint)
+{
+    typedef int (*fn)(struct fuse_session *, const char *);
+    static fn real;
+    if (real == NULL)
+        real = (fn) next_definition("fuse_session_mount", "FUSE_3.0");
+    int res = real ? real(se, mountpoint) : -1;
+    kernel_offers = passthrough_granted = 0;
+    session_fd = -1;
+#ifdef HAVE_CUSTOM_IO
+    if (res == 0 && passthrough_wanted) {
+        session_fd = fuse_session_fd(se);
+        if (fuse_session_custom_io(se, &custom_io, session_fd) != 0)
+            session_fd = -1;  /* (libfuse printed why) served as before, without passthrough */
+    }
+#endif
+    return res;
+}
+
+/* The replies that carry fuse_open_out: note where it is, for io_writev; a mark not taken
+   by this reply (another fh, an error) is dropped. */
+int fuse_reply_open(fuse_req_t req, const struct fuse_file_info *fi)
+{
+    typedef int (*fn)(fuse_req_t, const struct fuse_file_info *);
+    static fn real;
+    if (real == NULL)
+        real = (fn) next_definition("fuse_reply_open", "FUSE_3.0");
+    open_out_at = 0;
+    int res = real(req, fi);
+    open_out_at = (size_t) -1;
+    marked_backing = -1;
+    return res;
+}
+
+int fuse_reply_create(fuse_req_t req, const struct fuse_entry_param *e, const struct fuse_file_info *fi)
+{
+    typedef int (*fn)(fuse_req_t, const struct fuse_entry_param *, const struct fuse_file_info *);
+    static fn real;
+    if (real == NULL)
+        real = (fn) next_definition("fuse_reply_create", "FUSE_3.0");
+    open_out_at = ENTRY_OUT_SIZE;
+    int res = real(req, e, fi);
+    open_out_at = (size_t) -1;
+    marked_backing = -1;
+    return res;
+}
+
+int fuse_reply_err(fuse_req_t req, int err)
+{
+    typedef int (*fn)(fuse_req_t, int);
+    static fn real;
+    if (real == NULL)
+        real = (fn) next_definition("fuse_reply_err", "FUSE_3.0");
+    marked_backing = -1;
+    return real(req, err);
+}
+
+static PyObject *set_passthrough(PyObject *self, PyObject *on)
+{
+    int wanted = PyObject_IsTrue(on);
+    if (wanted < 0)
+        return NULL;
+#ifdef HAVE_CUSTOM_IO
+    passthrough_wanted = wanted;
+    return PyBool_FromLong(1);
+#else
+    passthrough_wanted = 0;
+    return PyBool_FromLong(!wanted);
+#endif
+}
+
+static PyObject *passthrough_state(PyObject *self, PyObject *unused)
+{
+    return Py_BuildValue("(ii)", kernel_offers, passthrough_granted);
+}
+
+static PyObject *backing_open(PyObject *self, PyObject *arg)
+{
+    struct backing_map map = {.fd = (int32_t) PyLong_AsLong(arg)};
+    if (PyErr_Occurred())
+        return NULL;
+    int id = passthrough_granted ? ioctl(session_fd, DEV_IOC_BACKING_OPEN, &map) : (errno = EPERM, -1);
+    if (id < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    return PyLong_FromLong(id);
+}
+
+static PyObject *backing_close(PyObject *self, PyObject *arg)
+{
+    uint32_t id = (uint32_t) PyLong_AsUnsignedLong(arg);
+    if (PyErr_Occurred())
+        return NULL;
+    if (ioctl(session_fd, DEV_IOC_BACKING_CLOSE, &id) < 0)
+        return PyErr_SetFromErrno(PyExc_OSError);
+    Py_RETURN_NONE;
+}
+
+static PyObject *reply_passthrough(PyObject *self, PyObject *args)
+{
+    unsigned long long fh;
+    int backing_id;
+    if (!PyArg_ParseTuple(args, "Ki", &fh, &backing_id))
+        return NULL;
+    marked_fh = fh;
+    marked_backing = backing_id;
+    Py_RETURN_NONE;
+}
+
+static PyObject *set_handler(PyObject *self, PyObject *callable)
+{
+    if (callable != Py_None && !PyCallable_Check(callable)) {
+        PyErr_SetString(PyExc_TypeError, "the fallocate handler must be callable or None");
+        return NULL;
+    }
+    PyObject *old = handler;
+    handler = callable == Py_None ? NULL : Py_NewRef(callable);
+    Py_XDECREF(old);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"set_handler", set_handler, METH_O,
+     "set_handler(callable or None): FUSE sessions made from now on answer fallocate through it"},
+    {"set_passthrough", set_passthrough, METH_O,
+     "set_passthrough(bool): ask for FUSE passthrough on sessions mounted from now on; False if it cannot be"},
+    {"passthrough_state", passthrough_state, METH_NOARGS,
+     "passthrough_state() -> (the kernel offered it, the INIT reply took it) for the last mount"},
+    {"backing_open", backing_open, METH_O, "backing_open(fd) -> backing id (FUSE_DEV_IOC_BACKING_OPEN)"},
+    {"backing_close", backing_close, METH_O, "backing_close(backing id) (FUSE_DEV_IOC_BACKING_CLOSE)"},
+    {"reply_passthrough", reply_passthrough, METH_VARARGS,
+     "reply_passthrough(fh, backing id): the next open reply, if for fh, opens it in passthrough mode"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "unionfs._fuseshim", "fallocate and passthrough for pyfuse3 (see unionfs/fuseshim.py)", -1,
+    methods,
+};
+
+PyMODINIT_FUNC PyInit__fuseshim(void)
+{
+    return PyModule_Create(&module);
+}
