@@ -25,7 +25,8 @@ def prepare(work: str, depths: list[int], workloads: list[Workload]) -> tuple[di
     if "tree" in needed:
         started = time.monotonic()
         datasets["tree"] = chains.build_chains(os.path.join(work, "tree"), depths)
-        inputs["untar"] = chains.untar_source(work)
+        if any(w.name == "untar" for w in workloads):
+            inputs["untar"] = chains.untar_source(work)
         note(f"built the tree chains (depths {','.join(map(str, depths))}) in {time.monotonic() - started:.0f} s")
     if "debian" in needed:
         started = time.monotonic()
