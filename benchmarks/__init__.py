@@ -82,6 +82,20 @@ def list_workloads() -> str:
     return "\n".join(lines)
 
 
+def remove_scratch(work: str) -> None:
+    """Remove the scratch directory, never through a mount left in it into its layers."""
+    import shutil
+
+    from .systems import mounts_under, unmount
+    for mountpoint in reversed(mounts_under(work)):
+        unmount(mountpoint)
+    left = mounts_under(work)
+    if left:
+        print(f"benchmarks: {len(left)} mount(s) left under {work}, not removed: {', '.join(left)}", file=sys.stderr)
+        return
+    shutil.rmtree(work, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None, prog: str = "benchmarks") -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -107,8 +121,7 @@ def main(argv: list[str] | None = None, prog: str = "benchmarks") -> int:
         samples = harness.run_rounds(systems, depths, workloads, args.rounds, work)
     finally:
         if not args.keep:
-            import shutil
-            shutil.rmtree(work, ignore_errors=True)
+            remove_scratch(work)
     command = [prog] + [shlex.quote(a) for a in argv]
     text = report.write(os.path.abspath(args.out), command, systems, depths, workloads, args.rounds, samples,
                         started, time.time() - started)

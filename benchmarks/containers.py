@@ -108,7 +108,7 @@ def measure_start(workload: Workload, system: System, chain: Chain, scratch: Scr
 
 
 def container_workload(name: str, summary: str, unit: str, cold: bool = False) -> Workload:
-    return Workload(name, summary, lambda run: 0, unit, cold=cold, writes=True, lower_writes="copy",
+    return Workload(name, summary, None, unit, cold=cold, writes=True, lower_writes="copy",
                     dataset="debian", default=False, measure=measure_in_container)
 
 
@@ -120,6 +120,6 @@ CONTAINER_WORKLOADS = [
                        cold=True),
     container_workload("cat-warm", "the same, run once before, in the same container", "file"),
     Workload("start", "until `true` has run in a container on a fresh mount (strata run --rm, or mount + "
-             "unshare + chroot)", lambda run: 0, "start", cold=False, writes=True, lower_writes="link",
+             "unshare + chroot)", None, "start", cold=False, writes=True, lower_writes="link",
              dataset="debian", default=False, measure=measure_start),
 ]

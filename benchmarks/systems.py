@@ -94,6 +94,12 @@ def is_mounted(mountpoint: str) -> bool:
         return any(line.split()[4] == mountpoint for line in f)
 
 
+def mounts_under(path: str) -> list[str]:
+    prefix = os.path.join(os.path.abspath(path), "")
+    with open("/proc/self/mountinfo") as f:
+        return [m for m in (line.split()[4] for line in f) if m.startswith(prefix)]
+
+
 def unmount(mountpoint: str) -> None:
     for argv in (["fusermount3", "-u", mountpoint], ["umount", mountpoint], ["umount", "-l", mountpoint]):
         if not is_mounted(mountpoint):
