@@ -2,12 +2,14 @@
 
     sudo .venv/bin/python benchmarks/journal_instructions.py [--files 1000]
 
-Runs the container filesystem server of benchmarks/diff.py (with its journal,
-then without) under valgrind's callgrind, polling off (STRATA_FUSE_SPIN_US=0:
-a spin's length depends on timing), and creates --files files of 4 KiB
+Runs the suite's strata server of a container's view (STRATA_SERVER in
+benchmarks/systems.py), with its journal, then without, under valgrind's
+callgrind, polling off (STRATA_FUSE_SPIN_US=0: a spin's length depends on
+timing), and creates --files files of 4 KiB
 through each mount, then none. The difference of the two runs' instruction
 counts, over --files, is a file's cost in the server's user space (kernel
-work is not counted). diff.py's creation section measures time instead;
+work is not counted). The suite's strata-nojournal system measures time
+instead (`python -m benchmarks --systems strata,strata-nojournal --workloads create`);
 this is its cross-check. Needs valgrind (apt-get install valgrind).
 """
 from __future__ import annotations
@@ -21,9 +23,14 @@ import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from diff import CONTAINER_SERVER, REPO, create_files, strata  # noqa: E402  (benchmarks/diff.py)
-from lookup import is_mounted  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from benchmarks.systems import REPO, STRATA_SERVER, is_mounted  # noqa: E402
+from benchmarks.workloads import create_files  # noqa: E402
+
+
+def strata(store_root: str, *args: str) -> str:
+    return subprocess.run([sys.executable, "-m", "runner", *args], check=True, capture_output=True, text=True,
+                          env=dict(os.environ, STRATA_ROOT=store_root, PYTHONPATH=REPO)).stdout
 
 
 def server_instructions(store_root: str, work: str, label: str, files: int) -> int:
@@ -37,7 +44,7 @@ def server_instructions(store_root: str, work: str, label: str, files: int) -> i
     os.makedirs(mountpoint)
     out = os.path.join(work, f"callgrind.{name}")
     proc = subprocess.Popen(["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", sys.executable, "-c",
-                             CONTAINER_SERVER, store_root, container["Image"],
+                             STRATA_SERVER, store_root, container["Image"],
                              os.path.join(container_dir(Store(store_root), container["Id"]), "upper"),
                              mountpoint, REPO, label],
                             env=dict(os.environ, PYTHONPATH=REPO, STRATA_FUSE_SPIN_US="0"),
@@ -49,7 +56,7 @@ def server_instructions(store_root: str, work: str, label: str, files: int) -> i
                 raise RuntimeError(f"the server under valgrind did not mount: {proc.stderr.read().decode()}")
             time.sleep(0.1)
         if files:
-            create_files(mountpoint, 0, files)
+            create_files(mountpoint, "created", files)
     finally:
         subprocess.run(["fusermount3", "-u", mountpoint], capture_output=True)
         _, err = proc.communicate(timeout=300)

@@ -520,6 +520,12 @@ def build_parser(only: str | None = None) -> CliParser:
     p.add_argument("--repair", action="store_true", help="mend what was found")
     p.set_defaults(func=fsck_command, existing_store=True)   # fsck never makes the store it checks
 
+    p = add_parser("bench", help="compare union filesystems across layer depths (needs root)",
+                   description="The benchmark suite of benchmarks/ (`python -m benchmarks`); its options "
+                   "are `strata bench --help`'s.", add_help=False)
+    p.add_argument("arguments", nargs=argparse.REMAINDER)
+    p.set_defaults(func=cmd_bench)
+
     if only in (None, "save", "load", "export"):
         from .images_cli import add_parsers as add_image_file_parsers
         add_image_file_parsers(add_parser)
@@ -527,6 +533,11 @@ def build_parser(only: str | None = None) -> CliParser:
         from .registry_cli import add_parsers as add_registry_parsers
         add_registry_parsers(add_parser)
     return parser
+
+
+def cmd_bench(args, store: Store) -> int:
+    from benchmarks import main as bench
+    return bench(args.arguments, prog="strata bench")
 
 
 def fsck_command(args, store: Store) -> int:
@@ -545,6 +556,8 @@ def changes_command(name: str):
 def main(argv: list[str] | None = None, early_supervisor: tuple[int, int] | None = None) -> int:
     """`early_supervisor`: (pid, stdin fd) of one runner.launch spawned for `run`."""
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # benchmarks/ parses its own options, and needs no store
+        return cmd_bench(argparse.Namespace(arguments=argv[1:]), None)
     early = None
     if early_supervisor is not None:
         from .lifecycle import ProcessHandoff

@@ -1,0 +1,82 @@
+"""Rounds: every system measured in turn on every workload and depth, the systems' order
+rotated each round, so that a burst of load on a shared machine hits them alike.
+
+Each sample gets its own scratch directory (upper, work, mountpoint), removed after it;
+a failure is recorded as the sample's error and the suite goes on.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+
+from . import chains
+from .containers import check_debian, debian_bottom
+from .systems import Scratch, System, is_mounted
+from .workloads import Workload, on_mount
+
+
+def prepare(work: str, depths: list[int], workloads: list[Workload]) -> tuple[dict, dict]:
+    """({dataset: {depth: Chain}}, inputs) for what the workloads need."""
+    datasets: dict = {}
+    inputs: dict = {}
+    needed = {w.dataset for w in workloads}
+    if "tree" in needed:
+        started = time.monotonic()
+        datasets["tree"] = chains.build_chains(os.path.join(work, "tree"), depths)
+        if any(w.name == "untar" for w in workloads):
+            inputs["untar"] = chains.untar_source(work)
+        note(f"built the tree chains (depths {','.join(map(str, depths))}) in {time.monotonic() - started:.0f} s")
+    if "debian" in needed:
+        started = time.monotonic()
+        check_debian()
+        datasets["debian"] = chains.build_chains(os.path.join(work, "debian"), depths, debian_bottom)
+        note(f"built the Debian chains in {time.monotonic() - started:.0f} s")
+    return datasets, inputs
+
+
+def note(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[-1] if text else ''}"
+
+
+def run_rounds(systems: list[System], depths: list[int], workloads: list[Workload], rounds: int,
+               work: str) -> list[dict]:
+    """Every raw sample: round, position in the round's order, workload, system, depth,
+    seconds and ops (or error), and what the workload adds."""
+    datasets, inputs = prepare(work, depths, workloads)
+    samples: list[dict] = []
+    count = 0
+    for r in range(rounds):
+        shift = r % len(systems)
+        order = systems[shift:] + systems[:shift]
+        started = time.monotonic()
+        for workload in workloads:
+            for depth in depths:
+                chain = datasets[workload.dataset][depth]
+                for position, system in enumerate(order):
+                    if not workload.applies(system):
+                        continue
+                    root = os.path.join(work, "samples", str(count))
+                    count += 1
+                    scratch = Scratch.make(root)
+                    record = {"round": r, "position": position, "workload": workload.name,
+                              "system": system.name, "depth": depth}
+                    try:
+                        record.update((workload.measure or on_mount)(workload, system, chain, scratch, inputs))
+                    except Exception as e:  # the suite goes on; the table says "failed"
+                        record["error"] = one_line(e)
+                        note(f"{workload.name} on {system.name} at depth {depth}: {record['error']}")
+                    finally:
+                        if is_mounted(scratch.mnt):  # never delete through a mount into its layers
+                            raise RuntimeError(f"{scratch.mnt} is still mounted")
+                        shutil.rmtree(root, ignore_errors=True)
+                    samples.append(record)
+        note(f"round {r + 1}/{rounds} done in {time.monotonic() - started:.0f} s "
+             f"(order: {', '.join(s.name for s in order)})")
+    return samples

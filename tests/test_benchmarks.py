@@ -1,0 +1,149 @@
+"""The benchmark suite (python -m benchmarks, strata bench): a small real run over kernel
+overlayfs and strata-fuse writes what researchers read, a cmd: template mounts a
+filesystem from its own command line, and bad input is one line with exit 2.
+No timing is asserted: only the structure of what is written."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from .helpers import REPO
+from .mounts import require_fuse
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+WORKLOADS = ["stat-warm", "create"]
+
+
+def bench(*args: str, module: str = "benchmarks") -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *(["bench"] if module == "runner" else []), *args],
+                          capture_output=True, text=True, cwd=REPO, timeout=300,
+                          env=dict(os.environ, PYTHONPATH=REPO))
+
+
+def mounts_under(path: str) -> list[str]:
+    with open("/proc/self/mountinfo") as f:
+        return [line.split()[4] for line in f if line.split()[4].startswith(path)]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    require_fuse()
+    root = tmp_path_factory.mktemp("bench")
+    out = root / "out"
+    proc = bench("--systems", "overlay,strata-fuse", "--depths", "1,2", "--workloads", ",".join(WORKLOADS),
+                 "--rounds", "1", "--out", str(out), "--work", str(root / "work"))
+    assert proc.returncode == 0, proc.stderr
+    assert mounts_under(str(root)) == []
+    assert not (root / "work").exists()  # the scratch directory is removed
+    return out, proc.stdout
+
+
+def test_results_json_has_every_sample_and_the_ratios(run):
+    out, _ = run
+    results = json.loads((out / "results.json").read_text())
+    assert [s["name"] for s in results["systems"]] == ["overlay", "strata-fuse"]
+    assert results["depths"] == [1, 2]
+    assert [w["name"] for w in results["workloads"]] == WORKLOADS
+    assert results["command"][:2] == ["benchmarks", "--systems"]
+    assert results["machine"]["cores"] >= 1 and results["machine"]["memory_kib"] > 0
+    assert results["kernel"]["release"] == os.uname().release
+    assert {"fuse-overlayfs", "unionfs-fuse", "libfuse", "python", "pyfuse3", "strata"} <= set(results["versions"])
+    samples = results["samples"]
+    assert sorted((s["workload"], s["system"], s["depth"]) for s in samples) == sorted(
+        (w, s, d) for w in WORKLOADS for s in ("overlay", "strata-fuse") for d in (1, 2))
+    for s in samples:
+        assert "error" not in s, s
+        assert s["seconds"] > 0 and s["mount_seconds"] > 0
+    assert {s["ops"] for s in samples if s["workload"] == "create"} == {2000}
+    assert {s["ops"] for s in samples if s["workload"] == "stat-warm"} == {10_000}
+    for row in results["summaries"]:
+        assert row["status"] == "ok"
+        own = next(s for s in samples if (s["workload"], s["system"], s["depth"]) ==
+                   (row["workload"], row["system"], row["depth"]))
+        assert row["cost_per_op"] == pytest.approx(own["seconds"] / own["ops"])
+        overlay = next(r for r in results["summaries"] if (r["workload"], r["system"], r["depth"]) ==
+                       (row["workload"], "overlay", row["depth"]))
+        assert row["ratios"]["overlay"] == pytest.approx(row["cost_per_op"] / overlay["cost_per_op"])
+        assert row["ratios"]["fuse-overlayfs"] is None  # not in this run
+
+
+def test_table_has_a_row_per_workload_and_system(run):
+    out, stdout = run
+    table = (out / "table.md").read_text()
+    assert table in stdout  # the same table is printed
+    rows = [line.split("|")[1:-1] for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    header, body = rows[0], rows[1:]
+    assert [c.strip() for c in header] == ["workload", "unit", "system", "depth 1", "depth 2"]
+    assert sorted((r[0].strip(), r[2].strip()) for r in body) == sorted(
+        (w, s) for w in WORKLOADS for s in ("overlay", "strata-fuse"))
+    strata_create = next(r for r in body if r[0].strip() == "create" and r[2].strip() == "strata-fuse")
+    assert all("×ov" in c for c in strata_create[3:])
+
+
+def test_a_plot_per_workload(run):
+    import matplotlib.image
+    out, _ = run
+    for workload in WORKLOADS:
+        path = out / f"{workload}.png"
+        assert path.read_bytes()[:8] == PNG_SIGNATURE
+        pixels = matplotlib.image.imread(str(path))  # decodes: a whole PNG, not only its header
+        assert pixels.shape[0] > 100 and pixels.shape[1] > 100
+
+
+def test_cmd_template_mounts_fuse_overlayfs_from_its_command_line(tmp_path):
+    """fuse-overlayfs's own command line as a template (its commas stay in it), beside a
+    template whose command never mounts: that one is a failed sample, not a crash."""
+    require_fuse()
+    template = "fuse-overlayfs -o lowerdir={lowers},upperdir={upper},workdir={work} {mnt}"
+    proc = bench("--systems", f"cmd:{template},cmd:true {{lowers}} {{mnt}}", "--depths", "1",
+                 "--workloads", "create,copy-up", "--rounds", "1",
+                 "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"))
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["systems"][0] == {"name": "cmd:fuse-overlayfs", "description": template, "template": template}
+    assert results["systems"][1]["name"] == "cmd:true"
+    samples = {(s["workload"], s["system"]): s for s in results["samples"]}
+    assert set(samples) == {(w, s) for w in ("create", "copy-up") for s in ("cmd:fuse-overlayfs", "cmd:true")}
+    for workload in ("create", "copy-up"):
+        ok = samples[(workload, "cmd:fuse-overlayfs")]
+        assert "error" not in ok, ok
+        assert ok["mount_seconds"] > 0
+        assert "did not mount" in samples[(workload, "cmd:true")]["error"]
+    assert samples[("create", "cmd:fuse-overlayfs")]["ops"] == 2000
+    assert "| create | file | cmd:true | failed |" in proc.stdout
+    assert mounts_under(str(tmp_path)) == []
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--systems", "overlay,zfs"], "unknown system 'zfs'"),
+    (["--workloads", "stat-cold,fsync-storm"], "unknown workload 'fsync-storm'"),
+    (["--systems", "cmd:fuse-overlayfs -o lowerdir={lowers} {mountpoint}"], "unknown placeholder(s) {mountpoint}"),
+    (["--systems", "cmd:fuse-overlayfs -o upperdir={upper} {mnt}"], "it needs {lowers}"),
+    (["--systems", "cmd:no-such-program-here {lowers} {mnt}"], "no-such-program-here is not on PATH"),
+    (["--systems", "cmd:fuse-overlayfs '{lowers} {mnt}"], "bad cmd: template"),
+    (["--depths", "1,deep"], "bad --depths"),
+    (["--rounds", "x"], "invalid int value"),
+])
+@pytest.mark.parametrize("module", ["benchmarks", "runner"])
+def test_bad_input_is_one_line_and_exit_2(args, message, module, tmp_path):
+    proc = bench(*args, "--out", str(tmp_path / "out"), module=module)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stdout == ""
+    lines = proc.stderr.splitlines()
+    assert len(lines) == 1, proc.stderr
+    prog = "strata bench" if module == "runner" else "benchmarks"
+    assert lines[0].startswith(f"{prog}: error: ") and message in lines[0], lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_without_root_it_refuses_in_one_line(tmp_path):
+    # the suite imported as root, then its main called as nobody: no copy of the checkout needed
+    code = ("import os, sys; from benchmarks import main; os.setgroups([]); os.setgid(65534); os.setuid(65534); "
+            "sys.exit(main(sys.argv[1:]))")
+    proc = subprocess.run([sys.executable, "-c", code, "--out", str(tmp_path / "out")], capture_output=True,
+                          text=True, cwd=REPO, env=dict(os.environ, PYTHONPATH=REPO), timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.splitlines() == ["benchmarks: error: run as root: mount, kernel overlayfs and drop_caches "
+                                        "need it"]
