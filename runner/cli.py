@@ -556,8 +556,9 @@ def changes_command(name: str):
 def main(argv: list[str] | None = None, early_supervisor: tuple[int, int] | None = None) -> int:
     """`early_supervisor`: (pid, stdin fd) of one runner.launch spawned for `run`."""
     argv = sys.argv[1:] if argv is None else argv
-    if argv[:1] == ["bench"]:  # benchmarks/ parses its own options, and needs no store
-        return cmd_bench(argparse.Namespace(arguments=argv[1:]), None)
+    words = argv[2:] if argv[:1] == ["--root"] else argv[1:] if argv[:1] and argv[0].startswith("--root=") else argv
+    if words[:1] == ["bench"]:  # benchmarks/ parses its own options, and needs no store
+        return cmd_bench(argparse.Namespace(arguments=words[1:]), None)
     early = None
     if early_supervisor is not None:
         from .lifecycle import ProcessHandoff
