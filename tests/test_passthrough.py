@@ -254,7 +254,7 @@ def test_the_runners_view_passes_through_and_the_journal_has_every_write(contain
         assert reader.closed and os.stat(f"{mnt}/d/lower").st_size == len(LOWER) + 8
     changes = ContainerChanges(store, c["Image"], os.path.join(container_dir(store, c["Id"]), "upper"))
     try:
-        records = [(r["op"], r["path"], r["detail"]) for r in read_records(changes.upper.db)]
+        records = [(r["op"], r["path"], r["detail"]) for r in read_records(changes.upper)]
         diff = sorted(changes.diff())
     finally:
         changes.close()
