@@ -23,6 +23,8 @@ from .workloads import FS_WORKLOADS
 
 WORKLOADS = {w.name: w for w in FS_WORKLOADS + CONTAINER_WORKLOADS}
 GROUPS = {"lookup": ["stat-cold", "stat-warm", "negative", "readdir"],
+          "passthrough": ["read-small-cold", "read-small-warm", "read-seq-cold", "read-seq-warm", "copy-up", "create",
+                          "cp-tree", "write-small"],
           "default": [w.name for w in WORKLOADS.values() if w.default],
           "containers": [w.name for w in CONTAINER_WORKLOADS]}
 

@@ -10,6 +10,9 @@ Each layer above it adds 5 files and overwrites 5 in the d* directories, so a na
 resolves through the whole chain. For each depth there is also the chain flattened
 into one directory (the native system) and, in one store, an image of the chain (the
 strata system: each depth's image is the parent of the next one's).
+
+The walk chain (the memory workload) has for bottom layer 100,000 files of a few bytes
+in 1,000 directories d000..d999 of f000..f099, and the same layers above it.
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ SMALL_FILE = 1024
 BIG_MIB = 64
 VICTIM_DIRS, MOVED_DIRS, FILES_PER_SUBDIR = 10, 10, 100
 UNTAR_FILES = 10_000
+WALK_DIRS = 1000  # of FILES_PER_DIR files: the 100,000-file image of the memory workload
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +60,10 @@ def base_layer(path: str) -> None:
     with open(os.path.join(path, "big"), "wb") as f:
         for _ in range(BIG_MIB):
             f.write(block)
+
+
+def walk_bottom(path: str) -> None:
+    tree_of(path, WALK_DIRS, FILES_PER_DIR, b"w\n", "d{:03}", "f{:03}")
 
 
 def upper_layer(path: str, k: int) -> None:

@@ -28,6 +28,11 @@ def prepare(work: str, depths: list[int], workloads: list[Workload]) -> tuple[di
         if any(w.name == "untar" for w in workloads):
             inputs["untar"] = chains.untar_source(work)
         note(f"built the tree chains (depths {','.join(map(str, depths))}) in {time.monotonic() - started:.0f} s")
+    if "walk" in needed:
+        started = time.monotonic()
+        datasets["walk"] = chains.build_chains(os.path.join(work, "walk"), depths, chains.walk_bottom)
+        note(f"built the walk chains ({chains.WALK_DIRS * chains.FILES_PER_DIR:,} files) in "
+             f"{time.monotonic() - started:.0f} s")
     if "debian" in needed:
         started = time.monotonic()
         check_debian()

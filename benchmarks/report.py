@@ -3,7 +3,9 @@ sample and the summaries), table.md (also printed) and one PNG plot per workload
 
 A figure is the median cost per operation over the rounds, with its spread as
 [min–max]; beside it its ratio to kernel overlayfs (×ov) and to fuse-overlayfs (×fo),
-each the ratio of the two medians at the same workload and depth.
+each the ratio of the two medians at the same workload and depth. A workload whose
+figure is not a time (memory: MiB) has its figure in place of the cost, in its own
+unit (`figure_unit` in the JSON; "s" is seconds per operation).
 """
 from __future__ import annotations
 
@@ -33,16 +35,18 @@ def summarize(samples: list[dict], systems: list[System], depths: list[int], wor
             for system in systems:
                 got = by_key.get((w.name, system.name, depth), [])
                 ok = [s for s in got if "error" not in s]
-                row = {"workload": w.name, "system": system.name, "depth": depth, "unit": w.unit}
+                row = {"workload": w.name, "system": system.name, "depth": depth, "unit": w.unit,
+                       "figure_unit": w.figure_unit}
                 if not w.applies(system):
                     row["status"] = "n/a"
                 elif not ok:
                     row.update(status="failed", errors=sorted({s["error"] for s in got}))
                 else:
-                    costs = [s["seconds"] / max(1, s["ops"]) for s in ok]
+                    costs = [s[w.figure] if w.figure else s["seconds"] / max(1, s["ops"]) for s in ok]
                     row.update(status="ok", rounds=len(ok), failed_rounds=len(got) - len(ok),
                                ops=ok[0]["ops"], median_seconds=statistics.median(s["seconds"] for s in ok),
                                cost_per_op=statistics.median(costs), cost_min=min(costs), cost_max=max(costs))
+                    row.update((key, statistics.median(s[key] for s in ok)) for key, _ in w.also)
                     medians[system.name] = row["cost_per_op"]
                 rows.append(row)
             for row in rows:
@@ -59,17 +63,25 @@ def seconds_text(value: float) -> str:
     return f"{value / 1e-9:.3g} ns"
 
 
-def cell(row: dict) -> str:
+def figure_text(value: float, unit: str) -> str:
+    return seconds_text(value) if unit == "s" else f"{value:.3g} {unit}"
+
+
+def cell(row: dict, workload: Workload) -> str:
     if row["status"] != "ok":
         return row["status"]
-    text = f"{seconds_text(row['cost_per_op'])} [{seconds_text(row['cost_min'])}–{seconds_text(row['cost_max'])}]"
+    shown = lambda key: figure_text(row[key], row["figure_unit"])
+    text = " ".join([f"{shown('cost_per_op')} [{shown('cost_min')}–{shown('cost_max')}]"]
+                    + [f"{label} {shown(key)}" for key, label in workload.also])
     ratios = [f"{v:.2f}×{PEERS[p]}" for p, v in row["ratios"].items() if v is not None and row["system"] != p]
     return text + (" " + " ".join(ratios) if ratios else "")
 
 
 def table(summaries: list[dict], depths: list[int], workloads: list[Workload], rounds: int) -> str:
     lines = [f"Cost per operation: median of {rounds} round(s) [min–max]; ×ov and ×fo: the ratio of the "
-             "medians to kernel overlayfs and to fuse-overlayfs at the same depth (lower is faster).", "",
+             "medians to kernel overlayfs and to fuse-overlayfs at the same depth (lower is faster)."
+             + "".join(f" {w.name} is in {w.figure_unit}, not a time (lower is smaller)." for w in workloads
+                       if w.figure_unit != "s"), "",
              "| workload | unit | system | " + " | ".join(f"depth {d}" for d in depths) + " |",
              "|---|---|---|" + "---|" * len(depths)]
     cells = {(r["workload"], r["system"], r["depth"]): r for r in summaries}
@@ -77,7 +89,7 @@ def table(summaries: list[dict], depths: list[int], workloads: list[Workload], r
     for w in workloads:
         for name in systems:
             lines.append(f"| {w.name} | {w.unit} | {name} | "
-                         + " | ".join(cell(cells[(w.name, name, d)]) for d in depths) + " |")
+                         + " | ".join(cell(cells[(w.name, name, d)], w) for d in depths) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -92,6 +104,8 @@ def plot(summaries: list[dict], out: str, workloads: list[Workload], depths: lis
         mine = [r for r in summaries if r["workload"] == w.name and r["status"] == "ok"]
         scale, unit = next(((s, u) for s, u in ((1, "s"), (1e-3, "ms")) if max((r["cost_max"] for r in mine),
                                                                                    default=0) >= s), (1e-6, "µs"))
+        if w.figure_unit != "s":
+            scale, unit = 1, w.figure_unit
         for name in dict.fromkeys(r["system"] for r in summaries):
             rows = [r for r in mine if r["system"] == name]
             if not rows:
@@ -104,7 +118,8 @@ def plot(summaries: list[dict], out: str, workloads: list[Workload], depths: lis
         ax.set_xscale("log", base=2)
         ax.set_xticks(depths, [str(d) for d in depths])
         ax.set_xlabel("layer depth")
-        ax.set_ylabel(f"{unit} per {w.unit} (median, min–max)")
+        ax.set_ylabel(f"{unit} per {w.unit} (median, min–max)" if w.figure_unit == "s" else
+                      f"{unit} (median, min–max)")
         ax.set_title(f"{w.name}: {w.summary}", fontsize=8)
         if mine:
             ax.set_ylim(bottom=0)
@@ -163,8 +178,9 @@ def write(out: str, command: list[str], systems: list[System], depths: list[int]
         "systems": [{"name": s.name, "description": s.description, **({"template": s.template}
                     if hasattr(s, "template") else {})} for s in systems],
         "depths": depths, "rounds": rounds,
-        "workloads": [{"name": w.name, "summary": w.summary, "unit": w.unit, "cold": w.cold} for w in workloads],
-        "spread": "min-max of the rounds' costs per operation",
+        "workloads": [{"name": w.name, "summary": w.summary, "unit": w.unit, "figure_unit": w.figure_unit,
+                       "cold": w.cold} for w in workloads],
+        "spread": "min-max of the rounds' costs per operation (or figures, where figure_unit is not s)",
         "samples": samples, "summaries": summaries, "plots": [os.path.basename(p) for p in plots],
     }
     with open(os.path.join(out, "results.json"), "w") as f:

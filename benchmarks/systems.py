@@ -8,9 +8,11 @@ writable, with an empty upper directory of its own.
   strata          strata's server over the chain's image in its store (a container's mount)
   strata-fuse     the standalone strata-fuse drop-in over the layer directories
   cmd:TEMPLATE    any filesystem with an overlay-style command line
-Three more are there by name only: strata-nojournal (strata with its change journal
-off: the journal's cost), strata-nospin (strata without polling /dev/fuse) and floor
-(benchmarks/floorfs.py, the least a pyfuse3 filesystem does; read-only).
+More are there by name only: strata-nojournal (strata with its change journal off:
+the journal's cost), strata-nospin (strata without polling /dev/fuse), strata-cached
+and strata-fuse-cached (FUSE passthrough off, STRATA_PASSTHROUGH=0: what passthrough
+buys, unionfs/passthrough.py) and floor (benchmarks/floorfs.py, the least a pyfuse3
+filesystem does; read-only).
 
 A FUSE mount is ready when the mountpoint's st_dev changes. Servers run in the
 foreground where they can, so their CPU time can be read from /proc.
@@ -196,6 +198,7 @@ class Overlay(System):
 class Command(System):
     """A filesystem started by a command line, from a template with {lowers} (top first,
     colon-separated), {upper}, {work} and {mnt}."""
+    env: dict = {}
 
     def __init__(self, name: str, template: str, description: str = "", words: list[str] | None = None):
         self.name, self.template = name, template
@@ -208,7 +211,7 @@ class Command(System):
 
     @contextlib.contextmanager
     def mounted(self, chain, scratch, lower_writes):
-        with served(self.argv(chain, scratch), scratch.mnt) as m:
+        with served(self.argv(chain, scratch), scratch.mnt, self.env) as m:
             yield m
 
 
@@ -254,6 +257,23 @@ class Strata(System):
             yield m
 
 
+PASSTHROUGH_OFF = {"STRATA_PASSTHROUGH": "0"}  # opens through the page cache, with the writeback cache
+
+
+class StrataFuseCached(StrataFuse):
+    name = "strata-fuse-cached"
+    env = PASSTHROUGH_OFF
+
+    def __init__(self):
+        super().__init__()
+        self.name, self.description = "strata-fuse-cached", "strata-fuse with FUSE passthrough off (STRATA_PASSTHROUGH=0)"
+
+
+class StrataCached(Strata):
+    name, description = "strata-cached", "strata with FUSE passthrough off (STRATA_PASSTHROUGH=0)"
+    env = PASSTHROUGH_OFF
+
+
 class StrataNoJournal(Strata):
     name, description = "strata-nojournal", "strata with its change journal off"
     journal = "nojournal"
@@ -276,7 +296,7 @@ class Floor(System):
 
 
 BUILTIN = {cls.name: cls for cls in (Native, Overlay, FuseOverlayfs, UnionfsFuse, Strata, StrataFuse,
-                                        StrataNoJournal, StrataNoSpin, Floor)}
+                                        StrataNoJournal, StrataNoSpin, StrataCached, StrataFuseCached, Floor)}
 
 
 def parse_template(template: str) -> list[str]:

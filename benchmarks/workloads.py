@@ -5,7 +5,8 @@ workload then drops the kernel's caches (sync; echo 3 > drop_caches) before it
 is timed; a warm one runs once untimed first. Write workloads are timed until
 their last call returns (no sync: the page cache takes the writes, as it would
 for a program). The cost per operation is the time over `ops`, in the workload's
-unit, so depths and systems compare.
+unit, so depths and systems compare. The memory workload's figure is not a time:
+the FUSE server's VmHWM in MiB (Workload.figure names the sample's key for it).
 """
 from __future__ import annotations
 
@@ -55,11 +56,14 @@ class Workload:
     warmup: Callable[[Run], object] | None = None
     writes: bool = False             # needs a writable mount (n/a on read-only systems)
     lower_writes: str = ""           # native's tree for it: "" (shared), "link" (cp -al), "copy" (cp -a)
-    dataset: str = "tree"            # "tree" (benchmarks/chains.py) or "debian" (benchmarks/containers.py)
+    dataset: str = "tree"            # "tree" or "walk" (benchmarks/chains.py), "debian" (benchmarks/containers.py)
     default: bool = True
     systems: frozenset[str] | None = None   # the only systems it runs on (None: every one)
     skip: frozenset[str] = frozenset()       # systems it cannot run on
     measure: Callable | None = None  # (workload, system, chain, scratch, inputs) -> sample, instead of on_mount
+    figure: str = ""                 # the sample's key holding the figure, when it is not time per operation
+    figure_unit: str = "s"           # the figure's unit ("s": seconds per `unit`)
+    also: tuple[tuple[str, str], ...] = ()  # (sample key, label): medians shown beside the figure
 
     def applies(self, system: System) -> bool:
         if self.writes and system.readonly:
@@ -67,10 +71,11 @@ class Workload:
         return system.name not in self.skip and (self.systems is None or system.name in self.systems)
 
 
-def drop_caches() -> None:
+def drop_caches(what: int = 3) -> None:
+    """3: the page cache, dentries and inodes; 2: dentries and inodes (the kernel sends FORGET for them)."""
     os.sync()
     with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("3\n")
+        f.write(f"{what}\n")
 
 
 def on_mount(workload: Workload, system: System, chain: Chain, scratch: Scratch, inputs: dict) -> dict:
@@ -192,6 +197,31 @@ def rename_dirs(run: Run) -> Timed:
     return Timed(time.perf_counter() - start, chains.MOVED_DIRS, {"exdev_fallbacks": fallbacks})
 
 
+CP_DIRS, SMALL_WRITES_MIB = 10, 16
+
+
+def cp_tree(run: Run) -> Timed:
+    """cp -a of 10 lower directories (1,000 files of 1 KiB, and what the layers above add)."""
+    dest = f"{run.mnt}/copied"
+    os.mkdir(dest)
+    start = time.perf_counter()
+    subprocess.run(["cp", "-a", *(f"{run.mnt}/d{d:03}" for d in range(CP_DIRS)), dest], check=True)
+    seconds = time.perf_counter() - start
+    return Timed(seconds, sum(len(files) for _, _, files in os.walk(dest)))
+
+
+def write_small(run: Run) -> int:
+    """16 MiB written to a new file 4 KiB at a time (where a writeback cache matters most)."""
+    fd = os.open(f"{run.mnt}/written", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    block = b"w" * 4096
+    try:
+        for _ in range(SMALL_WRITES_MIB * 256):
+            os.write(fd, block)
+    finally:
+        os.close(fd)
+    return SMALL_WRITES_MIB
+
+
 def untar(run: Run) -> int:
     dest = f"{run.mnt}/untarred"
     os.mkdir(dest)
@@ -202,6 +232,59 @@ def untar(run: Run) -> int:
 def mounted_in(run: Run) -> Timed:
     os.stat(f"{run.mnt}/d000")
     return Timed(run.mount.seconds, 1)
+
+
+# -- memory: the FUSE server's resident size over repeated walks -----------------------
+
+WALKS = 3
+SETTLE_SECONDS = 1.5  # after each drop: the server acts on the kernel's FORGETs when idle
+
+
+def memory_mib(pid: int) -> dict[str, float]:
+    """VmRSS and VmHWM of `pid`, in MiB."""
+    values = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                values[key] = int(rest.split()[0]) / 1024
+    return values
+
+
+def lstat_walk(mnt: str) -> int:
+    """os.walk plus an lstat of every entry (a lookup of each): entries seen."""
+    count = 0
+    lstat = os.lstat
+    for top, dirnames, filenames in os.walk(mnt):
+        for name in dirnames + filenames:
+            lstat(os.path.join(top, name))
+            count += 1
+    return count
+
+
+def walk_memory(run: Run) -> Timed:
+    """WALKS walks of the 100,000-file chain, the dentries dropped before each and after the
+    last; the server's VmHWM at the end and its VmRSS after each walk and each drop."""
+    pid = run.mount.pid
+    if pid is None:
+        raise RuntimeError("the FUSE server's pid is unknown (its command daemonized)")
+    mounted = memory_mib(pid)["VmRSS"]
+    after_walks, after_drops, seconds = [], [], []
+    for k in range(WALKS + 1):
+        drop_caches(2)
+        time.sleep(SETTLE_SECONDS)
+        if k:
+            after_drops.append(memory_mib(pid)["VmRSS"])
+        if k == WALKS:
+            break
+        start = time.perf_counter()
+        entries = lstat_walk(run.mnt)
+        seconds.append(time.perf_counter() - start)
+        after_walks.append(memory_mib(pid)["VmRSS"])
+    return Timed(sum(seconds), entries * WALKS, {
+        "vmhwm_mib": memory_mib(pid)["VmHWM"], "vmrss_dropped_mib": after_drops[-1], "vmrss_mounted_mib": mounted,
+        "vmrss_after_walks_mib": after_walks, "vmrss_after_drops_mib": after_drops, "walk_seconds": seconds,
+        "entries": entries})
 
 
 # -- diff: the journal's diff beside Docker's overlay2 differ -----------------------
@@ -279,6 +362,10 @@ FS_WORKLOADS = [
              delete_tree, "entry", writes=True, lower_writes="link"),
     Workload("rename-dir", "rename 10 lower directories of 100 files (mv's copy on EXDEV), caches dropped",
              rename_dirs, "rename", writes=True, lower_writes="link"),
+    Workload("cp-tree", f"cp -a of {CP_DIRS} lower directories of 100 files of 1 KiB, caches dropped", cp_tree,
+             "file", writes=True, lower_writes="link"),
+    Workload("write-small", f"{SMALL_WRITES_MIB} MiB written to a new file in 4 KiB writes", write_small, "MiB",
+             cold=False, writes=True, lower_writes="link"),
     Workload("untar", "tar -x of 10,000 files of 1 KiB into a new directory, caches dropped", untar, "file",
              writes=True, lower_writes="link"),
     Workload("mount", "time from the mount command until the mount answers (the old mount.py)", mounted_in,
@@ -286,4 +373,8 @@ FS_WORKLOADS = [
     Workload("diff", f"{DIFF_CHANGES:,} changes made, then strata's journal diff or Docker's overlay2 "
              "upper walk (the old diff.py)", None, "change", writes=True,
              systems=frozenset({"strata"}) | UPPER_WALKERS, measure=measure_diff),
+    Workload("memory", f"the FUSE server's VmHWM after {WALKS} walks (+ lstat) of a 100,000-file chain, "
+             "dentries dropped before each", walk_memory, "MiB", dataset="walk", default=False,
+             skip=frozenset({"native", "overlay"}), figure="vmhwm_mib", figure_unit="MiB",
+             also=(("vmrss_dropped_mib", "RSS after the last drop"),)),
 ]
