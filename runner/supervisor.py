@@ -317,7 +317,8 @@ def first_cause(error: BaseException) -> BaseException:
 
 
 def peak_rss_kib() -> int:
-    """VmHWM: what the supervisor cost in memory at its peak (benchmarks/start.py reports it)."""
+    """VmHWM: what the supervisor cost in memory at its peak (state.json's SupervisorPeakRSSKiB;
+    the start it costs: `python -m benchmarks --workloads start`)."""
     try:
         with open("/proc/self/status") as f:
             for line in f:

@@ -147,3 +147,51 @@ def test_without_root_it_refuses_in_one_line(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.splitlines() == ["benchmarks: error: run as root: mount, kernel overlayfs and drop_caches "
                                         "need it"]
+
+
+def test_passthrough_off_variant_and_the_workloads_passthrough_py_had(tmp_path):
+    """strata-fuse-cached (passthrough off) runs beside strata-fuse on cp-tree and write-small,
+    the workloads the old passthrough.py had and the suite lacked."""
+    require_fuse()
+    proc = bench("--systems", "strata-fuse,strata-fuse-cached", "--depths", "1", "--workloads", "cp-tree,write-small",
+                 "--rounds", "1", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"))
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["systems"][1] == {"name": "strata-fuse-cached",
+                                     "description": "strata-fuse with FUSE passthrough off (STRATA_PASSTHROUGH=0)",
+                                     "template": results["systems"][0]["template"]}
+    samples = {(s["workload"], s["system"]): s for s in results["samples"]}
+    for system in ("strata-fuse", "strata-fuse-cached"):
+        assert "error" not in samples[("cp-tree", system)], samples
+        assert samples[("cp-tree", system)]["ops"] == 1000  # 10 directories of 100 files at depth 1
+        assert samples[("write-small", system)]["ops"] == 16  # MiB
+    assert mounts_under(str(tmp_path)) == []
+
+
+def test_memory_is_in_mib_with_its_ratio_to_fuse_overlayfs(tmp_path):
+    """The memory workload (the old memory.py): each FUSE server's VmHWM after the walks of
+    the 100,000-file chain, in MiB, not a time, in the JSON and the table; n/a on overlay.
+    About a minute: the chain is built, walked three times per server, and removed."""
+    require_fuse()
+    proc = bench("--systems", "overlay,fuse-overlayfs,strata-fuse", "--depths", "1", "--workloads", "memory",
+                 "--rounds", "1", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"))
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["workloads"][0]["figure_unit"] == "MiB"
+    samples = {s["system"]: s for s in results["samples"]}
+    assert set(samples) == {"fuse-overlayfs", "strata-fuse"}  # overlay has no server
+    for s in samples.values():
+        assert "error" not in s, s
+        assert s["entries"] == 101_000  # 100,000 files and 1,000 directories
+        assert len(s["vmrss_after_walks_mib"]) == len(s["vmrss_after_drops_mib"]) == len(s["walk_seconds"]) == 3
+        assert s["vmrss_mounted_mib"] <= max(s["vmrss_after_walks_mib"]) <= s["vmhwm_mib"]
+    rows = {r["system"]: r for r in results["summaries"]}
+    assert rows["overlay"]["status"] == "n/a"
+    strata = rows["strata-fuse"]
+    assert strata["figure_unit"] == "MiB" and strata["cost_per_op"] == samples["strata-fuse"]["vmhwm_mib"]
+    assert strata["ratios"] == {"overlay": None, "fuse-overlayfs": pytest.approx(
+        samples["strata-fuse"]["vmhwm_mib"] / samples["fuse-overlayfs"]["vmhwm_mib"])}
+    line = next(line for line in proc.stdout.splitlines() if line.startswith("| memory | MiB | strata-fuse |"))
+    assert " MiB [" in line and "×fo" in line and " s " not in line and "µs" not in line and "ms" not in line
+    assert "| memory | MiB | overlay | n/a |" in proc.stdout
+    assert mounts_under(str(tmp_path)) == []

@@ -20,7 +20,8 @@ without sleeping for up to $STRATA_FUSE_SPIN_US microseconds (default 30):
 a sequential client's next request is usually there by then. A burst's end
 costs one unanswered poll window; an idle mount never polls. Only with two
 or more CPUs (on one, polling would only delay the client); 0 turns it off.
-benchmarks/lookup.py shows both, and what each costs in server CPU.
+`python -m benchmarks --systems strata,strata-nospin --workloads lookup` shows both, and
+what each costs in server CPU (results.json's server_cpu_seconds).
 
 File descriptors: the server holds one host fd per open handle, so every
 file the container holds open on the mount costs one of the server's fds,

@@ -12,8 +12,8 @@ Where it is used: the kernel allows it only to a server with CAP_SYS_ADMIN in
 the initial user namespace (root mounts; `wanted`), and turns it off when the
 writeback cache is on, so a mount that gets it has no writeback cache (the shim
 takes it out of the INIT reply, only when the kernel offers passthrough). What
-that costs was measured with creates served cached (benchmarks/passthrough.py,
-one loaded machine): creates and `cp -a` of small files were no slower without
+that costs was measured with creates served cached (`python -m benchmarks
+--systems strata-fuse,strata-fuse-cached --workloads passthrough`, one loaded machine): creates and `cp -a` of small files were no slower without
 it (faster: a close no longer writes back and stamps times in requests of its
 own), 4 KiB writes about a quarter slower (each write is a request); with
 creates passed through, only writes through a cached open (an existing file
