@@ -88,8 +88,9 @@ def diff_images(args, store: Store) -> int:
 
 def audit_detail(record: dict) -> str:
     d = record["detail"]
-    if "ranges" in d:
-        return "bytes " + ",".join(f"{s}-{e}" for s, e in d["ranges"])
+    if "ranges" in d or "set" in d:  # (a create: what it wrote, and what its creator set on it)
+        parts = ["bytes " + ",".join(f"{s}-{e}" for s, e in d["ranges"])] if "ranges" in d else []
+        return "; ".join(parts + [set_detail(d["set"])] if "set" in d else parts)
     if d.get("recovered"):
         return f"recovered by fsck (size {d.get('size')})"
     if record["op"] == "fallocate":
@@ -105,6 +106,18 @@ def audit_detail(record: dict) -> str:
     if d.get("exchange"):
         return "exchanged"
     return ""
+
+
+def set_detail(values: dict) -> str:
+    """What a creator set on its new file before its create went on record."""
+    parts = []
+    if "mode" in values:
+        parts.append(f"mode {values['mode']}")
+    if "uid" in values:
+        parts.append(f"owner {values['uid']}:{values['gid']}")
+    if "mtime_ns" in values:
+        parts.append("mtime " + time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(values["mtime_ns"] // 10**9)))
+    return ", ".join(parts)
 
 
 def print_audit(records: list[dict], out) -> None:

@@ -195,13 +195,16 @@ def test_files_made_just_before_the_supervisor_was_killed_are_recovered(root):
 
 
 def test_committing_a_running_container_pauses_it_and_lets_it_go_on(root):
+    # /count is replaced by a rename, never seen truncated: the pause may stop the shell anywhere,
+    # between the two files too (then /log is one line ahead of /count)
     ok(root, "run", "-d", "--name", "live", "busybox", "sh", "-c",
-       "exec 3>/log; n=0; while true; do n=$((n+1)); echo $n >&3; echo $n > /count; sleep 0.05; done")
+       "exec 3>/log; n=0; while true; do n=$((n+1)); echo $n >&3; echo $n > /count.new; mv /count.new /count; "
+       "sleep 0.05; done")
     wait_for(lambda: "A /count" in ok(root, "diff", "live"), what="the container's first writes")
     image = ok(root, "commit", "live", "snap").strip()
     count = int(ok(root, "run", "--rm", image, "cat", "/count"))
     lines = ok(root, "run", "--rm", image, "cat", "/log").split()
-    assert count >= 1 and lines[-1] == str(count)  # a still-open file, as it was when paused
+    assert count >= 1 and int(lines[-1]) in (count, count + 1)  # a still-open file, as it was when paused
     assert "Up " in ok(root, "ps", "--filter", "name=live")
     wait_for(lambda: int(ok(root, "exec", "live", "cat", "/count")) > count, what="the container to go on")
 

@@ -303,6 +303,48 @@ def test_files_made_and_written_in_one_open_share_a_row_of_creates(image, tmp_pa
     assert extra <= 3 * batches + 2, (journal, none)  # a batch: its row and the meta bookkeeping
 
 
+def test_what_a_creator_sets_on_its_new_file_goes_on_its_create_record(image, tmp_path):
+    """tar and cp -a restore the owner, mode and times of every file they make: while the
+    create waits in its batch, its creator's chown, chmod and utimens go on the create's
+    record (no record of their own, no early store of the batch: as many journal INSERTs
+    as batches); anyone else's, or the creator's once the create is on record, are records
+    of their own."""
+    from runner.changes_cli import audit_detail
+    files = CREATE_BATCH + 3
+    other = (1, 0, 0)  # another process
+    statements = {}
+    for label, v in with_and_without_journal(image, tmp_path):
+        made = collections.Counter()
+        v.upper.db.set_trace_callback(lambda sql: made.update([sql.split("(")[0].split(" VALUES")[0]]))
+        for i in range(files):
+            n, fd = v.create(ROOT, b"t%d" % i, 0o600, os.O_WRONLY, 0, 0, ME)
+            v.write(fd, 0, b"tar")
+            v.setattr(n.ino, fd, uid=7, gid=8, caller=ME)       # fchown
+            v.setattr(n.ino, fd, mode=0o640, caller=ME)          # fchmod
+            v.release(fd)
+            v.setattr(n.ino, atime_ns=10**18, mtime_ns=10**18, caller=ME)  # utimensat after the close
+        v.upper.db.set_trace_callback(None)
+        statements[label] = made
+        if label != "journal":
+            continue
+        waiting, fd = v.create(ROOT, b"shared", 0o644, os.O_WRONLY, 0, 0, ME)
+        v.release(fd)
+        v.setattr(waiting.ino, mode=0o600, caller=other)  # not the creator's: a record of its own
+        v.store_pending()
+        v.setattr(waiting.ino, mode=0o640, caller=ME)     # the create is on record: a record of its own
+        records = read_records(v.upper)
+        expected_set = {"uid": 7, "gid": 8, "mode": "640", "mtime_ns": 10**18}
+        assert [(r["op"], r["path"], r["detail"]) for r in records[:files]] == \
+            [("create", f"/t{i}", {"ranges": [[0, 3]], "set": expected_set}) for i in range(files)]
+        assert [(r["op"], r["path"], r["pid"], r["detail"]) for r in records[files:]] == [
+            ("create", "/shared", os.getpid(), {}), ("chmod", "/shared", 1, {"mode": "600"}),
+            ("chmod", "/shared", os.getpid(), {"mode": "640"})]
+        assert audit_detail(records[0]) == "bytes 0-3; mode 640, owner 7:8, mtime 2001-09-09T01:46:40Z"
+    full_batches = files // CREATE_BATCH  # (the last one waits for the idle store, after the count)
+    assert statements["journal"]["INSERT INTO journal"] == full_batches, statements["journal"]
+    assert statements["journal"]["BEGIN IMMEDIATE"] == statements["none"]["BEGIN IMMEDIATE"]
+
+
 def test_a_create_not_on_record_yet_shows_in_diff_and_is_recovered_by_fsck(image, upper_path):
     store, image_id = image
     v = make_view_factory(store, image_id, upper_path, run=1)()

@@ -20,7 +20,9 @@ Regular files' `create` records are stored in batches (a group commit):
 with the create that fills a batch, or before any other record (the order
 stays that of the changes), or when the server is idle. Each carries the
 ranges written by then, so a file made and written in one open costs no
-UPDATE. The creates of files closed by then share one row (op `creates`:
+UPDATE, and what its creator set on it by then (chmod, chown, utimens: the
+owner, mode and times tar and cp -a restore on every file they make), so
+those cost no record of their own, nor an early store of the batch. The creates of files closed by then share one row (op `creates`:
 the paths NUL-joined in `path`, the rest in `detail`), which `read_records`
 expands: an INSERT per record was the larger part of the journal's cost.
 (unionfs.recorder keeps the batch, the handles' write logs and the records
@@ -37,7 +39,9 @@ as candidates (`unrecorded_creates`).
       process caught mid-exec: see ProcessNames); kind: the
       entry's S_IFMT; detail: JSON (write ranges, new mode, xattr name, ...);
       a `creates` row: detail {"entries": [[time_ns, pid, uid, gid, comm, exe,
-      ino, ranges or null], ...]}, one per NUL-separated path
+      ino, ranges or null, set or absent], ...]}, one per NUL-separated path;
+      a create's detail {"ranges": [...], "set": {"mode": "644", "uid": 0,
+      "gid": 0, "mtime_ns": ...}} (each part only if there is one)
 """
 from __future__ import annotations
 
@@ -181,12 +185,22 @@ class WriteLog:
     was when it opened the file (`names`, filled by the first record). `unstored`:
     it wrote since its record was stored (an UPDATE is due); `open`: its handle is."""
 
-    __slots__ = ("caller", "ranges", "seq", "created", "names", "unstored", "open", "path", "time_ns")
+    __slots__ = ("caller", "ranges", "seq", "created", "names", "unstored", "open", "path", "time_ns", "set")
 
     def __init__(self, caller: tuple[int, int, int], created: bool, names: tuple[str, str] | None = None):
         self.caller, self.created, self.names, self.ranges, self.open = caller, created, names, [], True
         self.seq = self.path = self.time_ns = None
         self.unstored = False
+        self.set: dict | None = None  # a create's: what its creator set on it before it went on record
+
+    def create_detail(self) -> dict | None:
+        """The detail of this handle's create record."""
+        detail = {}
+        if self.ranges:
+            detail["ranges"] = self.ranges
+        if self.set:
+            detail["set"] = self.set
+        return detail or None
 
     def on_record(self, seq: int | None) -> None:
         self.seq, self.unstored = seq, False
@@ -229,8 +243,7 @@ class Journal:
                     closed.append((log, ino))
                     continue
                 self._store_closed(closed)
-                log.on_record(self.record(log.caller, "create", log.path, ino, 0o100000,
-                                          detail={"ranges": log.ranges} if log.ranges else None,
+                log.on_record(self.record(log.caller, "create", log.path, ino, 0o100000, detail=log.create_detail(),
                                           names=log.names, time_ns=log.time_ns))
             self._store_closed(closed)
             self.upper.delete_meta(UNRECORDED_FROM)
@@ -241,7 +254,8 @@ class Journal:
         if not closed:
             return
         first, first_ino = closed[0]
-        entries = [[log.time_ns, *log.caller, *log.names, ino, log.ranges or None] for log, ino in closed]
+        entries = [[log.time_ns, *log.caller, *log.names, ino, log.ranges or None] + ([log.set] if log.set else [])
+                   for log, ino in closed]
         self.upper.add_record((first.time_ns, self.run, *first.caller, *first.names, BATCH_OP,
                                b"\0".join([log.path for log, _ in closed]), None, first_ino,
                                0o100000, json.dumps({"entries": entries})))
@@ -251,7 +265,8 @@ class Journal:
         """The byte ranges of a handle's writes, on the record its first write (or its create)
         made, if it wrote since."""
         if log.unstored:
-            self.upper.set_record_detail(log.seq, ranges_json(log.ranges))
+            detail = ranges_json(log.ranges) if not log.set else detail_json(log.create_detail())
+            self.upper.set_record_detail(log.seq, detail)
             log.unstored = False
 
     def recover(self, path_of_ino) -> list[str]:
@@ -287,12 +302,16 @@ def expand_creates(row: dict, since_ns: int | None) -> list[dict]:
     """The create records a `creates` row holds."""
     out = []
     paths = row["path"].split(b"\0")
-    for path, (time_ns, pid, uid, gid, comm, exe, ino, ranges) in zip(paths, json.loads(row["detail"])["entries"]):
+    for path, entry in zip(paths, json.loads(row["detail"])["entries"]):
+        time_ns, pid, uid, gid, comm, exe, ino, ranges = entry[:8]
         if since_ns is not None and time_ns < since_ns:
             continue
+        detail = {"ranges": ranges} if ranges else {}
+        if len(entry) > 8:
+            detail["set"] = entry[8]
         out.append({"seq": row["seq"], "time_ns": time_ns, "run": row["run"], "pid": pid, "uid": uid, "gid": gid,
                     "comm": comm, "exe": exe, "op": "create", "path": os.fsdecode(path), "path2": None, "ino": ino,
-                    "kind": row["kind"], "detail": {"ranges": ranges} if ranges else {}})
+                    "kind": row["kind"], "detail": detail})
     return out
 
 

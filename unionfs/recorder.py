@@ -39,7 +39,7 @@ class JournalRecorder:
     their rows (persist), its open handles and its transaction (changing)."""
 
     __slots__ = ("journal", "view", "write_logs", "fallocated", "pending", "unrecorded_creates", "taken",
-                 "creates_stored", "created", "logs_before")
+                 "creates_stored", "created", "logs_before", "sets_before")
 
     def __init__(self, journal, view):
         self.journal, self.view = journal, view
@@ -58,6 +58,7 @@ class JournalRecorder:
         self.creates_stored: list[tuple[WriteLog, int]] = []
         self.created: tuple[int, tuple[WriteLog, int]] | None = None
         self.logs_before: list[tuple[WriteLog, int | None, bool]] = []
+        self.sets_before: list[tuple[WriteLog, dict | None]] = []  # waiting creates' `set`, as they were
 
     # -- the view's transactions ---------------------------------------------------
 
@@ -87,6 +88,8 @@ class JournalRecorder:
         """The transaction failed (ENOSPC, say): what it stored is stored next time."""
         for log, seq, unstored in reversed(self.logs_before):
             log.seq, log.unstored = seq, unstored
+        for log, before in reversed(self.sets_before):
+            log.set = before
         if self.created is not None:
             fd, entry = self.created
             self.write_logs.pop(fd, None)
@@ -103,6 +106,8 @@ class JournalRecorder:
             self.creates_stored = []
         if self.logs_before:
             self.logs_before = []
+        if self.sets_before:
+            self.sets_before = []
         self.created = None
 
     def waiting(self) -> bool:
@@ -188,9 +193,26 @@ class JournalRecorder:
         if (atime_ns is not None or mtime_ns is not None) and not kernel_stamp and n.nlink > 0 \
                 and (n.atime_ns, n.mtime_ns) != times_before:
             records.append(("utimens", {"mtime_ns": n.mtime_ns}))
-        path = self.view.path_of(n) if records else None
+        if not records:
+            return
+        waiting = self._waiting_create(n.ino, caller)
+        if waiting is not None:  # its creator's own: on the create's record (see unionfs.journal)
+            self.sets_before.append((waiting, waiting.set))
+            waiting.set = dict(waiting.set or {})
+            for _, detail in records:
+                waiting.set.update(detail)
+            return
+        path = self.view.path_of(n)
         for op, detail in records:
             self._insert(caller, op, path, n, detail=detail)
+
+    def _waiting_create(self, ino: int, caller: Caller) -> WriteLog | None:
+        """The write log of `ino`'s create record if it waits in the batch and `caller`
+        (the same process) made it."""
+        for log, batched in reversed(self.unrecorded_creates):
+            if batched == ino:
+                return log if log.caller[0] == caller[0] else None
+        return None
 
     def record_xattr(self, caller: Caller, op: str, n, name: bytes) -> None:
         """setxattr or removexattr of `name` on `n`."""
