@@ -271,14 +271,21 @@ def with_and_without_journal(image, tmp_path):
             v.close()
 
 
+def count_statements(view) -> collections.Counter:
+    """The SQL statements `view`'s upper layer runs from now on, by kind, until the trace
+    callback is reset."""
+    made = collections.Counter()
+    view.upper.db.set_trace_callback(lambda sql: made.update([sql.split("(")[0].split(" VALUES")[0]]))
+    return made
+
+
 def test_files_made_and_written_in_one_open_share_a_row_of_creates(image, tmp_path):
     """Their create records are stored in batches, ranges and all: one INSERT a batch, no
     UPDATE, no extra transaction, and no row stored more often than without a journal."""
     files = 3 * CREATE_BATCH + 5
     statements = {}
     for label, v in with_and_without_journal(image, tmp_path):
-        made = collections.Counter()
-        v.upper.db.set_trace_callback(lambda sql: made.update([sql.split("(")[0].split(" VALUES")[0]]))
+        made = count_statements(v)
         for i in range(files):
             n, fd = v.create(ROOT, b"f%d" % i, 0o644, os.O_RDWR, 0, 0, ME)
             v.write(fd, 0, b"x" * 4096)
@@ -314,8 +321,7 @@ def test_what_a_creator_sets_on_its_new_file_goes_on_its_create_record(image, tm
     other = (1, 0, 0)  # another process
     statements = {}
     for label, v in with_and_without_journal(image, tmp_path):
-        made = collections.Counter()
-        v.upper.db.set_trace_callback(lambda sql: made.update([sql.split("(")[0].split(" VALUES")[0]]))
+        made = count_statements(v)
         for i in range(files):
             n, fd = v.create(ROOT, b"t%d" % i, 0o600, os.O_WRONLY, 0, 0, ME)
             v.write(fd, 0, b"tar")
