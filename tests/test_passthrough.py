@@ -167,6 +167,38 @@ def test_writes_beside_readers_of_an_upper_file_pass_through_too(layers):
             assert c.execute("select x from t").fetchall() == [(42,)]
 
 
+def test_times_set_on_a_file_open_for_writing_through_passthrough_stay(layers, tmp_path):
+    """cp -p and tar write a new file, set its times through the open fd (futimens), then
+    close it: the writes passed through, but the times set are the node's, not the data
+    file's, and stay until a later write changes the file again; the same beside a
+    reader (the writer joins its backing), and after a remount."""
+    source = tmp_path / "source"
+    source.write_bytes(b"copied\n")
+    os.utime(source, ns=(1_000_000_000, 2_000_000_000))
+    mnt, mount = standalone(layers)
+    with mount:
+        subprocess.run(["cp", "-p", str(source), f"{mnt}/copy"], check=True)
+        assert os.stat(f"{mnt}/copy").st_mtime_ns == 2_000_000_000
+        fd = os.open(f"{mnt}/new", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        os.write(fd, b"data")
+        os.utime(fd, ns=(3_000_000_000, 4_000_000_000))
+        assert os.fstat(fd).st_mtime_ns == 4_000_000_000
+        os.close(fd)
+        assert os.stat(f"{mnt}/new").st_mtime_ns == 4_000_000_000
+        with open(f"{mnt}/new", "rb", buffering=0) as reader, open(f"{mnt}/new", "r+b", buffering=0) as w:
+            os.utime(w.fileno(), ns=(5_000_000_000, 6_000_000_000))
+            assert os.fstat(reader.fileno()).st_mtime_ns == 6_000_000_000
+            w.write(b"DA")  # a write after it: the file's time again
+            assert os.fstat(w.fileno()).st_mtime_ns > 6_000_000_000
+            assert os.fstat(w.fileno()).st_size == 4
+            os.utime(w.fileno(), ns=(7_000_000_000, 8_000_000_000))
+        assert os.stat(f"{mnt}/new").st_mtime_ns == 8_000_000_000
+        assert read_all(f"{mnt}/new") == b"DAta"
+    with standalone(layers)[1]:
+        assert os.stat(f"{mnt}/copy").st_mtime_ns == 2_000_000_000
+        assert os.stat(f"{mnt}/new").st_mtime_ns == 8_000_000_000
+
+
 def test_without_passthrough_reads_reach_the_server(layers):
     """STRATA_PASSTHROUGH=0: the mount is served as before, a write beside a reader included."""
     mnt, mount = standalone(layers, {"STRATA_PASSTHROUGH": "0"})
