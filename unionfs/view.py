@@ -798,6 +798,18 @@ class UnionView:
             n.dirty = True
             self.generation += 1
 
+    def unrecorded_through(self, n: Node) -> tuple[int, int] | None:
+        """The data file's (size, mtime) before n's open passthrough writers changed it, or
+        None if they did not: what they wrote goes on record only at their release."""
+        backing = self.backings.get(n.ino)
+        if backing is None or not backing.writers:
+            return None
+        st = os.fstat(next(iter(backing.writers)))
+        for before in backing.writers.values():
+            if before != (st.st_size, st.st_mtime_ns):
+                return before
+        return None
+
     def _set_through(self, n: Node) -> None:
         """A setattr set n's attributes: they stand until the data file changes again (unless
         a writer changed its size meanwhile: then the next look takes the file's)."""
