@@ -199,7 +199,8 @@ class UnionView:
     def persist(self, n: Node) -> None:
         self.generation += 1
         if n.nlink <= 0 and n.opens == 0 and not n.is_dir():
-            return  # gone for good; its row was deleted with its last name
+            n.dirty = False  # gone for good, its row deleted with its last name: nothing to store
+            return           # (nor a reason to keep it once forgotten)
         self.upper.put_inode(n)
         n.dirty, n.stored = False, True
 
