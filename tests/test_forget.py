@@ -136,6 +136,28 @@ def test_an_unlinked_open_file_outlives_its_forget_and_then_is_gone(view):
     assert e.value.errno == errno.ESTALE
 
 
+def test_a_file_written_after_its_unlink_is_dropped_once_closed_and_forgotten(view):
+    """A temporary file's pattern (open, unlink, write, close): its writes leave a size to
+    store, but it has no row to store it in; once closed and forgotten it is gone, not
+    kept (and looked at again when idle) for good."""
+    n, fd = view.create(ROOT, b"tmp", 0o644, os.O_RDWR, 0, 0, ME)
+    n.lookups += 1  # the create reply
+    view.unlink(ROOT, b"tmp", ME)
+    view.write(fd, 0, b"data")
+    forget(view, n)
+    view.release(fd)
+    view.store_when_idle()
+    assert n.ino not in view.nodes and not view.forgotten
+    other, fd = view.create(ROOT, b"other", 0o644, os.O_RDWR, 0, 0, ME)  # the same, forgotten after the close
+    other.lookups += 1
+    view.unlink(ROOT, b"other", ME)
+    view.write(fd, 0, b"data")
+    view.release(fd)
+    view.store_when_idle()
+    forget(view, other)
+    assert other.ino not in view.nodes and not view.forgotten
+
+
 def test_journal_paths_through_forgotten_parents(view, image, tmp_path):
     """A live node whose parent the kernel forgot: its records still name where it is,
     through a renamed image directory and directories made in the upper layer."""

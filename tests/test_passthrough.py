@@ -8,6 +8,7 @@ import errno
 import mmap
 import os
 import shutil
+import signal
 import sqlite3
 import subprocess
 import textwrap
@@ -167,6 +168,38 @@ def test_writes_beside_readers_of_an_upper_file_pass_through_too(layers):
             assert c.execute("select x from t").fetchall() == [(42,)]
 
 
+def test_times_set_on_a_file_open_for_writing_through_passthrough_stay(layers, tmp_path):
+    """cp -p and tar write a new file, set its times through the open fd (futimens), then
+    close it: the writes passed through, but the times set are the node's, not the data
+    file's, and stay until a later write changes the file again; the same beside a
+    reader (the writer joins its backing), and after a remount."""
+    source = tmp_path / "source"
+    source.write_bytes(b"copied\n")
+    os.utime(source, ns=(1_000_000_000, 2_000_000_000))
+    mnt, mount = standalone(layers)
+    with mount:
+        subprocess.run(["cp", "-p", str(source), f"{mnt}/copy"], check=True)
+        assert os.stat(f"{mnt}/copy").st_mtime_ns == 2_000_000_000
+        fd = os.open(f"{mnt}/new", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        os.write(fd, b"data")
+        os.utime(fd, ns=(3_000_000_000, 4_000_000_000))
+        assert os.fstat(fd).st_mtime_ns == 4_000_000_000
+        os.close(fd)
+        assert os.stat(f"{mnt}/new").st_mtime_ns == 4_000_000_000
+        with open(f"{mnt}/new", "rb", buffering=0) as reader, open(f"{mnt}/new", "r+b", buffering=0) as w:
+            os.utime(w.fileno(), ns=(5_000_000_000, 6_000_000_000))
+            assert os.fstat(reader.fileno()).st_mtime_ns == 6_000_000_000
+            w.write(b"DA")  # a write after it: the file's time again
+            assert os.fstat(w.fileno()).st_mtime_ns > 6_000_000_000
+            assert os.fstat(w.fileno()).st_size == 4
+            os.utime(w.fileno(), ns=(7_000_000_000, 8_000_000_000))
+        assert os.stat(f"{mnt}/new").st_mtime_ns == 8_000_000_000
+        assert read_all(f"{mnt}/new") == b"DAta"
+    with standalone(layers)[1]:
+        assert os.stat(f"{mnt}/copy").st_mtime_ns == 2_000_000_000
+        assert os.stat(f"{mnt}/new").st_mtime_ns == 8_000_000_000
+
+
 def test_without_passthrough_reads_reach_the_server(layers):
     """STRATA_PASSTHROUGH=0: the mount is served as before, a write beside a reader included."""
     mnt, mount = standalone(layers, {"STRATA_PASSTHROUGH": "0"})
@@ -262,3 +295,38 @@ def test_the_runners_view_passes_through_and_the_journal_has_every_write(contain
     assert writes == [[[0, 4]], [[len(LOWER), len(LOWER) + 4]], [[0, len(LOWER) + 8]]], records
     assert [(op, detail) for op, path, detail in records if path == "/d/made"] == [("create", {"ranges": [[0, 4]]})], records
     assert diff == [("A", "/d/made"), ("C", "/d"), ("C", "/d/lower")]
+
+
+def test_a_kill_after_a_new_files_record_is_stored_leaves_its_passthrough_writes_to_fsck(container, store_root,
+                                                                                       tmp_path, strata):
+    """A new file's writes through passthrough go on record at its release. Its create
+    record may be stored before (fsync, a full batch, the idle store, a truncate's record):
+    that record holds none of them, so the journal must not take the data file as accounted
+    for then, or a kill -9 before the release leaves writes that neither the journal nor
+    fsck ever records."""
+    store, c = container
+    killed = create_container(store, c["Image"], "killed", {"Cmd": ["/bin/sh"]})
+    mnt = str(tmp_path / "mnt")
+    with container_mounted(store_root, "killed", mnt) as server:
+        synced = os.open(f"{mnt}/synced", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        os.write(synced, b"s" * 5000)
+        os.fsync(synced)  # stores the batch, with the create of /synced
+        cut = os.open(f"{mnt}/cut", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        os.write(cut, b"c" * 5000)
+        os.ftruncate(cut, 6000)  # a record of its own, after the create's
+        os.fsync(cut)
+        os.kill(server.pid, signal.SIGKILL)
+        server.wait()
+        for fd in (synced, cut):
+            with contextlib.suppress(OSError):  # ENOTCONN
+                os.close(fd)
+        subprocess.run(["umount", "-l", mnt], check=True)
+    repaired = strata("fsck", "--repair", check=True).stdout.decode()
+    assert "recovered a write to /synced" in repaired and "recovered a write to /cut" in repaired, repaired
+    changes = ContainerChanges(store, c["Image"], os.path.join(container_dir(store, killed["Id"]), "upper"))
+    try:
+        records = [(r["op"], r["path"], r["detail"]) for r in read_records(changes.upper)]
+    finally:
+        changes.close()
+    assert ("write", "/synced", {"recovered": "fsck", "size": 5000}) in records, records
+    assert ("write", "/cut", {"recovered": "fsck", "size": 6000}) in records, records

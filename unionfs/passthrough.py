@@ -37,7 +37,9 @@ passthrough opens, and with it the fds among them open for writing:
 - a write or truncating open of a node whose readers (or creator) pass
   through to its upper file passes through too (SQLite opens a database
   read-only, then read-write). Its writes reach only the data file: the node takes its size
-  and times from that file whenever its attributes are asked for, and at the
+  and times from that file when its attributes are asked for, if the file changed since
+  it last looked (a utimens through the writer, cp -p's and tar's, sets the node's times
+  and they stand until the next write; the data file keeps the host's), and at the
   release one write record covers the whole file, if the file changed
   (a crash before the release leaves it to fsck, which recovers writes the
   journal missed);

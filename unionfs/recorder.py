@@ -291,8 +291,10 @@ class JournalRecorder:
                 self.view.persist(n)
 
     def _note_data(self, n) -> None:
-        """The data file as it is now is accounted for by the journal (stored with `n`'s row)."""
-        size_mtime = self.journal.upper.data_stat(n.ino)
+        """The data file as it is now is accounted for by the journal (stored with `n`'s row),
+        but for what passthrough writers wrote (on record at their release: till then fsck
+        must see the file differ)."""
+        size_mtime = self.view.unrecorded_through(n) or self.journal.upper.data_stat(n.ino)
         n.seen_size, n.seen_mtime_ns = size_mtime if size_mtime is not None else (None, None)
 
     def _being_written(self, n) -> bool:

@@ -85,12 +85,14 @@ class Backing:
     """A node's kernel backing file while it has passthrough opens (unionfs.passthrough):
     always its data file of the moment, as a copy-up waits until it is gone. `writers`:
     its passthrough fds open for writing (only on an upper file), each with the data
-    file's (size, mtime) when it opened: their writes never reach us."""
+    file's (size, mtime) when it opened: their writes never reach us. `seen`: the data
+    file's (size, mtime) when the node last took its attributes (or a setattr set them):
+    only a change since then is a write through (a utimens sets the node's times, not the file's)."""
 
-    __slots__ = ("id", "opens", "writers")
+    __slots__ = ("id", "opens", "writers", "seen")
 
     def __init__(self, backing_id: int):
-        self.id, self.opens, self.writers = backing_id, 0, {}
+        self.id, self.opens, self.writers, self.seen = backing_id, 0, {}, None
 
 
 _libc_fallocate = None
@@ -197,7 +199,8 @@ class UnionView:
     def persist(self, n: Node) -> None:
         self.generation += 1
         if n.nlink <= 0 and n.opens == 0 and not n.is_dir():
-            return  # gone for good; its row was deleted with its last name
+            n.dirty = False  # gone for good, its row deleted with its last name: nothing to store
+            return           # (nor a reason to keep it once forgotten)
         self.upper.put_inode(n)
         n.dirty, n.stored = False, True
 
@@ -745,6 +748,8 @@ class UnionView:
             backing = self.backings[n.ino] = Backing(backing_id)
         if not read_only:
             st = os.fstat(fd)
+            if not backing.writers:
+                backing.seen = st.st_size, st.st_mtime_ns
             backing.writers[fd] = (st.st_size, st.st_mtime_ns)
         backing.opens += 1
         self.passed_through[fd] = backing
@@ -788,10 +793,32 @@ class UnionView:
         if backing is None or not backing.writers:
             return
         st = os.fstat(next(iter(backing.writers)))
-        if st.st_size != n.size or st.st_mtime_ns != n.mtime_ns:
+        if (st.st_size, st.st_mtime_ns) != backing.seen:  # written since: the file's are the new ones
+            backing.seen = st.st_size, st.st_mtime_ns
             n.size, n.mtime_ns, n.ctime_ns = st.st_size, st.st_mtime_ns, max(n.ctime_ns, st.st_ctime_ns)
             n.dirty = True
             self.generation += 1
+
+    def unrecorded_through(self, n: Node) -> tuple[int, int] | None:
+        """The data file's (size, mtime) before n's open passthrough writers changed it, or
+        None if they did not: what they wrote goes on record only at their release."""
+        backing = self.backings.get(n.ino)
+        if backing is None or not backing.writers:
+            return None
+        st = os.fstat(next(iter(backing.writers)))
+        for before in backing.writers.values():
+            if before != (st.st_size, st.st_mtime_ns):
+                return before
+        return None
+
+    def _set_through(self, n: Node) -> None:
+        """A setattr set n's attributes: they stand until the data file changes again (unless
+        a writer changed its size meanwhile: then the next look takes the file's)."""
+        backing = self.backings.get(n.ino)
+        if backing is not None and backing.writers:
+            st = os.fstat(next(iter(backing.writers)))
+            if st.st_size == n.size:
+                backing.seen = st.st_size, st.st_mtime_ns
 
     def fsync(self, fd: int, datasync: bool) -> None:
         self.store_pending()
@@ -809,12 +836,10 @@ class UnionView:
         backing = self.passed_through.pop(fd, None)
         if backing is not None and fd in backing.writers:
             # what it wrote, on record now: all of the file, as nothing says which part
+            self.written_through(n)
             before = backing.writers.pop(fd)
             st = os.fstat(fd)
             if (st.st_size, st.st_mtime_ns) != before:
-                self.generation += 1
-                n.size, n.mtime_ns, n.ctime_ns = st.st_size, st.st_mtime_ns, max(n.ctime_ns, st.st_ctime_ns)
-                n.dirty = True
                 self.recorder.record_write(fd, n, 0, st.st_size)
         if n.dirty:  # stored with the next transaction (store_pending)
             self.pending_writes.append(n)
@@ -836,6 +861,7 @@ class UnionView:
                 mtime_ns: int | None = None, caller: Caller = NOBODY) -> Node:
         n = self.node(ino)
         self._writable()
+        self.written_through(n)  # (what passthrough writers wrote comes before this change)
         now = time.time_ns()
         with self.changing():
             if size is not None:
@@ -867,6 +893,7 @@ class UnionView:
             n.ctime_ns = now
             self.persist(n)
             self.recorder.record_setattr(caller, n, mode, uid, gid, atime_ns, mtime_ns, times_before)
+        self._set_through(n)
         return n
 
     def readlink(self, ino: int) -> bytes:
