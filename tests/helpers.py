@@ -134,15 +134,30 @@ def run_within(argv: list[str], deadline: float, env: dict | None = None, input:
 NOBODY = ("setpriv", "--reuid=65534", "--regid=65534", "--clear-groups")
 
 
-def run_in_user_namespace(script: str, work: str, python: str, pythonpath: str) -> subprocess.CompletedProcess:
+# sh: `wait_mounted MOUNTPOINT SERVER_PID LOG` polls until MOUNTPOINT is mounted (20 s at most),
+# and fails with the server's log if the server exits first
+WAIT_MOUNTED_SH = """\
+wait_mounted() {
+    i=0
+    until grep -q " $1 " /proc/self/mountinfo; do
+        i=$((i+1)); [ $i -lt 2000 ] || { cat "$3"; exit 1; }
+        kill -0 "$2" || { cat "$3"; exit 1; }
+        sleep 0.01
+    done
+}
+"""
+
+
+def run_in_user_namespace(script: str, work: str, python: str, pythonpath: str, timeout: float = 120,
+                          env: dict | None = None) -> subprocess.CompletedProcess:
     """`script` (sh) as nobody, root of a user namespace of its own with a mount namespace,
-    $WORK (given to nobody first), $PY and $PYTHONPATH set."""
+    $WORK (given to nobody first), $PY, $PYTHONPATH and `env` set, `wait_mounted` defined."""
     subprocess.run(["chown", "-R", "65534:65534", work], check=True)
     return subprocess.run(
         ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-         "unshare", "--map-root-user", "--map-auto", "--mount", "sh", "-c", script],
-        capture_output=True, text=True, timeout=120,
-        env={"PATH": os.environ["PATH"], "WORK": work, "PY": python, "PYTHONPATH": pythonpath})
+         "unshare", "--map-root-user", "--map-auto", "--mount", "sh", "-c", WAIT_MOUNTED_SH + script],
+        capture_output=True, text=True, timeout=timeout,
+        env={"PATH": os.environ["PATH"], "WORK": work, "PY": python, "PYTHONPATH": pythonpath, **(env or {})})
 
 
 class Strata:

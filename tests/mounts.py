@@ -21,6 +21,14 @@ def is_mounted(mountpoint: str) -> bool:
         return any(line.split()[4] == mountpoint for line in f)
 
 
+def drop_caches(what: int = 3) -> None:
+    """sync, then drop the kernel's caches: 3 pages and dentries (a cold read), 2 dentries
+    and inodes only (the kernel forgets them: FORGET reaches the server)."""
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write(f"{what}\n")
+
+
 def wait_for(predicate, timeout: float = 20.0, what: str = "condition") -> None:
     deadline = time.monotonic() + timeout
     while not predicate():

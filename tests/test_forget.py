@@ -18,7 +18,7 @@ from unionfs.view import UnionView
 
 from .helpers import REPO, member
 from .images import make_chain
-from .mounts import served, wait_for
+from .mounts import drop_caches, served, wait_for
 
 ROOT = 1
 ME = (os.getpid(), 0, 0)
@@ -271,14 +271,8 @@ class CountingServer:
             return -1
 
     def wait_below(self, bound: int) -> None:
-        drop_dentries()
+        drop_caches(2)
         wait_for(lambda: 0 <= self.nodes() < bound, what=f"the server's nodes below {bound} (now {self.nodes()})")
-
-
-def drop_dentries() -> None:
-    os.sync()
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("2\n")
 
 
 def walk(root: str) -> int:

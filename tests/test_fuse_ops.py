@@ -12,7 +12,7 @@ from store.containers import container_dir, create_container
 
 from .helpers import member
 from .images import make_chain
-from .mounts import container_mounted, is_mounted, served, strata_mount_argv, wait_for
+from .mounts import container_mounted, drop_caches, is_mounted, served, strata_mount_argv, wait_for
 
 LONG = "L" * 255
 
@@ -396,8 +396,7 @@ def test_reader_opened_before_copy_up_sees_the_new_data(mounted_cached):
             w.write(b"NEW!")
             w.flush()
             os.fsync(w.fileno())
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
+        drop_caches()
         assert os.pread(reader, 5, 0) == b"NEW!\n"
         with open(f"{mnt}/d/sub/deep", "r+b") as w:
             w.seek(4)
@@ -410,8 +409,7 @@ def test_reader_opened_before_copy_up_sees_the_new_data(mounted_cached):
 def test_read_only_open_with_trunc_and_far_future_times(mounted):
     mnt, _, _ = mounted
     os.close(os.open(f"{mnt}/d/a", os.O_RDONLY | os.O_TRUNC))
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("3\n")
+    drop_caches()
     assert os.lstat(f"{mnt}/d/a").st_size == 0 and open(f"{mnt}/d/a", "rb").read() == b""
     far = 16725225600  # 2500-01-01: beyond 64-bit nanoseconds, clamped as ext4 clamps
     os.utime(f"{mnt}/d/top", (far, far))

@@ -22,7 +22,7 @@ from unionfs.storeview import ContainerChanges
 
 from .helpers import member, run_in_user_namespace
 from .images import make_chain
-from .mounts import container_mounted, served, standalone_argv
+from .mounts import container_mounted, drop_caches, served, standalone_argv
 
 LOWER = bytes(range(256)) * 4096  # 1 MiB, every page different
 SCRIPT = b"#!/bin/sh\necho ran $1\n"
@@ -69,8 +69,7 @@ def test_reads_of_lower_and_upper_files_never_reach_the_server(layers):
         for _ in range(2):
             assert read_all(f"{mnt}/big") == LOWER
             assert read_all(f"{mnt}/new") == LOWER[::-1]
-            with open("/proc/sys/vm/drop_caches", "w") as f:
-                f.write("3\n")
+            drop_caches()
         with open(f"{mnt}/small", "rb") as a, open(f"{mnt}/small", "rb") as b:  # one backing, shared
             assert a.read() == b.read() == b"small\n"
         assert requests(layers, "OPEN") >= 6  # (and one CREATE)
@@ -218,12 +217,7 @@ UNPRIVILEGED_SCRIPT = textwrap.dedent("""\
     "$PY" -m unionfs -d -o lowerdir=$WORK/lower,upperdir=$WORK/upper,workdir=$WORK/work \\
         $WORK/mnt > $WORK/server.log 2>&1 &
     server=$!
-    i=0
-    until grep -q " $WORK/mnt " /proc/self/mountinfo; do
-        i=$((i+1)); [ $i -lt 2000 ] || { cat $WORK/server.log; exit 1; }
-        kill -0 $server || { cat $WORK/server.log; exit 1; }
-        sleep 0.01
-    done
+    wait_mounted $WORK/mnt $server $WORK/server.log
     cat $WORK/mnt/file
     exec 3< $WORK/mnt/file
     echo more >> $WORK/mnt/file

@@ -87,12 +87,7 @@ UNPRIVILEGED_SCRIPT = textwrap.dedent("""\
     "$PY" -m unionfs -f -o lowerdir=$WORK/top:$WORK/bottom,upperdir=$WORK/upper,workdir=$WORK/work \\
         $WORK/mnt > $WORK/server.log 2>&1 &
     server=$!
-    i=0
-    until grep -q " $WORK/mnt " /proc/self/mountinfo; do
-        i=$((i+1)); [ $i -lt 2000 ] || { cat $WORK/server.log; exit 1; }
-        kill -0 $server || { cat $WORK/server.log; exit 1; }
-        sleep 0.01
-    done
+    wait_mounted $WORK/mnt $server $WORK/server.log
     cat $WORK/mnt/file
     echo written > $WORK/mnt/new
     chown 1000:1000 $WORK/mnt/new
@@ -134,12 +129,7 @@ STORE_SCRIPT = textwrap.dedent("""\
     for round in 1 2; do
         "$PY" -m runner mount -f c1 $WORK/mnt > $WORK/server$round.log 2>&1 &
         server=$!
-        i=0
-        until grep -q " $WORK/mnt " /proc/self/mountinfo; do
-            i=$((i+1)); [ $i -lt 2000 ] || { cat $WORK/server$round.log; exit 1; }
-            kill -0 $server || { cat $WORK/server$round.log; exit 1; }
-            sleep 0.01
-        done
+        wait_mounted $WORK/mnt $server $WORK/server$round.log
         if [ $round = 1 ]; then
             chown 1000:1000 $WORK/mnt/etc/motd
             echo more >> $WORK/mnt/etc/motd
@@ -163,13 +153,7 @@ def test_unprivileged_store_container_mount_keeps_owners(unprivileged_python, tm
     try:
         with open(os.path.join(work, "rootfs.tar"), "wb") as f:
             f.write(build_tar([member("etc", "dir"), member("etc/motd", data=b"hello\n")]))
-        subprocess.run(["chown", "-R", "65534:65534", work], check=True)
-        proc = subprocess.run(
-            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups",
-             "unshare", "--map-root-user", "--map-auto", "--mount", "sh", "-c", STORE_SCRIPT],
-            capture_output=True, text=True, timeout=180,
-            env={"PATH": os.environ["PATH"], "WORK": work, "PY": python, "PYTHONPATH": pythonpath,
-                 "HOME": work})
+        proc = run_in_user_namespace(STORE_SCRIPT, work, python, pythonpath, timeout=180, env={"HOME": work})
         assert proc.returncode == 0, proc.stdout + proc.stderr
         assert proc.stdout.split() == ["1000:1000", "hello", "more", "1000:1000", "hello", "more"]
     finally:

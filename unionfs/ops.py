@@ -211,24 +211,25 @@ class UnionOperations(pyfuse3.Operations):
 
     @answer_errors
     async def open(self, inode, flags, ctx):
-        view = self.view
-        fd, _ = view.open(inode, flags, (ctx.pid, ctx.uid, ctx.gid))
-        if view.passthrough is not None:
-            backing_id = view.pass_through(fd, flags & READ_ONLY_MASK == os.O_RDONLY)
-            if backing_id is not None:
-                view.passthrough.reply_with(fd, backing_id)  # (the shim patches this reply)
+        fd, _ = self.view.open(inode, flags, (ctx.pid, ctx.uid, ctx.gid))
+        self.reply_through(fd, flags & READ_ONLY_MASK == os.O_RDONLY)
         return pyfuse3.FileInfo(fh=fd, keep_cache=True)
 
     @answer_errors
     async def create(self, parent_inode, name, mode, flags, ctx):
+        n, fd = self.view.create(parent_inode, name, mode & ~ctx.umask, flags, ctx.uid, ctx.gid,
+                                 (ctx.pid, ctx.uid, ctx.gid))
+        self.reply_through(fd, False, created=True)
+        return pyfuse3.FileInfo(fh=fd, keep_cache=True), self.known(n)
+
+    def reply_through(self, fd: int, read_only: bool, created: bool = False) -> None:
+        """Have the reply to the open of `fd` name its backing file, if it passes through
+        (the shim patches that reply: unionfs.passthrough)."""
         view = self.view
-        n, fd = view.create(parent_inode, name, mode & ~ctx.umask, flags, ctx.uid, ctx.gid,
-                            (ctx.pid, ctx.uid, ctx.gid))
         if view.passthrough is not None:
-            backing_id = view.pass_through(fd, False, created=True)
+            backing_id = view.pass_through(fd, read_only, created)
             if backing_id is not None:
                 view.passthrough.reply_with(fd, backing_id)
-        return pyfuse3.FileInfo(fh=fd, keep_cache=True), self.known(n)
 
     @answer_errors
     async def read(self, fh, off, size):

@@ -786,13 +786,19 @@ class UnionView:
                                                            "length": length, "size": n.size})
         return n
 
+    def _written_file(self, n: Node) -> tuple[Backing, os.stat_result] | tuple[None, None]:
+        """n's backing and its data file's stat while writers pass through to it."""
+        backing = self.backings.get(n.ino)
+        if backing is None or not backing.writers:
+            return None, None
+        return backing, os.fstat(next(iter(backing.writers)))
+
     def written_through(self, n: Node) -> None:
         """Take n's size and times from its data file while writers pass through to it
         (the adapter asks before it answers with n's attributes)."""
-        backing = self.backings.get(n.ino)
-        if backing is None or not backing.writers:
+        backing, st = self._written_file(n)
+        if backing is None:
             return
-        st = os.fstat(next(iter(backing.writers)))
         if (st.st_size, st.st_mtime_ns) != backing.seen:  # written since: the file's are the new ones
             backing.seen = st.st_size, st.st_mtime_ns
             n.size, n.mtime_ns, n.ctime_ns = st.st_size, st.st_mtime_ns, max(n.ctime_ns, st.st_ctime_ns)
@@ -802,10 +808,9 @@ class UnionView:
     def unrecorded_through(self, n: Node) -> tuple[int, int] | None:
         """The data file's (size, mtime) before n's open passthrough writers changed it, or
         None if they did not: what they wrote goes on record only at their release."""
-        backing = self.backings.get(n.ino)
-        if backing is None or not backing.writers:
+        backing, st = self._written_file(n)
+        if backing is None:
             return None
-        st = os.fstat(next(iter(backing.writers)))
         for before in backing.writers.values():
             if before != (st.st_size, st.st_mtime_ns):
                 return before
@@ -814,11 +819,9 @@ class UnionView:
     def _set_through(self, n: Node) -> None:
         """A setattr set n's attributes: they stand until the data file changes again (unless
         a writer changed its size meanwhile: then the next look takes the file's)."""
-        backing = self.backings.get(n.ino)
-        if backing is not None and backing.writers:
-            st = os.fstat(next(iter(backing.writers)))
-            if st.st_size == n.size:
-                backing.seen = st.st_size, st.st_mtime_ns
+        backing, st = self._written_file(n)
+        if backing is not None and st.st_size == n.size:
+            backing.seen = st.st_size, st.st_mtime_ns
 
     def fsync(self, fd: int, datasync: bool) -> None:
         self.store_pending()
