@@ -26,6 +26,7 @@ from unionfs.view import UnionView
 
 from .protocol import EXIT, RESIZE, STDERR, STDIN, STDIN_CLOSED, STDOUT, frame, split_frames
 from . import sandbox
+from .stdin_relay import InputRelay
 from .lifecycle import log_limits
 from .supervisor import JsonLog
 
@@ -114,7 +115,7 @@ async def _serve(store, config, cdir, child, sync_w, status_r, ours, wait_attach
     log = JsonLog(os.path.join(cdir, "json.log"), max_bytes, max_files)
     clients: set = set()
     pending_size: list = []
-    pending_input: list = []  # typed before the container's pty existed
+    container_input = InputRelay()
     attached = trio.Event()
     errors: list[str] = []
     sock_path = os.path.join(cdir, "attach.sock")
@@ -128,7 +129,6 @@ async def _serve(store, config, cdir, child, sync_w, status_r, ours, wait_attach
         os.close(dir_fd)
     listener.listen(8)
     os.rename(sock_path + ".new", sock_path)  # appears only once it accepts connections
-    input_stream = None
 
     async def broadcast(kind: int, data: bytes) -> None:
         if kind in (STDOUT, STDERR):
@@ -151,15 +151,10 @@ async def _serve(store, config, cdir, child, sync_w, status_r, ours, wait_attach
                     return
                 frames, buf = split_frames(buf + data)
                 for kind, payload in frames:
-                    if kind == STDIN and input_stream is None:
-                        pending_input.append(payload)
-                    elif kind == STDIN and input_stream is not None:
-                        await input_stream.send_all(payload)
+                    if kind == STDIN:
+                        container_input.deliver(payload)
                     elif kind == STDIN_CLOSED and "stdin" in ours:
-                        if input_stream is None:
-                            pending_input.append(None)  # close once the stream exists
-                        else:
-                            await input_stream.aclose()
+                        container_input.end()
                     elif kind == RESIZE:
                         rows, cols = (int(x) for x in payload.split())
                         if "pty" in ours:
@@ -226,11 +221,7 @@ async def _serve(store, config, cdir, child, sync_w, status_r, ours, wait_attach
         input_stream = trio.lowlevel.FdStream(os.dup(input_fd)) if input_fd is not None else None
         if ours.get("stdin") is not None:
             os.close(ours["stdin"])  # the stream's dup is the only write end: closing it is EOF
-        if input_stream is not None and pending_input:
-            closed = pending_input[-1] is None
-            await input_stream.send_all(b"".join(p for p in pending_input if p))
-            if closed:
-                await input_stream.aclose()
+        nursery.start_soon(container_input.feed, input_stream)  # ends with the nursery's cancel
         if "pty" in ours and pending_size:
             fcntl.ioctl(ours["pty"], termios.TIOCSWINSZ, struct.pack("HHHH", *pending_size[-1], 0, 0))
         async with trio.open_nursery() as pumps:
@@ -251,11 +242,6 @@ async def _serve(store, config, cdir, child, sync_w, status_r, ours, wait_attach
         await broadcast(EXIT, str(exit_code).encode())
         for client in list(clients):
             client.close()
-        if input_stream is not None:
-            try:
-                await input_stream.aclose()
-            except OSError:
-                pass
         pyfuse3.terminate()
         nursery.cancel_scope.cancel()
     listener.close()
