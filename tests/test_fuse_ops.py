@@ -1,6 +1,7 @@
 """Filesystem operations on a real FUSE mount of a container (image chain + upper layer)."""
 import ctypes
 import errno
+import json
 import os
 import stat
 import subprocess
@@ -512,3 +513,51 @@ def test_writes_truncates_and_chowns_kill_setuid_and_setgid_as_linux_does(mode, 
     os.chmod(path, 0o6755)
     os.chown(path, 65534, 65534)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o755
+    path = f"{mnt}/o"  # open(O_TRUNC) truncates: the same kill
+    with open(path, "wb") as f:
+        f.write(b"data")
+    os.chmod(path, 0o4777)
+    handle = os.open(path, os.O_PATH)  # (nobody cannot reach the mount by its path)
+    try:
+        as_nobody(lambda: os.close(os.open(f"/proc/self/fd/{handle}", os.O_WRONLY | os.O_TRUNC)))
+    finally:
+        os.close(handle)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o777
+
+
+FILE_CAPABILITY = bytes.fromhex("0100000201000000000000000000000000000000")  # v2, cap_dac_override
+
+
+@pytest.mark.parametrize("mode", ["passthrough", "cached"])
+def test_writes_truncates_and_chowns_remove_file_capabilities_as_linux_does(mode, request):
+    """security.capability goes on any write, truncate or chown, by root too (ext4's
+    file_remove_privs): the kernel's job, or the server's where it leaves it (unionfs.killpriv)."""
+    mnt = request.getfixturevalue("mounted" if mode == "passthrough" else "mounted_cached")[0]
+    for name, act in [("w", lambda p: open(p, "ab").write(b"x")), ("t", lambda p: os.truncate(p, 1)),
+                      ("c", lambda p: os.chown(p, 65534, 65534)),
+                      ("o", lambda p: os.close(os.open(p, os.O_WRONLY | os.O_TRUNC)))]:
+        path = f"{mnt}/{name}"
+        with open(path, "wb") as f:
+            f.write(b"data")
+        os.setxattr(path, "security.capability", FILE_CAPABILITY)
+        act(path)
+        assert "security.capability" not in os.listxattr(path), name
+
+
+def test_a_mount_without_passthrough_asks_for_no_capability_before_each_write(container, store_root, tmp_path):
+    """With FUSE_HANDLE_KILLPRIV_V2 (unionfs.killpriv) the kernel stops asking for
+    security.capability before every write (one GETXATTR per write without it); the requests
+    are counted by the shim and written out at unmount (unionfs.requests)."""
+    counts_file = tmp_path / "requests.json"
+    env = {"STRATA_PASSTHROUGH": "0", "STRATA_REQUEST_COUNTS": str(counts_file)}
+    with container_mounted(store_root, "fs-test", str(tmp_path / "mnt"), env):
+        fd = os.open(tmp_path / "mnt" / "new", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            for _ in range(100):
+                os.write(fd, b"x" * 100)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    counts = json.loads(counts_file.read_text())
+    assert counts["CREATE"] == 1 and counts["INIT"] == 1, counts
+    assert counts.get("GETXATTR", 0) <= 2, counts  # was 100

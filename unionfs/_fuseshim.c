@@ -1,6 +1,6 @@
-/* What pyfuse3 and libfuse 3.14 lack, added from outside: fallocate and FUSE passthrough
- * (see unionfs/fuseshim.py for how it is loaded, unionfs/fallocate.py and
- * unionfs/passthrough.py for why).
+/* What pyfuse3 and libfuse 3.14 lack, added from outside: fallocate, FUSE passthrough,
+ * FUSE_HANDLE_KILLPRIV_V2 and request counts (see unionfs/fuseshim.py for how it is
+ * loaded; unionfs/fallocate.py, passthrough.py, killpriv.py and requests.py for why).
  *
  * fallocate: pyfuse3 3.5 fills a fuse_lowlevel_ops table without .fallocate and passes it
  * to fuse_session_new(); libfuse then answers FUSE_FALLOCATE with ENOSYS, and
@@ -21,9 +21,9 @@
  * printed as unraisable and the request answered EIO.
  *
  * passthrough: libfuse 3.14 knows neither FUSE_PASSTHROUGH nor the open reply's
- * backing_id. While wanted (set_passthrough(True) before the mount), the
- * fuse_session_mount defined here installs a custom io (fuse_session_custom_io,
- * public since 3.14) on the session's own /dev/fuse fd: plain read() and writev(),
+ * backing_id. The fuse_session_mount defined here installs a custom io
+ * (fuse_session_custom_io, public since 3.14) on the session's own /dev/fuse fd;
+ * while passthrough is wanted (set_passthrough(True) before the mount) it is plain read() and writev(),
  * except that read notes whether the INIT request offers FUSE_PASSTHROUGH
  * (FUSE_INIT_EXT and flags2 bit 5), and writev patches, on the way out, the INIT
  * reply (flags |= FUSE_INIT_EXT, flags2 |= FUSE_PASSTHROUGH, max_stack_depth = 1:
@@ -33,6 +33,12 @@
  * FOPEN_PASSTHROUGH, keeping only the flags the kernel accepts beside it,
  * backing_id). Layouts: linux include/uapi/linux/fuse.h 7.40 (fuse_init_out and
  * fuse_open_out only grew into their padding).
+ *
+ * The custom io is installed on every mount (libfuse >= 3.14 < 3.17): its read also
+ * counts requests by opcode (counted_requests), and notes whether the request just read
+ * asks the server to kill setuid/setgid (request_kills_suidgid; the kill flags of WRITE,
+ * SETATTR, OPEN and CREATE, which libfuse drops); its INIT patch adds
+ * FUSE_HANDLE_KILLPRIV_V2 where set_killpriv(True) asked for it before the mount.
  */
 #define _GNU_SOURCE
 #define PY_SSIZE_T_CLEAN
@@ -151,10 +157,19 @@ struct fuse_session *session_new_versioned(struct fuse_args *args, const struct 
 }
 
 
-/* ---- passthrough ------------------------------------------------------------------------ */
+/* ---- the custom io: passthrough, killpriv, request counts ------------------------------- */
 
+#define OP_SETATTR 4
+#define OP_OPEN 14
+#define OP_WRITE 16
 #define OP_INIT 26
+#define OP_CREATE 35
+#define OPCODES 64  /* counted below this (FUSE_STATX is 52) */
 #define INIT_EXT (1u << 30)
+#define INIT_HANDLE_KILLPRIV_V2 (1u << 28)
+#define WRITE_KILL_SUIDGID (1u << 2)   /* fuse_write_in.write_flags */
+#define FATTR_KILL_SUIDGID (1u << 11)  /* fuse_setattr_in.valid */
+#define OPEN_KILL_SUIDGID (1u << 0)    /* fuse_open_in.open_flags, fuse_create_in.open_flags */
 #define INIT_WRITEBACK_CACHE (1u << 16)
 #define INIT2_PASSTHROUGH (1u << (37 - 32))
 #define OPEN_PASSTHROUGH (1u << 7)
@@ -177,6 +192,10 @@ struct init_out {
     uint16_t request_timeout, unused[11];
 };
 struct open_out { uint64_t fh; uint32_t open_flags; int32_t backing_id; };
+struct write_in { uint64_t fh, offset; uint32_t size, write_flags; };
+struct setattr_in { uint32_t valid, padding; };
+struct open_in { uint32_t flags, open_flags; };
+struct create_in { uint32_t flags, mode, umask, open_flags; };
 struct backing_map { int32_t fd; uint32_t flags; uint64_t padding; };
 _Static_assert(sizeof(struct init_out) == 64, "fuse_init_out");
 _Static_assert(sizeof(struct open_out) == 16, "fuse_open_out");
@@ -186,21 +205,59 @@ _Static_assert(sizeof(struct open_out) == 16, "fuse_open_out");
 static int passthrough_wanted;      /* set before the mount */
 static int kernel_offers;           /* the INIT request had FUSE_PASSTHROUGH */
 static int passthrough_granted;     /* the INIT reply asked for it */
+static int killpriv_wanted;         /* set before the mount */
+static int kernel_offers_killpriv;  /* the INIT request had FUSE_HANDLE_KILLPRIV_V2 */
+static int killpriv_granted;        /* the INIT reply asked for it */
+static int session_wants_passthrough, session_wants_killpriv;  /* the wants when it was mounted */
+static int request_kills;           /* the request last read asks the server to kill suid/sgid */
+static unsigned long long request_counts[OPCODES];
 static uint64_t init_unique = ~0ull;
 static int session_fd = -1;
 static uint64_t marked_fh;          /* the open reply to patch, with this backing id */
 static int32_t marked_backing = -1;
 static size_t open_out_at = (size_t) -1; /* where fuse_open_out is in the reply being sent */
 
+/* where a request that may ask for the kills carries the flag: a 32-bit word of its argument */
+static const struct { uint32_t opcode; size_t at; uint32_t bit; } kill_flags[] = {
+    {OP_WRITE, offsetof(struct write_in, write_flags), WRITE_KILL_SUIDGID},
+    {OP_SETATTR, offsetof(struct setattr_in, valid), FATTR_KILL_SUIDGID},
+    {OP_OPEN, offsetof(struct open_in, open_flags), OPEN_KILL_SUIDGID},
+    {OP_CREATE, offsetof(struct create_in, open_flags), OPEN_KILL_SUIDGID},
+};
+
 static ssize_t io_read(int fd, void *buf, size_t len, void *userdata)
 {
     (void) userdata;
     ssize_t n = read(fd, buf, len);
     const struct in_header *in = buf;
-    if (n >= (ssize_t) (sizeof *in + sizeof(struct init_in)) && in->opcode == OP_INIT) {
-        const struct init_in *arg = (const void *) (in + 1);
-        init_unique = in->unique;
-        kernel_offers = (arg->flags & INIT_EXT) && (arg->flags2 & INIT2_PASSTHROUGH);
+    request_kills = 0;
+    if (n < (ssize_t) sizeof *in)
+        return n;
+    const void *arg = in + 1;
+    size_t arg_len = (size_t) n - sizeof *in;
+    if (in->opcode < OPCODES)
+        request_counts[in->opcode]++;
+    switch (in->opcode) {
+    case OP_INIT:
+        if (arg_len >= sizeof(struct init_in)) {
+            const struct init_in *init = arg;
+            init_unique = in->unique;
+            kernel_offers = (init->flags & INIT_EXT) && (init->flags2 & INIT2_PASSTHROUGH);
+            kernel_offers_killpriv = (init->flags & INIT_HANDLE_KILLPRIV_V2) != 0;
+        }
+        break;
+    case OP_WRITE:
+    case OP_SETATTR:
+    case OP_OPEN:
+    case OP_CREATE:
+        for (size_t i = 0; killpriv_granted && i < sizeof kill_flags / sizeof kill_flags[0]; i++) {
+            uint32_t word;
+            if (kill_flags[i].opcode != in->opcode || arg_len < kill_flags[i].at + sizeof word)
+                continue;
+            memcpy(&word, (const char *) arg + kill_flags[i].at, sizeof word);
+            request_kills = (word & kill_flags[i].bit) != 0;
+        }
+        break;
     }
     return n;
 }
@@ -215,13 +272,20 @@ static ssize_t io_writev(int fd, struct iovec *iov, int count, void *userdata)
     if (out->unique == init_unique) {
         struct init_out init;
         init_unique = ~0ull;
-        if (!kernel_offers || iov[1].iov_len != sizeof init)
+        int passthrough = session_wants_passthrough && kernel_offers;
+        int killpriv = session_wants_killpriv && kernel_offers_killpriv;
+        if (!(passthrough || killpriv) || iov[1].iov_len != sizeof init)
             return writev(fd, iov, count);
         memcpy(&init, iov[1].iov_base, sizeof init);
-        init.flags = (init.flags | INIT_EXT) & ~INIT_WRITEBACK_CACHE;
-        init.flags2 |= INIT2_PASSTHROUGH;
-        init.max_stack_depth = 1;
-        passthrough_granted = 1;
+        if (passthrough) {
+            init.flags = (init.flags | INIT_EXT) & ~INIT_WRITEBACK_CACHE;
+            init.flags2 |= INIT2_PASSTHROUGH;
+            init.max_stack_depth = 1;
+        }
+        if (killpriv)
+            init.flags |= INIT_HANDLE_KILLPRIV_V2;
+        passthrough_granted = passthrough;
+        killpriv_granted = killpriv;
         patched[1].iov_base = &init;
         return writev(fd, patched, 2);
     }
@@ -254,10 +318,13 @@ int fuse_session_mount(struct fuse_session *se, const char *mountpoint)
     if (real == NULL)
         real = (fn) next_definition("fuse_session_mount", "FUSE_3.0");
     int res = real ? real(se, mountpoint) : -1;
-    kernel_offers = passthrough_granted = 0;
+    kernel_offers = passthrough_granted = kernel_offers_killpriv = killpriv_granted = 0;
+    memset(request_counts, 0, sizeof request_counts);
     session_fd = -1;
+    session_wants_passthrough = passthrough_wanted;
+    session_wants_killpriv = killpriv_wanted;
 #ifdef HAVE_CUSTOM_IO
-    if (res == 0 && passthrough_wanted) {
+    if (res == 0) {
         session_fd = fuse_session_fd(se);
         if (fuse_session_custom_io(se, &custom_io, session_fd) != 0)
             session_fd = -1;  /* (libfuse printed why) served as before, without passthrough */
@@ -304,23 +371,59 @@ int fuse_reply_err(fuse_req_t req, int err)
     return real(req, err);
 }
 
-static PyObject *set_passthrough(PyObject *self, PyObject *on)
+/* A want for the sessions mounted from now on; False where it cannot be had (no custom io). */
+static PyObject *set_wanted(int *want, PyObject *on)
 {
     int wanted = PyObject_IsTrue(on);
     if (wanted < 0)
         return NULL;
 #ifdef HAVE_CUSTOM_IO
-    passthrough_wanted = wanted;
+    *want = wanted;
     return PyBool_FromLong(1);
 #else
-    passthrough_wanted = 0;
+    *want = 0;
     return PyBool_FromLong(!wanted);
 #endif
+}
+
+static PyObject *set_passthrough(PyObject *self, PyObject *on)
+{
+    return set_wanted(&passthrough_wanted, on);
 }
 
 static PyObject *passthrough_state(PyObject *self, PyObject *unused)
 {
     return Py_BuildValue("(ii)", kernel_offers, passthrough_granted);
+}
+
+static PyObject *set_killpriv(PyObject *self, PyObject *on)
+{
+    return set_wanted(&killpriv_wanted, on);
+}
+
+static PyObject *killpriv_state(PyObject *self, PyObject *unused)
+{
+    return Py_BuildValue("(ii)", kernel_offers_killpriv, killpriv_granted);
+}
+
+static PyObject *request_kills_suidgid(PyObject *self, PyObject *unused)
+{
+    return PyBool_FromLong(request_kills);
+}
+
+static PyObject *counted_requests(PyObject *self, PyObject *unused)
+{
+    PyObject *counts = PyDict_New();
+    for (int op = 0; counts != NULL && op < OPCODES; op++) {
+        if (request_counts[op] == 0)
+            continue;
+        PyObject *key = PyLong_FromLong(op), *value = PyLong_FromUnsignedLongLong(request_counts[op]);
+        if (key == NULL || value == NULL || PyDict_SetItem(counts, key, value) < 0)
+            Py_CLEAR(counts);
+        Py_XDECREF(key);
+        Py_XDECREF(value);
+    }
+    return counts;
 }
 
 static PyObject *backing_open(PyObject *self, PyObject *arg)
@@ -374,6 +477,15 @@ static PyMethodDef methods[] = {
      "set_passthrough(bool): ask for FUSE passthrough on sessions mounted from now on; False if it cannot be"},
     {"passthrough_state", passthrough_state, METH_NOARGS,
      "passthrough_state() -> (the kernel offered it, the INIT reply took it) for the last mount"},
+    {"set_killpriv", set_killpriv, METH_O,
+     "set_killpriv(bool): ask for FUSE_HANDLE_KILLPRIV_V2 on sessions mounted from now on; False if it cannot be"},
+    {"killpriv_state", killpriv_state, METH_NOARGS,
+     "killpriv_state() -> (the kernel offered it, the INIT reply took it) for the last mount"},
+    {"request_kills_suidgid", request_kills_suidgid, METH_NOARGS,
+     "request_kills_suidgid() -> whether the request being handled (a WRITE, SETATTR, OPEN or CREATE) "
+     "asks the server to kill setuid/setgid (only where killpriv was granted)"},
+    {"counted_requests", counted_requests, METH_NOARGS,
+     "counted_requests() -> {opcode: requests read} on the last mount (counted where the custom io is in)"},
     {"backing_open", backing_open, METH_O, "backing_open(fd) -> backing id (FUSE_DEV_IOC_BACKING_OPEN)"},
     {"backing_close", backing_close, METH_O, "backing_close(backing id) (FUSE_DEV_IOC_BACKING_CLOSE)"},
     {"reply_passthrough", reply_passthrough, METH_VARARGS,

@@ -45,7 +45,7 @@ import traceback
 from typing import Iterator
 
 from . import fuseshim  # noqa: F401  (before anything imports pyfuse3: see unionfs.fuseshim)
-from . import fallocate, passthrough
+from . import fallocate, killpriv, passthrough, requests
 
 log = logging.getLogger("strata.unionfs")
 
@@ -190,14 +190,17 @@ def mounted(view, mountpoint: str, options: set[str]) -> Iterator[None]:
     operations = UnionOperations(view)
     fallocate.set_handler(operations.fallocate)  # (the session pyfuse3.init makes takes it)
     passed_through = passthrough.request(passthrough.wanted())  # (and the mount)
+    killpriv.request(not passed_through)
     try:
         pyfuse3.init(operations, mountpoint, options)
     except BaseException:
         fallocate.set_handler(None)
         passthrough.request(False)
+        killpriv.request(False)
         view.close()
         raise
     passthrough.request(False)
+    killpriv.request(False)
     if passed_through:
         view.passthrough = passthrough.Passthrough()
     fuse_fds = fuse_device_fds() - before
@@ -210,7 +213,10 @@ def mounted(view, mountpoint: str, options: set[str]) -> Iterator[None]:
             pyfuse3.close(unmount=True)
         finally:
             fallocate.set_handler(None)
-            view.close()
+            try:
+                requests.save_if_asked()
+            finally:
+                view.close()
 
 
 def serve(make_view, mountpoint: str, fsname: str, readonly: bool, debug: bool = False,

@@ -34,7 +34,8 @@ import resource
 
 import pyfuse3
 
-from .view import UnionView
+from .killpriv import lacks_fsetid, request_kills
+from .view import SETID_BITS, UnionView
 
 log = logging.getLogger("strata.unionfs")
 CACHE_SECONDS = 24 * 3600.0  # the kernel's entry/attr cache: only this mount changes the view
@@ -151,6 +152,7 @@ class UnionOperations(pyfuse3.Operations):
 
     @answer_errors
     async def setattr(self, inode, attr, fields, fh, ctx):
+        kill_setid = request_kills()  # (first: it holds until the first await)
         n = self.view.setattr(
             inode, fh,
             mode=attr.st_mode if fields.update_mode else None,
@@ -158,7 +160,8 @@ class UnionOperations(pyfuse3.Operations):
             gid=attr.st_gid if fields.update_gid else None,
             size=attr.st_size if fields.update_size else None,
             atime_ns=attr.st_atime_ns if fields.update_atime else None,
-            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None, caller=(ctx.pid, ctx.uid, ctx.gid))
+            mtime_ns=attr.st_mtime_ns if fields.update_mtime else None, caller=(ctx.pid, ctx.uid, ctx.gid),
+            kill_setid=kill_setid)
         return self.entry(n)
 
     @answer_errors
@@ -211,7 +214,9 @@ class UnionOperations(pyfuse3.Operations):
 
     @answer_errors
     async def open(self, inode, flags, ctx):
-        fd, _ = self.view.open(inode, flags, (ctx.pid, ctx.uid, ctx.gid))
+        kill_setid = request_kills() or (
+            flags & os.O_TRUNC and self.view.node(inode).mode & SETID_BITS and lacks_fsetid(ctx.pid))
+        fd, _ = self.view.open(inode, flags, (ctx.pid, ctx.uid, ctx.gid), bool(kill_setid))
         self.reply_through(fd, flags & READ_ONLY_MASK == os.O_RDONLY)
         return pyfuse3.FileInfo(fh=fd, keep_cache=True)
 
@@ -237,7 +242,7 @@ class UnionOperations(pyfuse3.Operations):
 
     @answer_errors
     async def write(self, fh, off, buf):
-        return self.view.write(fh, off, buf)
+        return self.view.write(fh, off, buf, request_kills())
 
     def fallocate(self, inode, fh, mode, offset, length, pid, uid, gid) -> int:
         """Not a pyfuse3 handler: unionfs.fallocate's shim calls it, synchronously, and

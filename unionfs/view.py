@@ -31,6 +31,8 @@ XATTR_SIZE_MAX = 65536
 XATTR_CREATE, XATTR_REPLACE = 1, 2
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
 ALLOWED_XATTR_PREFIXES = (b"user.", b"trusted.", b"security.")
+CAPABILITY_XATTR = b"security.capability"
+SETID_BITS = stat.S_ISUID | stat.S_ISGID
 S_IFDIR, S_IFREG, S_IFLNK = stat.S_IFDIR, stat.S_IFREG, stat.S_IFLNK
 FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE = 0x01, 0x02, 0x10
 # the fallocate modes served, as fuse-overlayfs serves them, by their journal names (a hole
@@ -696,9 +698,10 @@ class UnionView:
                 os.dup2(new, fd, inheritable=False)
                 os.close(new)
 
-    def open(self, ino: int, flags: int, caller: Caller = NOBODY) -> tuple[int, bool]:
+    def open(self, ino: int, flags: int, caller: Caller = NOBODY, kill_setid: bool = False) -> tuple[int, bool]:
         """Return (fd, data_is_immutable). Opening changes no attribute: copy-up and
-        truncation persist (and so invalidate cached replies) themselves."""
+        truncation persist (and so invalidate cached replies) themselves. O_TRUNC drops
+        privileges as a truncate does (`kill_setid`: see drop_privileges)."""
         n = self.node(ino)
         if n.is_dir():
             raise fs_error(errno.EISDIR)
@@ -725,6 +728,8 @@ class UnionView:
             with self.changing():
                 self.persist(n)
                 self.recorder.record_truncate(caller, n, 0)
+        if truncate:
+            self.drop_privileges(n, kill_setid, caller)
         n.opens += 1
         self.handles[fd] = n
         if writing:
@@ -755,9 +760,13 @@ class UnionView:
         self.passed_through[fd] = backing
         return backing.id
 
-    def write(self, fd: int, offset: int, data: bytes) -> int:
+    def write(self, fd: int, offset: int, data: bytes, kill_setid: bool = False, caller: Caller = NOBODY) -> int:
+        """`kill_setid`: the writer lacks CAP_FSETID (unionfs.killpriv); `caller` (the writer)
+        is only the journal's for what that kills."""
         self.generation += 1
         n = self.handles[fd]
+        if kill_setid and n.mode & SETID_BITS or CAPABILITY_XATTR in n.xattrs:
+            self.drop_privileges(n, kill_setid, caller)
         written = os.pwrite(fd, data, offset)
         end = offset + written
         if end > n.size:
@@ -861,7 +870,9 @@ class UnionView:
 
     def setattr(self, ino: int, fd: int | None = None, mode: int | None = None, uid: int | None = None,
                 gid: int | None = None, size: int | None = None, atime_ns: int | None = None,
-                mtime_ns: int | None = None, caller: Caller = NOBODY) -> Node:
+                mtime_ns: int | None = None, caller: Caller = NOBODY, kill_setid: bool = False) -> Node:
+        """A truncate or a chown also drops privileges (drop_privileges; `kill_setid`: the
+        caller lacks CAP_FSETID; a chown of a non-directory kills setuid and setgid always)."""
         n = self.node(ino)
         self._writable()
         self.written_through(n)  # (what passthrough writers wrote comes before this change)
@@ -896,8 +907,36 @@ class UnionView:
             n.ctime_ns = now
             self.persist(n)
             self.recorder.record_setattr(caller, n, mode, uid, gid, atime_ns, mtime_ns, times_before)
+        chown = (uid is not None or gid is not None) and not n.is_dir()
+        if size is not None or chown:
+            self.drop_privileges(n, kill_setid or chown, caller)
         self._set_through(n)
         return n
+
+    def drop_privileges(self, n: Node, kill_setid: bool, caller: Caller = NOBODY) -> None:
+        """What Linux does to a file written, truncated or chowned (file_remove_privs):
+        clear setuid, and setgid if group-executable (else it marks mandatory locking), when
+        `kill_setid`; remove security.capability always. The kernel leaves it to the server
+        where unionfs.killpriv was negotiated, and here it is idempotent where not."""
+        mode = n.mode
+        if kill_setid:
+            mode &= ~stat.S_ISUID
+            if mode & stat.S_IXGRP:
+                mode &= ~stat.S_ISGID
+        capability = CAPABILITY_XATTR in n.xattrs
+        if mode == n.mode and not capability:
+            return
+        self._writable()
+        with self.changing():
+            times = n.atime_ns, n.mtime_ns
+            if mode != n.mode:
+                n.mode = mode
+                self.recorder.record_setattr(caller, n, mode, None, None, None, None, times)
+            if capability:
+                n.xattrs = {k: v for k, v in n.xattrs.items() if k != CAPABILITY_XATTR}
+                self.recorder.record_xattr(caller, "removexattr", n, CAPABILITY_XATTR)
+            n.ctime_ns = time.time_ns()
+            self.persist(n)
 
     def readlink(self, ino: int) -> bytes:
         n = self.node(ino)
