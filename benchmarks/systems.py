@@ -11,7 +11,8 @@ writable, with an empty upper directory of its own.
 More are there by name only: strata-nojournal (strata with its change journal off:
 the journal's cost), strata-nospin (strata without polling /dev/fuse), strata-cached
 and strata-fuse-cached (FUSE passthrough off, STRATA_PASSTHROUGH=0: what passthrough
-buys, unionfs/passthrough.py) and floor (benchmarks/floorfs.py, the least a pyfuse3
+buys, unionfs/passthrough.py), strata-noopen and strata-fuse-noopen (files opened
+without a request, STRATA_NO_OPEN=1, unionfs/noopen.py) and floor (benchmarks/floorfs.py, the least a pyfuse3
 filesystem does; read-only).
 
 A FUSE mount is ready when the mountpoint's st_dev changes. Servers run in the
@@ -260,18 +261,36 @@ class Strata(System):
 PASSTHROUGH_OFF = {"STRATA_PASSTHROUGH": "0"}  # opens through the page cache, with the writeback cache
 
 
-class StrataFuseCached(StrataFuse):
-    name = "strata-fuse-cached"
-    env = PASSTHROUGH_OFF
+class StrataFuseVariant(StrataFuse):
+    """strata-fuse with more of the server's environment."""
+    name, env, description = "strata-fuse", {}, ""
 
     def __init__(self):
+        name, description = self.name, self.description
         super().__init__()
-        self.name, self.description = "strata-fuse-cached", "strata-fuse with FUSE passthrough off (STRATA_PASSTHROUGH=0)"
+        self.name, self.description = name, description
+
+
+class StrataFuseCached(StrataFuseVariant):
+    name, env = "strata-fuse-cached", PASSTHROUGH_OFF
+    description = "strata-fuse with FUSE passthrough off (STRATA_PASSTHROUGH=0)"
 
 
 class StrataCached(Strata):
     name, description = "strata-cached", "strata with FUSE passthrough off (STRATA_PASSTHROUGH=0)"
     env = PASSTHROUGH_OFF
+
+
+NO_OPEN = {"STRATA_NO_OPEN": "1"}  # files opened by the kernel alone (unionfs/noopen.py)
+
+
+class StrataNoOpen(Strata):
+    name, description = "strata-noopen", "strata in no-open mode (STRATA_NO_OPEN=1: no OPEN or RELEASE)"
+    env = NO_OPEN
+
+
+class StrataFuseNoOpen(StrataFuseVariant):
+    name, env, description = "strata-fuse-noopen", NO_OPEN, "strata-fuse -o noopen (unionfs/noopen.py)"
 
 
 class StrataNoJournal(Strata):
@@ -296,7 +315,8 @@ class Floor(System):
 
 
 BUILTIN = {cls.name: cls for cls in (Native, Overlay, FuseOverlayfs, UnionfsFuse, Strata, StrataFuse,
-                                        StrataNoJournal, StrataNoSpin, StrataCached, StrataFuseCached, Floor)}
+                                        StrataNoJournal, StrataNoSpin, StrataCached, StrataFuseCached,
+                                        StrataNoOpen, StrataFuseNoOpen, Floor)}
 
 
 def parse_template(template: str) -> list[str]:

@@ -5,7 +5,8 @@
 Lower directories are listed top first, as overlayfs and fuse-overlayfs take
 them; overlayfs whiteouts (0/0 character devices, the opaque xattr) and OCI
 `.wh.` files in them are honoured. The upper directory holds strata's own
-upper-layer format (unionfs.upper).
+upper-layer format (unionfs.upper). `-o noopen`: files are opened without a
+request to the server (unionfs.noopen; STRATA_NO_OPEN=1 does the same).
 """
 from __future__ import annotations
 
@@ -48,6 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     upper_dir = opts.pop("upperdir", None)
     work_dir = opts.pop("workdir", None)
     readonly = upper_dir is None or "ro" in opts
+    if opts.pop("noopen", None) is not None:  # files opened by the kernel alone (unionfs.noopen)
+        os.environ["STRATA_NO_OPEN"] = "1"
     for key in list(opts):
         if key in IGNORED_OPTIONS or key in ("debug", "ro") or key.startswith(("uidmapping", "gidmapping")):
             opts.pop(key)

@@ -163,7 +163,12 @@ struct fuse_session *session_new_versioned(struct fuse_args *args, const struct 
 #define OP_OPEN 14
 #define OP_WRITE 16
 #define OP_INIT 26
+#define OP_READ 15
+#define OP_FSYNC 20
 #define OP_CREATE 35
+#define OP_FALLOCATE 43
+#define INIT_ATOMIC_O_TRUNC (1u << 3)
+#define NO_OPEN_FH (1ull << 63)  /* fh := nodeid | this, in requests on files opened without OPEN */
 #define OPCODES 64  /* counted below this (FUSE_STATX is 52) */
 #define INIT_EXT (1u << 30)
 #define INIT_HANDLE_KILLPRIV_V2 (1u << 28)
@@ -208,7 +213,9 @@ static int passthrough_granted;     /* the INIT reply asked for it */
 static int killpriv_wanted;         /* set before the mount */
 static int kernel_offers_killpriv;  /* the INIT request had FUSE_HANDLE_KILLPRIV_V2 */
 static int killpriv_granted;        /* the INIT reply asked for it */
-static int session_wants_passthrough, session_wants_killpriv;  /* the wants when it was mounted */
+static int no_open_wanted;          /* set before the mount */
+static int session_wants_passthrough, session_wants_killpriv, session_no_open;  /* as mounted */
+static uint32_t request_pid, request_uid, request_gid;  /* who sent the request last read */
 static int request_kills;           /* the request last read asks the server to kill suid/sgid */
 static unsigned long long request_counts[OPCODES];
 static uint64_t init_unique = ~0ull;
@@ -225,6 +232,22 @@ static const struct { uint32_t opcode; size_t at; uint32_t bit; } kill_flags[] =
     {OP_CREATE, offsetof(struct create_in, open_flags), OPEN_KILL_SUIDGID},
 };
 
+/* no-open (unionfs/noopen.py): a file opened without OPEN has fh 0 in its requests, and
+   pyfuse3 hands READ, WRITE and FSYNC handlers the fh alone; these requests' fh (their
+   argument's first field) becomes its node's number, marked. */
+static void name_file_by_node(void *buf, size_t arg_len)
+{
+    struct in_header *in = buf;
+    uint64_t fh;
+    if (!session_no_open || arg_len < sizeof fh)
+        return;
+    memcpy(&fh, in + 1, sizeof fh);
+    if (fh == 0) {
+        fh = in->nodeid | NO_OPEN_FH;
+        memcpy(in + 1, &fh, sizeof fh);
+    }
+}
+
 static ssize_t io_read(int fd, void *buf, size_t len, void *userdata)
 {
     (void) userdata;
@@ -237,7 +260,13 @@ static ssize_t io_read(int fd, void *buf, size_t len, void *userdata)
     size_t arg_len = (size_t) n - sizeof *in;
     if (in->opcode < OPCODES)
         request_counts[in->opcode]++;
+    request_pid = in->pid, request_uid = in->uid, request_gid = in->gid;
     switch (in->opcode) {
+    case OP_READ:
+    case OP_FSYNC:
+    case OP_FALLOCATE:
+        name_file_by_node(buf, arg_len);
+        break;
     case OP_INIT:
         if (arg_len >= sizeof(struct init_in)) {
             const struct init_in *init = arg;
@@ -247,6 +276,8 @@ static ssize_t io_read(int fd, void *buf, size_t len, void *userdata)
         }
         break;
     case OP_WRITE:
+        name_file_by_node(buf, arg_len);
+        /* fall through */
     case OP_SETATTR:
     case OP_OPEN:
     case OP_CREATE:
@@ -274,7 +305,7 @@ static ssize_t io_writev(int fd, struct iovec *iov, int count, void *userdata)
         init_unique = ~0ull;
         int passthrough = session_wants_passthrough && kernel_offers;
         int killpriv = session_wants_killpriv && kernel_offers_killpriv;
-        if (!(passthrough || killpriv) || iov[1].iov_len != sizeof init)
+        if (!(passthrough || killpriv || session_no_open) || iov[1].iov_len != sizeof init)
             return writev(fd, iov, count);
         memcpy(&init, iov[1].iov_base, sizeof init);
         if (passthrough) {
@@ -284,6 +315,8 @@ static ssize_t io_writev(int fd, struct iovec *iov, int count, void *userdata)
         }
         if (killpriv)
             init.flags |= INIT_HANDLE_KILLPRIV_V2;
+        if (session_no_open)  /* O_TRUNC without an OPEN to do it: the kernel sends a SETATTR */
+            init.flags &= ~INIT_ATOMIC_O_TRUNC;
         passthrough_granted = passthrough;
         killpriv_granted = killpriv;
         patched[1].iov_base = &init;
@@ -323,6 +356,7 @@ int fuse_session_mount(struct fuse_session *se, const char *mountpoint)
     session_fd = -1;
     session_wants_passthrough = passthrough_wanted;
     session_wants_killpriv = killpriv_wanted;
+    session_no_open = no_open_wanted;
 #ifdef HAVE_CUSTOM_IO
     if (res == 0) {
         session_fd = fuse_session_fd(se);
@@ -399,6 +433,17 @@ static PyObject *passthrough_state(PyObject *self, PyObject *unused)
 static PyObject *set_killpriv(PyObject *self, PyObject *on)
 {
     return set_wanted(&killpriv_wanted, on);
+}
+
+static PyObject *set_no_open(PyObject *self, PyObject *on)
+{
+    return set_wanted(&no_open_wanted, on);
+}
+
+static PyObject *last_request(PyObject *self, PyObject *unused)
+{
+    return Py_BuildValue("(kkk)", (unsigned long) request_pid, (unsigned long) request_uid,
+                         (unsigned long) request_gid);
 }
 
 static PyObject *killpriv_state(PyObject *self, PyObject *unused)
@@ -479,6 +524,11 @@ static PyMethodDef methods[] = {
      "passthrough_state() -> (the kernel offered it, the INIT reply took it) for the last mount"},
     {"set_killpriv", set_killpriv, METH_O,
      "set_killpriv(bool): ask for FUSE_HANDLE_KILLPRIV_V2 on sessions mounted from now on; False if it cannot be"},
+    {"set_no_open", set_no_open, METH_O,
+     "set_no_open(bool): READ, WRITE, FSYNC and FALLOCATE with fh 0 get their node's number | 1 << 63 "
+     "as fh, and O_TRUNC comes as a SETATTR, on sessions mounted from now on; False if it cannot be"},
+    {"last_request", last_request, METH_NOARGS,
+     "last_request() -> (pid, uid, gid) of the request last read (the one being handled)"},
     {"killpriv_state", killpriv_state, METH_NOARGS,
      "killpriv_state() -> (the kernel offered it, the INIT reply took it) for the last mount"},
     {"request_kills_suidgid", request_kills_suidgid, METH_NOARGS,

@@ -45,7 +45,7 @@ import traceback
 from typing import Iterator
 
 from . import fuseshim  # noqa: F401  (before anything imports pyfuse3: see unionfs.fuseshim)
-from . import fallocate, killpriv, passthrough, requests
+from . import fallocate, killpriv, noopen, passthrough, requests
 
 log = logging.getLogger("strata.unionfs")
 
@@ -189,7 +189,8 @@ def mounted(view, mountpoint: str, options: set[str]) -> Iterator[None]:
     before = fuse_device_fds()
     operations = UnionOperations(view)
     fallocate.set_handler(operations.fallocate)  # (the session pyfuse3.init makes takes it)
-    passed_through = passthrough.request(passthrough.wanted())  # (and the mount)
+    no_open = noopen.request(noopen.wanted())
+    passed_through = passthrough.request(passthrough.wanted() and not no_open)  # (and the mount)
     killpriv.request(not passed_through)
     try:
         pyfuse3.init(operations, mountpoint, options)
@@ -197,10 +198,13 @@ def mounted(view, mountpoint: str, options: set[str]) -> Iterator[None]:
         fallocate.set_handler(None)
         passthrough.request(False)
         killpriv.request(False)
+        noopen.request(False)
         view.close()
         raise
     passthrough.request(False)
     killpriv.request(False)
+    noopen.request(False)
+    view.no_open = no_open
     if passed_through:
         view.passthrough = passthrough.Passthrough()
     fuse_fds = fuse_device_fds() - before

@@ -35,6 +35,7 @@ import resource
 import pyfuse3
 
 from .killpriv import lacks_fsetid, request_kills
+from .noopen import NO_OPEN_FH, NODE_OF_FH, last_request
 from .view import SETID_BITS, UnionView
 
 log = logging.getLogger("strata.unionfs")
@@ -128,7 +129,10 @@ class UnionOperations(pyfuse3.Operations):
     async def lookup(self, parent_inode, name, ctx=None):
         # the hot path: errors handled inline rather than through answer_errors
         try:
-            return self.known(self.view.lookup(parent_inode, name))
+            n = self.view.lookup(parent_inode, name)
+            if self.view.no_open and ctx is not None:
+                self.view.last_callers[n.ino] = (ctx.pid, ctx.uid, ctx.gid)
+            return self.known(n)
         except OSError as e:
             if e.errno != errno.ENOENT:
                 raise pyfuse3.FUSEError(self.errno_of(e)) from None
@@ -148,6 +152,8 @@ class UnionOperations(pyfuse3.Operations):
 
     @answer_errors
     async def getattr(self, inode, ctx=None):
+        if self.view.no_open and ctx is not None:
+            self.view.last_callers[inode] = (ctx.pid, ctx.uid, ctx.gid)
         return self.entry(self.view.node(inode))
 
     @answer_errors
@@ -214,6 +220,8 @@ class UnionOperations(pyfuse3.Operations):
 
     @answer_errors
     async def open(self, inode, flags, ctx):
+        if self.view.no_open:  # once: the kernel opens files alone from now on (unionfs.noopen)
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         kill_setid = request_kills() or (
             flags & os.O_TRUNC and self.view.node(inode).mode & SETID_BITS and lacks_fsetid(ctx.pid))
         fd, _ = self.view.open(inode, flags, (ctx.pid, ctx.uid, ctx.gid), bool(kill_setid))
@@ -238,16 +246,23 @@ class UnionOperations(pyfuse3.Operations):
 
     @answer_errors
     async def read(self, fh, off, size):
+        if fh & NO_OPEN_FH:
+            fh = self.view.inode_handle(fh & NODE_OF_FH, False)
         return os.pread(fh, size, off)
 
     @answer_errors
     async def write(self, fh, off, buf):
-        return self.view.write(fh, off, buf, request_kills())
+        kill_setid = request_kills()  # (first: it holds until the first await)
+        if fh & NO_OPEN_FH:
+            fh = self.view.inode_handle(fh & NODE_OF_FH, True, last_request())
+        return self.view.write(fh, off, buf, kill_setid)
 
     def fallocate(self, inode, fh, mode, offset, length, pid, uid, gid) -> int:
         """Not a pyfuse3 handler: unionfs.fallocate's shim calls it, synchronously, and
         replies with what it returns (0 or an errno), so it never raises."""
         try:
+            if fh & NO_OPEN_FH:
+                fh = self.view.inode_handle(inode, True, (pid, uid, gid))
             self.view.fallocate(inode, fh, mode, offset, length, (pid, uid, gid))
         except OSError as e:
             return self.errno_of(e)
@@ -265,6 +280,8 @@ class UnionOperations(pyfuse3.Operations):
 
     @answer_errors
     async def fsync(self, fh, datasync):
+        if fh & NO_OPEN_FH:
+            fh = self.view.inode_handle(fh & NODE_OF_FH, False)
         self.view.fsync(fh, datasync)
 
     @answer_errors
@@ -305,6 +322,8 @@ class UnionOperations(pyfuse3.Operations):
 
     @answer_errors
     async def getxattr(self, inode, name, ctx):
+        if self.view.no_open:
+            self.view.last_callers[inode] = (ctx.pid, ctx.uid, ctx.gid)
         return self.view.getxattr(inode, name)
 
     @answer_errors

@@ -156,6 +156,15 @@ class UnionView:
         self.passthrough = None
         self.backings: dict[int, Backing] = {}
         self.passed_through: dict[int, Backing] = {}
+        # no-open mode (unionfs.noopen): files opened without telling us are read and written
+        # through one handle per node (inode_handle), kept until the kernel forgets the node,
+        # and a node the kernel holds keeps its data when its last name goes, as if open
+        self.no_open = False
+        self.inode_handles: dict[int, int] = {}  # node ino -> its fd among `handles`
+        self.inode_writers: set[int] = set()  # those of them open for writing
+        # the last process that asked for a node it has (lookup, getattr, getxattr): the
+        # writer of record of a write that comes without one (the writeback cache's)
+        self.last_callers: dict[int, Caller] = {}
         # Bumped by every change to the view: a cached attribute reply (Node.attr) is
         # valid while the generation it was made in lasts. Lookups and listings change
         # nothing, so they are answered from the cache; any write invalidates it all.
@@ -198,9 +207,13 @@ class UnionView:
         self.nodes[ino] = n
         return n
 
+    def _held(self, n: Node) -> bool:
+        """Whether an open file may still reach `n` (then its data outlives its names)."""
+        return n.opens > 0 or (self.no_open and n.lookups > 0)
+
     def persist(self, n: Node) -> None:
         self.generation += 1
-        if n.nlink <= 0 and n.opens == 0 and not n.is_dir():
+        if n.nlink <= 0 and not self._held(n) and not n.is_dir():
             n.dirty = False  # gone for good, its row deleted with its last name: nothing to store
             return           # (nor a reason to keep it once forgotten)
         self.upper.put_inode(n)
@@ -217,6 +230,8 @@ class UnionView:
             return
         n.lookups = max(0, n.lookups - nlookup)
         if n.lookups == 0 and ino != 1:
+            if self.no_open:
+                self._close_inode_handle(n)
             if self._droppable(n):
                 self._drop(n)
             else:
@@ -538,7 +553,7 @@ class UnionView:
         self.generation += 1
         n.nlink -= 1 if not n.is_dir() else n.nlink
         n.ctime_ns = time.time_ns()
-        if n.nlink > 0 or n.opens > 0:
+        if n.nlink > 0 or self._held(n):
             self.persist(n)
         else:
             self.upper.delete_inode(n.ino)
@@ -863,8 +878,48 @@ class UnionView:
             if backing.opens == 0:  # the kernel holds its own reference for open files
                 del self.backings[n.ino]
                 self.passthrough.close_backing(backing.id)
-        if n.nlink <= 0 and n.opens == 0 and self.upper is not None:
+        if n.nlink <= 0 and not self._held(n) and self.upper is not None:
             self.upper.delete_inode(n.ino)  # last close of an unlinked file
+
+    def inode_handle(self, ino: int, writing: bool, caller: Caller = NOBODY) -> int:
+        """No-open mode: the fd a request on `ino` by inode uses, among `handles` (so copy-up
+        and release treat it as an open's), opened on first use; for writing, copied up
+        and read-write, its writes on one record for `caller`, the first writer."""
+        fd = self.inode_handles.get(ino)
+        if fd is not None and (not writing or fd in self.inode_writers):
+            return fd
+        n = self.node(ino)
+        if n.is_dir():
+            raise fs_error(errno.EISDIR)
+        if writing:
+            self._copy_up(n)  # (turns a read-only handle of the lower file into one of the upper)
+            new = self.upper.open_data(ino, os.O_RDWR)
+        else:
+            new = self.upper.open_data(ino, os.O_RDONLY) if n.has_data else self.lower.open_data(n.lower_ino)
+        if fd is None:
+            fd = new
+            n.opens += 1
+            self.handles[fd] = n
+            self.inode_handles[ino] = fd
+        else:
+            os.dup2(new, fd, inheritable=False)
+            os.close(new)
+        if writing:
+            self.inode_writers.add(fd)
+            if not caller[0]:
+                caller = self.last_callers.get(ino, caller)
+            self.recorder.record_open(caller, fd)
+        return fd
+
+    def _close_inode_handle(self, n: Node) -> None:
+        """The kernel forgot `n`: no open file reaches it any more."""
+        self.last_callers.pop(n.ino, None)
+        fd = self.inode_handles.pop(n.ino, None)
+        if fd is not None:
+            self.inode_writers.discard(fd)
+            self.release(fd)
+        elif n.nlink <= 0 and not n.opens and not n.is_dir() and self.upper is not None:
+            self.upper.delete_inode(n.ino)  # unlinked while held, never read or written since
 
     # -- attributes ---------------------------------------------------------------
 
