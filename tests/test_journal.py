@@ -15,6 +15,7 @@ from unionfs.diff import ImageTree, ViewTree, journal_diff, run_diff, tree_diff
 from unionfs.journal import CREATE_BATCH, add_range, read_records
 from unionfs.recorder import NO_RECORDER, JournalRecorder, NoRecorder
 from unionfs.storeview import ContainerChanges, image_lower, make_view_factory
+from unionfs.upper import UpperDatabase
 from unionfs.view import RENAME_EXCHANGE
 
 from .helpers import member
@@ -589,6 +590,27 @@ def exec_done(argv: list) -> subprocess.Popen:
         assert time.monotonic() < deadline, f"{argv[0]!r} did not exec"
         time.sleep(0.001)
     return proc
+
+
+def test_a_mounts_executable_reader_runs_from_its_start_to_its_close(image, upper_path):
+    """The first record of a mount does not wait for the reader thread to start (it
+    runs once the view is made), and closing the view ends it."""
+    store, image_id = image
+    v = make_view_factory(store, image_id, upper_path, run=1)()
+    reader = v.journal.processes.reader
+    try:
+        assert reader is not None and reader.is_alive()
+        v.mkdir(ROOT, b"made", 0o755, 0, 0, ME)
+        assert v.journal.processes.reader is reader
+    finally:
+        v.close()
+    reader.join(10)
+    assert not reader.is_alive()
+    db = UpperDatabase.open_reader(upper_path)
+    try:
+        assert [(r["op"], r["exe"]) for r in read_records(db)] == [("mkdir", os.readlink("/proc/self/exe"))]
+    finally:
+        db.close()
 
 
 def test_each_record_names_the_caller_its_change_was_made_for(view):

@@ -43,6 +43,7 @@ class JournalRecorder:
 
     def __init__(self, journal, view):
         self.journal, self.view = journal, view
+        journal.processes.start()  # (off the path of the mount's first record)
         self.write_logs: dict[int, WriteLog] = {}  # open fd -> what it wrote
         self.fallocated: set[int] = set()  # open fds that fallocated (as good as written: _being_written)
         # what closes left on record: a new write record, or an update of the ranges on a
