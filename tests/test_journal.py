@@ -151,6 +151,28 @@ def test_a_directory_renamed_after_its_entries_changed(view, image, upper_path):
     assert ("D", "/d/sub/x") in j and ("A", "/d/sub/y") in j and ("C", "/d/sub") in j
 
 
+def test_records_in_a_directory_name_its_path_after_it_or_a_directory_above_it_moved(view, image, upper_path):
+    """The recorder keeps directories' paths (the parent part of a create's or a remove's
+    path): a rename, or an exchange, of the directory or of one above it renames them."""
+    d = view.lookup(ROOT, b"d")
+    sub = view.lookup(d.ino, b"sub")
+    view.unlink(sub.ino, b"x", ME)                        # /d/sub's path is known now
+    view.rename(ROOT, b"d", ROOT, b"e", caller=ME)         # a directory above it moves
+    view.mkdir(sub.ino, b"made", 0o755, 0, 0, ME)
+    view.rename(d.ino, b"sub", ROOT, b"top", caller=ME)    # the directory itself moves
+    _, fd = view.create(sub.ino, b"new", 0o644, os.O_RDWR, 0, 0, ME)
+    view.release(fd)
+    view.rename(ROOT, b"top", ROOT, b"etc", RENAME_EXCHANGE, ME)  # and trades places
+    view.rmdir(sub.ino, b"made", ME)
+    view.store_pending()
+    assert [(r["op"], r["path"], r["path2"]) for r in read_records(view.upper)] == [
+        ("unlink", "/d/sub/x", None), ("rename", "/d", "/e"), ("mkdir", "/e/sub/made", None),
+        ("rename", "/e/sub", "/top"), ("create", "/top/new", None), ("rename", "/top", "/etc"),
+        ("rmdir", "/etc/made", None)]
+    j, full = diffs(image, upper_path, view)
+    assert j == full
+
+
 def test_replaced_directory_and_hard_links(view, image, upper_path):
     d = view.lookup(ROOT, b"d")
     sub = view.lookup(d.ino, b"sub")
