@@ -15,6 +15,7 @@ from unionfs.diff import ImageTree, ViewTree, journal_diff, run_diff, tree_diff
 from unionfs.journal import CREATE_BATCH, add_range, read_records
 from unionfs.recorder import NO_RECORDER, JournalRecorder, NoRecorder
 from unionfs.storeview import ContainerChanges, image_lower, make_view_factory
+from unionfs.upper import UpperDatabase
 from unionfs.view import RENAME_EXCHANGE
 
 from .helpers import member
@@ -148,6 +149,28 @@ def test_a_directory_renamed_after_its_entries_changed(view, image, upper_path):
     j, full = diffs(image, upper_path, view)
     assert j == full
     assert ("D", "/d/sub/x") in j and ("A", "/d/sub/y") in j and ("C", "/d/sub") in j
+
+
+def test_records_in_a_directory_name_its_path_after_it_or_a_directory_above_it_moved(view, image, upper_path):
+    """The recorder keeps directories' paths (the parent part of a create's or a remove's
+    path): a rename, or an exchange, of the directory or of one above it renames them."""
+    d = view.lookup(ROOT, b"d")
+    sub = view.lookup(d.ino, b"sub")
+    view.unlink(sub.ino, b"x", ME)                        # /d/sub's path is known now
+    view.rename(ROOT, b"d", ROOT, b"e", caller=ME)         # a directory above it moves
+    view.mkdir(sub.ino, b"made", 0o755, 0, 0, ME)
+    view.rename(d.ino, b"sub", ROOT, b"top", caller=ME)    # the directory itself moves
+    _, fd = view.create(sub.ino, b"new", 0o644, os.O_RDWR, 0, 0, ME)
+    view.release(fd)
+    view.rename(ROOT, b"top", ROOT, b"etc", RENAME_EXCHANGE, ME)  # and trades places
+    view.rmdir(sub.ino, b"made", ME)
+    view.store_pending()
+    assert [(r["op"], r["path"], r["path2"]) for r in read_records(view.upper)] == [
+        ("unlink", "/d/sub/x", None), ("rename", "/d", "/e"), ("mkdir", "/e/sub/made", None),
+        ("rename", "/e/sub", "/top"), ("create", "/top/new", None), ("rename", "/top", "/etc"),
+        ("rmdir", "/etc/made", None)]
+    j, full = diffs(image, upper_path, view)
+    assert j == full
 
 
 def test_replaced_directory_and_hard_links(view, image, upper_path):
@@ -589,6 +612,27 @@ def exec_done(argv: list) -> subprocess.Popen:
         assert time.monotonic() < deadline, f"{argv[0]!r} did not exec"
         time.sleep(0.001)
     return proc
+
+
+def test_a_mounts_executable_reader_runs_from_its_start_to_its_close(image, upper_path):
+    """The first record of a mount does not wait for the reader thread to start (it
+    runs once the view is made), and closing the view ends it."""
+    store, image_id = image
+    v = make_view_factory(store, image_id, upper_path, run=1)()
+    reader = v.journal.processes.reader
+    try:
+        assert reader is not None and reader.is_alive()
+        v.mkdir(ROOT, b"made", 0o755, 0, 0, ME)
+        assert v.journal.processes.reader is reader
+    finally:
+        v.close()
+    reader.join(10)
+    assert not reader.is_alive()
+    db = UpperDatabase.open_reader(upper_path)
+    try:
+        assert [(r["op"], r["exe"]) for r in read_records(db)] == [("mkdir", os.readlink("/proc/self/exe"))]
+    finally:
+        db.close()
 
 
 def test_each_record_names_the_caller_its_change_was_made_for(view):

@@ -87,6 +87,19 @@ class ProcessNames:
         self.answers: dict[tuple[int, bytes], str] = {}
         self.lock = threading.Condition()
         self.reader = None
+        self.reader_pid = 0  # the process the reader runs in (a fork has none)
+
+    def start(self) -> None:
+        """Start the reader thread now, so that the first record of a mount does not wait
+        for a thread to start (a mount's recorder calls this; it starts anyway when needed)."""
+        with self.lock:
+            self._start_reader()
+
+    def _start_reader(self) -> None:
+        if self.reader is None or self.reader_pid != os.getpid():
+            self.reader = threading.Thread(target=self._read_executables, name="strata-exe-reader", daemon=True)
+            self.reader_pid = os.getpid()
+            self.reader.start()
 
     def describe(self, pid: int) -> tuple[str, str]:
         try:  # the common case, on the path of every change: a pid seen before, still alive
@@ -107,10 +120,7 @@ class ProcessNames:
         """/proc/<pid>/exe, read by the reader thread; "?" past EXE_DEADLINE."""
         key = (pid, comm)
         with self.lock:
-            if self.reader is None:
-                self.reader = threading.Thread(target=self._read_executables, name="strata-exe-reader",
-                                               daemon=True)
-                self.reader.start()
+            self._start_reader()
             if key not in self.answers:
                 self.wanted.append(key)
                 self.lock.notify_all()
@@ -121,9 +131,12 @@ class ProcessNames:
             return exe
 
     def _read_executables(self) -> None:
+        me = threading.current_thread()
         while True:
             with self.lock:
-                self.lock.wait_for(lambda: self.wanted)
+                self.lock.wait_for(lambda: self.wanted or self.reader is not me)
+                if self.reader is not me:  # closed (or another reader took over)
+                    return
                 pid, comm = key = self.wanted.pop(0)
             try:  # (bytes: a path that is not UTF-8 must still go into a TEXT column)
                 exe = os.readlink(f"/proc/{pid}/exe".encode()).decode("utf-8", "replace")
@@ -154,9 +167,14 @@ class ProcessNames:
             return b""
 
     def close(self) -> None:
+        """Close the kept fds and let the reader end (not joined: it may be waiting for
+        a process stuck in exec)."""
         for fd in self.comm_fds.values():
             os.close(fd)
         self.comm_fds.clear()
+        with self.lock:
+            self.reader = None
+            self.lock.notify_all()
 
 
 def add_range(ranges: list[list[int]], start: int, end: int) -> None:

@@ -30,19 +30,21 @@ import time
 from .journal import CREATE_BATCH, NOBODY, WriteLog, add_range
 
 Caller = tuple[int, int, int]  # (pid, uid, gid) of the request that makes a change
+MAX_DIR_PATHS = 4096  # directory paths kept (JournalRecorder.dir_paths)
 __all__ = ["Caller", "NOBODY", "JournalRecorder", "NoRecorder", "NO_RECORDER"]
 
 
 class JournalRecorder:
     """Collaborators: `journal` (unionfs.journal.Journal), which stores the records;
-    `view` (unionfs.view.UnionView), for the paths of nodes (path_of, child_path),
+    `view` (unionfs.view.UnionView), for the paths of nodes (path_of),
     their rows (persist), its open handles and its transaction (changing)."""
 
     __slots__ = ("journal", "view", "write_logs", "fallocated", "pending", "unrecorded_creates", "taken",
-                 "creates_stored", "created", "logs_before", "sets_before")
+                 "creates_stored", "created", "logs_before", "sets_before", "dir_paths")
 
     def __init__(self, journal, view):
         self.journal, self.view = journal, view
+        journal.processes.start()  # (off the path of the mount's first record)
         self.write_logs: dict[int, WriteLog] = {}  # open fd -> what it wrote
         self.fallocated: set[int] = set()  # open fds that fallocated (as good as written: _being_written)
         # what closes left on record: a new write record, or an update of the ranges on a
@@ -59,6 +61,10 @@ class JournalRecorder:
         self.created: tuple[int, tuple[WriteLog, int]] | None = None
         self.logs_before: list[tuple[WriteLog, int | None, bool]] = []
         self.sets_before: list[tuple[WriteLog, dict | None]] = []  # waiting creates' `set`, as they were
+        # directory ino -> (its parent, name, path) when its path was worked out: the parent
+        # part of every create's and remove's path (rm -rf, tar); only a rename, which
+        # clears it, changes a directory's path (a directory has one name)
+        self.dir_paths: dict[int, tuple[int | None, bytes | None, bytes]] = {}
 
     # -- the view's transactions ---------------------------------------------------
 
@@ -86,6 +92,7 @@ class JournalRecorder:
 
     def rollback(self) -> None:
         """The transaction failed (ENOSPC, say): what it stored is stored next time."""
+        self.dir_paths.clear()  # (the view reloads its names)
         for log, seq, unstored in reversed(self.logs_before):
             log.seq, log.unstored = seq, unstored
         for log, before in reversed(self.sets_before):
@@ -126,7 +133,7 @@ class JournalRecorder:
         """`n` made as `name` in `parent` (mkdir, mknod, symlink: its target is path2).
         With `fd`, a regular file made open (create): one record for the file, its
         create, which joins the batch and takes what this handle writes."""
-        path = self.view.child_path(parent, name)
+        path = self._child_path(parent, name)
         if fd is None:
             self._insert(caller, op, path, n, n.target)  # (its data, if any, is empty)
             return
@@ -145,11 +152,13 @@ class JournalRecorder:
     def record_link(self, caller: Caller, n, parent, name: bytes) -> None:
         """A new name for `n` (path2: the name it had)."""
         view = self.view
-        self._insert(caller, "link", view.child_path(parent, name), n, view.path_of(n))
+        self._insert(caller, "link", self._child_path(parent, name), n, view.path_of(n))
 
     def record_remove(self, caller: Caller, op: str, n, parent, name: bytes) -> None:
         """`name` in `parent`, which named `n`, is removed (unlink, rmdir): recorded first."""
-        self._insert(caller, op, self.view.child_path(parent, name), n)
+        self._insert(caller, op, self._child_path(parent, name), n)
+        if op == "rmdir":
+            self.dir_paths.pop(n.ino, None)
 
     def record_rename(self, caller: Caller, n, old_parent, old_name: bytes, new_parent, new_name: bytes,
                       replaced=None, exchange: bool = False) -> None:
@@ -157,8 +166,9 @@ class JournalRecorder:
         trading places with it (`exchange`)."""
         view = self.view
         detail = {"exchange": True} if exchange else {"replaced": replaced.ino} if replaced is not None else None
-        self._insert(caller, "rename", view.child_path(old_parent, old_name), n,
-                     view.child_path(new_parent, new_name), detail)
+        self._insert(caller, "rename", self._child_path(old_parent, old_name), n,
+                     self._child_path(new_parent, new_name), detail)
+        self.dir_paths.clear()  # (a directory moved, or one above it)
 
     def record_truncate(self, caller: Caller, n, size: int) -> None:
         """`n`'s data cut (or extended) to `size`: the data file as it is now is accounted for."""
@@ -269,6 +279,19 @@ class JournalRecorder:
         self.journal.close()
 
     # -- inside ----------------------------------------------------------------------
+
+    def _child_path(self, parent, name: bytes) -> bytes:
+        """view.child_path, the parent's path kept (dir_paths) while its name stays."""
+        known = self.dir_paths.get(parent.ino)
+        if known is not None and known[0] == parent.parent and known[1] == parent.name:
+            base = known[2]
+        else:
+            base = self.view.path_of(parent)
+            if b"/?" not in base:  # (a node named by its number: not named yet, so not kept)
+                if len(self.dir_paths) >= MAX_DIR_PATHS:
+                    self.dir_paths.clear()
+                self.dir_paths[parent.ino] = (parent.parent, parent.name, base)
+        return base + name if base == b"/" else base + b"/" + name
 
     def _insert(self, caller: Caller, op: str, path: bytes, n, path2: bytes | None = None,
                 detail: dict | None = None) -> int:
