@@ -147,6 +147,7 @@ class UnionOperations(pyfuse3.Operations):
         try:
             for inode, nlookup in inode_list:
                 forget(inode, nlookup)
+            self.view.forget_done()
         except Exception:
             log.exception("unexpected error in forget")
 

@@ -165,6 +165,7 @@ class UnionView:
         # the last process that asked for a node it has (lookup, getattr, getxattr): the
         # writer of record of a write that comes without one (the writeback cache's)
         self.last_callers: dict[int, Caller] = {}
+        self.forgotten_unlinked: list[int] = []  # their rows go in one transaction (forget_done)
         # Bumped by every change to the view: a cached attribute reply (Node.attr) is
         # valid while the generation it was made in lasts. Lookups and listings change
         # nothing, so they are answered from the cache; any write invalidates it all.
@@ -919,7 +920,17 @@ class UnionView:
             self.inode_writers.discard(fd)
             self.release(fd)
         elif n.nlink <= 0 and not n.opens and not n.is_dir() and self.upper is not None:
-            self.upper.delete_inode(n.ino)  # unlinked while held, never read or written since
+            self.forgotten_unlinked.append(n.ino)  # unlinked while held, never read or written since
+
+    def forget_done(self) -> None:
+        """The end of a FORGET batch: what it freed goes in one transaction, not one each
+        (rm -rf of a tree frees every file it unlinked)."""
+        doomed = self.forgotten_unlinked
+        if doomed:
+            self.forgotten_unlinked = []
+            with self.upper.transaction():
+                for ino in doomed:
+                    self.upper.delete_inode(ino)
 
     # -- attributes ---------------------------------------------------------------
 
@@ -1051,6 +1062,7 @@ class UnionView:
     def close(self) -> None:
         """Idempotent: the server closes on every way out."""
         if self.upper is not None and self.upper.data_fd >= 0:
+            self.forget_done()
             self.store_pending()
         for fd in list(self.handles):
             os.close(fd)
