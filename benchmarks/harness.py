@@ -6,6 +6,7 @@ a failure is recorded as the sample's error and the suite goes on.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import sys
@@ -41,6 +42,19 @@ def prepare(work: str, depths: list[int], workloads: list[Workload]) -> tuple[di
     return datasets, inputs
 
 
+# strata's servers count the kernel's requests by opcode and write them here at unmount
+# (unionfs/requests.py): a sample's, over its mount's whole life (a warm workload's first pass too)
+COUNTS_ENV = "STRATA_REQUEST_COUNTS"
+
+
+def read_requests(path: str) -> dict | None:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
 def note(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
@@ -72,14 +86,19 @@ def run_rounds(systems: list[System], depths: list[int], workloads: list[Workloa
                     scratch = Scratch.make(root)
                     record = {"round": r, "position": position, "workload": workload.name,
                               "system": system.name, "depth": depth}
+                    counts = os.environ[COUNTS_ENV] = os.path.join(root, "requests.json")
                     try:
                         record.update((workload.measure or on_mount)(workload, system, chain, scratch, inputs))
                     except Exception as e:  # the suite goes on; the table says "failed"
                         record["error"] = one_line(e)
                         note(f"{workload.name} on {system.name} at depth {depth}: {record['error']}")
                     finally:
+                        del os.environ[COUNTS_ENV]
                         if is_mounted(scratch.mnt):  # never delete through a mount into its layers
                             raise RuntimeError(f"{scratch.mnt} is still mounted")
+                        requests = read_requests(counts)
+                        if requests:
+                            record["requests"] = requests
                         shutil.rmtree(root, ignore_errors=True)
                     samples.append(record)
         note(f"round {r + 1}/{rounds} done in {time.monotonic() - started:.0f} s "

@@ -142,7 +142,7 @@ def first_line(argv: list[str], match: str = "") -> str | None:
 
 
 def machine() -> dict:
-    info: dict = {"cores": os.cpu_count()}
+    info: dict = {"cores": os.cpu_count(), "cpus_used": sorted(os.sched_getaffinity(0))}
     with open("/proc/cpuinfo") as f:
         info["cpu"] = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
     with open("/proc/meminfo") as f:

@@ -33,7 +33,7 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench")
     out = root / "out"
     proc = bench("--systems", "overlay,strata-fuse", "--depths", "1,2", "--workloads", ",".join(WORKLOADS),
-                 "--rounds", "1", "--out", str(out), "--work", str(root / "work"))
+                 "--rounds", "1", "--out", str(out), "--work", str(root / "work"), "--cpus", "0")
     assert proc.returncode == 0, proc.stderr
     assert mounts_under(str(root)) == []
     assert not (root / "work").exists()  # the scratch directory is removed
@@ -58,6 +58,14 @@ def test_results_json_has_every_sample_and_the_ratios(run):
         assert s["seconds"] > 0 and s["mount_seconds"] > 0
     assert {s["ops"] for s in samples if s["workload"] == "create"} == {2000}
     assert {s["ops"] for s in samples if s["workload"] == "stat-warm"} == {10_000}
+    assert results["machine"]["cpus_used"] == [0]  # --cpus 0
+    for s in samples:  # the requests strata's server counted (unionfs/requests.py); none from the kernel's
+        if s["system"] == "overlay":
+            assert "requests" not in s, s
+        elif s["workload"] == "create":
+            assert s["requests"]["CREATE"] == 2000 and s["requests"]["INIT"] == 1, s["requests"]
+        else:
+            assert s["requests"]["LOOKUP"] >= 10_000, s["requests"]  # (the cold pass before the warm one)
     for row in results["summaries"]:
         assert row["status"] == "ok"
         own = next(s for s in samples if (s["workload"], s["system"], s["depth"]) ==
@@ -125,6 +133,7 @@ def test_cmd_template_mounts_fuse_overlayfs_from_its_command_line(tmp_path):
     (["--systems", "cmd:fuse-overlayfs '{lowers} {mnt}"], "bad cmd: template"),
     (["--depths", "1,deep"], "bad --depths"),
     (["--rounds", "x"], "invalid int value"),
+    (["--cpus", "0,4096"], "bad --cpus '0,4096': this process may use"),
 ])
 @pytest.mark.parametrize("module", ["benchmarks", "runner"])
 def test_bad_input_is_one_line_and_exit_2(args, message, module, tmp_path):
