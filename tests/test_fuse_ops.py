@@ -561,3 +561,23 @@ def test_a_mount_without_passthrough_asks_for_no_capability_before_each_write(co
     counts = json.loads(counts_file.read_text())
     assert counts["CREATE"] == 1 and counts["INIT"] == 1, counts
     assert counts.get("GETXATTR", 0) <= 2, counts  # was 100
+
+
+def test_listings_are_cached_by_the_kernel_until_the_directory_changes(container, store_root, tmp_path):
+    """OPENDIR replies ask for the kernel's readdir cache (unionfs/_fuseshim.c): a directory
+    listed again is read from the kernel's page cache, with no READDIR(PLUS); a change made
+    through the mount shows in the next listing (the kernel drops the cached listing)."""
+    counts_file = tmp_path / "requests.json"
+    mnt = tmp_path / "mnt"
+    with container_mounted(store_root, "fs-test", str(mnt), {"STRATA_REQUEST_COUNTS": str(counts_file)}):
+        first = sorted(os.listdir(mnt / "d"))
+        for _ in range(20):
+            assert sorted(os.listdir(mnt / "d")) == first
+        (mnt / "d" / "new").write_bytes(b"")
+        os.unlink(mnt / "d" / "top")
+        os.rename(mnt / "opq" / "new", mnt / "d" / "moved")
+        assert sorted(os.listdir(mnt / "d")) == sorted(set(first) - {"top"} | {"new", "moved"})
+        assert "new" not in os.listdir(mnt / "opq")
+    counts = json.loads(counts_file.read_text())
+    listings = counts.get("READDIRPLUS", 0) + counts.get("READDIR", 0)
+    assert counts["OPENDIR"] >= 22 and listings <= 8, counts  # was 2 per listing: 44 and more

@@ -38,7 +38,11 @@
  * counts requests by opcode (counted_requests), and notes whether the request just read
  * asks the server to kill setuid/setgid (request_kills_suidgid; the kill flags of WRITE,
  * SETATTR, OPEN and CREATE, which libfuse drops); its INIT patch adds
- * FUSE_HANDLE_KILLPRIV_V2 where set_killpriv(True) asked for it before the mount.
+ * FUSE_HANDLE_KILLPRIV_V2 where set_killpriv(True) asked for it before the mount;
+ * with set_no_open(True) (unionfs/noopen.py) read names a fh-0 READ, WRITE, FSYNC or
+ * FALLOCATE by its node and the INIT patch takes FUSE_ATOMIC_O_TRUNC out; and every
+ * OPENDIR reply gets FOPEN_CACHE_DIR | FOPEN_KEEP_CACHE (pyfuse3's opendir cannot ask):
+ * the kernel keeps listings until the directory changes through the mount.
  */
 #define _GNU_SOURCE
 #define PY_SSIZE_T_CLEAN
@@ -167,6 +171,9 @@ struct fuse_session *session_new_versioned(struct fuse_args *args, const struct 
 #define OP_FSYNC 20
 #define OP_CREATE 35
 #define OP_FALLOCATE 43
+#define OP_OPENDIR 27
+#define OPEN_KEEP_CACHE (1u << 1)
+#define OPEN_CACHE_DIR (1u << 3)
 #define INIT_ATOMIC_O_TRUNC (1u << 3)
 #define NO_OPEN_FH (1ull << 63)  /* fh := nodeid | this, in requests on files opened without OPEN */
 #define OPCODES 64  /* counted below this (FUSE_STATX is 52) */
@@ -219,6 +226,7 @@ static uint32_t request_pid, request_uid, request_gid;  /* who sent the request 
 static int request_kills;           /* the request last read asks the server to kill suid/sgid */
 static unsigned long long request_counts[OPCODES];
 static uint64_t init_unique = ~0ull;
+static uint64_t opendir_unique = ~0ull;  /* the OPENDIR being answered */
 static int session_fd = -1;
 static uint64_t marked_fh;          /* the open reply to patch, with this backing id */
 static int32_t marked_backing = -1;
@@ -266,6 +274,9 @@ static ssize_t io_read(int fd, void *buf, size_t len, void *userdata)
     case OP_FSYNC:
     case OP_FALLOCATE:
         name_file_by_node(buf, arg_len);
+        break;
+    case OP_OPENDIR:
+        opendir_unique = in->unique;
         break;
     case OP_INIT:
         if (arg_len >= sizeof(struct init_in)) {
@@ -320,6 +331,19 @@ static ssize_t io_writev(int fd, struct iovec *iov, int count, void *userdata)
         passthrough_granted = passthrough;
         killpriv_granted = killpriv;
         patched[1].iov_base = &init;
+        return writev(fd, patched, 2);
+    }
+    if (out->unique == opendir_unique) {
+        /* the kernel's readdir cache (fs/fuse/readdir.c): listings of the directory are kept
+           in its page cache and read from there until the directory changes, which it sees
+           (every change comes through this mount); FOPEN_KEEP_CACHE keeps them across opens */
+        opendir_unique = ~0ull;
+        struct open_out arg;
+        if (iov[1].iov_len != sizeof arg)
+            return writev(fd, iov, count);
+        memcpy(&arg, iov[1].iov_base, sizeof arg);
+        arg.open_flags |= OPEN_CACHE_DIR | OPEN_KEEP_CACHE;
+        patched[1].iov_base = &arg;
         return writev(fd, patched, 2);
     }
     if (marked_backing >= 0 && open_out_at != (size_t) -1 && iov[1].iov_len == open_out_at + sizeof(struct open_out)) {
