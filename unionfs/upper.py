@@ -29,6 +29,7 @@ nothing else runs SQL on it (tests/test_sql_owners.py).
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import contextlib
 import errno
 import json
@@ -58,6 +59,9 @@ CREATE TABLE IF NOT EXISTS journal(seq INTEGER PRIMARY KEY, time_ns INTEGER NOT 
     ino INTEGER NOT NULL, kind INTEGER NOT NULL, detail TEXT);
 """
 COPY_CHUNK = 1 << 30
+
+
+INO_BLOCK = 64  # inode numbers reserved ahead by one write of next_ino (allocate_ino)
 
 
 def encode_xattrs(xattrs: dict) -> str | None:
@@ -279,10 +283,20 @@ class UpperLayer(UpperDatabase):
             self.next_ino = max(int(row[0]), first_free_ino)
         self._depth = 0
         self._doomed_data: list[int] = []  # data files to remove once the commit is durable
+        self._ino_reserved = self.next_ino  # the next_ino stored (allocate_ino)
+        self._wal_fd = -1  # the write-ahead log, opened at the first sync
+        self._syncers = None  # the threads that sync beside the caller (sync)
+        self._data_names_changed = True  # data files made or removed since the last sync
 
     def close(self) -> None:
         """Idempotent: tests and error paths may close twice."""
         self.db.close()
+        if self._syncers is not None:
+            self._syncers.shutdown()
+            self._syncers = None
+        if self._wal_fd >= 0:
+            os.close(self._wal_fd)
+            self._wal_fd = -1
         if self.data_fd >= 0:
             os.close(self.data_fd)
             self.data_fd = -1
@@ -303,6 +317,7 @@ class UpperLayer(UpperDatabase):
                 self._depth -= 1
                 if self._depth == 0:
                     self._doomed_data.clear()
+                    self._ino_reserved = 0  # (its next_ino rolled back with it: stored again next time)
                     if self.db.in_transaction:  # (SQLITE_FULL and others roll back by themselves)
                         self.db.execute("ROLLBACK")
                 raise
@@ -314,6 +329,7 @@ class UpperLayer(UpperDatabase):
             if self._depth == 0 and self.db.in_transaction:
                 self.db.execute("ROLLBACK")
             self._doomed_data.clear()
+            self._ino_reserved = 0
             raise storage_errors(e) from None
 
     def _remove_doomed(self) -> None:
@@ -324,9 +340,14 @@ class UpperLayer(UpperDatabase):
     # -- updates ---------------------------------------------------------------
 
     def allocate_ino(self) -> int:
+        """A new inode number, in the caller's transaction. The stored next_ino runs
+        INO_BLOCK ahead, rewritten once per block rather than by every create (one page
+        fewer in most creates' commits); numbers a crash or a rollback skips stay unused."""
         ino = self.next_ino
         self.next_ino += 1
-        self._execute("UPDATE meta SET value=? WHERE key='next_ino'", (str(self.next_ino),))
+        if self.next_ino > self._ino_reserved:
+            self._ino_reserved = self.next_ino + INO_BLOCK
+            self._execute("UPDATE meta SET value=? WHERE key='next_ino'", (str(self._ino_reserved),))
         return ino
 
     def _execute(self, sql: str, args: tuple = ()) -> sqlite3.Cursor:
@@ -391,6 +412,7 @@ class UpperLayer(UpperDatabase):
         never committed is an orphan, removed here or by check()).
         `keep_open`: return the new file's fd (O_RDWR), not closed."""
         name = self.data_name(ino) if src_fd is None else f".tmp-{ino}"
+        self._data_names_changed = True
         fd = self._create_exclusive(name)
         try:
             if src_fd is not None:
@@ -415,6 +437,7 @@ class UpperLayer(UpperDatabase):
             return os.open(name, flags, 0o600, dir_fd=self.data_fd)
 
     def remove_data(self, ino: int) -> None:
+        self._data_names_changed = True
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.data_name(ino), dir_fd=self.data_fd)
 
@@ -440,9 +463,44 @@ class UpperLayer(UpperDatabase):
         except sqlite3.Error as e:
             raise storage_errors(e) from None
 
-    def sync(self) -> None:
-        self.db.execute("PRAGMA wal_checkpoint(PASSIVE)")
-        os.fsync(self.data_fd)
+    def sync(self, data_fd: int | None = None, datasync: bool = False) -> None:
+        """Make what is committed durable, as fsync(2) of a file asks, with the file's own
+        data file `data_fd`: a WAL-mode commit is durable once the log's frames are on
+        disk (what synchronous=FULL does at every commit), and the data files made or
+        removed since the last sync need their directory synced. The three are synced at
+        once (two of them on worker threads): each fsync is a flush of the disk, and
+        flushes issued together overlap (create, write, fdatasync and rename of a file as
+        dpkg does it: 0.50 ms of syncs one after the other, 0.36 ms together; a checkpoint
+        here before synced the log and the database and copied pages: 1.4 ms in all,
+        against 0.25 ms on ext4)."""
+        syncs = []
+        if self._wal_fd < 0:
+            try:
+                self._wal_fd = os.open(os.path.join(self.path, "upper.db-wal"), os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:  # nothing logged: every commit is in the database file
+                pass
+            else:
+                dir_fd = os.open(self.path, DIR_FLAGS)  # (the log's own name, once)
+                try:
+                    os.fsync(dir_fd)
+                finally:
+                    os.close(dir_fd)
+        if self._wal_fd >= 0:
+            syncs.append((os.fdatasync, self._wal_fd))
+        if self._data_names_changed:
+            self._data_names_changed = False
+            syncs.append((os.fsync, self.data_fd))
+        if data_fd is not None:
+            syncs.append((os.fdatasync if datasync else os.fsync, data_fd))
+        if len(syncs) > 1:
+            if self._syncers is None:
+                self._syncers = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="strata-sync")
+            others = [self._syncers.submit(call, fd) for call, fd in syncs[1:]]
+            syncs[0][0](syncs[0][1])
+            for done in others:
+                done.result()
+        elif syncs:
+            syncs[0][0](syncs[0][1])
 
     def check(self) -> list[str]:
         """Repair what a crash can leave behind; return what was repaired (fsck)."""

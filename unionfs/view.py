@@ -849,15 +849,13 @@ class UnionView:
             backing.seen = st.st_size, st.st_mtime_ns
 
     def fsync(self, fd: int, datasync: bool) -> None:
-        self.store_pending()
         n = self.handles[fd]
         self.written_through(n)
-        if n.has_data:
-            os.fdatasync(fd) if datasync else os.fsync(fd)
-        if n.dirty:
-            self.persist(n)
+        if n.dirty:  # (its row goes in the one transaction below, with what waits)
+            self.pending_writes.append(n)
+        self.store_pending()
         if self.upper is not None:
-            self.upper.sync()
+            self.upper.sync(fd if n.has_data else None, datasync)
 
     def release(self, fd: int) -> None:
         n = self.handles.pop(fd)
