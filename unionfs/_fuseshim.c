@@ -39,8 +39,8 @@
  * asks the server to kill setuid/setgid (request_kills_suidgid; the kill flags of WRITE,
  * SETATTR, OPEN and CREATE, which libfuse drops); its INIT patch adds
  * FUSE_HANDLE_KILLPRIV_V2 where set_killpriv(True) asked for it before the mount;
- * with set_no_open(True) (unionfs/noopen.py) read names a fh-0 READ, WRITE, FSYNC or
- * FALLOCATE by its node and the INIT patch takes FUSE_ATOMIC_O_TRUNC out; and every
+ * with set_no_open(True) (unionfs/noopen.py) read names a fh-0 READ, WRITE, FSYNC,
+ * FALLOCATE or READDIR(PLUS) by its node and the INIT patch takes FUSE_ATOMIC_O_TRUNC out; and every
  * OPENDIR reply gets FOPEN_CACHE_DIR | FOPEN_KEEP_CACHE (pyfuse3's opendir cannot ask):
  * the kernel keeps listings until the directory changes through the mount.
  */
@@ -172,6 +172,8 @@ struct fuse_session *session_new_versioned(struct fuse_args *args, const struct 
 #define OP_CREATE 35
 #define OP_FALLOCATE 43
 #define OP_OPENDIR 27
+#define OP_READDIR 28
+#define OP_READDIRPLUS 44
 #define OPEN_KEEP_CACHE (1u << 1)
 #define OPEN_CACHE_DIR (1u << 3)
 #define INIT_ATOMIC_O_TRUNC (1u << 3)
@@ -240,9 +242,10 @@ static const struct { uint32_t opcode; size_t at; uint32_t bit; } kill_flags[] =
     {OP_CREATE, offsetof(struct create_in, open_flags), OPEN_KILL_SUIDGID},
 };
 
-/* no-open (unionfs/noopen.py): a file opened without OPEN has fh 0 in its requests, and
-   pyfuse3 hands READ, WRITE and FSYNC handlers the fh alone; these requests' fh (their
-   argument's first field) becomes its node's number, marked. */
+/* no-open (unionfs/noopen.py): a file or directory opened without OPEN(DIR) has fh 0 in
+   its requests, and pyfuse3 hands READ, WRITE, FSYNC and READDIR(PLUS) handlers the fh
+   alone; these requests' fh (their argument's first field) becomes its node's number,
+   marked. */
 static void name_file_by_node(void *buf, size_t arg_len)
 {
     struct in_header *in = buf;
@@ -273,6 +276,8 @@ static ssize_t io_read(int fd, void *buf, size_t len, void *userdata)
     case OP_READ:
     case OP_FSYNC:
     case OP_FALLOCATE:
+    case OP_READDIR:
+    case OP_READDIRPLUS:
         name_file_by_node(buf, arg_len);
         break;
     case OP_OPENDIR:

@@ -147,6 +147,8 @@ class UnionOperations(pyfuse3.Operations):
         try:
             for inode, nlookup in inode_list:
                 forget(inode, nlookup)
+                if self.view.no_open:  # a listing left unfinished (no RELEASEDIR in no-open mode)
+                    self.dir_handles.pop(inode | NO_OPEN_FH, None)
             self.view.forget_done()
         except Exception:
             log.exception("unexpected error in forget")
@@ -182,6 +184,8 @@ class UnionOperations(pyfuse3.Operations):
 
     @answer_errors
     async def opendir(self, inode, ctx):
+        if self.view.no_open:  # once: directories are opened by the kernel alone (unionfs.noopen)
+            raise pyfuse3.FUSEError(errno.ENOSYS)
         fh = self.next_dir_handle
         self.next_dir_handle += 1
         self.view.node(inode)
@@ -191,10 +195,16 @@ class UnionOperations(pyfuse3.Operations):
 
     @answer_errors
     async def readdir(self, fh, start_id, token):
-        inode, entries = self.dir_handles[fh]
+        if fh & NO_OPEN_FH:  # no-open mode: one listing per directory, kept until it is read through
+            inode, entries = self.dir_handles.get(fh) or (fh & NODE_OF_FH, None)
+        else:
+            inode, entries = self.dir_handles[fh]
         if start_id == 0 or entries is None:  # a listing (or rewinddir) sees the directory as it is now
             entries = self.snapshot(inode)
             self.dir_handles[fh] = (inode, entries)
+        if start_id >= len(entries) and fh & NO_OPEN_FH:
+            del self.dir_handles[fh]  # read through: the kernel has it all (and keeps it: its readdir cache)
+            return
         entry = self.entry
         view = self.view
         nodes = view.nodes
