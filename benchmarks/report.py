@@ -147,6 +147,16 @@ def machine() -> dict:
         info["cpu"] = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
     with open("/proc/meminfo") as f:
         info["memory_kib"] = next(int(line.split()[1]) for line in f if line.startswith("MemTotal"))
+    # how an idle CPU waits: on a VM whose guest halt polling is off (guest_halt_poll_ns 0),
+    # waking a process on an idle vCPU costs tens of microseconds, a FUSE round trip two
+    # wake-ups (benchmarks/README.md)
+    for key, path in (("cpuidle_driver", "/sys/devices/system/cpu/cpuidle/current_driver"),
+                      ("guest_halt_poll_ns", "/sys/module/haltpoll/parameters/guest_halt_poll_ns")):
+        try:
+            with open(path) as f:
+                info[key] = f.read().strip()
+        except OSError:
+            info[key] = None
     return info
 
 

@@ -59,6 +59,7 @@ def test_results_json_has_every_sample_and_the_ratios(run):
     assert {s["ops"] for s in samples if s["workload"] == "create"} == {2000}
     assert {s["ops"] for s in samples if s["workload"] == "stat-warm"} == {10_000}
     assert results["machine"]["cpus_used"] == [0]  # --cpus 0
+    assert {"cpuidle_driver", "guest_halt_poll_ns"} <= set(results["machine"])
     for s in samples:  # the requests strata's server counted (unionfs/requests.py); none from the kernel's
         if s["system"] == "overlay":
             assert "requests" not in s, s
