@@ -265,6 +265,10 @@ class UpperLayer(UpperDatabase):
         os.close(os.open(os.path.join(path, "upper.db"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600))
         super().__init__(sqlite3.connect(os.path.join(path, "upper.db"), isolation_level=None,
                                          check_same_thread=False))
+        # (a new layer's; an existing one keeps its own): a commit logs every page it changed,
+        # and most change one row in each of a few tables, so smaller pages log less (in the
+        # view, no FUSE: an unlink with its whiteout and record 42 -> 32 us, a create the same)
+        self.db.execute("PRAGMA page_size=1024")
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=NORMAL")  # survives kill -9; fsync() syncs explicitly
         # checkpoints (they fsync) run when the server is idle (checkpoint()), not inside a
