@@ -66,10 +66,26 @@ class Mount:
     pid: int | None = None  # the FUSE server's, when known
 
     def cpu_seconds(self) -> float | None:
-        """User + system CPU the server has used so far (None for the kernel's, or unknown)."""
+        """CPU time the server's threads have used so far (None for the kernel's, or unknown):
+        the scheduler's nanoseconds on CPU (/proc/PID/task/*/schedstat), not /proc/PID/stat's
+        clock ticks, whose 10 ms make a 100 ms sample's figure a guess."""
         if self.pid is None:
             return None
         try:
+            threads = os.listdir(f"/proc/{self.pid}/task")
+        except FileNotFoundError:
+            return None
+        nanoseconds, read = 0, False
+        for tid in threads:
+            try:
+                with open(f"/proc/{self.pid}/task/{tid}/schedstat") as f:
+                    nanoseconds += int(f.read().split()[0])
+                read = True
+            except (OSError, ValueError, IndexError):  # a thread that just ended
+                continue
+        if read:
+            return nanoseconds / 1e9
+        try:  # a kernel without schedstat
             with open(f"/proc/{self.pid}/stat") as f:
                 fields = f.read().rpartition(")")[2].split()
         except FileNotFoundError:
