@@ -152,9 +152,9 @@ async def _serve(store, config, cdir, child, sync_w, status_r, ours, wait_attach
                 frames, buf = split_frames(buf + data)
                 for kind, payload in frames:
                     if kind == STDIN:
-                        container_input.deliver(payload)
+                        await container_input.deliver(payload)
                     elif kind == STDIN_CLOSED and "stdin" in ours:
-                        container_input.end()
+                        await container_input.end()
                     elif kind == RESIZE:
                         rows, cols = (int(x) for x in payload.split())
                         if "pty" in ours:

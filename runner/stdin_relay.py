@@ -9,30 +9,33 @@ task writes everything, in the order it came, then closes.
 """
 from __future__ import annotations
 
-import math
-
 import trio
+
+# frames (up to 64 KiB each) that wait for the container to read them: past this a
+# client's delivery waits, as a write to a full pipe does (never the supervisor's memory)
+WAITING_FRAMES = 16
 
 
 class InputRelay:
-    """Clients deliver; one `feed` task writes. Never blocks a client, never raises
-    at it: input after the container stopped reading is dropped, as a pipe would."""
+    """Clients deliver; one `feed` task writes. A client waits while the container does not
+    read (and until its input exists), and is never raised at: input after the container
+    stopped reading is dropped, as a pipe would."""
 
     __slots__ = ("_send", "_receive")
 
     def __init__(self) -> None:
-        self._send, self._receive = trio.open_memory_channel(math.inf)
+        self._send, self._receive = trio.open_memory_channel(WAITING_FRAMES)
 
-    def deliver(self, data: bytes) -> None:
-        self._put(data)
+    async def deliver(self, data: bytes) -> None:
+        await self._put(data)
 
-    def end(self) -> None:
+    async def end(self) -> None:
         """The client's end of input: the container reads EOF once all before it is written."""
-        self._put(None)
+        await self._put(None)
 
-    def _put(self, item: bytes | None) -> None:
+    async def _put(self, item: bytes | None) -> None:
         try:
-            self._send.send_nowait(item)
+            await self._send.send(item)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the feed is over: the container closed its input, or has none
 

@@ -496,16 +496,22 @@ def test_writes_truncates_and_chowns_kill_setuid_and_setgid_as_linux_does(mode, 
     which pyfuse3 does not tell; this guards against taking it without doing them."""
     mnt = request.getfixturevalue("mounted" if mode == "passthrough" else "mounted_cached")[0]
     for name, bits, act in [("w", 0o4777, lambda fd: os.write(fd, b"x")),
-                            ("t", 0o2777, lambda fd: os.ftruncate(fd, 1))]:
+                            ("t", 0o2777, lambda fd: os.ftruncate(fd, 1)),
+                            ("f", 0o4777, lambda fd: os.posix_fallocate(fd, 0, 8192))]:
         path = f"{mnt}/{name}"
         with open(path, "wb") as f:
             f.write(b"data")
         os.chmod(path, bits)
+        os.stat(path)  # (the kernel caches the mode: the kill must reach its copy too)
         fd = os.open(path, os.O_WRONLY | os.O_APPEND)
         try:
             as_nobody(act, fd)
         finally:
             os.close(fd)
+        # stat(1) asks for the mode alone (statx STATX_MODE): the kernel's copy, unless dropped
+        # (first: a full stat would refresh it)
+        wait_for(lambda: subprocess.run(["stat", "-c", "%a", path], capture_output=True, text=True).stdout.strip()
+                 == "%o" % (bits & 0o777), 5, f"the kernel's mode of {name} after the kill")
         assert stat.S_IMODE(os.stat(path).st_mode) == bits & 0o777, (name, oct(os.stat(path).st_mode))
     path = f"{mnt}/c"
     with open(path, "wb") as f:

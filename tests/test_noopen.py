@@ -133,3 +133,24 @@ def test_a_write_is_journalled_for_its_writer(mounted):
     finally:
         db.close()
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
+
+
+def test_the_handles_of_files_opened_without_open_are_bounded(container, store_root, tmp_path):
+    """No RELEASE comes for a file the kernel opened alone, so the view keeps at most
+    INODE_HANDLES_MAX data handles (the oldest goes): reading more files than that, one at
+    a time, never runs the server out of descriptors."""
+    from unionfs.view import INODE_HANDLES_MAX
+    files = INODE_HANDLES_MAX + 300
+    mnt = tmp_path / "mnt"
+    with container_mounted(store_root, "fs-test", str(mnt), NO_OPEN) as server:
+        (mnt / "many").mkdir()
+        for i in range(files):
+            (mnt / "many" / str(i)).write_bytes(b"%d" % i)
+        drop_caches(1)  # (the pages the creates left: each read is a READ, through a handle)
+        baseline = len(os.listdir(f"/proc/{server.pid}/fd"))
+        for i in range(files):
+            assert (mnt / "many" / str(i)).read_bytes() == b"%d" % i
+        held = len(os.listdir(f"/proc/{server.pid}/fd"))
+        assert held <= baseline + INODE_HANDLES_MAX + 8, (baseline, held)
+        (mnt / "after").write_bytes(b"still works")
+        assert (mnt / "many" / "0").read_bytes() == b"0"  # (its handle went: opened again)

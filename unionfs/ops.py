@@ -33,6 +33,7 @@ import os
 import resource
 
 import pyfuse3
+import trio
 
 from .killpriv import lacks_fsetid, request_kills
 from .noopen import NO_OPEN_FH, NODE_OF_FH, last_request
@@ -44,6 +45,14 @@ CACHE_SECONDS = 24 * 3600.0  # the kernel's entry/attr cache: only this mount ch
 
 FD_EXHAUSTION = (errno.EMFILE, errno.ENFILE)
 READ_ONLY_MASK = os.O_ACCMODE | os.O_TRUNC  # O_RDONLY alone: an open that changes nothing
+
+
+async def invalidate_attributes(inodes: list[int]) -> None:
+    for ino in inodes:
+        try:
+            pyfuse3.invalidate_inode(ino, attr_only=True)
+        except OSError:  # (the kernel forgot it: nothing cached to drop)
+            pass
 
 
 def answer_errors(handler):
@@ -236,6 +245,8 @@ class UnionOperations(pyfuse3.Operations):
         kill_setid = request_kills() or (
             flags & os.O_TRUNC and self.view.node(inode).mode & SETID_BITS and lacks_fsetid(ctx.pid))
         fd, _ = self.view.open(inode, flags, (ctx.pid, ctx.uid, ctx.gid), bool(kill_setid))
+        if self.view.stale_attrs:
+            self.invalidate_after_reply()
         self.reply_through(fd, flags & READ_ONLY_MASK == os.O_RDONLY)
         return pyfuse3.FileInfo(fh=fd, keep_cache=True)
 
@@ -266,7 +277,17 @@ class UnionOperations(pyfuse3.Operations):
         kill_setid = request_kills()  # (first: it holds until the first await)
         if fh & NO_OPEN_FH:
             fh = self.view.inode_handle(fh & NODE_OF_FH, True, last_request())
-        return self.view.write(fh, off, buf, kill_setid)
+        written = self.view.write(fh, off, buf, kill_setid)
+        if self.view.stale_attrs:
+            self.invalidate_after_reply()
+        return written
+
+    def invalidate_after_reply(self) -> None:
+        """The view changed attributes the kernel caches (a kill) in a request whose reply
+        carries none: have the kernel drop its copy once the reply is out (not before: the
+        kernel may hold the inode's lock until then), or stat and exec see the old mode."""
+        inodes, self.view.stale_attrs = self.view.stale_attrs, []
+        trio.lowlevel.spawn_system_task(invalidate_attributes, inodes)
 
     def fallocate(self, inode, fh, mode, offset, length, pid, uid, gid) -> int:
         """Not a pyfuse3 handler: unionfs.fallocate's shim calls it, synchronously, and
@@ -274,7 +295,10 @@ class UnionOperations(pyfuse3.Operations):
         try:
             if fh & NO_OPEN_FH:
                 fh = self.view.inode_handle(inode, True, (pid, uid, gid))
-            self.view.fallocate(inode, fh, mode, offset, length, (pid, uid, gid))
+            kill_setid = self.view.node(inode).mode & SETID_BITS and lacks_fsetid(pid)
+            self.view.fallocate(inode, fh, mode, offset, length, (pid, uid, gid), bool(kill_setid))
+            if self.view.stale_attrs:
+                self.invalidate_after_reply()
         except OSError as e:
             return self.errno_of(e)
         except Exception:

@@ -33,6 +33,9 @@ RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
 ALLOWED_XATTR_PREFIXES = (b"user.", b"trusted.", b"security.")
 CAPABILITY_XATTR = b"security.capability"
 SETID_BITS = stat.S_ISUID | stat.S_ISGID
+# no-open mode's data handles by node (inode_handle) kept at most: the kernel opens files
+# without telling the server, so only this bounds the fds they hold
+INODE_HANDLES_MAX = 1024
 S_IFDIR, S_IFREG, S_IFLNK = stat.S_IFDIR, stat.S_IFREG, stat.S_IFLNK
 FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE = 0x01, 0x02, 0x10
 # the fallocate modes served, as fuse-overlayfs serves them, by their journal names (a hole
@@ -166,6 +169,9 @@ class UnionView:
         # writer of record of a write that comes without one (the writeback cache's)
         self.last_callers: dict[int, Caller] = {}
         self.forgotten_unlinked: list[int] = []  # their rows go in one transaction (forget_done)
+        # nodes whose mode the view changed in a request whose reply carries no attributes
+        # (a kill on a write, an open, a fallocate): the adapter has the kernel drop its copy
+        self.stale_attrs: list[int] = []
         # Bumped by every change to the view: a cached attribute reply (Node.attr) is
         # valid while the generation it was made in lasts. Lookups and listings change
         # nothing, so they are answered from the cache; any write invalidates it all.
@@ -792,16 +798,20 @@ class UnionView:
         self.recorder.record_write(fd, n, offset, end)
         return written
 
-    def fallocate(self, ino: int, fd: int, mode: int, offset: int, length: int, caller: Caller = NOBODY) -> Node:
+    def fallocate(self, ino: int, fd: int, mode: int, offset: int, length: int, caller: Caller = NOBODY,
+                  kill_setid: bool = False) -> Node:
         """fallocate(2) on an open handle's data file, journalled as its own change, as a
         truncate is. The kernel sends it only through a handle open for writing, and
-        opening for writing copies the file up, so the data file is the upper one."""
+        opening for writing copies the file up, so the data file is the upper one. It drops
+        privileges as a write does (`kill_setid`: the caller lacks CAP_FSETID)."""
         if mode not in FALLOCATE_MODES:
             raise fs_error(errno.EOPNOTSUPP)
         n = self.handles.get(fd)
         if n is None or n.ino != ino or not n.has_data:  # (a lower file's fd is read-only)
             raise fs_error(errno.EBADF)
         self._writable()
+        if kill_setid and n.mode & SETID_BITS or CAPABILITY_XATTR in n.xattrs:
+            self.drop_privileges(n, kill_setid, caller)
         fallocate_fd(fd, mode, offset, length)
         n.size = os.fstat(fd).st_size  # (mode 0 extends only past the end)
         n.mtime_ns = n.ctime_ns = time.time_ns()
@@ -888,6 +898,8 @@ class UnionView:
         if fd is not None and (not writing or fd in self.inode_writers):
             return fd
         n = self.node(ino)
+        if fd is None and len(self.inode_handles) >= INODE_HANDLES_MAX:
+            self._close_oldest_inode_handle()
         if n.is_dir():
             raise fs_error(errno.EISDIR)
         if writing:
@@ -909,6 +921,15 @@ class UnionView:
                 caller = self.last_callers.get(ino, caller)
             self.recorder.record_open(caller, fd)
         return fd
+
+    def _close_oldest_inode_handle(self) -> None:
+        """Keep the server's fds for the container's open files: the handle opened first goes
+        (released as a close releases: its writes on record; the next request on its node
+        opens another)."""
+        ino = next(iter(self.inode_handles))
+        fd = self.inode_handles.pop(ino)
+        self.inode_writers.discard(fd)
+        self.release(fd)
 
     def _close_inode_handle(self, n: Node) -> None:
         """The kernel forgot `n`: no open file reaches it any more."""
@@ -995,6 +1016,7 @@ class UnionView:
             times = n.atime_ns, n.mtime_ns
             if mode != n.mode:
                 n.mode = mode
+                self.stale_attrs.append(n.ino)
                 self.recorder.record_setattr(caller, n, mode, None, None, None, None, times)
             if capability:
                 n.xattrs = {k: v for k, v in n.xattrs.items() if k != CAPABILITY_XATTR}
