@@ -27,10 +27,12 @@ environment turns it off.
 from __future__ import annotations
 
 import os
+import stat
 
 from .fuseshim import shim
 
 CAP_FSETID = 4
+SETID_BITS = stat.S_ISUID | stat.S_ISGID
 
 
 def request(on: bool) -> bool:
@@ -56,6 +58,12 @@ def lacks_fsetid(pid: int) -> bool:
     except (OSError, ValueError):
         pass
     return True
+
+
+def kills_setid(mode: int, pid: int) -> bool:
+    """Whether a change by `pid` to a file of `mode` clears its setuid/setgid where the
+    kernel tells nothing (an open(O_TRUNC) without KILLPRIV_V2, any fallocate)."""
+    return bool(mode & SETID_BITS) and lacks_fsetid(pid)
 
 
 def _never() -> bool:

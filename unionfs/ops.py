@@ -35,9 +35,9 @@ import resource
 import pyfuse3
 import trio
 
-from .killpriv import lacks_fsetid, request_kills
+from .killpriv import kills_setid, request_kills
 from .noopen import NO_OPEN_FH, NODE_OF_FH, last_request
-from .view import SETID_BITS, UnionView
+from .view import UnionView
 
 log = logging.getLogger("strata.unionfs")
 CACHE_SECONDS = 24 * 3600.0  # the kernel's entry/attr cache: only this mount changes the view
@@ -139,8 +139,8 @@ class UnionOperations(pyfuse3.Operations):
         # the hot path: errors handled inline rather than through answer_errors
         try:
             n = self.view.lookup(parent_inode, name)
-            if self.view.no_open and ctx is not None:
-                self.view.last_callers[n.ino] = (ctx.pid, ctx.uid, ctx.gid)
+            if self.view.no_open:
+                self.note_caller(n.ino, ctx)
             return self.known(n)
         except OSError as e:
             if e.errno != errno.ENOENT:
@@ -149,6 +149,12 @@ class UnionOperations(pyfuse3.Operations):
             log.exception("unexpected error in lookup")
             raise pyfuse3.FUSEError(errno.EIO) from None
         return self.negative
+
+    def note_caller(self, inode, ctx) -> None:
+        """No-open mode: the process that last reached `inode`, the writer of record of a write
+        that comes without credentials (UnionView.inode_handle)."""
+        if ctx is not None:
+            self.view.last_callers[inode] = (ctx.pid, ctx.uid, ctx.gid)
 
     async def forget(self, inode_list):
         # no reply, so no FUSEError: anything unexpected is logged (the mount stays up)
@@ -164,8 +170,8 @@ class UnionOperations(pyfuse3.Operations):
 
     @answer_errors
     async def getattr(self, inode, ctx=None):
-        if self.view.no_open and ctx is not None:
-            self.view.last_callers[inode] = (ctx.pid, ctx.uid, ctx.gid)
+        if self.view.no_open:
+            self.note_caller(inode, ctx)
         return self.entry(self.view.node(inode))
 
     @answer_errors
@@ -242,8 +248,7 @@ class UnionOperations(pyfuse3.Operations):
     async def open(self, inode, flags, ctx):
         if self.view.no_open:  # once: the kernel opens files alone from now on (unionfs.noopen)
             raise pyfuse3.FUSEError(errno.ENOSYS)
-        kill_setid = request_kills() or (
-            flags & os.O_TRUNC and self.view.node(inode).mode & SETID_BITS and lacks_fsetid(ctx.pid))
+        kill_setid = request_kills() or (flags & os.O_TRUNC and kills_setid(self.view.node(inode).mode, ctx.pid))
         fd, _ = self.view.open(inode, flags, (ctx.pid, ctx.uid, ctx.gid), bool(kill_setid))
         if self.view.stale_attrs:
             self.invalidate_after_reply()
@@ -295,8 +300,8 @@ class UnionOperations(pyfuse3.Operations):
         try:
             if fh & NO_OPEN_FH:
                 fh = self.view.inode_handle(inode, True, (pid, uid, gid))
-            kill_setid = self.view.node(inode).mode & SETID_BITS and lacks_fsetid(pid)
-            self.view.fallocate(inode, fh, mode, offset, length, (pid, uid, gid), bool(kill_setid))
+            kill_setid = kills_setid(self.view.node(inode).mode, pid)
+            self.view.fallocate(inode, fh, mode, offset, length, (pid, uid, gid), kill_setid)
             if self.view.stale_attrs:
                 self.invalidate_after_reply()
         except OSError as e:
@@ -358,7 +363,7 @@ class UnionOperations(pyfuse3.Operations):
     @answer_errors
     async def getxattr(self, inode, name, ctx):
         if self.view.no_open:
-            self.view.last_callers[inode] = (ctx.pid, ctx.uid, ctx.gid)
+            self.note_caller(inode, ctx)
         return self.view.getxattr(inode, name)
 
     @answer_errors

@@ -281,7 +281,7 @@ class JournalRecorder:
     # -- inside ----------------------------------------------------------------------
 
     def _child_path(self, parent, name: bytes) -> bytes:
-        """view.child_path, the parent's path kept (dir_paths) while its name stays."""
+        """The path of `name` in `parent`, the parent's path kept (dir_paths) while its name stays."""
         known = self.dir_paths.get(parent.ino)
         if known is not None and known[0] == parent.parent and known[1] == parent.name:
             base = known[2]

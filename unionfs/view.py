@@ -32,7 +32,6 @@ XATTR_CREATE, XATTR_REPLACE = 1, 2
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
 ALLOWED_XATTR_PREFIXES = (b"user.", b"trusted.", b"security.")
 CAPABILITY_XATTR = b"security.capability"
-SETID_BITS = stat.S_ISUID | stat.S_ISGID
 # no-open mode's data handles by node (inode_handle) kept at most: the kernel opens files
 # without telling the server, so only this bounds the fds they hold
 INODE_HANDLES_MAX = 1024
@@ -348,10 +347,6 @@ class UnionView:
             parts.append(n.name)
             n = self._parent_of(n)
         return b"/" + b"/".join(reversed(parts))
-
-    def child_path(self, parent: Node, name: bytes) -> bytes:
-        base = self.path_of(parent)
-        return base + name if base == b"/" else base + b"/" + name
 
     def store_pending(self) -> None:
         """Store what went without a transaction of its own now: flush and release leave
@@ -787,8 +782,7 @@ class UnionView:
         is only the journal's for what that kills."""
         self.generation += 1
         n = self.handles[fd]
-        if kill_setid and n.mode & SETID_BITS or CAPABILITY_XATTR in n.xattrs:
-            self.drop_privileges(n, kill_setid, caller)
+        self.drop_privileges(n, kill_setid, caller)
         written = os.pwrite(fd, data, offset)
         end = offset + written
         if end > n.size:
@@ -810,8 +804,7 @@ class UnionView:
         if n is None or n.ino != ino or not n.has_data:  # (a lower file's fd is read-only)
             raise fs_error(errno.EBADF)
         self._writable()
-        if kill_setid and n.mode & SETID_BITS or CAPABILITY_XATTR in n.xattrs:
-            self.drop_privileges(n, kill_setid, caller)
+        self.drop_privileges(n, kill_setid, caller)
         fallocate_fd(fd, mode, offset, length)
         n.size = os.fstat(fd).st_size  # (mode 0 extends only past the end)
         n.mtime_ns = n.ctime_ns = time.time_ns()
@@ -926,19 +919,23 @@ class UnionView:
         """Keep the server's fds for the container's open files: the handle opened first goes
         (released as a close releases: its writes on record; the next request on its node
         opens another)."""
-        ino = next(iter(self.inode_handles))
-        fd = self.inode_handles.pop(ino)
+        self._release_inode_handle(next(iter(self.inode_handles)))
+
+    def _release_inode_handle(self, ino: int) -> bool:
+        """Release `ino`'s handle, if it has one."""
+        fd = self.inode_handles.pop(ino, None)
+        if fd is None:
+            return False
         self.inode_writers.discard(fd)
         self.release(fd)
+        return True
 
     def _close_inode_handle(self, n: Node) -> None:
         """The kernel forgot `n`: no open file reaches it any more."""
         self.last_callers.pop(n.ino, None)
-        fd = self.inode_handles.pop(n.ino, None)
-        if fd is not None:
-            self.inode_writers.discard(fd)
-            self.release(fd)
-        elif n.nlink <= 0 and not n.opens and not n.is_dir() and self.upper is not None:
+        if self._release_inode_handle(n.ino):
+            return
+        if n.nlink <= 0 and not n.opens and not n.is_dir() and self.upper is not None:
             self.forgotten_unlinked.append(n.ino)  # unlinked while held, never read or written since
 
     def forget_done(self) -> None:
