@@ -492,19 +492,19 @@ class UpperLayer(UpperDatabase):
         if self._wal_fd >= 0:
             syncs.append((os.fdatasync, self._wal_fd))
         if self._data_names_changed:
-            self._data_names_changed = False
             syncs.append((os.fsync, self.data_fd))
         if data_fd is not None:
             syncs.append((os.fdatasync if datasync else os.fsync, data_fd))
-        if len(syncs) > 1:
-            if self._syncers is None:
-                self._syncers = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="strata-sync")
-            others = [self._syncers.submit(call, fd) for call, fd in syncs[1:]]
-            syncs[0][0](syncs[0][1])
-            for done in others:
-                done.result()
-        elif syncs:
-            syncs[0][0](syncs[0][1])
+        if not syncs:
+            return
+        (call, fd), others = syncs[0], syncs[1:]
+        if others and self._syncers is None:
+            self._syncers = concurrent.futures.ThreadPoolExecutor(2, thread_name_prefix="strata-sync")
+        beside = [self._syncers.submit(other, other_fd) for other, other_fd in others]
+        call(fd)
+        for done in beside:
+            done.result()
+        self._data_names_changed = False
 
     def check(self) -> list[str]:
         """Repair what a crash can leave behind; return what was repaired (fsck)."""
