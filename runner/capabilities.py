@@ -121,3 +121,23 @@ def limit_process_sets(keep_mask: int) -> None:
     if permitted & ~keep_mask or inheritable:
         extra = (permitted & ~keep_mask) | inheritable
         raise CapabilityError(0, f"{name_of(extra.bit_length() - 1)} survived the capability drop")
+
+
+PR_SET_KEEPCAPS, PR_CAP_AMBIENT_RAISE = 8, 2
+
+
+def keep_across_setuid(keep: bool) -> None:
+    """PR_SET_KEEPCAPS: a setuid() from root to another user keeps the permitted set
+    (an OCI process may run as a user with capabilities)."""
+    _prctl(PR_SET_KEEPCAPS, 1 if keep else 0, "cannot set keep-caps")
+
+
+def set_oci_sets(effective, permitted, inheritable, ambient) -> None:
+    """An OCI process's sets, after the ids changed (bounding dropped before): capset,
+    then each ambient capability raised (it must be permitted and inheritable)."""
+    set_sets(mask_of(effective or ()), mask_of(permitted or ()), mask_of(inheritable or ()))
+    for name in ambient or ():
+        result = _libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, NUMBERS[name], 0, 0)
+        if result < 0:
+            err = ctypes.get_errno()
+            raise CapabilityError(err, f"cannot raise ambient {name}: {os.strerror(err)}")

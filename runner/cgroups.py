@@ -599,6 +599,11 @@ class Placement:
         return cls(paths={str(k): str(v) for k, v in data["paths"].items()},
                    created=[str(p) for p in data.get("created", [])])
 
+    def add(self, pid: int) -> None:
+        """Move `pid` (an exec's process) into every cgroup of the container."""
+        for directory in dict.fromkeys(self.paths.values()):
+            _write(directory, "cgroup.procs", pid)
+
     def pids(self) -> list[int]:
         found: set[int] = set()
         for top in set(self.paths.values()):

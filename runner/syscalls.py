@@ -16,6 +16,7 @@ CLONE_NEWIPC = 0x08000000
 CLONE_NEWUSER = 0x10000000
 CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
+CLONE_NEWCGROUP = 0x02000000
 
 MS_RDONLY = 0x1
 MS_NOSUID = 0x2
@@ -23,6 +24,7 @@ MS_NODEV = 0x4
 MS_NOEXEC = 0x8
 MS_REMOUNT = 0x20
 MS_BIND = 0x1000
+MS_MOVE = 0x2000
 MS_REC = 0x4000
 MS_PRIVATE = 1 << 18
 MS_SLAVE = 1 << 19
@@ -32,6 +34,7 @@ MOUNT_ATTR_RDONLY = 0x1
 MOUNT_ATTR_NOSUID = 0x2
 MOUNT_ATTR_NODEV = 0x4
 MOUNT_ATTR_NOEXEC = 0x8
+MOUNT_ATTR__ATIME = 0x70
 AT_RECURSIVE = 0x8000
 KEYCTL_JOIN_SESSION_KEYRING = 1
 PR_SET_NO_NEW_PRIVS = 38
@@ -87,11 +90,14 @@ class _MountAttr(ctypes.Structure):
                 ("propagation", ctypes.c_uint64), ("userns_fd", ctypes.c_uint64)]
 
 
-def mount_setattr(target: str | int, attr_set: int, recursive: bool = False) -> None:
+def mount_setattr(target: str | int, attr_set: int, recursive: bool = False, attr_clr: int = 0) -> None:
     """Add mount flags to `target` (a path, or an fd of the mount's root) and, with
     `recursive`, to every mount below it (a MS_REMOUNT|MS_BIND changes only the top
-    mount, MS_REC or not)."""
-    attr = _MountAttr(attr_set, 0, 0, 0)
+    mount, MS_REC or not); `attr_clr` are flags to take off. An atime mode is one
+    field of the kernel's (MOUNT_ATTR__ATIME): setting one clears the field first."""
+    if attr_set & MOUNT_ATTR__ATIME:
+        attr_clr |= MOUNT_ATTR__ATIME
+    attr = _MountAttr(attr_set, attr_clr, 0, 0)
     flags = AT_RECURSIVE if recursive else 0
     if isinstance(target, int):
         dirfd, path, flags = target, b"", flags | AT_EMPTY_PATH
@@ -119,6 +125,11 @@ def join_new_session_keyring() -> None:
     the container would share its caller's (runc does the same)."""
     serial = _libc.syscall(SYS_KEYCTL, KEYCTL_JOIN_SESSION_KEYRING, None)
     _check(0 if serial > 0 else -1, "join a new session keyring")
+
+
+def setdomainname(name: str) -> None:
+    value = name.encode()
+    _check(_libc.setdomainname(value, len(value)), "setdomainname")
 
 
 def set_no_new_privs() -> None:
