@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rootless", default="auto", help="accepted")
     parser.add_argument("--criu", default=None, help="accepted; checkpoints are not supported")
     parser.add_argument("-v", "--version", action="store_true")
-    commands = parser.add_subparsers(dest="command")
+    commands = parser.add_subparsers(dest="verb")
 
     create = commands.add_parser("create")
     create.add_argument("-b", "--bundle", default=".")
@@ -198,10 +198,11 @@ def cmd_create(args, root: str, log: Log, detach_stdio: bool = True) -> Containe
             container.write(state)
             ours.send(oci_init.SYNC_INIT)
             ours.receive(oci_init.SYNC_MOUNTED, "init")
-            hook_state = {**container.oci_state({**state, "creating": False}), "status": "creating"}
+            # (runtime-tools checks the prestart hooks see "created", as runc passes it)
+            hook_state = {**container.oci_state({**state, "creating": False}), "status": "created"}
             oci_hooks.run(spec, "prestart", hook_state)
             oci_hooks.run(spec, "createRuntime", hook_state)
-            ours.send(oci_init.SYNC_MOUNTED, state={**hook_state, "status": "created"})
+            ours.send(oci_init.SYNC_MOUNTED, state=hook_state)
             ours.receive(oci_init.SYNC_CREATED, "init")
             ours.close()
             if args.pid_file:
@@ -526,14 +527,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.version:
         print(f"strata-runtime version {VERSION}\nspec: {ocispec.SPEC_VERSION}")
         return 0
-    if not args.command:
+    if not args.verb:
         build_parser().print_usage(sys.stderr)
         return 2
     root = args.root or default_root()
     if args.debug:
         os.environ["STRATA_DEBUG"] = "1"
     try:
-        result = COMMANDS[args.command](args, root, log)
+        result = COMMANDS[args.verb](args, root, log)
     except ERRORS as e:
         log.write("error", str(e) if not isinstance(e, OSError) or not e.filename
                   else f"{e.filename}: {e.strerror}")
