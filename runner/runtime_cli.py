@@ -163,6 +163,7 @@ def cmd_create(args, root: str, log: Log, detach_stdio: bool = True) -> Containe
                      "annotations": spec.get("annotations") or {}, "creating": True, "owner": os.geteuid()}
             container.write(state)
             os.mkfifo(container.fifo, 0o622)
+            os.chmod(container.fifo, 0o622)  # (past the umask: init may be another user in its user namespace)
             fifo_fd = os.open(container.fifo, os.O_PATH | os.O_CLOEXEC)
             console = None
             if spec["process"].get("terminal"):
@@ -180,6 +181,7 @@ def cmd_create(args, root: str, log: Log, detach_stdio: bool = True) -> Containe
             if console is not None:
                 console.close()
             try:
+                stage1_done = False
                 message = ours.receive(oci_init.SYNC_NAMESPACES, "stage 1")
                 if "user" in ocispec.namespaces(spec) and ocispec.namespaces(spec)["user"] is None:
                     oci_init.write_id_maps(message["pid"], spec)
@@ -192,7 +194,10 @@ def cmd_create(args, root: str, log: Log, detach_stdio: bool = True) -> Containe
                 container.write(state)
                 ours.send(oci_init.SYNC_NAMESPACES)
                 init_pid = ours.receive(oci_init.SYNC_INIT, "stage 1")["pid"]
+                stage1_done = True
             finally:
+                if not stage1_done:  # it may be waiting for this process's next message
+                    _kill_quietly(stage1, signal.SIGKILL)
                 os.waitpid(stage1, 0)
             state.update(pid=init_pid, pid_start=start_time(init_pid))
             container.write(state)
@@ -466,6 +471,7 @@ def cmd_exec(args, root: str, log: Log) -> int:
     theirs.close()
     if console is not None:
         console.close()
+    pid = None
     try:
         message = ours.receive(oci_init.SYNC_NAMESPACES, "exec")
         if placement is not None:
@@ -473,6 +479,8 @@ def cmd_exec(args, root: str, log: Log) -> int:
         ours.send(oci_init.SYNC_NAMESPACES)
         pid = ours.receive(oci_init.SYNC_INIT, "exec")["pid"]
     finally:
+        if pid is None:  # it may be waiting for this process's next message
+            _kill_quietly(child, signal.SIGKILL)
         os.waitpid(child, 0)
     if args.pid_file:
         write_pid_file(args.pid_file, pid)
