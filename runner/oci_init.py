@@ -147,6 +147,8 @@ def run_stage1(spec: dict, bundle: str, channel: Channel, fifo_fd: int, console_
                program, preserve_fds: int) -> None:
     """Stage 1 (the runtime's child): namespaces, then the fork of init; exits."""
     try:
+        for sig in (signal.SIGTERM, signal.SIGHUP):  # the runtime's handlers are not the container's
+            signal.signal(sig, signal.SIG_DFL)
         prctl.set_pdeathsig(signal.SIGKILL)  # (init, its fork, does not inherit it)
         close_other_fds({channel.read_fd, channel.write_fd, fifo_fd, console_fd}, preserve_fds)
         namespaces = ocispec.namespaces(spec)

@@ -153,6 +153,8 @@ def cmd_create(args, root: str, log: Log, detach_stdio: bool = True) -> Containe
     if args.console_socket is None and spec["process"].get("terminal"):
         raise ocispec.SpecError("process.terminal is set: --console-socket is required")
     container = Container(root, args.id)
+    for sig in (signal.SIGTERM, signal.SIGHUP):  # a caller that gives up still gets the clean-up below
+        signal.signal(sig, _exit_on_signal)
     container.make()
     init_pid = None
     placement = None
@@ -160,7 +162,8 @@ def cmd_create(args, root: str, log: Log, detach_stdio: bool = True) -> Containe
         with container.locked():
             container.save_spec(spec)
             state = {"ociVersion": spec["ociVersion"], "id": args.id, "bundle": bundle, "created": now_rfc3339(),
-                     "annotations": spec.get("annotations") or {}, "creating": True, "owner": os.geteuid()}
+                     "annotations": spec.get("annotations") or {}, "creating": True, "owner": os.geteuid(),
+                     "creator": os.getpid(), "creator_start": start_time(os.getpid())}
             container.write(state)
             os.mkfifo(container.fifo, 0o622)
             os.chmod(container.fifo, 0o622)  # (past the umask: init may be another user in its user namespace)
@@ -226,6 +229,10 @@ def cmd_create(args, root: str, log: Log, detach_stdio: bool = True) -> Containe
         container.remove()
         raise
     return container
+
+
+def _exit_on_signal(number, _frame) -> None:
+    raise SystemExit(128 + number)
 
 
 def write_pid_file(path: str, pid: int) -> None:
@@ -341,7 +348,7 @@ def cmd_delete(args, root: str, log: Log) -> None:
                 placement.thaw()
             for pid in container_pids(container, state):
                 _kill_quietly(pid, signal.SIGKILL)
-            if not _wait_gone(state["pid"], STOP_DEADLINE):
+            if state.get("pid") and not _wait_gone(state["pid"], STOP_DEADLINE):
                 raise StateError(f"container {args.id}'s init did not die in {STOP_DEADLINE:.0f} s")
         if state.get("cgroups"):
             cgroups.Placement.from_state(state["cgroups"]).destroy()

@@ -59,6 +59,13 @@ def start_time(pid: int) -> int | None:
     return int(fields[19])
 
 
+def _alive(pid: int | None, started: int | None) -> bool:
+    if not pid:
+        return False
+    now = start_time(pid)
+    return now is not None and (now == -1 or now == started)
+
+
 class Container:
     """One container's state directory."""
 
@@ -125,6 +132,8 @@ class Container:
     def status(self, state: dict | None = None) -> Status:
         state = state or self.read()
         pid = state.get("pid")
+        if state.get("creating") and not _alive(state.get("creator"), state.get("creator_start")):
+            return Status.STOPPED  # its create was killed half-way: only delete is left
         if not pid:
             return Status.CREATING if state.get("creating") else Status.STOPPED
         started = start_time(pid)
@@ -143,7 +152,7 @@ class Container:
         out = {"ociVersion": state.get("ociVersion", "1.1.0"), "id": self.id, "status": status.value,
                "bundle": state["bundle"], "annotations": state.get("annotations") or {}}
         if status is not Status.STOPPED:
-            out["pid"] = state["pid"]
+            out["pid"] = state.get("pid") or 0
         return out
 
     def remove(self) -> None:

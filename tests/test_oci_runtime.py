@@ -285,3 +285,35 @@ def test_log_json_carries_the_error_for_the_shim(runtime, tmp_path):
     assert b"version" in runtime("--version").stdout
     features = json.loads(runtime("features").stdout)
     assert "createRuntime" in features["hooks"] and "user" in features["linux"]["namespaces"]
+
+
+def test_a_limit_the_kernel_refuses_fails_the_create_at_once_and_leaves_nothing(runtime, tmp_path):
+    """(It used to wait for ever: the runtime waited for a child that waited for it.)"""
+    bundle = make_bundle(tmp_path / "b", ["true"], **{"linux.cgroupsPath": "/strata-test/bad",
+                                                     "linux.resources": {"cpu": {"cpus": "9999"}}})
+    failed = runtime("create", "--bundle", bundle, "bad", check=False, timeout=20)
+    assert failed.returncode == 1 and b"cpuset.cpus" in failed.stderr, failed.stderr
+    assert not os.path.exists(os.path.join(runtime.root, "bad"))
+    assert not any(os.path.exists(f"/sys/fs/cgroup/{h}/strata-test/bad") for h in os.listdir("/sys/fs/cgroup"))
+
+
+def test_a_create_killed_half_way_is_stopped_and_delete_removes_it(runtime, tmp_path):
+    bundle = make_bundle(tmp_path / "b", ["true"], **{"hooks": {"prestart": [{"path": "/bin/sleep",
+                                                                              "args": ["sleep", "300"]}]}})
+    creating = subprocess.Popen([sys.executable, "-m", "runner.runtime_cli", "--root", runtime.root, "create",
+                                 "--bundle", bundle, "half"], env=dict(os.environ, PYTHONPATH=REPO),
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 20
+    while runtime("state", "half", check=False).returncode != 0 or \
+            not json.loads(runtime("state", "half").stdout).get("pid"):
+        assert time.monotonic() < deadline, "create never got as far as its hook"
+        time.sleep(0.05)
+    with open(f"/proc/{creating.pid}/task/{creating.pid}/children") as f:
+        hooks = [int(pid) for pid in f.read().split()]
+    creating.kill()  # SIGKILL: no clean-up of its own
+    creating.wait()
+    for pid in hooks:
+        os.kill(pid, 9)
+    wait_status(runtime, "half", "stopped")
+    runtime("delete", "--force", "half")
+    assert not os.path.exists(os.path.join(runtime.root, "half"))
