@@ -18,7 +18,8 @@ APT_PACKAGES := fuse3 libfuse3-dev pkg-config libcap-dev busybox-static \
                 python3 python3-venv python3-dev gcc libc6-dev zstd libseccomp2 \
                 uidmap util-linux debootstrap \
                 fuse-overlayfs unionfs-fuse bubblewrap \
-                skopeo umoci docker-registry
+                skopeo umoci docker-registry \
+                containerd podman
 STAMP        := $(VENV)/.installed
 
 .PHONY: all deps bytecode system-packages demo test clean

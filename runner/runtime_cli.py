@@ -57,17 +57,25 @@ class Log:
             pass
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """Bad usage is one line (a shim logs what it gets), exit status 2."""
+        self.exit(2, f"strata-runtime: {message}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="strata-runtime", description="An OCI runtime (runc's command line)")
+    parser = Parser(prog="strata-runtime", description="An OCI runtime (runc's command line)")
     parser.add_argument("--root", default=None, help="state directory (default /run/strata-runtime)")
     parser.add_argument("--log", default=None)
     parser.add_argument("--log-format", choices=["json", "text"], default="text")
     parser.add_argument("--debug", action="store_true")
     parser.add_argument("--systemd-cgroup", action="store_true", help="accepted; cgroups are made directly")
+    parser.add_argument("--cgroup-manager", choices=["cgroupfs", "systemd", "disabled"], default="cgroupfs",
+                        help="disabled: no cgroups at all (podman --cgroups=disabled)")
     parser.add_argument("--rootless", default="auto", help="accepted")
     parser.add_argument("--criu", default=None, help="accepted; checkpoints are not supported")
     parser.add_argument("-v", "--version", action="store_true")
-    commands = parser.add_subparsers(dest="verb")
+    commands = parser.add_subparsers(dest="verb", parser_class=Parser)
 
     create = commands.add_parser("create")
     create.add_argument("-b", "--bundle", default=".")
@@ -138,7 +146,7 @@ def parse_signal(value: str) -> int:
 
 # -- the commands ----------------------------------------------------------------------
 
-def cmd_create(args, root: str, log: Log, detach_stdio: bool = True) -> Container:
+def cmd_create(args, root: str, log: Log) -> Container:
     bundle = os.path.abspath(args.bundle)
     spec = ocispec.load(bundle)
     if spec.get("process") is None:
@@ -189,8 +197,12 @@ def cmd_create(args, root: str, log: Log, detach_stdio: bool = True) -> Containe
                 if "user" in ocispec.namespaces(spec) and ocispec.namespaces(spec)["user"] is None:
                     oci_init.write_id_maps(message["pid"], spec)
                 linux = spec.get("linux") or {}
-                placement, warnings = cgroups.place(linux.get("cgroupsPath"), args.id, linux.get("resources"),
-                                                    message["pid"])
+                if args.cgroup_manager == "disabled":
+                    placement, warnings = None, ["linux.resources: not honoured (--cgroup-manager disabled)"] \
+                        if linux.get("resources") else []
+                else:
+                    placement, warnings = cgroups.place(linux.get("cgroupsPath"), args.id, linux.get("resources"),
+                                                        message["pid"])
                 for warning in warnings:
                     log.write("warning", warning)
                 state["cgroups"] = placement.to_state() if placement else None
