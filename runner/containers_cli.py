@@ -483,8 +483,11 @@ def open_namespaces_and_root(pid1: PinnedProcess) -> tuple[dict[str, int], int]:
 
 def cmd_exec(args, store: Store) -> int:
     """Join the running container's namespaces and root, then exec COMMAND there."""
+    from . import container_spec
+    from . import oci_init
     from . import sandbox
     from . import syscalls as sc
+    from . import terminal
     lifecycle.check_env(args.env or [], "-e/--env")
     lifecycle.check_workdir(args.workdir, "-w/--workdir")
     lifecycle.check_user(args.user, "-u/--user")
@@ -492,9 +495,14 @@ def cmd_exec(args, store: Store) -> int:
     config = resolve_container(store, args.container)
     pid1 = container_pid1(store, config)
     env = lifecycle.merge_env(config.get("Env", []), args.env or [])
-    spec = {"env": env, "workdir": args.workdir or config.get("WorkingDir") or "/",
-            "user": args.user if args.user is not None else config.get("User"), "cmd": args.command,
-            **sandbox.security_spec(config, store.root)}
+    security = container_spec.security(config, store.root)
+    user = args.user if args.user is not None else config.get("User")
+    spec = {"process": container_spec.process(args.command, env, args.workdir or config.get("WorkingDir") or "/",
+                                              bool(args.tty), security["noNewPrivileges"]),
+            "annotations": {container_spec.ANNOTATION_SECCOMP_CACHE: security["cache"],
+                            **({container_spec.ANNOTATION_USER: user} if user else {})}}
+    if security["seccomp"] is not None:
+        spec["linux"] = {"seccomp": security["seccomp"]}
     if not args.command:
         raise StoreError("exec needs a command")
     pinned = pin_container_pid1(store, config, pid1)
@@ -536,13 +544,13 @@ def cmd_exec(args, store: Store) -> int:
 
             os.setsid()  # no controlling terminal of the caller's: no TIOCSTI into its shell
             if console_theirs is not None:
-                sandbox.take_terminal(console_theirs)
-
-            def fail(code, message):
-                os.write(2, f"strata: error: {message}\n".encode())
-                os._exit(code)
+                terminal.take_terminal(console_theirs)
             status_r, status_w = os.pipe()
-            sandbox.exec_command(spec, fail, status_w, syscalls_allowed)
+            try:
+                sandbox.run_process(spec, status_w, syscalls_allowed)
+            except oci_init.InitError as e:
+                os.write(2, f"strata: error: {e}\n".encode())
+                os._exit(oci_init.exit_code_for(e))
         except BaseException as e:
             os.write(2, f"strata: error: exec: {e}\n".encode())
             os._exit(125)

@@ -46,7 +46,7 @@ from . import ocispec
 from . import oci_mounts
 from . import seccomp
 from . import syscalls as sc
-from .sandbox import find_executable, open_container_pty
+from . import terminal
 
 SYNC_NAMESPACES = 1  # stage 1 -> runtime: in its user namespace; runtime -> stage 1: maps written, cgroups joined
 SYNC_INIT = 2        # stage 1 -> runtime: the pid of init
@@ -298,20 +298,11 @@ def finish_root(spec: dict) -> None:
 def take_console(console_fd: int | None) -> None:
     if console_fd is None:
         raise InitError("console: process.terminal is set but no --console-socket was given")
-    master, slave = open_container_pty()
     console = socket.socket(fileno=console_fd)
     try:
-        socket.send_fds(console, [b"/dev/ptmx"], [master])
+        terminal.take_terminal(console)
     finally:
         console.close()
-        os.close(master)
-    os.setsid()
-    for target in range(3):
-        os.dup2(slave, target)
-    os.close(slave)
-    import fcntl
-    import termios
-    fcntl.ioctl(0, termios.TIOCSCTTY, 0)
     try:  # the console device names the terminal
         sc.mount(os.ttyname(0), "/dev/console", None, sc.MS_BIND)
     except OSError:
@@ -388,8 +379,20 @@ def exit_code_for(error: InitError) -> int:
     return 127 if "not found" in text else 126 if text.startswith("exec") else 125
 
 
-def become_process(process: dict, program, preserve_fds: int) -> None:
-    """Close what must not leak, change user and capabilities, install the filter, exec."""
+def find_executable(name: str, path: str) -> str | None:
+    if "/" in name:
+        return name if os.path.exists(name) else None
+    for d in path.split(":"):
+        candidate = os.path.join(d or ".", name)
+        if os.path.isfile(candidate):
+            return candidate
+    return None
+
+
+def become_process(process: dict, program, preserve_fds: int, keep: int | None = None) -> None:
+    """Close what must not leak, change user and capabilities, install the filter, exec.
+    `keep`: one more fd to leave open (strata's status pipe: close-on-exec, it says
+    whether the exec happened)."""
     env_list = process.get("env") or []
     env = dict(e.partition("=")[::2] for e in env_list)
     args = process["args"]
@@ -398,7 +401,11 @@ def become_process(process: dict, program, preserve_fds: int) -> None:
     if executable is None:
         raise InitError(f'exec: "{args[0]}": executable file not found in $PATH')
     # step p1: no fd of the runtime's survives (CVE-2024-21626), past the preserved ones
-    os.closerange(3 + preserve_fds, 65536)
+    if keep is None:
+        os.closerange(3 + preserve_fds, 65536)
+    else:
+        os.closerange(3 + preserve_fds, keep)
+        os.closerange(keep + 1, 65536)
     for fd in range(3, 3 + preserve_fds):
         try:
             os.set_inheritable(fd, True)
@@ -406,6 +413,9 @@ def become_process(process: dict, program, preserve_fds: int) -> None:
             pass
     for sig in (signal.SIGPIPE, signal.SIGXFSZ):  # Python ignores them; an exec keeps that
         signal.signal(sig, signal.SIG_DFL)
+    # (root of the container's user namespace) a session keyring of its own: keyrings
+    # are not namespaced, and it would share its caller's
+    sc.join_new_session_keyring()
     apply_credentials(process, program)
     if "umask" in (process.get("user") or {}):
         os.umask(process["user"]["umask"])
@@ -441,7 +451,7 @@ def apply_credentials(process: dict, program) -> None:
         program.install()
 
 
-def compile_filter(spec: dict, process: dict | None = None):
+def compile_filter(spec: dict, process: dict | None = None, cache_dir: str | None = None):
     """The spec's syscall filter as a BPF program, or None; compiled by the runtime,
     where the host's libseccomp is in reach."""
     profile = (spec.get("linux") or {}).get("seccomp")
@@ -450,7 +460,7 @@ def compile_filter(spec: dict, process: dict | None = None):
     process = process or spec.get("process") or {}
     caps = set(((process.get("capabilities") or {}).get("bounding")) or ())
     try:
-        return seccomp.cached_program(profile, caps, None)
+        return seccomp.cached_program(profile, caps, cache_dir)
     except (ValueError, OSError) as e:
         raise InitError(f"seccomp: {e}") from None
 

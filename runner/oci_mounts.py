@@ -225,6 +225,18 @@ def make_device(root_fd: int, device: dict, in_user_namespace: bool) -> None:
         os.close(dir_fd)
 
 
+def _try_mount(*args) -> bool:
+    """A mount that may meet a path that is not there, or that this kernel keeps from a
+    user namespace (some of /proc): False then."""
+    try:
+        sc.mount(*args)
+        return True
+    except OSError as e:
+        if e.errno not in (errno.ENOENT, errno.EPERM, errno.EACCES):
+            raise
+        return False
+
+
 def mask_paths(paths) -> None:
     """After pivot_root: each directory hidden by an empty read-only tmpfs, each file
     by /dev/null; a path that is not there is left alone."""
@@ -234,16 +246,14 @@ def mask_paths(paths) -> None:
         except OSError:
             continue
         if stat.S_ISDIR(st.st_mode):
-            sc.mount("tmpfs", path, "tmpfs", 0x1, None)
+            _try_mount("tmpfs", path, "tmpfs", 0x1, None)
         else:
-            sc.mount("/dev/null", path, None, MS_BIND)
+            _try_mount("/dev/null", path, None, MS_BIND)
 
 
 def readonly_paths(paths) -> None:
     for path in paths or ():
-        try:
-            sc.mount(path, path, None, MS_BIND | MS_REC)
-        except FileNotFoundError:
+        if not _try_mount(path, path, None, MS_BIND | MS_REC):
             continue
         sc.mount_setattr(path, sc.MOUNT_ATTR_RDONLY | sc.MOUNT_ATTR_NOSUID | sc.MOUNT_ATTR_NODEV
                          | sc.MOUNT_ATTR_NOEXEC if path.startswith("/proc") else sc.MOUNT_ATTR_RDONLY,

@@ -30,6 +30,7 @@ from store import Store
 from store.containers import container_dir, read_state, remove_container, supervisor_name, write_state
 from store.store import now_rfc3339
 
+from . import container_spec
 from . import sandbox
 from . import syscalls as sc
 
@@ -264,10 +265,7 @@ def main(root: str, container_id: str, wait_attach: bool) -> int:
         ours = {"stdout": out_r, "stderr": err_r, "stdin": in_w}
     sync_r, sync_w = os.pipe()
     status_r, status_w = os.pipe()
-    spec = {"root": rootfs, "runtime_dir": runtime, "hostname": config["Hostname"],
-            "network": config.get("NetworkMode", "host"), "cmd": config["Cmd"], "env": config["Env"],
-            "workdir": config.get("WorkingDir"), "user": config.get("User"), "tty": tty, "rootless": rootless,
-            **sandbox.security_spec(config, store.root)}
+    spec = container_spec.build(config, rootfs, runtime, rootless, store.root)
     child = os.fork()
     if child == 0:
         os.close(sync_w)

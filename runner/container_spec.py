@@ -1,0 +1,121 @@
+"""The OCI runtime spec of a strata container: what `strata run` and `start` hand the sandbox.
+
+A container's stored config (the image's Cmd, Env, WorkingDir, User and the
+run's flags) becomes runtime-spec data here, and runner.oci_init sets the
+container up from that data, as it does for strata-runtime's bundles: one
+implementation of set-up. What is strata's own:
+- the root is the FUSE mount the supervisor serves (nodev: no device node
+  on it works), so /dev is a nodev tmpfs and the allowed devices are bound
+  in from the host (no cgroups, so no device cgroup would stop a mknod);
+- /etc/hosts, /etc/hostname and /etc/resolv.conf are bound from the
+  container's runtime directory, nosuid, nodev and noexec;
+- /sys is a fresh sysfs where the container may mount one (root, or a
+  network namespace of its own), else the host's, bound read-only;
+- the image's User is a name resolved from the container's own /etc/passwd
+  after pivot_root (ANNOTATION_USER), and a user other than root keeps no
+  capability, as in Docker;
+- the syscall filter is compiled once per profile into the store's cache
+  (ANNOTATION_SECCOMP_CACHE).
+"""
+from __future__ import annotations
+
+import os
+
+from . import capabilities
+from . import ocispec
+from . import seccomp
+
+ANNOTATION_USER = "io.strata.user"
+ANNOTATION_SECCOMP_CACHE = "io.strata.seccomp-cache"
+# Docker's masked and read-only /proc and /sys paths
+MASKED_PATHS = ["/proc/asound", "/proc/acpi", "/proc/interrupts", "/proc/kcore", "/proc/keys",
+                "/proc/latency_stats", "/proc/timer_list", "/proc/timer_stats", "/proc/sched_debug",
+                "/proc/scsi", "/sys/firmware", "/sys/devices/virtual/powercap"]
+READONLY_PATHS = ["/proc/bus", "/proc/fs", "/proc/irq", "/proc/sys", "/proc/sysrq-trigger"]
+# the devices a container's /dev holds, bound from the host's, and the only ones mknod
+# may make (runner.serve limits the union filesystem, runner/seccomp.json the syscall)
+DEVICES = {"null": (1, 3), "zero": (1, 5), "full": (1, 7), "random": (1, 8), "urandom": (1, 9), "tty": (5, 0)}
+HOST_FILE_OPTIONS = ["bind", "nosuid", "nodev", "noexec"]
+
+
+def mounts(runtime_dir: str, fresh_sysfs: bool) -> list[dict]:
+    """The mounts every strata container gets, in order."""
+    out = [
+        {"destination": "/proc", "type": "proc", "source": "proc", "options": ["nosuid", "nodev", "noexec"]},
+        {"destination": "/dev", "type": "tmpfs", "source": "tmpfs",
+         "options": ["nosuid", "nodev", "mode=755", "size=65536k"]},
+    ]
+    out += [{"destination": f"/dev/{name}", "type": "bind", "source": f"/dev/{name}",
+             "options": ["bind", "nosuid", "noexec"]} for name in DEVICES]
+    out += [
+        {"destination": "/dev/pts", "type": "devpts", "source": "devpts",
+         "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"]},
+        {"destination": "/dev/shm", "type": "tmpfs", "source": "shm",
+         "options": ["nosuid", "nodev", "noexec", "mode=1777", "size=65536k"]},
+        {"destination": "/sys", "type": "sysfs", "source": "sysfs", "options": ["ro", "nosuid", "nodev", "noexec"]}
+        if fresh_sysfs else
+        {"destination": "/sys", "type": "bind", "source": "/sys", "options": ["rbind", "ro", "nosuid", "nodev",
+                                                                              "noexec"]},
+    ]
+    out += [{"destination": f"/etc/{name}", "type": "bind", "source": os.path.join(runtime_dir, name),
+             "options": list(HOST_FILE_OPTIONS)} for name in ("hosts", "hostname", "resolv.conf")]
+    return out
+
+
+def security(config: dict, store_root: str) -> dict:
+    """The syscall filter and no_new_privileges of a container's config, as spec parts
+    ({"seccomp": profile or None, "noNewPrivileges": bool, "cache": dir})."""
+    profile = config.get("SeccompProfile")
+    if profile == "unconfined":
+        profile = None
+    elif profile is None:
+        profile = seccomp.load_default_profile()
+    return {"seccomp": profile, "noNewPrivileges": bool(config.get("NoNewPrivileges")),
+            "cache": os.path.join(store_root, "cache", "seccomp")}
+
+
+def process(args: list[str], env: list[str], cwd: str | None, terminal: bool, no_new_privileges: bool) -> dict:
+    """A process with Docker's default capabilities, as root (until its user is resolved)."""
+    caps = list(capabilities.DOCKER_DEFAULT)
+    return {"args": list(args), "env": list(env), "cwd": cwd or "/", "terminal": terminal,
+            "user": {"uid": 0, "gid": 0}, "noNewPrivileges": no_new_privileges,
+            "capabilities": {"bounding": caps, "effective": caps, "permitted": caps, "inheritable": [],
+                             "ambient": []}}
+
+
+def build(config: dict, rootfs: str, runtime_dir: str, rootless: bool, store_root: str) -> dict:
+    """The spec of a start of the container whose config is `config`, rooted at `rootfs`."""
+    network = config.get("NetworkMode", "host")
+    sec = security(config, store_root)
+    namespaces = [{"type": kind} for kind in ("pid", "uts", "ipc", "mount")]
+    if network == "none":
+        namespaces.append({"type": "network"})
+    spec = {
+        "ociVersion": ocispec.SPEC_VERSION,
+        "root": {"path": rootfs, "readonly": False},
+        "hostname": config["Hostname"],
+        "process": process(config["Cmd"], config["Env"], config.get("WorkingDir"), bool(config.get("Tty")),
+                           sec["noNewPrivileges"]),
+        "mounts": mounts(runtime_dir, network == "none" or not rootless),
+        "linux": {"namespaces": namespaces, "maskedPaths": list(MASKED_PATHS),
+                  "readonlyPaths": list(READONLY_PATHS)},
+        "annotations": {ANNOTATION_SECCOMP_CACHE: sec["cache"]},
+    }
+    if sec["seccomp"] is not None:
+        spec["linux"]["seccomp"] = sec["seccomp"]
+    if config.get("User"):
+        spec["annotations"][ANNOTATION_USER] = config["User"]
+    return spec
+
+
+def resolve_process_user(process: dict, user: str | None, resolve) -> None:
+    """Set `process`'s uid and gid from a USER[:GROUP] name (`resolve` reads the container's
+    own databases); a user other than root keeps no capability, as in Docker."""
+    if not user:
+        return
+    uid, gid = resolve(user)
+    process["user"] = {"uid": uid, "gid": gid}
+    if uid != 0:
+        caps = process.get("capabilities") or {}
+        for kind in ("effective", "permitted", "inheritable", "ambient"):
+            caps[kind] = []
