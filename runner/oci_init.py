@@ -31,6 +31,7 @@ Kernel facts the order depends on:
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import resource
@@ -110,6 +111,16 @@ class Channel:
                 pass
 
 
+@dataclasses.dataclass
+class Options:
+    """What the runtime's command line adds to the spec, for stage 1, init and exec."""
+    fifo_fd: int = -1               # O_PATH fd of the exec fifo (create)
+    console_fd: int | None = None   # connected --console-socket
+    program: object = None          # the compiled syscall filter (runner.seccomp.Program)
+    preserve_fds: int = 0           # --preserve-fds: fds 3.. passed on to the process
+    no_pivot: bool = False          # --no-pivot: MS_MOVE and chroot (a root on a ramfs)
+
+
 def channel_pair() -> tuple[Channel, Channel]:
     a_read, b_write = os.pipe2(os.O_CLOEXEC)
     b_read, a_write = os.pipe2(os.O_CLOEXEC)
@@ -143,14 +154,14 @@ def write_id_maps(pid: int, spec: dict) -> None:
 
 # -- stage 1 and init: they run in the runtime's fork and never return -----------------
 
-def run_stage1(spec: dict, bundle: str, channel: Channel, fifo_fd: int, console_fd: int | None,
-               program, preserve_fds: int) -> None:
+def run_stage1(spec: dict, bundle: str, channel: Channel, options: Options) -> None:
     """Stage 1 (the runtime's child): namespaces, then the fork of init; exits."""
     try:
         for sig in (signal.SIGTERM, signal.SIGHUP):  # the runtime's handlers are not the container's
             signal.signal(sig, signal.SIG_DFL)
         prctl.set_pdeathsig(signal.SIGKILL)  # (init, its fork, does not inherit it)
-        close_other_fds({channel.read_fd, channel.write_fd, fifo_fd, console_fd}, preserve_fds)
+        close_other_fds({channel.read_fd, channel.write_fd, options.fifo_fd, options.console_fd},
+                        options.preserve_fds)
         namespaces = ocispec.namespaces(spec)
         join_namespaces({k: v for k, v in namespaces.items() if v and k == "user"})
         if "user" in namespaces and namespaces["user"] is None:
@@ -170,8 +181,7 @@ def run_stage1(spec: dict, bundle: str, channel: Channel, fifo_fd: int, console_
         if pid:
             channel.send(SYNC_INIT, pid=pid)
             os._exit(0)
-        run_init(spec, bundle, channel, fifo_fd, console_fd, program, preserve_fds, "mount" in namespaces,
-                 "user" in namespaces)
+        run_init(spec, bundle, channel, options, "mount" in namespaces, "user" in namespaces)
     except InitError as e:
         channel.fail(str(e))
     except Exception as e:
@@ -209,8 +219,8 @@ def join_namespaces(paths: dict[str, str]) -> None:
             os.close(fd)
 
 
-def run_init(spec: dict, bundle: str, channel: Channel, fifo_fd: int, console_fd: int | None, program,
-             preserve_fds: int, own_mounts: bool, in_user_namespace: bool) -> None:
+def run_init(spec: dict, bundle: str, channel: Channel, options: Options, own_mounts: bool,
+             in_user_namespace: bool) -> None:
     """The container's init: the steps before the wait, the wait, then the process."""
     process = spec.get("process") or {}
     linux = spec.get("linux") or {}
@@ -223,11 +233,11 @@ def run_init(spec: dict, bundle: str, channel: Channel, fifo_fd: int, console_fd
     # step 2: the createContainer hooks, in the container's namespaces, before pivot_root
     oci_hooks.run(spec, "createContainer", state)
     # step 3: the new root
-    enter_root(root, own_mounts, linux.get("rootfsPropagation"))
+    enter_root(root, own_mounts, linux.get("rootfsPropagation"), options.no_pivot)
     finish_root(spec)
     # step 4: the terminal: its master goes out over the console socket
     if process.get("terminal"):
-        take_console(console_fd)
+        take_console(options.console_fd)
     # step 5: limits that need privileges, while init has them
     set_rlimits(process.get("rlimits"))
     if process.get("oomScoreAdj") is not None:
@@ -236,11 +246,11 @@ def run_init(spec: dict, bundle: str, channel: Channel, fifo_fd: int, console_fd
     change_directory(cwd)
     channel.send(SYNC_CREATED)
     # step 6: wait for start
-    wait_for_start(fifo_fd)
+    wait_for_start(options.fifo_fd)
     channel.close()
     try:
         oci_hooks.run(spec, "startContainer", {**state, "status": "running"})
-        become_process(process, program, preserve_fds)
+        become_process(process, options.program, options.preserve_fds)
     except (InitError, oci_hooks.HookError) as e:
         os.write(2, f"strata-runtime: {e}\n".encode())
         os._exit(exit_code_for(e))
@@ -264,9 +274,14 @@ def setup_root(root: str, spec: dict, bundle: str, own_mounts: bool, in_user_nam
 
 
 @_step("pivot_root")
-def enter_root(root: str, own_mounts: bool, propagation: str | None) -> None:
+def enter_root(root: str, own_mounts: bool, propagation: str | None, no_pivot: bool = False) -> None:
     os.chdir(root)
     if not own_mounts:  # no mount namespace of its own: pivot_root would move the host's root
+        os.chroot(".")
+        os.chdir("/")
+        return
+    if no_pivot:  # (a root pivot_root refuses, on an initramfs: moved onto / instead)
+        sc.mount(".", "/", None, sc.MS_MOVE)
         os.chroot(".")
         os.chdir("/")
         return
@@ -338,12 +353,11 @@ def wait_for_start(fifo_fd: int) -> None:
     os.close(fd)
 
 
-def run_exec(init_pid: int, spec: dict, process: dict, channel: Channel, console_fd: int | None, program,
-             preserve_fds: int) -> None:
+def run_exec(init_pid: int, spec: dict, process: dict, channel: Channel, options: Options) -> None:
     """`exec`'s child: joins init's namespaces, is put in its cgroups, forks the process
     (in the pid namespace) and exits; the process execs or reports why not."""
     try:
-        close_other_fds({channel.read_fd, channel.write_fd, console_fd}, preserve_fds)
+        close_other_fds({channel.read_fd, channel.write_fd, options.console_fd}, options.preserve_fds)
         kinds = ocispec.namespaces(spec)
         order = ["user"] + [k for k in ocispec.NAMESPACES if k not in ("user", "mount")] + ["mount"]
         paths = {k: f"/proc/{init_pid}/ns/{ocispec.NS_FILES[k]}" for k in order if k in kinds}
@@ -361,10 +375,10 @@ def run_exec(init_pid: int, spec: dict, process: dict, channel: Channel, console
         if "mount" not in kinds:  # the container's root without a namespace of its own
             os.chroot(f"/proc/{init_pid}/root")
         if process.get("terminal"):
-            take_console(console_fd)
+            take_console(options.console_fd)
         set_rlimits(process.get("rlimits"))
         change_directory(process.get("cwd") or "/")
-        become_process(process, program, preserve_fds)
+        become_process(process, options.program, options.preserve_fds)
     except (InitError, oci_hooks.HookError) as e:
         channel.fail(str(e))
     except Exception as e:

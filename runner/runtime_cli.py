@@ -185,8 +185,8 @@ def cmd_create(args, root: str, log: Log) -> Container:
             stage1 = os.fork()
             if stage1 == 0:
                 ours.close()
-                oci_init.run_stage1(spec, bundle, theirs, fifo_fd, console.fileno() if console else None,
-                                    program, args.preserve_fds)
+                oci_init.run_stage1(spec, bundle, theirs, oci_init.Options(
+                    fifo_fd, console.fileno() if console else None, program, args.preserve_fds, args.no_pivot))
             theirs.close()
             os.close(fifo_fd)
             if console is not None:
@@ -201,8 +201,8 @@ def cmd_create(args, root: str, log: Log) -> Container:
                     placement, warnings = None, ["linux.resources: not honoured (--cgroup-manager disabled)"] \
                         if linux.get("resources") else []
                 else:
-                    placement, warnings = cgroups.place(linux.get("cgroupsPath"), args.id, linux.get("resources"),
-                                                        message["pid"])
+                    placement, warnings = cgroups.place(linux.get("cgroupsPath"), args.id,
+                                                        resources_with_devices(linux), message["pid"])
                 for warning in warnings:
                     log.write("warning", warning)
                 state["cgroups"] = placement.to_state() if placement else None
@@ -241,6 +241,18 @@ def cmd_create(args, root: str, log: Log) -> Container:
         container.remove()
         raise
     return container
+
+
+def resources_with_devices(linux: dict) -> dict | None:
+    """linux.resources, with the devices the spec makes (linux.devices) allowed in the
+    devices cgroup after its own rules, as runc does: a device made is a device usable."""
+    resources = linux.get("resources")
+    made = [d for d in linux.get("devices") or () if d.get("type") in ("c", "b", "u")]
+    if resources is None or not made:
+        return resources
+    allowed = [{"allow": True, "type": "c" if d["type"] == "u" else d["type"], "major": d["major"],
+                "minor": d["minor"], "access": "rwm"} for d in made]
+    return {**resources, "devices": list(resources.get("devices") or ()) + allowed}
 
 
 def _exit_on_signal(number, _frame) -> None:
@@ -485,8 +497,8 @@ def cmd_exec(args, root: str, log: Log) -> int:
     child = os.fork()
     if child == 0:
         ours.close()
-        oci_init.run_exec(state["pid"], spec, process, theirs, console.fileno() if console else None, program,
-                          args.preserve_fds)
+        oci_init.run_exec(state["pid"], spec, process, theirs, oci_init.Options(
+            console_fd=console.fileno() if console else None, program=program, preserve_fds=args.preserve_fds))
     theirs.close()
     if console is not None:
         console.close()

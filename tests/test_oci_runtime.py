@@ -317,3 +317,31 @@ def test_a_create_killed_half_way_is_stopped_and_delete_removes_it(runtime, tmp_
     wait_status(runtime, "half", "stopped")
     runtime("delete", "--force", "half")
     assert not os.path.exists(os.path.join(runtime.root, "half"))
+
+
+def test_a_device_the_spec_makes_is_usable_under_a_deny_all_cgroup(runtime, tmp_path):
+    bundle = make_bundle(tmp_path / "b", ["sh", "-c", ": < /dev/myfuse && echo usable; ls /dev/myfuse"],
+                         **{"linux.cgroupsPath": "/strata-test/dev",
+                            "linux.devices": [{"path": "/dev/myfuse", "type": "c", "major": 10, "minor": 229,
+                                               "fileMode": 0o666}],
+                            "linux.resources": {"devices": [{"allow": False, "access": "rwm"}]}})
+    out = tmp_path / "out"
+    with open(out, "wb") as stdout:
+        runtime("create", "--bundle", bundle, "dev", stdout=stdout, stderr=subprocess.STDOUT)
+    runtime("start", "dev")
+    wait_status(runtime, "dev", "stopped")
+    assert out.read_text().split("\n")[:2] == ["usable", "/dev/myfuse"], out.read_text()
+    runtime("delete", "dev")
+
+
+def test_no_pivot_moves_the_root_instead(runtime, tmp_path):
+    """--no-pivot (MS_MOVE and chroot, for roots pivot_root refuses) still gives the
+    container its root and its mounts."""
+    bundle = make_bundle(tmp_path / "b", ["sh", "-c", "ls /bin/sh; grep -c ' /proc .* - proc ' /proc/self/mountinfo"])
+    out = tmp_path / "out"
+    with open(out, "wb") as stdout:
+        runtime("create", "--no-pivot", "--bundle", bundle, "np", stdout=stdout, stderr=subprocess.STDOUT)
+    runtime("start", "np")
+    wait_status(runtime, "np", "stopped")
+    runtime("delete", "np")
+    assert out.read_text().split() == ["/bin/sh", "1"], out.read_text()
