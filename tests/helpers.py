@@ -5,6 +5,7 @@ import contextlib
 import hashlib
 import io
 import os
+import pty
 import shutil
 import stat
 import subprocess
@@ -209,3 +210,27 @@ def cli_store(request, tmp_path, purpose: str):
             assert cli.root not in f.read()
         if work:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def on_a_terminal(argv: list[str], env: dict | None = None, seconds: float = 120) -> bytes:
+    """What `argv` wrote to the terminal it ran on (a pty of the test's)."""
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.Popen(argv, stdin=slave, stdout=slave, stderr=slave, start_new_session=True, env=env)
+        os.close(slave)
+        slave = -1
+        output = b""
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:  # EIO: every slave fd is closed
+                break
+            if not chunk:
+                break
+            output += chunk
+        assert proc.wait(seconds) == 0, output
+    finally:
+        os.close(master)
+        if slave >= 0:
+            os.close(slave)
+    return output

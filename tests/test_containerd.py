@@ -1,8 +1,6 @@
 """containerd drives strata-runtime: ctr run/exec/kill and a terminal, through Debian's
 containerd 1.6 and its runc shim, on an image that `strata save` wrote."""
 import os
-import pty
-import subprocess
 import sys
 
 import pytest
@@ -11,7 +9,7 @@ from store import Store
 from store.busybox import ensure_busybox
 
 from .containerd import Containerd
-from .helpers import run_strata
+from .helpers import on_a_terminal, run_strata
 
 pytestmark = pytest.mark.root
 RUNTIME = os.path.join(os.path.dirname(sys.executable), "strata-runtime")
@@ -60,6 +58,10 @@ def test_ctr_task_exec_ps_and_kill(containerd):
         init = int(containerd.ctr("tasks", "ls").stdout.decode().split("\n")[1].split()[1])
         assert str(init) in " ".join(pids)
         assert open(f"/proc/{init}/comm").read().strip() == "sleep"
+        containerd.ctr("tasks", "pause", "r2")
+        assert "PAUSED" in containerd.ctr("tasks", "ls").stdout.decode()
+        containerd.ctr("tasks", "resume", "r2")
+        assert "RUNNING" in containerd.ctr("tasks", "ls").stdout.decode()
         containerd.ctr("tasks", "kill", "-s", "SIGKILL", "r2")
         containerd.ctr("tasks", "wait", "r2", check=False, timeout=30)
         assert "STOPPED" in containerd.ctr("tasks", "ls").stdout.decode()
@@ -69,27 +71,17 @@ def test_ctr_task_exec_ps_and_kill(containerd):
     assert not os.path.exists(f"/run/containerd/runc/{containerd.namespace}/r2"), "strata-runtime kept its state"
 
 
-def test_ctr_run_with_a_terminal(containerd):
-    master, slave = pty.openpty()
-    try:
-        proc = subprocess.Popen(["ctr", "--address", containerd.address, "--namespace", containerd.namespace,
-                                 "run", "--runc-binary", RUNTIME, "-t", "--rm", IMAGE, "r3", "sh", "-c",
-                                 "tty; echo done"], stdin=slave, stdout=slave, stderr=slave,
-                                start_new_session=True)
-        os.close(slave)
-        slave = -1
-        output = b""
-        while True:
-            try:
-                chunk = os.read(master, 4096)
-            except OSError:  # EIO: every slave fd is closed
-                break
-            if not chunk:
-                break
-            output += chunk
-        assert proc.wait(60) == 0, output
-    finally:
-        os.close(master)
-        if slave >= 0:
-            os.close(slave)
+def test_ctr_run_and_exec_with_a_terminal(containerd):
+    ctr = ["ctr", "--address", containerd.address, "--namespace", containerd.namespace]
+    output = on_a_terminal(ctr + ["run", "--runc-binary", RUNTIME, "-t", "--rm", IMAGE, "r3", "sh", "-c",
+                                  "tty; echo done"])
     assert b"/dev/pts/0" in output and b"done" in output, output
+    run(containerd, "-d", IMAGE, "r4", "sleep", "300")
+    try:
+        output = on_a_terminal(ctr + ["tasks", "exec", "-t", "--exec-id", "e4", "r4", "sh", "-c",
+                                      "tty; echo exec-done"])
+        assert b"/dev/pts/" in output and b"exec-done" in output, output
+    finally:
+        containerd.ctr("tasks", "kill", "-s", "SIGKILL", "r4", check=False)
+        containerd.ctr("tasks", "delete", "--force", "r4", check=False)
+        containerd.ctr("containers", "delete", "r4", check=False)

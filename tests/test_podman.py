@@ -8,7 +8,6 @@ containers.conf sets limits the machine allows. runc and crun fail here
 anyway (runc on rlimits, crun on the hybrid cgroups).
 """
 import os
-import pty
 import shutil
 import subprocess
 import sys
@@ -18,7 +17,7 @@ import pytest
 from store import Store
 from store.busybox import ensure_busybox
 
-from .helpers import run_strata
+from .helpers import on_a_terminal, run_strata
 
 pytestmark = pytest.mark.root
 RUNTIME = os.path.join(os.path.dirname(sys.executable), "strata-runtime")
@@ -99,24 +98,6 @@ def test_podman_exec_and_stop(podman):
 
 
 def test_podman_run_with_a_terminal(podman):
-    master, slave = pty.openpty()
-    try:
-        proc = subprocess.Popen(podman.base + ["run", "--rm", "-t", "busybox:latest", "sh", "-c", "tty; echo done"],
-                                env=podman.env, stdin=slave, stdout=slave, stderr=slave, start_new_session=True)
-        os.close(slave)
-        slave = -1
-        output = b""
-        while True:
-            try:
-                chunk = os.read(master, 4096)
-            except OSError:  # EIO: every slave fd is closed
-                break
-            if not chunk:
-                break
-            output += chunk
-        assert proc.wait(120) == 0, output
-    finally:
-        os.close(master)
-        if slave >= 0:
-            os.close(slave)
+    output = on_a_terminal(podman.base + ["run", "--rm", "-t", "busybox:latest", "sh", "-c", "tty; echo done"],
+                           env=podman.env)
     assert b"/dev/pts/0" in output and b"done" in output, output
