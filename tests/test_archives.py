@@ -19,7 +19,7 @@ from store import Store, StoreError
 from store import oci
 from store.busybox import build_busybox_image
 
-from .helpers import build_tar, cli_store, member, run_strata
+from .helpers import build_tar, cli_store, member, on_a_terminal, run_strata
 from .images import make_chain
 from .mounts import served, strata_mount_argv
 
@@ -375,26 +375,8 @@ def test_progress_lines_and_quiet(strata, store, two_layer_image, tmp_path, othe
 
 def test_progress_bars_on_a_terminal(store_root, store, two_layer_image, tmp_path):
     """rich draws a bar per layer with bytes and rate where stderr is a terminal."""
-    master, slave = os.openpty()
-    try:
-        proc = subprocess.Popen([*run_strata_argv(), "save", "-o", str(tmp_path / "a.tar"), "app:v1"],
-                                env=dict(strata_env(store_root), COLUMNS="120"), stderr=slave, stdout=slave)
-        assert proc.wait(timeout=60) == 0
-        os.close(slave)
-        slave = -1
-        drawn = b""
-        while True:
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:
-                break
-            if not chunk:
-                break
-            drawn += chunk
-    finally:
-        os.close(master)
-        if slave >= 0:
-            os.close(slave)
+    drawn = on_a_terminal([*run_strata_argv(), "save", "-o", str(tmp_path / "a.tar"), "app:v1"],
+                          env=dict(strata_env(store_root), COLUMNS="120"), seconds=60)
     text = drawn.decode(errors="replace")
     assert "\x1b[" in text  # drawn, not plain lines
     assert text.count("layer ") >= 2 and "/s" in text and "kB" in text
