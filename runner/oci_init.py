@@ -31,13 +31,13 @@ Kernel facts the order depends on:
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import resource
 import signal
 import socket
 import traceback
+import typing
 
 import prctl
 
@@ -111,8 +111,7 @@ class Channel:
                 pass
 
 
-@dataclasses.dataclass
-class Options:
+class Options(typing.NamedTuple):
     """What the runtime's command line adds to the spec, for stage 1, init and exec."""
     fifo_fd: int = -1               # O_PATH fd of the exec fifo (create)
     console_fd: int | None = None   # connected --console-socket
@@ -357,6 +356,9 @@ def run_exec(init_pid: int, spec: dict, process: dict, channel: Channel, options
     """`exec`'s child: joins init's namespaces, is put in its cgroups, forks the process
     (in the pid namespace) and exits; the process execs or reports why not."""
     try:
+        # nothing in the container may open this process's memory or executable while it
+        # is still the runtime (CVE-2019-5736): not dumpable until its exec
+        prctl.set_dumpable(False)
         close_other_fds({channel.read_fd, channel.write_fd, options.console_fd}, options.preserve_fds)
         kinds = ocispec.namespaces(spec)
         order = ["user"] + [k for k in ocispec.NAMESPACES if k not in ("user", "mount")] + ["mount"]
