@@ -11,7 +11,7 @@ import sys
 from store import Store, StoreError
 from store.containers import container_dir, current_state, list_containers, resolve_container, update_config
 
-from . import fmt, lifecycle, procfs
+from . import fmt, lifecycle, logs, procfs
 
 
 def add_create_flags(p) -> None:
@@ -155,40 +155,11 @@ def parse_since(text: str | None) -> datetime.datetime | None:
     return parsed
 
 
-def log_files(cdir: str) -> list[str]:
-    base = os.path.join(cdir, "json.log")
-    rotated = sorted((f for f in os.listdir(cdir) if f.startswith("json.log.")),
-                     key=lambda f: -int(f.rsplit(".", 1)[1]))
-    return [os.path.join(cdir, f) for f in rotated] + ([base] if os.path.exists(base) else [])
-
-
-def read_log_entries(f) -> tuple[list[dict], int]:
-    """The entries of a json.log from where `f` is, and the bytes they took: a last line
-    without its newline is still being written (left for later), and a line torn by a
-    supervisor's kill -9 (the next one starts on a line of its own) is passed over."""
-    entries, consumed = [], 0
-    for line in f:
-        if not line.endswith(b"\n"):
-            break
-        consumed += len(line)
-        try:
-            entries.append(json.loads(line))
-        except ValueError:
-            continue
-    return entries, consumed
-
-
 def cmd_logs(args, store: Store) -> int:
     config = resolve_container(store, args.container)
     cdir = container_dir(store, config["Id"])
     since, until = parse_since(args.since), parse_since(args.until)
-    entries, path, offset = [], os.path.join(cdir, "json.log"), 0
-    for name in log_files(cdir):
-        with open(name, "rb") as f:
-            read, consumed = read_log_entries(f)
-        entries += read
-        if name == path:
-            offset = consumed   # (follow goes on from there, with a line half written)
+    entries, offset = logs.read_logs(cdir)
 
     def show(entry) -> None:
         when = fmt.parse_time(entry["time"])
@@ -205,14 +176,10 @@ def cmd_logs(args, store: Store) -> int:
     if args.follow:
         import time
         while True:
-            consumed = 0
-            if os.path.exists(path) and os.path.getsize(path) > offset:
-                with open(path, "rb") as f:
-                    f.seek(offset)
-                    new, consumed = read_log_entries(f)
-                offset += consumed
-                for entry in new:
-                    show(entry)
+            new, consumed = logs.read_new_entries(cdir, offset)
+            offset += consumed
+            for entry in new:
+                show(entry)
             if not consumed:   # (a line a dead supervisor left half written never ends)
                 if current_state(store, config["Id"]).get("Status") != "running":
                     break
@@ -394,7 +361,7 @@ def inspect_container(store: Store, config: dict) -> dict:
                            "LogConfig": {"Type": "json-file", "Config": config.get("LogOpts", {})}},
             "GraphDriver": {"Name": "strata", "Data": {"UpperDir": os.path.join(cdir, "upper"),
                                                        "MergedDir": os.path.join(cdir, "rootfs")}},
-            "Mounts": [], "LogPath": os.path.join(cdir, "json.log"), "Runs": state.get("Runs", [])}
+            "Mounts": [], "LogPath": logs.log_path(cdir), "Runs": state.get("Runs", [])}
 
 
 NAMESPACES = ("user", "ipc", "uts", "net", "pid", "mnt")  # user first: it grants the rest
