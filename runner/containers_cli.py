@@ -12,6 +12,7 @@ from store import Store, StoreError
 from store.containers import container_dir, current_state, list_containers, resolve_container, update_config
 
 from . import fmt, lifecycle, logs, procfs
+from .errors import EXIT_FAILURE, UsageError, for_each, print_error
 
 
 def add_create_flags(p) -> None:
@@ -114,8 +115,8 @@ def cmd_run(args, store: Store) -> int:
     if args.rm:  # the supervisor removes it (runner.supervisor); docker run --rm returns after that
         supervisor.wait_exit(30)
     error = current_state(store, config["Id"]).get("Error") or ""
-    if code == 125 and error.startswith("supervisor"):  # the container never ran: say why
-        print(f"strata: error: {error}", file=sys.stderr)
+    if code == EXIT_FAILURE and error.startswith("supervisor"):  # the container never ran: say why
+        print_error(error)
     if args.rm and not supervisor.alive() and os.path.exists(os.path.join(container_dir(store, config["Id"]),
                                                                           "config.json")):
         lifecycle.remove(store, config, force=True)  # the supervisor failed before it could
@@ -170,6 +171,8 @@ def cmd_logs(args, store: Store) -> int:
         out.flush()
 
     if args.tail is not None and args.tail != "all":
+        if not (args.tail.isascii() and args.tail.removeprefix("-").isdigit()):
+            raise UsageError(f"invalid --tail {args.tail!r} (a number of lines, or all)")
         entries = entries[-int(args.tail):] if int(args.tail) > 0 else []
     for entry in entries:
         show(entry)
@@ -283,8 +286,8 @@ def cmd_restart(args, store: Store) -> int:
 def cmd_kill(args, store: Store) -> int:
     name = args.signal.upper()
     sig = int(name) if name.isdigit() else getattr(signal, name if name.startswith("SIG") else "SIG" + name, None)
-    if sig is None:
-        raise StoreError(f"invalid signal: {args.signal}")
+    if sig not in signal.valid_signals():  # (SIG_DFL is an attribute of signal too)
+        raise UsageError(f"invalid signal: {args.signal}")
     for ref in args.containers:
         lifecycle.signal_container(store, resolve_container(store, ref), sig)
         print(ref)
@@ -300,15 +303,10 @@ def cmd_wait(args, store: Store) -> int:
 
 
 def cmd_rm(args, store: Store) -> int:
-    status = 0
-    for ref in args.containers:
-        try:
-            lifecycle.remove(store, resolve_container(store, ref), args.force)
-            print(ref)
-        except StoreError as e:
-            print(f"strata: error: {e}", file=sys.stderr)
-            status = 125
-    return status
+    def remove(ref: str) -> None:
+        lifecycle.remove(store, resolve_container(store, ref), args.force)
+        print(ref)
+    return for_each(args.containers, remove)
 
 
 def cmd_rename(args, store: Store) -> int:
