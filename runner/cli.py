@@ -1,7 +1,7 @@
 """The `strata` command line. Every command is a client of the store; no daemon.
 
-Errors print one line, `strata: error: ...`, and exit 125, Docker's status for
-the tool's own failures (bad flags included: argparse's exit 2 is not used).
+Errors print one line, `strata: error: ...`, and exit 125: runner.errors, the
+one place that turns an exception into that line and status.
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import sys
 from store import Store, StoreError
 
 from . import fmt
+from .errors import EXIT_BROKEN_PIPE, EXIT_FAILURE, EXIT_INTERRUPTED, EXPECTED, UsageError, for_each, report
 
 
 COMMANDS = ("import", "images", "history", "tag", "rmi", "inspect", "run", "create", "start", "attach",
@@ -26,10 +27,6 @@ COMMANDS += ("pull", "push", "login", "logout")  # runner.registry_cli
 # a fifth of `strata ps`'s run time. strata's messages are not translated.
 argparse._ = lambda message: message
 argparse.ngettext = lambda singular, plural, n: singular if n == 1 else plural
-
-
-class UsageError(Exception):
-    pass
 
 
 class CliParser(argparse.ArgumentParser):
@@ -180,15 +177,10 @@ def cmd_tag(args, store: Store) -> int:
 
 
 def cmd_rmi(args, store: Store) -> int:
-    status = 0
-    for ref in args.images:
-        try:
-            for line in store.remove_image(ref, args.force):
-                print(line)
-        except StoreError as e:
-            print(f"strata: error: {e}", file=sys.stderr)
-            status = 125
-    return status
+    def remove(ref: str) -> None:
+        for line in store.remove_image(ref, args.force):
+            print(line)
+    return for_each(args.images, remove)
 
 
 def inspect_image(store: Store, image_id: str) -> dict:
@@ -211,21 +203,22 @@ def cmd_inspect(args, store: Store) -> int:
     if args.format:
         fmt.check_template(args.format)  # before any lookup: a bad template is the whole command's error
     objects = []
-    status = 0
-    for ref in args.objects:
+
+    def inspect(ref: str) -> None:
         try:
             if args.type != "image":
                 try:
                     objects.append(inspect_container(store, resolve_container(store, ref)))
-                    continue
+                    return
                 except NoSuchContainer:
                     if args.type == "container":
                         raise
             objects.append(inspect_image(store, store.resolve_image(ref)))
-        except StoreError as e:
-            message = str(e) if args.type else f"No such object: {ref}"
-            print(f"strata: error: {message}", file=sys.stderr)
-            status = 125
+        except StoreError:
+            if args.type:
+                raise
+            raise StoreError(f"No such object: {ref}") from None
+    status = for_each(args.objects, inspect)
     if args.format:
         fmt.print_formatted(args.format, objects, sys.stdout)
     else:
@@ -257,7 +250,7 @@ def cmd_mount(args, store: Store) -> int:
     if args.foreground:
         serve(make_view, mountpoint, fsname, readonly, args.debug)
         return 0
-    return 0 if serve_in_background(make_view, mountpoint, fsname, readonly, args.debug) == 0 else 125
+    return 0 if serve_in_background(make_view, mountpoint, fsname, readonly, args.debug) == 0 else EXIT_FAILURE
 
 
 def cmd_umount(args, store: Store) -> int:
@@ -597,20 +590,11 @@ def run_command(argv: list[str], early_supervisor) -> int:
         return status
     except BrokenPipeError:  # `strata images | head`: the reader left, nothing went wrong
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 141
-    except UsageError as e:
-        print(f"strata: error: {e}", file=sys.stderr)
-        return 125
-    except (StoreError, ValueError, OverflowError) as e:
-        print(f"strata: error: {e}", file=sys.stderr)
-        return 125
-    except OSError as e:
-        detail = f"{e.strerror}: {e.filename}" if e.filename else (e.strerror or str(e))
-        print(f"strata: error: {detail}", file=sys.stderr)
-        return 125
+        return EXIT_BROKEN_PIPE
+    except EXPECTED as e:   # anything else is a bug: its traceback is the report
+        return report(e)
     except KeyboardInterrupt:
-        return 130
-
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

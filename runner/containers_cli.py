@@ -11,7 +11,8 @@ import sys
 from store import Store, StoreError
 from store.containers import container_dir, current_state, list_containers, resolve_container, update_config
 
-from . import fmt, lifecycle, procfs
+from . import fmt, lifecycle, logs, procfs
+from .errors import EXIT_FAILURE, UsageError, for_each, print_error
 
 
 def add_create_flags(p) -> None:
@@ -114,8 +115,8 @@ def cmd_run(args, store: Store) -> int:
     if args.rm:  # the supervisor removes it (runner.supervisor); docker run --rm returns after that
         supervisor.wait_exit(30)
     error = current_state(store, config["Id"]).get("Error") or ""
-    if code == 125 and error.startswith("supervisor"):  # the container never ran: say why
-        print(f"strata: error: {error}", file=sys.stderr)
+    if code == EXIT_FAILURE and error.startswith("supervisor"):  # the container never ran: say why
+        print_error(error)
     if args.rm and not supervisor.alive() and os.path.exists(os.path.join(container_dir(store, config["Id"]),
                                                                           "config.json")):
         lifecycle.remove(store, config, force=True)  # the supervisor failed before it could
@@ -155,40 +156,11 @@ def parse_since(text: str | None) -> datetime.datetime | None:
     return parsed
 
 
-def log_files(cdir: str) -> list[str]:
-    base = os.path.join(cdir, "json.log")
-    rotated = sorted((f for f in os.listdir(cdir) if f.startswith("json.log.")),
-                     key=lambda f: -int(f.rsplit(".", 1)[1]))
-    return [os.path.join(cdir, f) for f in rotated] + ([base] if os.path.exists(base) else [])
-
-
-def read_log_entries(f) -> tuple[list[dict], int]:
-    """The entries of a json.log from where `f` is, and the bytes they took: a last line
-    without its newline is still being written (left for later), and a line torn by a
-    supervisor's kill -9 (the next one starts on a line of its own) is passed over."""
-    entries, consumed = [], 0
-    for line in f:
-        if not line.endswith(b"\n"):
-            break
-        consumed += len(line)
-        try:
-            entries.append(json.loads(line))
-        except ValueError:
-            continue
-    return entries, consumed
-
-
 def cmd_logs(args, store: Store) -> int:
     config = resolve_container(store, args.container)
     cdir = container_dir(store, config["Id"])
     since, until = parse_since(args.since), parse_since(args.until)
-    entries, path, offset = [], os.path.join(cdir, "json.log"), 0
-    for name in log_files(cdir):
-        with open(name, "rb") as f:
-            read, consumed = read_log_entries(f)
-        entries += read
-        if name == path:
-            offset = consumed   # (follow goes on from there, with a line half written)
+    entries, offset = logs.read_logs(cdir)
 
     def show(entry) -> None:
         when = fmt.parse_time(entry["time"])
@@ -199,20 +171,18 @@ def cmd_logs(args, store: Store) -> int:
         out.flush()
 
     if args.tail is not None and args.tail != "all":
+        if not (args.tail.isascii() and args.tail.removeprefix("-").isdigit()):
+            raise UsageError(f"invalid --tail {args.tail!r} (a number of lines, or all)")
         entries = entries[-int(args.tail):] if int(args.tail) > 0 else []
     for entry in entries:
         show(entry)
     if args.follow:
         import time
         while True:
-            consumed = 0
-            if os.path.exists(path) and os.path.getsize(path) > offset:
-                with open(path, "rb") as f:
-                    f.seek(offset)
-                    new, consumed = read_log_entries(f)
-                offset += consumed
-                for entry in new:
-                    show(entry)
+            new, consumed = logs.read_new_entries(cdir, offset)
+            offset += consumed
+            for entry in new:
+                show(entry)
             if not consumed:   # (a line a dead supervisor left half written never ends)
                 if current_state(store, config["Id"]).get("Status") != "running":
                     break
@@ -316,8 +286,8 @@ def cmd_restart(args, store: Store) -> int:
 def cmd_kill(args, store: Store) -> int:
     name = args.signal.upper()
     sig = int(name) if name.isdigit() else getattr(signal, name if name.startswith("SIG") else "SIG" + name, None)
-    if sig is None:
-        raise StoreError(f"invalid signal: {args.signal}")
+    if sig not in signal.valid_signals():  # (SIG_DFL is an attribute of signal too)
+        raise UsageError(f"invalid signal: {args.signal}")
     for ref in args.containers:
         lifecycle.signal_container(store, resolve_container(store, ref), sig)
         print(ref)
@@ -333,15 +303,10 @@ def cmd_wait(args, store: Store) -> int:
 
 
 def cmd_rm(args, store: Store) -> int:
-    status = 0
-    for ref in args.containers:
-        try:
-            lifecycle.remove(store, resolve_container(store, ref), args.force)
-            print(ref)
-        except StoreError as e:
-            print(f"strata: error: {e}", file=sys.stderr)
-            status = 125
-    return status
+    def remove(ref: str) -> None:
+        lifecycle.remove(store, resolve_container(store, ref), args.force)
+        print(ref)
+    return for_each(args.containers, remove)
 
 
 def cmd_rename(args, store: Store) -> int:
@@ -394,7 +359,7 @@ def inspect_container(store: Store, config: dict) -> dict:
                            "LogConfig": {"Type": "json-file", "Config": config.get("LogOpts", {})}},
             "GraphDriver": {"Name": "strata", "Data": {"UpperDir": os.path.join(cdir, "upper"),
                                                        "MergedDir": os.path.join(cdir, "rootfs")}},
-            "Mounts": [], "LogPath": os.path.join(cdir, "json.log"), "Runs": state.get("Runs", [])}
+            "Mounts": [], "LogPath": logs.log_path(cdir), "Runs": state.get("Runs", [])}
 
 
 NAMESPACES = ("user", "ipc", "uts", "net", "pid", "mnt")  # user first: it grants the rest

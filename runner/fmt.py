@@ -5,9 +5,15 @@ import datetime
 import json
 import re
 
+from .errors import UsageError
+
 TEMPLATE_ACTION = re.compile(r"{{(.*?)}}", re.S)
 TEMPLATE_FIELD = re.compile(r"{{\s*(json\s+)?\.([A-Za-z]\w*)?\s*}}")
 FIELD_EXPR = re.compile(r"\s*(?:(json|index)\s+)?\.((?:[A-Za-z]\w*)(?:\.[A-Za-z]\w*)*)?((?:\s+(?:\d+|\"[^\"]*\"))*)\s*$")
+
+
+class TemplateError(UsageError):
+    """A --format template strata cannot render (Go's text/template says what)."""
 
 
 def human_size(size: float) -> str:
@@ -132,21 +138,21 @@ def render_template(template: str, obj: dict) -> str:
     def action(m: re.Match) -> str:
         parsed = FIELD_EXPR.match(m[1])
         if not parsed:
-            raise ValueError(f"template: unsupported action {{{{{m[1].strip()}}}}}")
+            raise TemplateError(f"template: unsupported action {{{{{m[1].strip()}}}}}")
         func, path, args = parsed[1], parsed[2], parsed[3].split()
         value = obj
         for name in path.split(".") if path else []:
             if not isinstance(value, dict) or name not in value:
-                raise ValueError(f"template: can't evaluate field {name}")
+                raise TemplateError(f"template: can't evaluate field {name}")
             value = value[name]
         if func == "index":
             for arg in args:
                 try:
                     value = value[int(arg)] if arg.isdigit() else value[arg.strip('"')]
                 except (IndexError, KeyError, TypeError):
-                    raise ValueError(f"template: index {arg} out of range") from None
+                    raise TemplateError(f"template: index {arg} out of range") from None
         elif args:
-            raise ValueError(f"template: unsupported action {{{{{m[1].strip()}}}}}")
+            raise TemplateError(f"template: unsupported action {{{{{m[1].strip()}}}}}")
         if func == "json":
             return json.dumps(value)
         return go_format(value)
@@ -160,19 +166,19 @@ def header_name(field: str) -> str:
 
 
 def check_template(fmt: str, fields: tuple[str, ...] | None = None) -> None:
-    """ValueError unless `fmt` renders; with `fields` (the objects' keys, flat values),
+    """TemplateError unless `fmt` renders; with `fields` (the objects' keys, flat values),
     also a field no object has. For errors even when there is nothing to print."""
     if fmt == "json":
         return
     for action in TEMPLATE_ACTION.findall(fmt):
         parsed = FIELD_EXPR.match(action)
         if not parsed:
-            raise ValueError(f"template: unsupported action {{{{{action.strip()}}}}}")
+            raise TemplateError(f"template: unsupported action {{{{{action.strip()}}}}}")
         name = (parsed[2] or "").partition(".")[0]
         if fields is not None and name and name not in fields:
-            raise ValueError(f"template: can't evaluate field {name}")
+            raise TemplateError(f"template: can't evaluate field {name}")
     if "{{" in TEMPLATE_ACTION.sub("", fmt):  # Go: an action without its }}
-        raise ValueError(f"template: unclosed action in {fmt!r}")
+        raise TemplateError(f"template: unclosed action in {fmt!r}")
 
 
 def print_formatted(fmt: str, objects: list[dict], out, fields: tuple[str, ...] | None = None) -> None:

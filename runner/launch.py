@@ -1,48 +1,11 @@
-"""The `strata` entry point: for `run`, start the supervisor before anything else.
-
-A supervisor spends ~200 ms importing trio and pyfuse3. Spawned here, before
-the CLI has imported argparse or the store (~50 ms), that import overlaps all
-of the CLI's own work; the supervisor then waits on its stdin for one JSON line
-naming its store and container, or for EOF when the CLI fails. posix_spawn and
-os.pipe keep this module free of subprocess and of every other import.
-"""
+"""The `strata` entry point: for `run`, start the supervisor before anything else
+(runner.spawn says why), then the CLI."""
 from __future__ import annotations
 
 import os
 import sys
 
-
-def supervisor_env() -> dict:
-    env = dict(os.environ)
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [repo, env.get("PYTHONPATH")]))
-    return env
-
-
-def spawn_blank_supervisor() -> tuple[int, int]:
-    """(pid, write end of its stdin): a supervisor loading its modules, not yet told what to run.
-
-    Its own session, as conmon's: it outlives this CLI. os.pipe's fds are
-    close-on-exec, so the child inherits only what the file actions give it."""
-    read_end, write_end = os.pipe()
-    null = os.devnull
-    actions = [(os.POSIX_SPAWN_DUP2, read_end, 0),
-               (os.POSIX_SPAWN_OPEN, 1, null, os.O_WRONLY, 0),
-               (os.POSIX_SPAWN_OPEN, 2, null, os.O_WRONLY, 0)]
-    try:
-        pid = os.posix_spawn(sys.executable, [sys.executable, "-m", "runner.supervisor", "-"], supervisor_env(),
-                             file_actions=actions, setsid=True)
-    finally:
-        os.close(read_end)
-    return pid, write_end
-
-
-def wants_early_supervisor(argv: list[str]) -> bool:
-    """`strata [--root DIR] run ...`; a run that fails early just closes the pipe."""
-    i = 0
-    while i < len(argv) and argv[i].startswith("-"):
-        i += 2 if argv[i] == "--root" else 1
-    return i < len(argv) and argv[i] == "run"
+from .spawn import spawn_blank_supervisor, wants_early_supervisor
 
 
 def main() -> int:
@@ -50,5 +13,5 @@ def main() -> int:
     early = None
     if wants_early_supervisor(argv) and os.environ.get("STRATA_PREFORK") != "1":
         early = spawn_blank_supervisor()
-    from .cli import main as cli_main
+    from .cli import main as cli_main  # after the spawn: argparse and the store load meanwhile
     return cli_main(argv, early_supervisor=early)

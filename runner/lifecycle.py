@@ -15,6 +15,8 @@ from store.containers import (check_name, container_dir, create_container, curre
                               printable, read_state, remove_container, write_state)
 
 from . import procfs
+from .logs import log_limits
+from .spawn import spawn_blank_supervisor, supervisor_env
 
 ADJECTIVES = ["admiring", "bold", "brave", "clever", "cool", "eager", "elated", "focused", "gentle",
               "happy", "jolly", "keen", "kind", "lucid", "modest", "nifty", "quirky", "serene",
@@ -195,24 +197,6 @@ def read_seccomp_profile(path: str) -> dict:
     return profile
 
 
-LOG_MAX_BYTES_DEFAULT = 10 * 1024 * 1024
-LOG_MAX_FILES_DEFAULT = 3
-SIZE_UNITS = {"k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}
-
-
-def log_limits(opts: dict) -> tuple[int, int]:
-    """(max bytes per file, files kept) from Docker's json-file options; ValueError if bad."""
-    size = opts.get("max-size")
-    max_bytes = LOG_MAX_BYTES_DEFAULT
-    if size:
-        unit = SIZE_UNITS.get(size[-1].lower())
-        max_bytes = int(size[:-1]) * unit if unit else int(size)
-    max_files = int(opts.get("max-file") or LOG_MAX_FILES_DEFAULT)
-    if max_bytes < 0 or max_files < 0:
-        raise ValueError("negative log limit")
-    return max_bytes, max_files
-
-
 def parse_log_opts(values: list[str]) -> dict:
     opts = {}
     for value in values:
@@ -307,7 +291,7 @@ def supervisor_request(store: Store, container_id: str, wait_attach: bool) -> by
 
 
 class ProcessHandoff(Handoff):
-    """A supervisor this CLI spawned (runner.launch); it reads one request line on its stdin."""
+    """A supervisor this CLI spawned (runner.spawn); it reads one request line on its stdin."""
 
     def __init__(self, pid: int, stdin_fd: int, wait_attach: bool):
         self.pid, self.stdin_fd, self.wait_attach = pid, stdin_fd, wait_attach
@@ -374,11 +358,10 @@ def _connect_zygote(store: Store):
 def spawn_supervisor(store: Store, wait_attach: bool, early: ProcessHandoff | None = None) -> Handoff:
     """A supervisor that loads trio and pyfuse3 while the CLI is still making the
     container, then waits for the container id (a start-up overlap). `early` is
-    one runner.launch spawned before the CLI itself was imported.
+    one runner.spawn spawned before the CLI itself was imported.
 
     With STRATA_PREFORK=1 a pre-imported supervisor factory (the zygote) forks
     it instead, and one is started for the next run when none is listening."""
-    from .launch import spawn_blank_supervisor, supervisor_env
     if early is not None:
         early.wait_attach = wait_attach
         return early

@@ -27,8 +27,7 @@ from unionfs.view import UnionView
 from .protocol import EXIT, RESIZE, STDERR, STDIN, STDIN_CLOSED, STDOUT, frame, split_frames
 from . import sandbox
 from .stdin_relay import InputRelay
-from .lifecycle import log_limits
-from .supervisor import JsonLog
+from .logs import JsonLog, log_limits, log_path
 
 INIT_DIRS = ("proc", "dev", "sys", "etc")
 INIT_FILES = ("etc/hosts", "etc/hostname", "etc/resolv.conf")
@@ -112,7 +111,7 @@ def serve_container(store, config, rootfs, child, sync_w, status_r, ours, wait_a
 
 async def _serve(store, config, cdir, child, sync_w, status_r, ours, wait_attach, state, container_id, view):
     max_bytes, max_files = log_limits(config.get("LogOpts") or {})
-    log = JsonLog(os.path.join(cdir, "json.log"), max_bytes, max_files)
+    log = JsonLog(log_path(cdir), max_bytes, max_files)
     clients: set = set()
     pending_size: list = []
     container_input = InputRelay()

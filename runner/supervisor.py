@@ -24,7 +24,6 @@ import pwd
 import shutil
 import subprocess
 import sys
-import time
 
 from store import Store
 from store.containers import container_dir, read_state, remove_container, supervisor_name, write_state
@@ -33,8 +32,6 @@ from store.store import now_rfc3339
 from . import container_spec
 from . import sandbox
 from . import syscalls as sc
-
-from .protocol import STDERR, STDOUT
 
 
 # -- step 1: namespaces -------------------------------------------------------------
@@ -110,57 +107,6 @@ def drop_other_fuse_mounts(store_root: str) -> None:
             pass  # locked in a user namespace: then it can only be the host's to end
 
 
-# -- the log -------------------------------------------------------------------------
-
-class JsonLog:
-    """Docker's json-file driver: one JSON object per line, rotated by size."""
-
-    def __init__(self, path: str, max_bytes: int, max_files: int):
-        self.path, self.max_bytes, self.max_files = path, max_bytes, max_files
-        self.f = self._open()
-        self.pending = {STDOUT: b"", STDERR: b""}
-
-    def write(self, stream: int, data: bytes) -> None:
-        buf = self.pending[stream] + data
-        *lines, rest = buf.split(b"\n")
-        self.pending[stream] = rest
-        for line in lines:
-            self._record(stream, line + b"\n")
-
-    def flush_partial(self) -> None:
-        for stream, rest in self.pending.items():
-            if rest:
-                self._record(stream, rest)
-                self.pending[stream] = b""
-
-    def _record(self, stream: int, line: bytes) -> None:
-        ns = time.time_ns()
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ns // 10**9)) + f".{ns % 10**9:09d}Z"
-        entry = {"log": line.decode("utf-8", "replace"), "stream": "stdout" if stream == STDOUT else "stderr",
-                 "time": stamp}
-        self.f.write(json.dumps(entry).encode() + b"\n")
-        self.f.flush()
-        if self.max_bytes and self.f.tell() >= self.max_bytes:
-            self._rotate()
-
-    def _rotate(self) -> None:
-        self.f.close()
-        for n in range(self.max_files - 1, 0, -1):
-            src = self.path if n == 1 else f"{self.path}.{n - 1}"
-            if os.path.exists(src):
-                os.replace(src, f"{self.path}.{n}")
-        if self.max_files <= 1:
-            os.unlink(self.path)
-        self.f = self._open()
-
-    def _open(self):
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-        size = os.fstat(fd).st_size
-        if size and os.pread(fd, 1, size - 1) != b"\n":  # a line torn by a supervisor's kill -9
-            os.write(fd, b"\n")                          # stays alone: the next entry starts afresh
-        return os.fdopen(fd, "ab")
-
-
 # -- steps 2-4 ------------------------------------------------------------------------
 
 def write_runtime_files(runtime: str, hostname: str) -> None:
@@ -201,7 +147,7 @@ def load_event_loop_modules() -> None:
 
 
 def serve_request_on_stdin() -> int:
-    """Spawned early by the CLI (runner.launch): load the modules, then learn the
+    """Spawned early by the CLI (runner.spawn): load the modules, then learn the
     store and container from one JSON line; EOF means the CLI failed to make one."""
     load_event_loop_modules()
     line = sys.stdin.readline()

@@ -361,6 +361,15 @@ def test_good_templates_with_nothing_to_list(root):
         ["ID", "NAMES"]
 
 
+@pytest.mark.parametrize("args,expect", [
+    (("logs", "--tail", "bogus", "existing"), "invalid --tail 'bogus'"),   # was int()'s ValueError text
+    (("kill", "-s", "_DFL", "existing"), "invalid signal: _DFL"),           # was signal.SIG_DFL, 0
+    (("kill", "-s", "99999999999999999999", "existing"), "invalid signal"),
+], ids=lambda v: repr(v)[:40])
+def test_bad_flag_values_are_named_as_such(root, args, expect):
+    refused(root, *args, expect=expect)
+
+
 # -- exec into a running container ------------------------------------------------
 
 @pytest.fixture(scope="module")

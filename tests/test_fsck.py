@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from runner.containers_cli import read_log_entries
+from runner.logs import read_log_entries
 from store.index import MergedIndex
 from unionfs.upper import UpperDatabase
 
