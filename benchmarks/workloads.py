@@ -340,8 +340,8 @@ def measure_diff(workload: Workload, system: System, chain: Chain, scratch: Scra
         overlay_upper_walk(scratch.upper, chain.flat)
     else:
         from store import Store
-        from unionfs.storeview import ContainerChanges
-        changes = ContainerChanges(Store(chain.store_root), chain.image, scratch.upper)
+        from unionfs.storeview import UpperChanges
+        changes = UpperChanges(Store(chain.store_root), chain.image, scratch.upper)
         try:
             found = changes.diff()
         finally:

@@ -24,8 +24,8 @@ AUDIT_HEADER = ("TIME", "RUN", "PID", "COMMAND", "UID", "OPERATION", "PATH")
 
 
 def open_changes(store: Store, config: dict):
-    from unionfs.storeview import ContainerChanges
-    return ContainerChanges(store, config["Image"], os.path.join(container_dir(store, config["Id"]), "upper"))
+    from .changes import open_container_changes
+    return open_container_changes(store, config, os.path.join(container_dir(store, config["Id"]), "upper"))
 
 
 # -- diff -------------------------------------------------------------------------------

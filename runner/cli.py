@@ -231,11 +231,14 @@ def cmd_mount(args, store: Store) -> int:
     from store.containers import container_dir, resolve_container
     from unionfs.mount import serve, serve_in_background
     from unionfs.storeview import make_view_factory
-    upper = None
+
+    from .changes import container_base
+    upper = base = None
     try:
         container = resolve_container(store, args.object)
         image_id = container["Image"]
         upper = os.path.join(container_dir(store, container["Id"]), "upper")
+        base = container_base(store, container, upper)
     except NoSuchContainer:
         try:
             image_id = store.resolve_image(args.object)
@@ -244,7 +247,7 @@ def cmd_mount(args, store: Store) -> int:
     mountpoint = os.path.abspath(args.mountpoint)
     if not os.path.isdir(mountpoint):
         raise StoreError(f"mount point {args.mountpoint} is not a directory")
-    make_view = make_view_factory(store, image_id, upper)
+    make_view = make_view_factory(store, image_id, upper, base=base)
     readonly = upper is None
     fsname = f"strata:{args.object}"
     if args.foreground:

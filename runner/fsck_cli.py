@@ -192,7 +192,7 @@ def container_findings(store: Store, unusable_images: set[str], repair: bool) ->
             continue  # a server holds the layer: a `strata mount`, or that new supervisor
         try:
             if image_id not in unusable_images:
-                yield from upper_findings(store, subject, image_id, upper, len(recorded.get("Runs", [])), repair)
+                yield from upper_findings(store, subject, config, upper, len(recorded.get("Runs", [])), repair)
         finally:
             if lock >= 0:
                 os.close(lock)
@@ -228,13 +228,15 @@ def record_death(store: Store, container_id: str) -> None:
         write_state(store, container_id, current_state(store, container_id))
 
 
-def upper_findings(store: Store, subject: str, image_id: str, upper: str, run: int,
+def upper_findings(store: Store, subject: str, config: dict, upper: str, run: int,
                    repair: bool) -> Iterator[Finding]:
     """The mount-time check of a container's upper layer (the module comment)."""
     if not os.path.exists(os.path.join(upper, "upper.db")):
         return  # never mounted: nothing in it yet
     from unionfs.storeview import image_lower
-    lower = image_lower(store, image_id)
+
+    from .changes import container_base
+    lower = image_lower(store, config["Image"], base=container_base(store, config, upper))
     try:
         if repair:
             repairs = repair_upper(upper, lower, run)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import functools
-import json
 import os
 import resource
 import struct
@@ -26,11 +25,10 @@ from unionfs.view import UnionView
 
 from .protocol import EXIT, RESIZE, STDERR, STDIN, STDIN_CLOSED, STDOUT, frame, split_frames
 from . import sandbox
+from .changes import container_base
 from .stdin_relay import InputRelay
 from .logs import JsonLog, log_limits, log_path
 
-INIT_DIRS = ("proc", "dev", "sys", "etc")
-INIT_FILES = ("etc/hosts", "etc/hostname", "etc/resolv.conf")
 # the character devices a container's /dev holds, the only ones mknod makes in its root:
 # there is no device cgroup
 CONTAINER_DEVICES = frozenset(sandbox.DEVICES.values())
@@ -42,42 +40,10 @@ ROOT_MOUNT_OPTIONS = ("nodev", "nosuid")
 SERVER_RESERVED_FDS = 1024
 
 
-def ensure_init_layer(view) -> None:
-    """The container's runtime mount points, as Docker's init layer provides them.
-
-    They are made outside the journal and listed in the upper layer's meta
-    `init_paths`, so diff and commit never show them; the directories they
-    are made in keep their times, so those do not show as changed either."""
-    if view.upper.get_meta("init_paths") is not None:
-        return
-    journal, view.journal = view.journal, None
-    made = []
-    try:
-        for path in INIT_DIRS + INIT_FILES:
-            parent_path, _, name = path.rpartition("/")
-            parent = view.lookup(1, parent_path.encode()) if parent_path else view.node(1)
-            try:
-                view.lookup(parent.ino, name.encode())
-                continue
-            except FileNotFoundError:
-                pass
-            times = parent.atime_ns, parent.mtime_ns
-            if path in INIT_DIRS:
-                view.mkdir(parent.ino, name.encode(), 0o755, 0, 0)
-            else:
-                _, fd = view.create(parent.ino, name.encode(), 0o644, os.O_RDWR, 0, 0)
-                view.release(fd)
-            view.setattr(parent.ino, atime_ns=times[0], mtime_ns=times[1])
-            made.append("/" + path)
-        view.upper.set_meta("init_paths", json.dumps(made))
-    finally:
-        view.journal = journal
-
-
-def container_view(store, image_id: str, upper_path: str, run: int) -> UnionView:
-    """The container's root: its image, its upper layer (repaired after a crash), mknod
-    limited to CONTAINER_DEVICES."""
-    return make_view_factory(store, image_id, upper_path, run, devices=CONTAINER_DEVICES)()
+def container_view(store, image_id: str, upper_path: str, run: int, base=None) -> UnionView:
+    """The container's root: its image and init layer (`base`: runner.changes.container_base),
+    its upper layer (repaired after a crash), mknod limited to CONTAINER_DEVICES."""
+    return make_view_factory(store, image_id, upper_path, run, devices=CONTAINER_DEVICES, base=base)()
 
 
 def fd_limit_below_server(child: int) -> None:
@@ -97,12 +63,8 @@ def serve_container(store, config, rootfs, child, sync_w, status_r, ours, wait_a
     """Returns (exit code, error). On an exception the supervisor kills the child."""
     cdir = container_dir(store, container_id)
     run = state["Runs"][-1]["Run"]
-    view = container_view(store, config["Image"], os.path.join(cdir, "upper"), run)
-    try:
-        ensure_init_layer(view)
-    except BaseException:
-        view.close()
-        raise
+    upper = os.path.join(cdir, "upper")
+    view = container_view(store, config["Image"], upper, run, container_base(store, config, upper))
     with mounted(view, rootfs, fuse_options(f"strata:{config['Name']}", False, ROOT_MOUNT_OPTIONS)):
         fd_limit_below_server(child)
         return trio.run(functools.partial(_serve, store, config, cdir, child, sync_w, status_r, ours,

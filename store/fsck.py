@@ -193,8 +193,9 @@ class StoreCheck:
         if not self.layer_usage_known:
             return  # an image whose config is unreadable may use any of them
         layers = os.path.join(self.store.root, "layers")
+        in_use = self.used_layers | self.store.init_layers_in_use()
         for name in sorted(os.listdir(layers)):
-            if "sha256:" + name in self.used_layers:
+            if "sha256:" + name in in_use:
                 continue
             yield Finding(f"layer {name[:12]}", "used by no image", "removed",
                           lambda name=name: self.store._delete_dir_locked(os.path.join(layers, name)))

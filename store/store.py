@@ -31,7 +31,7 @@ import os
 import re
 import stat
 import time
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator, NamedTuple
 
 from .errors import NoSuchImage, StoreError
 from .fsutil import OWNER_ONLY, flocked, fsync_dir, remove_tree, tighten_tree, write_atomic
@@ -45,7 +45,7 @@ REFERENCE_RE = re.compile(
     r"(?::(?P<tag>[\w][\w.-]{0,127}))?", re.ASCII)
 HEX_RE = re.compile(r"(?:sha256:)?([0-9a-f]{1,64})", re.ASCII)
 FULL_HEX_RE = re.compile(r"[0-9a-f]{64}", re.ASCII)
-SUBDIRS = ("tmp", "layers", "images", "containers", "cache")
+SUBDIRS = ("tmp", "layers", "images", "containers", "cache", "inits")
 TOP_FILES = ("lock", "tags.json")
 
 
@@ -101,6 +101,13 @@ class ImageInfo:
     @property
     def created(self) -> str:
         return self.config.get("created", "")
+
+
+class InitBase(NamedTuple):
+    """An image plus its init layer: the merged index and the chain's layers."""
+    index_path: str
+    diff_ids: list[str]
+    layer: str
 
 
 class Store:
@@ -160,6 +167,9 @@ class Store:
 
     def index_path(self, image_id: str) -> str:
         return os.path.join(self.image_dir(image_id), "index.db")
+
+    def init_dir(self, image_id: str) -> str:
+        return os.path.join(self.root, "inits", image_id.removeprefix("sha256:"))
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
@@ -325,6 +335,54 @@ class Store:
                 raise
         return image_id
 
+    # -- init layers: what containers of an image run on ----------------------
+
+    def init_base(self, image_id: str) -> InitBase | None:
+        """The image plus its init layer (a container's mount points: see runner.initlayer),
+        if made: inits/<image>/ holds the merged index and names the layer."""
+        try:
+            with open(os.path.join(self.init_dir(image_id), "meta.json"), "rb") as f:
+                layer = json.load(f)["layer"]
+        except (FileNotFoundError, ValueError, KeyError):
+            return None
+        diff_ids = self.image_config(image_id)["rootfs"]["diff_ids"] + [layer]
+        return InitBase(os.path.join(self.init_dir(image_id), "index.db"), diff_ids, layer)
+
+    def make_init_base(self, image_id: str, fill: Callable[[LayerWriter], None]) -> InitBase:
+        """Make the image's init layer with `fill` (a pure function of the image: the same
+        layer for every container of it) and the merged index of image + layer."""
+        from . import index as merged_index
+        with self.staging() as staging:
+            layer = self.prepare_layer(staging, fill)
+            stage = os.path.join(staging, "init")
+            os.mkdir(stage, OWNER_ONLY)
+            diff_ids = self.image_config(image_id)["rootfs"]["diff_ids"]
+            merged_index.build_index(os.path.join(stage, "index.db"), self.index_path(image_id),
+                                     diff_ids + [layer.diff_id], [layer.entries])
+            write_atomic(os.path.join(stage, "meta.json"), canonical_json({"layer": layer.diff_id}))
+            with self.locked():
+                if not self.image_exists(image_id):
+                    raise NoSuchImage(image_id)
+                if not os.path.exists(self.layer_dir(layer.diff_id)):
+                    os.rename(layer.staging, self.layer_dir(layer.diff_id))
+                    fsync_dir(os.path.join(self.root, "layers"))
+                if not os.path.exists(self.init_dir(image_id)):
+                    os.rename(stage, self.init_dir(image_id))
+                    fsync_dir(os.path.join(self.root, "inits"))
+        return self.init_base(image_id)
+
+    def init_layers_in_use(self) -> set[str]:
+        """The layers of the init bases of images that exist."""
+        used = set()
+        for name in os.listdir(os.path.join(self.root, "inits")):
+            image_id = "sha256:" + name
+            if not self.image_exists(image_id):
+                continue
+            base = self.init_base(image_id)
+            if base is not None:
+                used.add(base.layer)
+        return used
+
     # -- tags and removal ----------------------------------------------------
 
     def _write_tags_locked(self, tags: dict[str, str]) -> None:
@@ -395,10 +453,12 @@ class Store:
         remove_tree(trash)
 
     def _delete_image_locked(self, image_id: str) -> None:
+        if os.path.exists(self.init_dir(image_id)):
+            self._delete_dir_locked(self.init_dir(image_id))
         self._delete_dir_locked(self.image_dir(image_id))
 
     def _unreferenced_layers_locked(self) -> list[str]:
-        used = set()
+        used = self.init_layers_in_use()
         for i in self.image_ids():
             used.update(self.image_config(i)["rootfs"]["diff_ids"])
         names = os.listdir(os.path.join(self.root, "layers"))

@@ -71,7 +71,7 @@ def test_fsck_names_a_lost_create_below_4096_directories(store_root, tmp_path):
     record (and diff's candidate) must carry the file's whole path."""
     from store.busybox import ensure_busybox
     from unionfs.journal import read_records
-    from unionfs.storeview import ContainerChanges, make_view_factory
+    from unionfs.storeview import UpperChanges, make_view_factory
     store = Store(store_root)
     image_id = ensure_busybox(store)
     upper = str(tmp_path / "upper")
@@ -85,7 +85,7 @@ def test_fsck_names_a_lost_create_below_4096_directories(store_root, tmp_path):
         view.release(fd)
         view.recorder.unrecorded_creates.clear()  # killed -9 before the batch was stored
         deep_file = "/d" * 4200 + "/lost"
-        changes = ContainerChanges(store, image_id, upper)  # diff beside the live server
+        changes = UpperChanges(store, image_id, upper)  # diff beside the live server
         try:
             assert [r["path"] for r in changes.waiting_creates()] == [deep_file]
         finally:

@@ -15,7 +15,8 @@ import pytest
 from store import Store
 from store.containers import container_dir, create_container
 from unionfs.journal import read_records
-from unionfs.storeview import ContainerChanges, make_view_factory
+from runner.changes import open_container_changes
+from unionfs.storeview import make_view_factory
 
 from .conftest import NOBODY
 from .helpers import REPO, member
@@ -59,7 +60,7 @@ def data_file(store, c, st) -> str:
 
 
 def records(store, c, path):
-    changes = ContainerChanges(store, c["Image"], os.path.join(container_dir(store, c["Id"]), "upper"))
+    changes = open_container_changes(store, c, os.path.join(container_dir(store, c["Id"]), "upper"))
     try:
         return [r for r in read_records(changes.upper) if r["path"] == path], changes.diff()
     finally:

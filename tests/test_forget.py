@@ -13,7 +13,7 @@ import pytest
 from store import Store
 from unionfs.journal import read_records
 from unionfs.lower import DirLower
-from unionfs.storeview import ContainerChanges, image_lower, make_view_factory
+from unionfs.storeview import UpperChanges, image_lower, make_view_factory
 from unionfs.view import UnionView
 
 from .helpers import REPO, member
@@ -59,7 +59,7 @@ def stored_changes(image, tmp_path) -> tuple[list, list]:
     """((op, path) of each record, the journal's diff), read from disk as `strata diff`
     reads them; the diff is checked against the full tree diff."""
     store, image_id = image
-    changes = ContainerChanges(store, image_id, str(tmp_path / "upper"))
+    changes = UpperChanges(store, image_id, str(tmp_path / "upper"))
     try:
         diff = changes.diff()
         assert diff == changes.full_diff()

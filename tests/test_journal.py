@@ -14,7 +14,7 @@ from store import Store
 from unionfs.diff import ImageTree, ViewTree, journal_diff, run_diff, tree_diff
 from unionfs.journal import CREATE_BATCH, add_range, read_records
 from unionfs.recorder import NO_RECORDER, JournalRecorder, NoRecorder
-from unionfs.storeview import ContainerChanges, image_lower, make_view_factory
+from unionfs.storeview import UpperChanges, image_lower, make_view_factory
 from unionfs.upper import UpperDatabase
 from unionfs.view import RENAME_EXCHANGE
 
@@ -55,7 +55,7 @@ def diffs(image, upper_path, view=None):
     if view is not None:
         view.close()
     store, image_id = image
-    changes = ContainerChanges(store, image_id, upper_path)
+    changes = UpperChanges(store, image_id, upper_path)
     try:
         return changes.diff(), changes.full_diff()
     finally:
@@ -380,7 +380,7 @@ def test_a_create_not_on_record_yet_shows_in_diff_and_is_recovered_by_fsck(image
     _, fd = v.create(lookup_path(v, "/d").ino, b"new", 0o644, os.O_RDWR, 0, 0)
     v.write(fd, 0, b"abc")
     assert not [r for r in read_records(v.upper) if r["path"] == "/d/new"]
-    changes = ContainerChanges(store, image_id, upper_path)  # diff beside the live server
+    changes = UpperChanges(store, image_id, upper_path)  # diff beside the live server
     try:
         assert changes.diff() == changes.full_diff() == [("C", "/d"), ("A", "/d/new")]
         assert [r["run"] for r in changes.waiting_creates()] == [1]
@@ -685,7 +685,7 @@ def test_a_create_whose_change_rolls_back_leaves_the_batch_as_it_was(view):
 
 
 def test_changes_made_while_the_journal_is_off_are_not_recorded(view):
-    """As the supervisor makes the init layer: journal off, changes, journal on again."""
+    """Journal off (the benchmarks' strata-nojournal), changes, journal on again."""
     journal = view.journal
     view.journal = None
     view.mkdir(ROOT, b"proc", 0o755, 0, 0)
@@ -806,7 +806,7 @@ def test_journal_diff_equals_tree_diff(image, tmp_path_factory, ops):
                 view = make_view_factory(store, image_id, upper_path, run=run)()
                 continue
             apply_op(view, *op)
-        live = ContainerChanges(store, image_id, upper_path)  # beside the server, creates not on record yet
+        live = UpperChanges(store, image_id, upper_path)  # beside the server, creates not on record yet
         try:
             assert live.diff() == live.full_diff(), ops
         finally:

@@ -18,7 +18,7 @@ import pytest
 from store import Store
 from store.containers import container_dir, create_container
 from unionfs.journal import read_records
-from unionfs.storeview import ContainerChanges
+from runner.changes import open_container_changes
 
 from .helpers import member, run_in_user_namespace
 from .images import make_chain
@@ -279,7 +279,7 @@ def test_the_runners_view_passes_through_and_the_journal_has_every_write(contain
         with open(f"{mnt}/d/lower", "rb") as reader, open(f"{mnt}/d/lower", "ab") as w:
             w.write(b"more")  # beside a reader of the upper file: through passthrough too
         assert reader.closed and os.stat(f"{mnt}/d/lower").st_size == len(LOWER) + 8
-    changes = ContainerChanges(store, c["Image"], os.path.join(container_dir(store, c["Id"]), "upper"))
+    changes = open_container_changes(store, c, os.path.join(container_dir(store, c["Id"]), "upper"))
     try:
         records = [(r["op"], r["path"], r["detail"]) for r in read_records(changes.upper)]
         diff = sorted(changes.diff())
@@ -317,7 +317,7 @@ def test_a_kill_after_a_new_files_record_is_stored_leaves_its_passthrough_writes
         subprocess.run(["umount", "-l", mnt], check=True)
     repaired = strata("fsck", "--repair", check=True).stdout.decode()
     assert "recovered a write to /synced" in repaired and "recovered a write to /cut" in repaired, repaired
-    changes = ContainerChanges(store, c["Image"], os.path.join(container_dir(store, killed["Id"]), "upper"))
+    changes = open_container_changes(store, killed, os.path.join(container_dir(store, killed["Id"]), "upper"))
     try:
         records = [(r["op"], r["path"], r["detail"]) for r in read_records(changes.upper)]
     finally:

@@ -1,24 +1,27 @@
-"""Views of store objects: an image (read-only) or a container (image + upper layer)."""
+"""Views of store objects: an image (read-only), or an image and an upper layer."""
 from __future__ import annotations
 
 import errno
-import json
 import os
 
 from store import Store
 
 from .diff import Differ, ImageTree, ViewTree, journal_diff, tree_diff
-
 from .journal import Journal, read_records, unrecorded_creates, unrecorded_run
 from .lower import IndexLower
 from .upper import UpperLayer
 from .view import UnionView
 
 
-def image_lower(store: Store, image_id: str, point_lookups: bool = False) -> IndexLower:
-    config = store.image_config(image_id)
-    roots = [os.path.join(store.layer_dir(d), "root") for d in config["rootfs"]["diff_ids"]]
-    return IndexLower(store.index_path(image_id), roots, point_lookups)
+def image_lower(store: Store, image_id: str, point_lookups: bool = False, base=None) -> IndexLower:
+    """The image's layers as a lower source; `base` (a store.InitBase): the image with
+    the init layer a container's mounts need on top."""
+    if base is not None:
+        index_path, diff_ids = base.index_path, base.diff_ids
+    else:
+        index_path, diff_ids = store.index_path(image_id), store.image_config(image_id)["rootfs"]["diff_ids"]
+    roots = [os.path.join(store.layer_dir(d), "root") for d in diff_ids]
+    return IndexLower(index_path, roots, point_lookups)
 
 
 class UpperPaths:
@@ -95,12 +98,12 @@ def open_upper(upper_path: str, lower, run: int) -> tuple[UpperLayer, Journal]:
 
 
 def make_view_factory(store: Store, image_id: str, upper_path: str | None = None, run: int = 0,
-                      devices: frozenset[tuple[int, int]] | None = None):
+                      devices: frozenset[tuple[int, int]] | None = None, base=None):
     """A function that opens the view; called in the server process, after any fork.
     `run`: the container's run the journal attributes changes to (0: outside a run);
-    `devices`: the character devices mknod may make (UnionView)."""
+    `devices`: the character devices mknod may make (UnionView); `base`: see image_lower."""
     def make() -> UnionView:
-        lower = image_lower(store, image_id)
+        lower = image_lower(store, image_id, base=base)
         if upper_path is None:
             return UnionView(lower, devices=devices)
         try:
@@ -112,24 +115,24 @@ def make_view_factory(store: Store, image_id: str, upper_path: str | None = None
     return make
 
 
-class ContainerChanges:
-    """A container's image and merged view, its journal and init-layer paths, opened
-    beside a live supervisor (SQLite WAL readers) for diff and commit; no fsck here,
-    that is the server's to run. Close it when done."""
+class UpperChanges:
+    """An image (or its init base: see image_lower) and an upper layer on it, opened
+    beside a live server (SQLite WAL readers) for diff and commit; no fsck here, that
+    is the server's to run. `hidden`: paths no diff shows. Close it when done."""
 
-    def __init__(self, store: Store, image_id: str, upper_path: str):
-        self.store, self.image_id, self.upper_path = store, image_id, upper_path
-        self.image_lower = image_lower(store, image_id, point_lookups=True)
+    def __init__(self, store: Store, image_id: str, upper_path: str, base=None):
+        self.store, self.image_id, self.upper_path, self.base = store, image_id, upper_path, base
+        self.image_lower = image_lower(store, image_id, point_lookups=True, base=base)
         self.before = ImageTree(self.image_lower)
         try:
             self._open_view()
         except BaseException:
             self.image_lower.close()
             raise
-        self.hidden = set(json.loads(self.upper.get_meta("init_paths") or "[]"))
+        self.hidden: set[str] = set()
 
     def _open_view(self) -> None:
-        lower = image_lower(self.store, self.image_id, point_lookups=True)
+        lower = image_lower(self.store, self.image_id, point_lookups=True, base=self.base)
         try:
             self.upper = UpperLayer(self.upper_path, lower.first_free_ino)
         except BaseException:
@@ -161,7 +164,7 @@ class ContainerChanges:
         return out
 
     def reopen(self) -> None:
-        """A fresh view: the container's files changed under this one (it is running)."""
+        """A fresh view: the files changed under this one (a running container)."""
         self.view.close()
         self._open_view()
 
@@ -186,10 +189,9 @@ class EmptyTree:
         pass
 
 
-def while_steady(changes: ContainerChanges, read, attempts: int = 5):
+def while_steady(changes: UpperChanges, read, attempts: int = 5):
     """`read(changes)`, again on a fresh view when a running container removed a file
     while it was being read (ENOENT, ESTALE): a diff of a moving tree is of one moment."""
-    import errno
     for attempt in range(attempts):
         try:
             return read(changes)
