@@ -33,3 +33,11 @@ def open_container_changes(store: Store, config: dict, upper_path: str) -> Upper
     if base is None:
         changes.hidden = set(json.loads(changes.upper.get_meta(LEGACY_INIT_PATHS) or "[]"))
     return changes
+
+
+def init_paths(changes: UpperChanges) -> set[str]:
+    """The paths of the container's init layer (its runtime mount points): export leaves
+    them out unless something of the container's own is below them."""
+    if changes.base is None:
+        return set(changes.hidden)
+    return {"/" + e.path for e in changes.store.layer_entries(changes.base.layer) if e.path and not e.implicit}

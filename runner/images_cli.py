@@ -38,12 +38,14 @@ def export_container(store: Store, config: dict, out, progress) -> None:
     from store.layer import tar_members
     from unionfs.commit import TreeFile, entry_for, subtree
     from unionfs.diff import ancestors
+    from .changes import init_paths
     from .changes_cli import open_changes
     changes = open_changes(store, config)
     try:
         after = changes.after
         paths = sorted(subtree(after, "/"))
-        kept = {p for p in paths if p not in changes.hidden}
+        mount_points = init_paths(changes)
+        kept = {p for p in paths if p not in mount_points}
         needed = {a for p in kept for a in ancestors(p)}
         root = entry_for(after.stat("/"), "/", None)
         root.path = "."  # the root's own metadata, as a member ("" is left out of layer tars)
