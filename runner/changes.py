@@ -9,10 +9,10 @@ diffs and commits, as they always did.
 from __future__ import annotations
 
 import json
-import os
 
 from store import Store
 from unionfs.storeview import UpperChanges
+from unionfs.upper import stored_meta
 
 from . import initlayer
 
@@ -21,8 +21,9 @@ LEGACY_INIT_PATHS = "init_paths"  # the upper layer's meta of a container made b
 
 def container_base(store: Store, config: dict, upper_path: str):
     """The init base a container runs on, or None for one made before init layers (no
-    InitLayer in its config, and an upper layer that holds its mount points)."""
-    if not config.get("InitLayer") and os.path.exists(os.path.join(upper_path, "upper.db")):
+    InitLayer in its config, and an upper layer that holds its mount points: one of
+    those never started gets the init layer, for good)."""
+    if not config.get("InitLayer") and stored_meta(upper_path, LEGACY_INIT_PATHS) is not None:
         return None
     return initlayer.ensure_base(store, config["Image"])
 

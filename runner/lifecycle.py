@@ -249,7 +249,7 @@ def create(store: Store, args) -> dict:
              "User": user, "Tty": args.tty,
              "OpenStdin": args.interactive, "NetworkMode": args.network, "AutoRemove": args.rm,
              "LogOpts": log_opts, "DetachKeys": args.detach_keys or "",
-             "ImageRef": args.image, "InitLayer": True} | security  # (runner.initlayer)
+             "ImageRef": args.image} | security
     extra["Hostname"] = args.hostname  # None: create_container names it after the id, as Docker does
     return create_container(store, image_id, name, extra)
 

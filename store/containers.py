@@ -70,7 +70,7 @@ def create_container(store: Store, image_id: str, name: str | None = None, extra
     """Make the container's directory in staging, then rename it in under the lock."""
     container_id = os.urandom(32).hex()
     config = {"Id": container_id, "Name": name or f"strata_{container_id[:8]}", "Image": image_id,
-              "Created": now_rfc3339()}
+              "Created": now_rfc3339(), "InitLayer": True}  # (its mount points: runner.initlayer)
     config.update(extra or {})
     check_name(config["Name"])
     if not config.get("Hostname"):

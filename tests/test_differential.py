@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from store import Store
+from runner import initlayer
 from store.containers import create_container
 
 from .helpers import REPO, member
@@ -163,8 +164,8 @@ class UnionVsOverlay(RuleBasedStateMachine):
         store = Store(os.path.join(self.tmp, "store"))
         image = make_chain(store, chain, "diff:test")
         create_container(store, image, "diff")
-        lowers = []
-        for n, diff_id in enumerate(store.image_config(image)["rootfs"]["diff_ids"]):
+        lowers = []  # the container's base: its image and its init layer (runner.initlayer)
+        for n, diff_id in enumerate(initlayer.ensure_base(store, image).diff_ids):
             d = os.path.join(self.tmp, f"lower{n}")
             write_overlay_layer(store, diff_id, d, list(lowers))
             lowers.insert(0, d)  # overlayfs takes the top layer first

@@ -76,7 +76,9 @@ def test_image_contents_and_metadata(mounted):
     assert stat.S_IMODE(os.lstat(f"{mnt}/su").st_mode) == 0o4755
     h1, h2 = os.lstat(f"{mnt}/hard1"), os.lstat(f"{mnt}/hard2")
     assert h1.st_ino == h2.st_ino and h1.st_nlink == 2
-    assert sorted(os.listdir(mnt)) == sorted(["d", "hard1", "hard2", "link", "dev", "su", LONG, "opq"])
+    # (etc, proc, sys: the container's init layer, runner.initlayer)
+    assert sorted(os.listdir(mnt)) == sorted(["d", "hard1", "hard2", "link", "dev", "su", LONG, "opq",
+                                              "etc", "proc", "sys"])
     assert os.listdir(f"{mnt}/opq") == ["new"]  # opaque in the top layer
     assert sorted(os.listdir(f"{mnt}/d")) == ["a", "sub", "top"]
     assert os.lstat(f"{mnt}/d").st_nlink == 3  # 2 + one subdirectory, from the index

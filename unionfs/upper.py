@@ -529,3 +529,21 @@ class UpperLayer(UpperDatabase):
                 self.db.execute("UPDATE inodes SET has_data=?, size=? WHERE ino=?", (int(has_data), size, ino))
                 repairs.append(f"fixed data state of inode {ino}")
         return repairs
+
+
+def stored_meta(upper_path: str, key: str) -> str | None:
+    """A meta value of the upper layer at `upper_path`, read without opening the layer
+    (no schema made, no check): None if there is no layer or no such value."""
+    path = os.path.join(upper_path, "upper.db")
+    if not os.path.exists(path):
+        return None
+    db = sqlite3.connect(path)
+    try:
+        row = db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+    except sqlite3.OperationalError as e:
+        if "no such table" not in str(e):
+            raise
+        return None
+    finally:
+        db.close()
+    return None if row is None else row[0]
