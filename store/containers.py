@@ -122,6 +122,10 @@ class Status(str, enum.Enum):
 
 
 LIVE = frozenset({Status.STARTING, Status.RUNNING, Status.PAUSED})  # a supervisor owns the container
+# to: from. A supervisor claims a container whatever it says (the claim checks that no other
+# supervisor lives); each run ends with one exit record, by its supervisor or by fsck
+TRANSITIONS = {Status.STARTING: frozenset(Status), Status.RUNNING: frozenset({Status.STARTING, Status.PAUSED}),
+               Status.PAUSED: frozenset({Status.RUNNING}), Status.EXITED: LIVE, Status.CREATED: frozenset()}
 
 
 def state_path(store: Store, container_id: str) -> str:
@@ -144,7 +148,8 @@ def read_state(store: Store, container_id: str) -> dict:
 def transition(store: Store, container_id: str, change) -> dict:
     """The one way state.json changes: under the container's lock, `change` gets the state
     as recorded now and returns the new one (or None: no change; or raises StoreError to
-    refuse). Two processes changing it at once cannot lose each other's update."""
+    refuse). Two processes changing it at once cannot lose each other's update. A status
+    TRANSITIONS does not allow (a bug, or a race the caller did not check) is refused."""
     lock = os.path.join(container_dir(store, container_id), "state.lock")
     with flocked(lock):
         state = read_state(store, container_id)
@@ -152,6 +157,8 @@ def transition(store: Store, container_id: str, change) -> dict:
         if new is None:
             return state
         new["Status"] = Status(new["Status"])
+        if new["Status"] != state["Status"] and state["Status"] not in TRANSITIONS[new["Status"]]:
+            raise StoreError(f"container {container_id[:12]} cannot go from {state['Status']} to {new['Status']}")
         write_atomic(state_path(store, container_id), json.dumps(new, indent=1).encode())
         return new
 

@@ -6,8 +6,11 @@ import signal
 import subprocess
 import sys
 
-from store import Store
-from store.containers import transition
+import pytest
+
+from store import Store, StoreError
+from store.busybox import ensure_busybox
+from store.containers import Status, create_container, read_state, state_path, transition
 
 from .helpers import strata_ok as ok
 from .mounts import wait_for
@@ -84,3 +87,12 @@ def test_a_recycled_supervisor_pid_is_not_taken_for_the_supervisor(root):
     finally:
         impostor.kill()
         impostor.wait()
+
+
+def test_a_transition_the_states_do_not_allow_is_refused(store):
+    """created -> paused is no transition (only a supervisor's run gets there); state.json stays."""
+    cid = create_container(store, ensure_busybox(store))["Id"]
+    with pytest.raises(StoreError, match="cannot go from created to paused"):
+        transition(store, cid, lambda state: state | {"Status": Status.PAUSED})
+    assert not os.path.exists(state_path(store, cid)) and read_state(store, cid)["Status"] == Status.CREATED
+    assert transition(store, cid, lambda state: state | {"Status": Status.STARTING})["Status"] == Status.STARTING
