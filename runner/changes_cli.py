@@ -12,10 +12,11 @@ import time
 
 from store import Store, StoreError
 from store.changes import apply_changes
-from store.containers import container_dir, current_state, read_state, resolve_container
+from store.containers import Status, container_dir, read_state, resolve_container
 from store.store import canonical_json, new_image_config, now_rfc3339, parse_reference
 
 from . import procfs
+from .state import current_state
 from .containers_cli import parse_since
 from .lifecycle import signal_namespace
 from .lifecycle import container_init_pid, describe_command
@@ -200,7 +201,7 @@ class Paused:
     def __init__(self, store: Store, config: dict):
         self.pid1: int | None = None  # set while the container is stopped here
         state = current_state(store, config["Id"])
-        if state.get("Status") != "running" or not state.get("Pid"):
+        if state["Status"] != Status.RUNNING or not state.get("Pid"):
             return
         pid1 = container_init_pid(state["Pid"])
         if pid1 is None:

@@ -9,10 +9,11 @@ import signal
 import sys
 
 from store import Store, StoreError
-from store.containers import container_dir, current_state, list_containers, resolve_container, update_config
+from store.containers import Status, container_dir, list_containers, resolve_container, update_config
 
 from . import fmt, lifecycle, logs, procfs
 from .errors import EXIT_FAILURE, UsageError, for_each, print_error
+from .state import current_state
 
 
 def add_create_flags(p) -> None:
@@ -138,7 +139,7 @@ def cmd_start(args, store: Store) -> int:
 
 def cmd_attach(args, store: Store) -> int:
     config = resolve_container(store, args.container)
-    if current_state(store, config["Id"]).get("Status") != "running":
+    if current_state(store, config["Id"])["Status"] != Status.RUNNING:
         raise StoreError("You cannot attach to a stopped container, start it first")
     return attach_and_wait(store, config, not args.no_stdin and bool(config.get("OpenStdin")),
                            detach_keys_for(config, args.detach_keys)) or 0
@@ -184,7 +185,7 @@ def cmd_logs(args, store: Store) -> int:
             for entry in new:
                 show(entry)
             if not consumed:   # (a line a dead supervisor left half written never ends)
-                if current_state(store, config["Id"]).get("Status") != "running":
+                if current_state(store, config["Id"])["Status"] != Status.RUNNING:
                     break
                 time.sleep(0.05)
     return 0
@@ -196,11 +197,11 @@ def short_command(cmd: list[str]) -> str:
 
 
 def status_text(state: dict) -> str:
-    status = state.get("Status", "created")
-    if status in ("running", "paused"):
+    status = state["Status"]
+    if status in (Status.RUNNING, Status.PAUSED):
         up = "Up " + fmt.human_duration(age(state.get("StartedAt")))
-        return up + " (Paused)" if status == "paused" else up
-    if status == "exited":
+        return up + " (Paused)" if status == Status.PAUSED else up
+    if status == Status.EXITED:
         return f"Exited ({state.get('ExitCode', 0)}) {fmt.since(state.get('FinishedAt', ''))}"
     return "Created"
 
@@ -226,13 +227,13 @@ def cmd_ps(args, store: Store) -> int:
     rows = []
     for config in sorted(list_containers(store), key=lambda c: c.get("Created", ""), reverse=True):
         state = current_state(store, config["Id"])
-        if not args.all and state.get("Status") not in ("running", "paused"):
+        if not args.all and state["Status"] not in (Status.RUNNING, Status.PAUSED):
             continue
         obj = {"ID": config["Id"][:12], "Image": config.get("ImageRef") or config["Image"][7:19],
                "Command": short_command(config.get("Cmd", [])),
                "CreatedAt": fmt.docker_time(config.get("Created", "")),
                "RunningFor": fmt.since(config.get("Created", "")), "Status": status_text(state),
-               "State": state.get("Status", "created"), "Names": config.get("Name", ""), "Ports": ""}
+               "State": state["Status"].value, "Names": config.get("Name", ""), "Ports": ""}
         if not matches_filters(args.filter or [], config, state, store):
             continue
         rows.append(obj)
@@ -324,7 +325,7 @@ def cmd_update(args, store: Store) -> int:
     if args.cmd is not None:
         lifecycle.check_text(args.cmd, "--cmd")
     config = resolve_container(store, args.container)
-    if current_state(store, config["Id"]).get("Status") == "running":
+    if current_state(store, config["Id"])["Status"] == Status.RUNNING:
         raise StoreError(f"container {config['Name']} is running: stop it before changing its command")
     changes = {}
     if args.cmd is not None:
@@ -348,7 +349,7 @@ def inspect_container(store: Store, config: dict) -> dict:
     cdir = container_dir(store, config["Id"])
     return {"Id": config["Id"], "Name": "/" + config.get("Name", ""), "Created": config.get("Created"),
             "Image": config["Image"], "Path": (config.get("Cmd") or [""])[0], "Args": (config.get("Cmd") or [])[1:],
-            "State": {"Status": state.get("Status"), "Running": state.get("Status") == "running",
+            "State": {"Status": state["Status"].value, "Running": state["Status"] == Status.RUNNING,
                       "Pid": lifecycle.container_init_pid(state["Pid"]) if state.get("Pid") else 0,
                       "ExitCode": state.get("ExitCode", 0), "Error": state.get("Error", ""),
                       "StartedAt": state.get("StartedAt", ""), "FinishedAt": state.get("FinishedAt", "")},
@@ -367,7 +368,7 @@ NAMESPACES = ("user", "ipc", "uts", "net", "pid", "mnt")  # user first: it grant
 
 def container_pid1(store: Store, config: dict) -> int:
     state = current_state(store, config["Id"])
-    pid = lifecycle.container_init_pid(state.get("Pid") or 0) if state.get("Status") == "running" else None
+    pid = lifecycle.container_init_pid(state.get("Pid") or 0) if state["Status"] == Status.RUNNING else None
     if not pid:
         raise StoreError(f"container {config['Name']} is not running")
     return pid
@@ -686,9 +687,9 @@ def cmd_pause(args, store: Store, paused: bool = True) -> int:
     for ref in args.containers:
         config = resolve_container(store, ref)
         state = current_state(store, config["Id"])
-        if (state.get("Status") == "paused") == paused:
+        if (state["Status"] == Status.PAUSED) == paused:
             raise StoreError(f"container {config['Name']} is {'already' if paused else 'not'} paused")
-        if state.get("Status") not in ("running", "paused"):
+        if state["Status"] not in (Status.RUNNING, Status.PAUSED):
             raise StoreError(f"container {config['Name']} is not running")
         lifecycle.set_paused(store, config, paused)
         print(ref)

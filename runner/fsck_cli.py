@@ -32,13 +32,13 @@ import threading
 from typing import Iterable, Iterator
 
 from store import Store, StoreError
-from store.containers import current_state, read_state, supervisor_alive, write_state
+from store.containers import LIVE, read_state
 from store.fsck import Finding, StoreCheck, container_configs, short
 from store.fsutil import DIR_FLAGS
 
 from .fmt import terminal_safe
+from .state import current_state, record_death, supervisor_alive
 
-LIVE = ("running", "paused", "starting")
 MOUNT_DEADLINE = 2.0  # seconds a mount has to answer before it counts as alive but hung
 
 
@@ -176,10 +176,10 @@ def container_findings(store: Store, unusable_images: set[str], repair: bool) ->
         subject = f"container {config.get('Name') or container_id[:12]}"
         try:
             recorded = read_state(store, container_id)
-        except ValueError:
+        except StoreError:  # (its message names state.json; the finding says it shorter)
             yield Finding(subject, "state.json is unreadable", why_not="remove the container")
             continue
-        if recorded.get("Status") in LIVE and supervisor_alive(recorded):
+        if recorded["Status"] in LIVE and supervisor_alive(recorded):
             continue  # a live container is its supervisor's
         if not store.image_exists(image_id):
             yield Finding(subject, f"its image {short(image_id)} is missing", why_not="the image's files are gone")
@@ -200,7 +200,7 @@ def container_findings(store: Store, unusable_images: set[str], repair: bool) ->
 
 def supervisor_death(store: Store, subject: str, container_id: str) -> Iterator[Finding]:
     recorded = read_state(store, container_id)
-    if recorded.get("Status") in LIVE and not supervisor_alive(recorded):
+    if recorded["Status"] in LIVE and not supervisor_alive(recorded):
         corrected = current_state(store, container_id)
         yield Finding(subject, f"its supervisor (pid {recorded.get('SupervisorPid')}) died; the state says "
                       f"{recorded['Status']}", f"state set to exited ({corrected['ExitCode']})",
@@ -219,13 +219,6 @@ def serving_lock(upper: str, repair: bool) -> int | None:
         if e.errno == errno.EBUSY:
             return None
         raise
-
-
-def record_death(store: Store, container_id: str) -> None:
-    """The state as `strata ps` reports it, written (the supervisor cannot: it died)."""
-    recorded = read_state(store, container_id)
-    if recorded.get("Status") in LIVE and not supervisor_alive(recorded):
-        write_state(store, container_id, current_state(store, container_id))
 
 
 def upper_findings(store: Store, subject: str, config: dict, upper: str, run: int,

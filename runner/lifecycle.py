@@ -11,10 +11,11 @@ import sys
 import time
 
 from store import Store, StoreError
-from store.containers import (check_name, container_dir, create_container, current_state, list_containers,
-                              printable, read_state, remove_container, write_state)
+from store.containers import (LIVE, Status, check_name, container_dir, create_container, list_containers,
+                              printable, read_state, remove_container, transition)
 
 from . import procfs
+from .state import current_state
 from .logs import log_limits
 from .spawn import spawn_blank_supervisor, supervisor_env
 
@@ -379,7 +380,7 @@ def spawn_supervisor(store: Store, wait_attach: bool, early: ProcessHandoff | No
 def start(store: Store, config: dict, wait_attach: bool, supervisor: Handoff | None = None) -> None:
     """Hand the container to a supervisor (`supervisor`, or a new one) and wait until it is up."""
     state = current_state(store, config["Id"])
-    if state.get("Status") in ("running", "starting", "paused"):
+    if state["Status"] in LIVE:
         if supervisor is not None:
             supervisor.abandon()
         return
@@ -392,9 +393,9 @@ def start(store: Store, config: dict, wait_attach: bool, supervisor: Handoff | N
     deadline = time.monotonic() + 30
     while True:  # up when the supervisor listens (or the run already ended)
         state = read_state(store, config["Id"])
-        if state.get("SupervisorPid") == handoff.pid and (os.path.exists(sock) or state.get("Status") == "exited"):
+        if state.get("SupervisorPid") == handoff.pid and (os.path.exists(sock) or state["Status"] == Status.EXITED):
             return
-        if not handoff.alive() and read_state(store, config["Id"]).get("Status") != "exited":
+        if not handoff.alive() and read_state(store, config["Id"])["Status"] != Status.EXITED:
             raise StoreError(f"cannot start container {config['Name']}: {last_error(cdir)}")
         if time.monotonic() > deadline:
             raise StoreError(f"container {config['Name']} did not start in 30 s")
@@ -411,7 +412,7 @@ def last_error(cdir: str) -> str:
 
 def signal_container(store: Store, config: dict, sig: int) -> None:
     state = current_state(store, config["Id"])
-    if state.get("Status") != "running" or not state.get("Pid"):
+    if state["Status"] != Status.RUNNING or not state.get("Pid"):
         raise StoreError(f"container {config['Name']} is not running")
     # Pid is the supervisor's child, which relays to the container's pid 1 ...
     # signal pid 1 itself: the child's only child
@@ -554,7 +555,7 @@ def wait_exited(store: Store, container_id: str, timeout: float | None) -> dict 
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         state = current_state(store, container_id)
-        if state.get("Status") not in ("running", "starting", "paused"):
+        if state["Status"] not in LIVE:
             return state
         if deadline is not None and time.monotonic() > deadline:
             return None
@@ -566,18 +567,16 @@ def set_paused(store: Store, config: dict, paused: bool) -> None:
     `pause` without a freezer."""
     state = current_state(store, config["Id"])
     signal_namespace(container_init_pid(state.get("Pid") or 0), signal.SIGSTOP if paused else signal.SIGCONT)
-    with store.locked():
-        recorded = read_state(store, config["Id"])
-        if recorded.get("Status") in ("running", "paused"):
-            recorded["Status"] = "paused" if paused else "running"
-            write_state(store, config["Id"], recorded)
+    wanted = Status.PAUSED if paused else Status.RUNNING
+    transition(store, config["Id"], lambda recorded: recorded | {"Status": wanted}
+               if recorded["Status"] in (Status.RUNNING, Status.PAUSED) else None)
 
 
 def stop(store: Store, config: dict, timeout: float) -> None:
     state = current_state(store, config["Id"])
-    if state.get("Status") == "paused":  # stopped processes hold SIGTERM until they go on
+    if state["Status"] == Status.PAUSED:  # stopped processes hold SIGTERM until they go on
         set_paused(store, config, False)
-    elif state.get("Status") != "running":
+    elif state["Status"] != Status.RUNNING:
         return
     try:
         signal_container(store, config, signal.SIGTERM)
@@ -593,7 +592,7 @@ def stop(store: Store, config: dict, timeout: float) -> None:
 
 def remove(store: Store, config: dict, force: bool) -> None:
     state = current_state(store, config["Id"])
-    if state.get("Status") in ("running", "paused"):
+    if state["Status"] in (Status.RUNNING, Status.PAUSED):
         if not force:
             raise StoreError(f"cannot remove container {config['Name']}: container is running: "
                              "stop the container before removing or force remove")

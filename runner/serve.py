@@ -18,7 +18,7 @@ import unionfs.mount  # noqa: F401  (first: it loads the shim pyfuse3 must bind 
 import pyfuse3
 import trio
 
-from store.containers import container_dir, write_state
+from store.containers import container_dir
 from unionfs.mount import fuse_options, mounted, serve_session
 from unionfs.storeview import make_view_factory
 from unionfs.view import UnionView
@@ -59,19 +59,20 @@ def fd_limit_below_server(child: int) -> None:
         resource.prlimit(child, resource.RLIMIT_NOFILE, (soft, room))
 
 
-def serve_container(store, config, rootfs, child, sync_w, status_r, ours, wait_attach, state, container_id):
-    """Returns (exit code, error). On an exception the supervisor kills the child."""
+def serve_container(store, config, rootfs, child, sync_w, status_r, ours, wait_attach, run, record_running,
+                    container_id):
+    """Returns (exit code, error). `record_running()` is called once the root is served,
+    before the child is released. On an exception the supervisor kills the child."""
     cdir = container_dir(store, container_id)
-    run = state["Runs"][-1]["Run"]
     upper = os.path.join(cdir, "upper")
     view = container_view(store, config["Image"], upper, run, container_base(store, config, upper))
     with mounted(view, rootfs, fuse_options(f"strata:{config['Name']}", False, ROOT_MOUNT_OPTIONS)):
         fd_limit_below_server(child)
-        return trio.run(functools.partial(_serve, store, config, cdir, child, sync_w, status_r, ours,
-                                          wait_attach, state, container_id, view))
+        return trio.run(functools.partial(_serve, config, cdir, child, sync_w, status_r, ours,
+                                          wait_attach, record_running, view))
 
 
-async def _serve(store, config, cdir, child, sync_w, status_r, ours, wait_attach, state, container_id, view):
+async def _serve(config, cdir, child, sync_w, status_r, ours, wait_attach, record_running, view):
     max_bytes, max_files = log_limits(config.get("LogOpts") or {})
     log = JsonLog(log_path(cdir), max_bytes, max_files)
     clients: set = set()
@@ -168,7 +169,7 @@ async def _serve(store, config, cdir, child, sync_w, status_r, ours, wait_attach
         if wait_attach:
             with trio.move_on_after(30):
                 await attached.wait()
-        write_state(store, container_id, state)
+        record_running()
         os.write(sync_w, b"1")  # sync 1: the root is served; the child goes on
         os.close(sync_w)
         if "console" in ours:  # the container's pty master, sent by its pid 1

@@ -25,13 +25,14 @@ import shutil
 import subprocess
 import sys
 
-from store import Store
-from store.containers import container_dir, read_state, remove_container, supervisor_name, write_state
+from store import Store, StoreError
+from store.containers import LIVE, Status, container_dir, remove_container, transition
 from store.store import now_rfc3339
 
 from . import container_spec
 from . import sandbox
 from . import syscalls as sc
+from .state import supervisor_alive, supervisor_identity, supervisor_name
 
 
 # -- step 1: namespaces -------------------------------------------------------------
@@ -170,13 +171,10 @@ def main(root: str, container_id: str, wait_attach: bool) -> int:
     os.close(null)
     with open(os.path.join(cdir, "config.json"), "rb") as f:
         config = json.load(f)
-    state = read_state(store, container_id)
-    run_number = len(state.get("Runs", [])) + 1
     import prctl
     prctl.set_name(supervisor_name(container_id))
-    state.update(Status="starting", SupervisorPid=os.getpid(), SupervisorName=supervisor_name(container_id),
-                 Pid=0, Error="")
-    write_state(store, container_id, state)
+    state = transition(store, container_id, lambda recorded: claimed(recorded, container_id))
+    run_number = len(state.get("Runs", [])) + 1
     rootfs = os.path.join(cdir, "rootfs")
     os.makedirs(rootfs, mode=0o700, exist_ok=True)
     runtime = os.path.join(cdir, "runtime")
@@ -228,12 +226,15 @@ def main(root: str, container_id: str, wait_attach: bool) -> int:
 
     # step 3 (supervisor): the FUSE root, then the event loop
     from .serve import serve_container
-    state.update(Status="running", StartedAt=now_rfc3339(), Pid=child)
-    runs = state.setdefault("Runs", [])
-    runs.append({"Run": run_number, "Cmd": config["Cmd"], "StartedAt": state["StartedAt"]})
+    run = {"Run": run_number, "Cmd": config["Cmd"], "StartedAt": now_rfc3339()}
+
+    def record_running() -> None:  # (serve: the root is served, the child is about to be released)
+        transition(store, container_id, lambda recorded: recorded | {
+            "Status": Status.RUNNING, "StartedAt": run["StartedAt"], "Pid": child,
+            "Runs": recorded.get("Runs", []) + [run]})
     try:
         exit_code, error = serve_container(store, config, rootfs, child, sync_w, status_r, ours, wait_attach,
-                                           state, container_id)
+                                           run_number, record_running, container_id)
     except BaseException as e:  # never leave "running" behind: ps must tell the truth
         cause = first_cause(e)
         exit_code, error = 125, f"supervisor: {type(cause).__name__}: {cause}"
@@ -241,16 +242,29 @@ def main(root: str, container_id: str, wait_attach: bool) -> int:
             os.kill(child, 9)
         except ProcessLookupError:
             pass
-        state.update(Status="exited", ExitCode=exit_code, FinishedAt=now_rfc3339(), Pid=0, Error=error)
-        write_state(store, container_id, state)
+        transition(store, container_id, lambda recorded: exited(recorded, run, exit_code, error))
         raise
-    state.update(Status="exited", ExitCode=exit_code, FinishedAt=now_rfc3339(), Pid=0, Error=error,
-                 SupervisorPeakRSSKiB=peak_rss_kib())
-    runs[-1].update(FinishedAt=state["FinishedAt"], ExitCode=exit_code)
-    write_state(store, container_id, state)
+    transition(store, container_id, lambda recorded: exited(recorded, run, exit_code, error) |
+               {"SupervisorPeakRSSKiB": peak_rss_kib()})
     if config.get("AutoRemove"):  # --rm: removed here, as dockerd does, also when detached
         remove_container(store, container_id)
     return 0
+
+
+def claimed(recorded: dict, container_id: str) -> dict:
+    """The state once this supervisor owns the container; refused while another lives."""
+    if recorded["Status"] in LIVE and supervisor_alive(recorded):
+        raise StoreError(f"container {container_id[:12]} already has a supervisor "
+                         f"(pid {recorded['SupervisorPid']})")
+    return recorded | supervisor_identity(container_id) | {"Status": Status.STARTING, "Pid": 0, "Error": ""}
+
+
+def exited(recorded: dict, run: dict, exit_code: int, error: str) -> dict:
+    """The exit record, on the state as it is now (a pause may have changed it meanwhile)."""
+    finished = now_rfc3339()
+    runs = [r for r in recorded.get("Runs", []) if r.get("Run") != run["Run"]]
+    return recorded | {"Status": Status.EXITED, "ExitCode": exit_code, "FinishedAt": finished, "Pid": 0,
+                       "Error": error, "Runs": runs + [run | {"FinishedAt": finished, "ExitCode": exit_code}]}
 
 
 def first_cause(error: BaseException) -> BaseException:

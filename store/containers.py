@@ -5,12 +5,13 @@ containers/<id>/upper/        the upper layer (unionfs.upper format)
 """
 from __future__ import annotations
 
+import enum
 import json
 import os
 import re
 
 from .errors import NoSuchContainer, StoreError
-from .fsutil import fsync_dir, remove_tree, write_atomic
+from .fsutil import flocked, fsync_dir, remove_tree, write_atomic
 from .store import Store, canonical_json, now_rfc3339
 
 
@@ -98,57 +99,68 @@ def remove_container(store: Store, container_id: str) -> None:
     remove_tree(trash)
 
 
-# -- state: what the supervisor records, read by ps/inspect/wait ------------------
+# -- state: one owner, transitions under the container's lock ------------------------
+#
+# containers/<id>/state.json   {"Status": "running", "Pid", "ExitCode", "StartedAt", "FinishedAt",
+#                               "Error", "SupervisorPid", "SupervisorStartTime", "Runs": [...]}
+# containers/<id>/state.lock   flock: one transition at a time (the supervisor's records and the
+#                              CLI's pause/unpause/fsck), each a read-modify-write, atomically replaced
+#
+# Whether the recorded supervisor still lives is the runner's to tell (runner.state: pid and
+# start time, read with a deadline); the store keeps the record.
+
+class Status(str, enum.Enum):
+    """What state.json says; a str, so the file and `inspect` keep Docker's words."""
+    CREATED = "created"
+    STARTING = "starting"   # a supervisor has claimed the container, its child is not yet released
+    RUNNING = "running"
+    PAUSED = "paused"
+    EXITED = "exited"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+LIVE = frozenset({Status.STARTING, Status.RUNNING, Status.PAUSED})  # a supervisor owns the container
+# to: from. A supervisor claims a container whatever it says (the claim checks that no other
+# supervisor lives); each run ends with one exit record, by its supervisor or by fsck
+TRANSITIONS = {Status.STARTING: frozenset(Status), Status.RUNNING: frozenset({Status.STARTING, Status.PAUSED}),
+               Status.PAUSED: frozenset({Status.RUNNING}), Status.EXITED: LIVE, Status.CREATED: frozenset()}
+
 
 def state_path(store: Store, container_id: str) -> str:
     return os.path.join(container_dir(store, container_id), "state.json")
 
 
 def read_state(store: Store, container_id: str) -> dict:
+    """The recorded state (Status as a Status); StoreError if state.json is unreadable."""
     try:
         with open(state_path(store, container_id), "rb") as f:
-            return json.load(f)
-    except FileNotFoundError:
-        return {"Status": "created", "ExitCode": 0, "StartedAt": "", "FinishedAt": "", "Runs": []}
-
-
-def write_state(store: Store, container_id: str, state: dict) -> None:
-    write_atomic(state_path(store, container_id), json.dumps(state, indent=1).encode())
-
-
-def supervisor_name(container_id: str) -> str:
-    """The name (comm, 15 bytes at most) a container's supervisor gives itself, which ps
-    and top show and by which a recycled pid is told from it."""
-    return f"strata:{container_id[:8]}"
-
-
-def supervisor_alive(state: dict) -> bool:
-    """Is the recorded supervisor still running (not a zombie an init has yet to reap)?
-    Its status says, by the name: status never waits on the process (cmdline, which told
-    it before, waits on its memory lock; runner/procfs.py)."""
-    pid = state.get("SupervisorPid")
-    if not pid:
-        return False
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            fields = dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
-    except OSError:
-        return False
-    if fields.get("State", "Z").startswith(("Z", "X")):
-        return False
-    name, expected = fields.get("Name", ""), state.get("SupervisorName")
-    return name == expected if expected else name.startswith("python")  # a state from before names
-
-
-def current_state(store: Store, container_id: str) -> dict:
-    """The recorded state, corrected when a supervisor died without recording the end."""
-    state = read_state(store, container_id)
-    if state.get("Status") in ("running", "paused", "starting") and not supervisor_alive(state):
-        # ExitCode is the previous run's, as FinishedAt is unless later than this start
-        finished = state.get("FinishedAt") or ""
-        state.update(Status="exited", ExitCode=255, Error="supervisor died",
-                     FinishedAt=finished if finished > state.get("StartedAt", "") else now_rfc3339())
+            state = json.load(f)
+        state["Status"] = Status(state.get("Status", Status.CREATED))
+    except FileNotFoundError:  # created, never started
+        state = {"Status": Status.CREATED, "ExitCode": 0, "StartedAt": "", "FinishedAt": "", "Runs": []}
+    except (ValueError, TypeError, AttributeError) as e:  # not JSON, not an object, an unknown status
+        raise StoreError(f"container {container_id[:12]}: state.json is unreadable: {e}") from None
     return state
+
+
+def transition(store: Store, container_id: str, change) -> dict:
+    """The one way state.json changes: under the container's lock, `change` gets the state
+    as recorded now and returns the new one (or None: no change; or raises StoreError to
+    refuse). Two processes changing it at once cannot lose each other's update. A status
+    TRANSITIONS does not allow (a bug, or a race the caller did not check) is refused."""
+    lock = os.path.join(container_dir(store, container_id), "state.lock")
+    with flocked(lock):
+        state = read_state(store, container_id)
+        new = change(state)
+        if new is None:
+            return state
+        new["Status"] = Status(new["Status"])
+        if new["Status"] != state["Status"] and state["Status"] not in TRANSITIONS[new["Status"]]:
+            raise StoreError(f"container {container_id[:12]} cannot go from {state['Status']} to {new['Status']}")
+        write_atomic(state_path(store, container_id), json.dumps(new, indent=1).encode())
+        return new
 
 
 def update_config(store: Store, container_id: str, changes: dict) -> dict:

@@ -20,6 +20,17 @@ def store(store_root):
 
 
 @pytest.fixture
+def root(store_root):
+    """A store whose containers are removed afterwards, with a check that no mount is left."""
+    yield store_root
+    ids = run_strata(store_root, "ps", "-aq").stdout.decode().split()
+    if ids:
+        run_strata(store_root, "rm", "-f", *ids)
+    with open("/proc/self/mountinfo") as f:
+        assert store_root not in f.read()
+
+
+@pytest.fixture
 def strata(store_root):
     """Run the real CLI in a subprocess against the test's own store."""
     def run(*args, **kw):

@@ -72,6 +72,13 @@ def run_strata(root: str, *args: str, input: bytes | None = None, check: bool = 
     return proc
 
 
+def strata_ok(root: str, *args: str) -> str:
+    """The output of a strata command that must succeed."""
+    proc = run_strata(root, *args)
+    assert proc.returncode == 0, (args, proc.returncode, proc.stdout, proc.stderr)
+    return proc.stdout.decode()
+
+
 FUSECTL = "/sys/fs/fuse/connections"
 
 

@@ -4,26 +4,8 @@ import os
 import re
 import signal
 
-import pytest
-
-from .helpers import run_strata, snapshot
+from .helpers import run_strata, snapshot, strata_ok as ok
 from .mounts import wait_for
-
-
-@pytest.fixture
-def root(store_root):
-    yield store_root
-    ids = run_strata(store_root, "ps", "-aq").stdout.decode().split()
-    if ids:
-        run_strata(store_root, "rm", "-f", *ids)
-    with open("/proc/self/mountinfo") as f:
-        assert store_root not in f.read()
-
-
-def ok(root, *args) -> str:
-    proc = run_strata(root, *args)
-    assert proc.returncode == 0, (args, proc.returncode, proc.stdout, proc.stderr)
-    return proc.stdout.decode()
 
 
 def fails(root, *args) -> str:

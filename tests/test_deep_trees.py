@@ -17,8 +17,7 @@ import pytest
 from store import Store
 from store.fsutil import remove_tree
 
-from .helpers import build_tar, member, run_strata
-from .test_changes import ok, root  # noqa: F401  (root: the fixture that removes containers)
+from .helpers import build_tar, member, run_strata, strata_ok as ok  # (`root`, the fixture: conftest)
 
 DEPTH = 4096
 DEEP = "/d" * DEPTH

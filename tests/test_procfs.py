@@ -11,7 +11,7 @@ import subprocess
 import sys
 import textwrap
 
-from store.containers import supervisor_name
+from runner.state import supervisor_name
 
 from .helpers import REPO, abort_connection, run_strata
 from .mounts import served, standalone_argv, wait_for
