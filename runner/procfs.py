@@ -140,3 +140,18 @@ def read(path: str) -> bytes | None:
 
 def all_pids() -> list[int]:
     return [int(name) for name in os.listdir("/proc") if name.isdigit()]
+
+
+def start_time(pid: int) -> int | None:
+    """The process's start time in clock ticks since boot (stat field 22), None if it is gone
+    or a zombie. (stat waits for a process stuck in exec: read with a deadline; such a
+    process is alive, and answers with -1.)"""
+    data = call(read, f"/proc/{pid}/stat")
+    if data is STUCK:
+        return -1
+    if data is None:
+        return None
+    fields = data[data.rindex(b")") + 2:].split()
+    if fields[0] in (b"Z", b"X"):
+        return None
+    return int(fields[19])

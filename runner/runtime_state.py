@@ -20,7 +20,7 @@ import json
 import os
 import re
 
-from . import procfs
+from .procfs import start_time
 
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,1023}$")
 
@@ -42,21 +42,6 @@ def default_root() -> str:
         return "/run/strata-runtime"
     return os.path.join(os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/strata-runtime-{os.geteuid()}",
                         "strata-runtime")
-
-
-def start_time(pid: int) -> int | None:
-    """The process's start time in clock ticks since boot (stat field 22), None if it is gone
-    or a zombie. (stat waits for a process stuck in exec: read with a deadline; such a
-    process is alive, and answers with -1.)"""
-    data = procfs.call(procfs.read, f"/proc/{pid}/stat")
-    if data is procfs.STUCK:
-        return -1
-    if data is None:
-        return None
-    fields = data[data.rindex(b")") + 2:].split()
-    if fields[0] in (b"Z", b"X"):
-        return None
-    return int(fields[19])
 
 
 def _alive(pid: int | None, started: int | None) -> bool:

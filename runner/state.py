@@ -16,9 +16,9 @@ from store.containers import LIVE, Status, read_state, transition
 from store.store import now_rfc3339
 
 from . import procfs
-from .runtime_state import start_time
+from .procfs import start_time
 
-STUCK_IN_EXEC = -1  # what runtime_state.start_time answers for a process that does not answer
+STUCK_IN_EXEC = -1  # what procfs.start_time answers for a process that does not answer
 
 
 def supervisor_name(container_id: str) -> str:
