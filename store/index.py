@@ -190,12 +190,15 @@ class IndexBuilder:
 
 
 def build_index(dest: str, parent_index: str | None, diff_ids: list[str],
-                layer_entries: list[list[Entry]]) -> None:
+                layer_entries: list[list[Entry]], aside_from: int | None = None) -> None:
     """Write the merged index for an image whose top layers are `layer_entries`.
 
     `diff_ids` is the whole chain (bottom first); `layer_entries` are the
     entries of its last len(layer_entries) layers, which the parent's index
-    (a bulk copy, never re-derived) does not yet include.
+    (a bulk copy, never re-derived) does not yet include. `aside_from`: number
+    the new layers' inodes from there and keep the parent's next_ino, so that
+    an upper layer's inodes (numbered from next_ino) are the same whether the
+    view has these layers or not (a container's init layer).
     """
     tmp = dest + ".tmp"
     if os.path.exists(tmp):
@@ -218,9 +221,14 @@ def build_index(dest: str, parent_index: str | None, diff_ids: list[str],
         first_new = len(diff_ids) - len(layer_entries)
         for offset, entries in enumerate(layer_entries):
             builder = IndexBuilder(db, first_new + offset)
+            if aside_from is not None:
+                builder.next_ino = max(builder.next_ino, aside_from)
             for e in entries:
                 builder.apply(e)
-            builder.finish()
+            if aside_from is None:
+                builder.finish()
+            else:
+                aside_from = builder.next_ino
         db.execute("UPDATE meta SET value=? WHERE key='layers'", (json.dumps(diff_ids),))
         db.execute("COMMIT")
     finally:

@@ -103,6 +103,11 @@ class ImageInfo:
         return self.config.get("created", "")
 
 
+# where an init layer's inode numbers start: far above any image's or upper layer's (both
+# count up from the image's next_ino), below the standalone filesystem's (unionfs.lower)
+INIT_INODES = 1 << 60
+
+
 class InitBase(NamedTuple):
     """An image plus its init layer: the merged index and the chain's layers."""
     index_path: str
@@ -358,7 +363,7 @@ class Store:
             os.mkdir(stage, OWNER_ONLY)
             diff_ids = self.image_config(image_id)["rootfs"]["diff_ids"]
             merged_index.build_index(os.path.join(stage, "index.db"), self.index_path(image_id),
-                                     diff_ids + [layer.diff_id], [layer.entries])
+                                     diff_ids + [layer.diff_id], [layer.entries], aside_from=INIT_INODES)
             write_atomic(os.path.join(stage, "meta.json"), canonical_json({"layer": layer.diff_id}))
             with self.locked():
                 if not self.image_exists(image_id):

@@ -73,3 +73,30 @@ def test_removing_the_image_removes_its_init_layer(strata, store_root):
     strata("rmi", "tiny:1", check=True)
     assert not os.path.exists(store.init_dir(image))
     assert not os.path.exists(store.layer_dir(base.layer))
+
+
+def test_an_upper_layer_keeps_its_inodes_with_or_without_the_init_layer(store_root):
+    """The init layer's inodes are numbered aside, so an upper layer made through a view
+    without it (a `strata mount` of old, a tool) and seen with it does not collide."""
+    from runner.changes import open_container_changes
+    from store.containers import create_container
+    from unionfs.storeview import make_view_factory
+    store = Store(store_root)
+    image = ensure_busybox(store)
+    config = create_container(store, image, "aside")
+    upper = os.path.join(container_dir(store, config["Id"]), "upper")
+    view = make_view_factory(store, image, upper)()  # the image alone
+    try:
+        d = view.mkdir(1, b"mine", 0o755, 0, 0)
+        _, fd = view.create(d.ino, b"f", 0o644, os.O_RDWR, 0, 0)
+        view.release(fd)
+        view.store_pending()
+    finally:
+        view.close()
+    changes = open_container_changes(store, config, upper)
+    try:
+        assert sorted(changes.full_diff()) == [("A", "/mine"), ("A", "/mine/f")]
+        hostname = changes.after.stat("/etc/hostname")
+        assert hostname is not None and not hostname.is_dir()
+    finally:
+        changes.close()
