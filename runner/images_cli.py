@@ -8,6 +8,9 @@ from .progress import make_progress
 
 def cmd_save(args, store: Store) -> int:
     from store.archive import save
+    from store.busybox import resolve_with_base
+    for ref in args.images:  # (the embedded base image is made on first use, as run does)
+        resolve_with_base(store, ref)
     with make_progress(args.quiet) as progress:
         save(store, args.images, args.format, args.output, progress)
     return 0

@@ -216,7 +216,7 @@ def create(store: Store, args) -> dict:
     """`strata create`: everything stored, nothing started. Every flag is checked
     before anything is written (the embedded base image included), so a bad one
     leaves the store as it was."""
-    from store.busybox import BASE_TAG, ensure_busybox
+    from store.busybox import resolve_with_base
     if args.name:
         check_name(args.name)
     check_command(args.command)
@@ -230,13 +230,7 @@ def create(store: Store, args) -> dict:
         raise StoreError(f"network {args.network!r} is not supported (host, none)")
     log_opts = parse_log_opts(args.log_opt or [])
     security = parse_security_opts(getattr(args, "security_opt", None) or [])
-    try:
-        image_id = store.resolve_image(args.image)
-    except StoreError:
-        if args.image in ("busybox", BASE_TAG):  # the embedded base image is made on first use
-            image_id = ensure_busybox(store)
-        else:
-            raise
+    image_id = resolve_with_base(store, args.image)
     image_config = store.image_config(image_id).get("config", {})
     entrypoint = image_config.get("Entrypoint") or []
     cmd = list(args.command) if args.command else (image_config.get("Cmd") or [])

@@ -88,3 +88,13 @@ def ensure_busybox(store: Store) -> str:
     if BASE_TAG in tags and store.image_exists(tags[BASE_TAG]):
         return tags[BASE_TAG]
     return build_busybox_image(store)
+
+
+def resolve_with_base(store: Store, ref: str) -> str:
+    """The image `ref` names; `busybox` (the embedded base image) is made on first use."""
+    try:
+        return store.resolve_image(ref)
+    except StoreError:
+        if ref in ("busybox", BASE_TAG):
+            return ensure_busybox(store)
+        raise

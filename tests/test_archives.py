@@ -742,3 +742,10 @@ def test_save_load_export_import_as_root_and_unprivileged(cli):
     index = json.load(open(os.path.join(saved_again, "index.json")))
     assert index["manifests"][0]["annotations"][oci.REF_NAME] == "again:1"
     assert again.startswith("sha256:")
+
+
+def test_save_makes_the_embedded_base_image_on_first_use(strata, tmp_path):
+    out = str(tmp_path / "bb.tar")
+    strata("save", "-o", out, "busybox", check=True)  # a fresh store: nothing ran before
+    with tarfile.open(out) as tar:
+        assert "manifest.json" in tar.getnames()
