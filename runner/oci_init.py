@@ -118,6 +118,8 @@ class Options(typing.NamedTuple):
     program: object = None          # the compiled syscall filter (runner.seccomp.Program)
     preserve_fds: int = 0           # --preserve-fds: fds 3.. passed on to the process
     no_pivot: bool = False          # --no-pivot: MS_MOVE and chroot (a root on a ramfs)
+    init_pidfd: int = -1            # exec: a pidfd of the container's init, its start time checked
+    init_root_fd: int = -1          # exec: an O_PATH fd of init's root (/proc/<pid>/root)
 
 
 def channel_pair() -> tuple[Channel, Channel]:
@@ -204,6 +206,27 @@ def close_other_fds(keep: set, preserve_fds: int) -> None:
 def _unshare(flags: int) -> None:
     if flags:
         sc.unshare(flags)
+
+
+@_step("join the container")
+def join_namespaces_of(pidfd: int, kinds) -> None:
+    """All of the container's namespaces at once, through a pidfd of its init: no pid
+    that could have been reused, no /proc path (setns orders them, the user one first)."""
+    flags = 0
+    for kind in kinds:
+        flags |= ocispec.NAMESPACES[kind]
+    if flags:
+        sc.setns(pidfd, flags)
+    os.close(pidfd)
+
+
+@_step("the container's root")
+def enter_init_root(root_fd: int) -> None:
+    """Init's root, not only its mount namespace's: a --no-pivot container's is a chroot."""
+    os.fchdir(root_fd)
+    os.chroot(".")
+    os.chdir("/")
+    os.close(root_fd)
 
 
 @_step("join namespaces")
@@ -352,18 +375,18 @@ def wait_for_start(fifo_fd: int) -> None:
     os.close(fd)
 
 
-def run_exec(init_pid: int, spec: dict, process: dict, channel: Channel, options: Options) -> None:
+def run_exec(spec: dict, process: dict, channel: Channel, options: Options) -> None:
     """`exec`'s child: joins init's namespaces, is put in its cgroups, forks the process
     (in the pid namespace) and exits; the process execs or reports why not."""
     try:
         # nothing in the container may open this process's memory or executable while it
         # is still the runtime (CVE-2019-5736): not dumpable until its exec
         prctl.set_dumpable(False)
-        close_other_fds({channel.read_fd, channel.write_fd, options.console_fd}, options.preserve_fds)
+        close_other_fds({channel.read_fd, channel.write_fd, options.console_fd, options.init_pidfd,
+                         options.init_root_fd}, options.preserve_fds)
         kinds = ocispec.namespaces(spec)
-        order = ["user"] + [k for k in ocispec.NAMESPACES if k not in ("user", "mount")] + ["mount"]
-        paths = {k: f"/proc/{init_pid}/ns/{ocispec.NS_FILES[k]}" for k in order if k in kinds}
-        join_namespaces(paths)
+        join_namespaces_of(options.init_pidfd, kinds)
+        enter_init_root(options.init_root_fd)
         if "user" in kinds:
             os.setresgid(0, 0, 0)
             os.setresuid(0, 0, 0)
@@ -374,8 +397,6 @@ def run_exec(init_pid: int, spec: dict, process: dict, channel: Channel, options
             channel.send(SYNC_INIT, pid=pid)
             os._exit(0)
         channel.receive(SYNC_INIT, "the runtime")
-        if "mount" not in kinds:  # the container's root without a namespace of its own
-            os.chroot(f"/proc/{init_pid}/root")
         if process.get("terminal"):
             take_console(options.console_fd)
         set_rlimits(process.get("rlimits"))

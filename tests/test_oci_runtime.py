@@ -334,9 +334,10 @@ def test_a_device_the_spec_makes_is_usable_under_a_deny_all_cgroup(runtime, tmp_
     runtime("delete", "dev")
 
 
-def test_no_pivot_moves_the_root_instead(runtime, tmp_path):
+def test_no_pivot_moves_the_root_instead_and_exec_joins_that_root(runtime, tmp_path):
     """--no-pivot (MS_MOVE and chroot, for roots pivot_root refuses) still gives the
-    container its root and its mounts."""
+    container its root and its mounts, and an exec the container's root, not its mount
+    namespace's (which is the host's there)."""
     bundle = make_bundle(tmp_path / "b", ["sh", "-c", "ls /bin/sh; grep -c ' /proc .* - proc ' /proc/self/mountinfo"])
     out = tmp_path / "out"
     with open(out, "wb") as stdout:
@@ -345,3 +346,9 @@ def test_no_pivot_moves_the_root_instead(runtime, tmp_path):
     wait_status(runtime, "np", "stopped")
     runtime("delete", "np")
     assert out.read_text().split() == ["/bin/sh", "1"], out.read_text()
+    (tmp_path / "b2").mkdir()
+    bundle = make_bundle(tmp_path / "b2", ["sleep", "300"])
+    (tmp_path / "b2" / "rootfs" / "strata-marker").write_text("inside\n")
+    runtime("create", "--no-pivot", "--bundle", bundle, "np2")
+    runtime("start", "np2")
+    assert runtime("exec", "np2", "cat", "/strata-marker").stdout == b"inside\n"
