@@ -5,16 +5,13 @@ Speaks the supervisor's framed protocol (runner.supervisor). Ctrl-P Ctrl-Q
 """
 from __future__ import annotations
 
-import fcntl
 import os
 import selectors
 import signal
 import socket
-import struct
 import sys
-import termios
-import tty as ttymod
 
+from . import terminal
 from .protocol import EXIT, RESIZE, STDIN, STDIN_CLOSED, STDOUT, frame, split_frames
 
 DETACHED = object()
@@ -48,11 +45,9 @@ def send_frame(sock: socket.socket, kind: int, payload: bytes = b"") -> None:
 
 
 def terminal_size() -> bytes:
-    try:
-        rows, cols, _, _ = struct.unpack("HHHH", fcntl.ioctl(1, termios.TIOCGWINSZ, b"\0" * 8))
-        return f"{rows} {cols}".encode()
-    except OSError:
-        return b"24 80"
+    """The caller's terminal size as a RESIZE frame carries it."""
+    rows, cols = terminal.window_size(1)
+    return f"{rows} {cols}".encode()
 
 
 def attach(sock_path: str, with_stdin: bool, tty: bool, detach_keys: bytes, forward_signal=None):
@@ -64,25 +59,20 @@ def attach(sock_path: str, with_stdin: bool, tty: bool, detach_keys: bytes, forw
     finally:
         os.close(dir_fd)
     stdin_fd = sys.stdin.fileno() if with_stdin else None
-    raw_mode = tty and stdin_fd is not None and os.isatty(stdin_fd)
-    saved = termios.tcgetattr(stdin_fd) if raw_mode else None
     old_handlers = {}
     try:
-        if raw_mode:
-            ttymod.setraw(stdin_fd, termios.TCSANOW)  # TCSAFLUSH would drop what was typed ahead
-        if tty:
-            send_frame(sock, RESIZE, terminal_size())
-            old_handlers[signal.SIGWINCH] = signal.signal(
-                signal.SIGWINCH, lambda *_: send_frame(sock, RESIZE, terminal_size()))
-        if forward_signal is not None and not raw_mode:
-            for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
-                old_handlers[sig] = signal.signal(sig, lambda s, _f: forward_signal(s))
-        return _relay(sock, stdin_fd, detach_keys if (with_stdin and tty) else b"")
+        with terminal.raw_mode(stdin_fd if tty else None) as raw:
+            if tty:
+                send_frame(sock, RESIZE, terminal_size())
+                old_handlers[signal.SIGWINCH] = signal.signal(
+                    signal.SIGWINCH, lambda *_: send_frame(sock, RESIZE, terminal_size()))
+            if forward_signal is not None and not raw:
+                for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
+                    old_handlers[sig] = signal.signal(sig, lambda s, _f: forward_signal(s))
+            return _relay(sock, stdin_fd, detach_keys if (with_stdin and tty) else b"")
     finally:
         for sig, handler in old_handlers.items():
             signal.signal(sig, handler)
-        if saved is not None:
-            termios.tcsetattr(stdin_fd, termios.TCSADRAIN, saved)
         sock.close()
 
 

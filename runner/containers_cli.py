@@ -608,46 +608,36 @@ def pass_on_what_is_there(fd: int, target: int) -> None:
 
 def relay_terminal(master: int, child: int) -> None:
     """Between this terminal and the exec'd command's pty, until the command's side closes."""
-    import fcntl
     import selectors
-    import struct
-    import termios
-    import tty as ttymod
-    from .attach import terminal_size
-    stdin_is_tty = os.isatty(0)
-    saved = termios.tcgetattr(0) if stdin_is_tty else None
+    from . import terminal
 
     def resize(*_):
-        rows, cols = (int(x) for x in terminal_size().split())
-        fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+        terminal.set_window_size(master, *terminal.window_size(1))
     resize()
     old = signal.signal(signal.SIGWINCH, resize)
     sel = selectors.DefaultSelector()
     sel.register(master, selectors.EVENT_READ)
     sel.register(0, selectors.EVENT_READ)
     try:
-        if stdin_is_tty:
-            ttymod.setraw(0, termios.TCSANOW)
-        while True:
-            for key, _ in sel.select():
-                if key.fd == master:
-                    try:
-                        data = os.read(master, 65536)
-                    except OSError:  # EIO: the command and its children are gone
-                        return
-                    if not data:
-                        return
-                    os.write(1, data)
-                else:
-                    data = os.read(0, 65536)
-                    if not data:
-                        sel.unregister(0)
-                        continue
-                    os.write(master, data)
+        with terminal.raw_mode(0):
+            while True:
+                for key, _ in sel.select():
+                    if key.fd == master:
+                        try:
+                            data = os.read(master, 65536)
+                        except OSError:  # EIO: the command and its children are gone
+                            return
+                        if not data:
+                            return
+                        os.write(1, data)
+                    else:
+                        data = os.read(0, 65536)
+                        if not data:
+                            sel.unregister(0)
+                            continue
+                        os.write(master, data)
     finally:
         signal.signal(signal.SIGWINCH, old)
-        if saved is not None:
-            termios.tcsetattr(0, termios.TCSADRAIN, saved)
         os.close(master)
 
 

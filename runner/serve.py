@@ -6,13 +6,10 @@ pyfuse3 and trio.
 from __future__ import annotations
 
 import errno
-import fcntl
 import functools
 import os
 import resource
-import struct
 import socket
-import termios
 
 import unionfs.mount  # noqa: F401  (first: it loads the shim pyfuse3 must bind to, unionfs.fuseshim)
 import pyfuse3
@@ -25,6 +22,7 @@ from unionfs.view import UnionView
 
 from .protocol import EXIT, RESIZE, STDERR, STDIN, STDIN_CLOSED, STDOUT, frame, split_frames
 from . import sandbox
+from . import terminal
 from .changes import container_base
 from .stdin_relay import InputRelay
 from .logs import JsonLog, log_limits, log_path
@@ -120,7 +118,7 @@ async def _serve(config, cdir, child, sync_w, status_r, ours, wait_attach, recor
                     elif kind == RESIZE:
                         rows, cols = (int(x) for x in payload.split())
                         if "pty" in ours:
-                            fcntl.ioctl(ours["pty"], termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+                            terminal.set_window_size(ours["pty"], rows, cols)
                         else:
                             pending_size.append((rows, cols))
         except (OSError, trio.ClosedResourceError, trio.BrokenResourceError):
@@ -185,7 +183,7 @@ async def _serve(config, cdir, child, sync_w, status_r, ours, wait_attach, recor
             os.close(ours["stdin"])  # the stream's dup is the only write end: closing it is EOF
         nursery.start_soon(container_input.feed, input_stream)  # ends with the nursery's cancel
         if "pty" in ours and pending_size:
-            fcntl.ioctl(ours["pty"], termios.TIOCSWINSZ, struct.pack("HHHH", *pending_size[-1], 0, 0))
+            terminal.set_window_size(ours["pty"], *pending_size[-1])
         async with trio.open_nursery() as pumps:
             if "pty" in ours:
                 pumps.start_soon(pump, os.dup(ours["pty"]), STDOUT)
