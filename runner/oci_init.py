@@ -143,14 +143,21 @@ def _step(name: str):
     return wrap
 
 
+@_step("uid/gid maps")
 def write_id_maps(pid: int, spec: dict) -> None:
-    """The uid and gid maps of `pid`'s new user namespace (by the runtime, from outside)."""
+    """The uid and gid maps of `pid`'s new user namespace (by the runtime, from outside).
+    Kernel fact: a user without CAP_SETGID may write a gid map only once setgroups is
+    denied in that namespace (so nobody inside can drop a group that denies access)."""
     linux = spec.get("linux") or {}
     for key, name in (("uidMappings", "uid_map"), ("gidMappings", "gid_map")):
         lines = "".join(f"{m['containerID']} {m['hostID']} {m['size']}\n" for m in linux.get(key) or ())
-        if lines:
-            with open(f"/proc/{pid}/{name}", "w") as f:
-                f.write(lines)
+        if not lines:
+            continue
+        if name == "gid_map" and os.geteuid() != 0:
+            with open(f"/proc/{pid}/setgroups", "w") as f:
+                f.write("deny")
+        with open(f"/proc/{pid}/{name}", "w") as f:
+            f.write(lines)
 
 
 # -- stage 1 and init: they run in the runtime's fork and never return -----------------
@@ -477,7 +484,9 @@ def apply_credentials(process: dict, program) -> None:
         program.install()  # needs CAP_SYS_ADMIN without no_new_privs: still root here
     if caps is not None:
         capabilities.keep_across_setuid(True)
-    os.setgroups(list(user.get("additionalGids") or ()))
+    groups = list(user.get("additionalGids") or ())
+    if groups or not _setgroups_denied():  # (a rootless namespace's: see write_id_maps)
+        os.setgroups(groups)
     os.setresgid(gid, gid, gid)
     os.setresuid(uid, uid, uid)
     if caps is not None:
@@ -486,6 +495,14 @@ def apply_credentials(process: dict, program) -> None:
                                   caps.get("ambient"))
     if no_new_privileges and program is not None:
         program.install()
+
+
+def _setgroups_denied() -> bool:
+    try:
+        with open("/proc/self/setgroups") as f:
+            return f.read().strip() == "deny"
+    except OSError:
+        return False
 
 
 def compile_filter(spec: dict, process: dict | None = None, cache_dir: str | None = None):

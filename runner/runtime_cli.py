@@ -198,7 +198,9 @@ def cmd_create(args, root: str, log: Log) -> Container:
                 if "user" in ocispec.namespaces(spec) and ocispec.namespaces(spec)["user"] is None:
                     oci_init.write_id_maps(message["pid"], spec)
                 linux = spec.get("linux") or {}
-                if args.cgroup_manager == "disabled":
+                if os.geteuid() != 0 and not linux.get("resources"):  # rootless, nothing asked: no cgroups
+                    placement, warnings = None, []
+                elif args.cgroup_manager == "disabled":
                     placement, warnings = None, ["linux.resources: not honoured (--cgroup-manager disabled)"] \
                         if linux.get("resources") else []
                 else:

@@ -352,3 +352,40 @@ def test_no_pivot_moves_the_root_instead_and_exec_joins_that_root(runtime, tmp_p
     runtime("create", "--no-pivot", "--bundle", bundle, "np2")
     runtime("start", "np2")
     assert runtime("exec", "np2", "cat", "/strata-marker").stdout == b"inside\n"
+
+
+def test_an_unprivileged_user_runs_a_rootless_spec(unprivileged_python):
+    """`spec --rootless` as a user without privileges: a user namespace mapping only that
+    user (setgroups denied, as the kernel asks of a gid map written without CAP_SETGID),
+    and no cgroups asked for, so no warning."""
+    import pathlib
+    interpreter, pythonpath = unprivileged_python
+    work = pathlib.Path(tempfile.mkdtemp(prefix="strata-rootless-", dir="/tmp"))  # nobody must reach it
+    try:
+        bundle = make_bundle(work / "b", ["true"])
+        os.unlink(work / "b" / "config.json")
+        subprocess.run(["chown", "-R", "65534:65534", str(work)], check=True)
+        as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "env", "HOME=/tmp",
+                     f"PYTHONPATH={pythonpath}", interpreter, "-m", "runner.runtime_cli", "--root",
+                     str(work / "state")]
+        subprocess.run(as_nobody + ["spec", "--rootless", "--bundle", bundle], check=True, cwd="/")
+        spec = json.loads((work / "b" / "config.json").read_text())
+        spec["process"].update(terminal=False, args=["sh", "-c", "id; cat /proc/self/uid_map /proc/self/setgroups"])
+        (work / "b" / "config.json").write_text(json.dumps(spec))
+        out, err = work / "out", work / "err"
+        with open(out, "wb") as stdout, open(err, "wb") as stderr:  # (files: init keeps create's stdio)
+            created = subprocess.run(as_nobody + ["create", "--bundle", bundle, "r1"], stdout=stdout,
+                                     stderr=stderr, cwd="/", timeout=30)
+        assert created.returncode == 0 and err.read_bytes() == b"", err.read_bytes()
+        assert subprocess.run(as_nobody + ["start", "r1"], cwd="/", timeout=30).returncode == 0
+        deadline = time.monotonic() + 10
+        while json.loads(subprocess.run(as_nobody + ["state", "r1"], capture_output=True, cwd="/").stdout)[
+                "status"] != "stopped":
+            assert time.monotonic() < deadline, "the rootless container did not stop"
+            time.sleep(0.05)
+        assert subprocess.run(as_nobody + ["delete", "r1"], cwd="/", timeout=30).returncode == 0
+        lines = out.read_text().split("\n")
+        assert lines[0].startswith("uid=0"), lines
+        assert lines[1].split() == ["0", "65534", "1"] and lines[2] == "deny", lines
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
