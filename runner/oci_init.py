@@ -45,6 +45,7 @@ from . import capabilities
 from . import oci_hooks
 from . import ocispec
 from . import oci_mounts
+from . import procfs
 from . import seccomp
 from . import syscalls as sc
 from . import terminal
@@ -498,11 +499,7 @@ def apply_credentials(process: dict, program) -> None:
 
 
 def _setgroups_denied() -> bool:
-    try:
-        with open("/proc/self/setgroups") as f:
-            return f.read().strip() == "deny"
-    except OSError:
-        return False
+    return (procfs.read("/proc/self/setgroups") or b"").strip() == b"deny"
 
 
 def compile_filter(spec: dict, process: dict | None = None, cache_dir: str | None = None):

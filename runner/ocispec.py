@@ -15,6 +15,7 @@ import json
 import os
 
 from . import capabilities
+from . import procfs
 
 SPEC_VERSION = "1.1.0"
 SUPPORTED_VERSIONS = ("1.0.", "1.1.")
@@ -211,11 +212,7 @@ def refused(spec: dict) -> str | None:
 
 
 def _apparmor_enabled() -> bool:
-    try:
-        with open("/sys/module/apparmor/parameters/enabled") as f:
-            return f.read().strip() == "Y"
-    except OSError:
-        return False
+    return (procfs.read("/sys/module/apparmor/parameters/enabled") or b"").strip() == b"Y"
 
 
 def default_spec(rootless: bool = False) -> dict:
