@@ -516,7 +516,7 @@ def cmd_exec(args, store: Store) -> int:
                 sandbox.run_process(spec, status_w, syscalls_allowed)
             except oci_init.InitError as e:
                 os.write(2, f"strata: error: {e}\n".encode())
-                os._exit(oci_init.exit_code_for(e))
+                os._exit(e.code)
         except BaseException as e:
             os.write(2, f"strata: error: exec: {e}\n".encode())
             os._exit(125)

@@ -31,6 +31,7 @@ Kernel facts the order depends on:
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import resource
@@ -42,6 +43,7 @@ import typing
 import prctl
 
 from . import capabilities
+from . import inroot
 from . import oci_hooks
 from . import ocispec
 from . import oci_mounts
@@ -56,7 +58,12 @@ SYNC_MOUNTED = 3     # init -> runtime: the root is set up; runtime -> init: the
 SYNC_CREATED = 4     # init -> runtime: waiting on the exec fifo
 
 class InitError(Exception):
-    """A step of the set-up failed: its message says which."""
+    """A step of the set-up failed: its message says which; `code`, the exit status Docker
+    gives it (125: the runtime's own failure; 126: the command cannot run; 127: not found)."""
+
+    def __init__(self, message: str, code: int = 125):
+        super().__init__(message)
+        self.code = code
 
 
 class Channel:
@@ -283,7 +290,7 @@ def run_init(spec: dict, bundle: str, channel: Channel, options: Options, own_mo
         become_process(process, options.program, options.preserve_fds)
     except (InitError, oci_hooks.HookError) as e:
         os.write(2, f"strata-runtime: {e}\n".encode())
-        os._exit(exit_code_for(e))
+        os._exit(getattr(e, "code", 125))
 
 
 @_step("root")
@@ -297,7 +304,6 @@ def setup_root(root: str, spec: dict, bundle: str, own_mounts: bool, in_user_nam
         oci_mounts.mount_all(root_fd, spec, bundle, in_user_namespace)
         cwd = (spec.get("process") or {}).get("cwd")
         if cwd and cwd != "/":
-            from . import inroot
             os.close(inroot.open_target(root_fd, cwd, "dir"))
     finally:
         os.close(root_fd)
@@ -419,11 +425,6 @@ def run_exec(spec: dict, process: dict, channel: Channel, options: Options) -> N
 
 # -- the process: shared by init and exec ----------------------------------------------
 
-def exit_code_for(error: InitError) -> int:
-    text = str(error)
-    return 127 if "not found" in text else 126 if text.startswith("exec") else 125
-
-
 def find_executable(name: str, path: str) -> str | None:
     if "/" in name:
         return name if os.path.exists(name) else None
@@ -444,7 +445,7 @@ def become_process(process: dict, program, preserve_fds: int, keep: int | None =
     path = env.get("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin")
     executable = find_executable(args[0], path)
     if executable is None:
-        raise InitError(f'exec: "{args[0]}": executable file not found in $PATH')
+        raise InitError(f'exec: "{args[0]}": executable file not found in $PATH', 127)
     # step p1: no fd of the runtime's survives (CVE-2024-21626), past the preserved ones
     if keep is None:
         os.closerange(3 + preserve_fds, 65536)
@@ -467,7 +468,8 @@ def become_process(process: dict, program, preserve_fds: int, keep: int | None =
     try:
         os.execve(executable, args, env)
     except OSError as e:
-        raise InitError(f'exec: "{args[0]}": {e.strerror.lower()}') from None
+        raise InitError(f'exec: "{args[0]}": {e.strerror.lower()}', 127 if e.errno == errno.ENOENT else 126) \
+            from None
 
 
 @_step("credentials")

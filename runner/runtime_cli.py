@@ -324,22 +324,13 @@ def container_pids(container: Container, state: dict) -> list[int]:
     init = state.get("pid")
     if not init or container.status(state) is Status.STOPPED:
         return []
-    try:
-        namespace = os.readlink(f"/proc/{init}/ns/pid")
-        own = os.readlink("/proc/self/ns/pid")
-    except OSError:
-        return [init]
-    if namespace == own:  # the host's pid namespace: only init is known to be the container's
-        return [init]
-    pids = []
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            try:
-                if os.readlink(f"/proc/{name}/ns/pid") == namespace:
-                    pids.append(int(name))
-            except OSError:
-                continue
-    return sorted(pids)
+    # (ns links wait for a process stuck in exec: read with procfs's deadline)
+    namespace = procfs.call(procfs.readlink, f"/proc/{init}/ns/pid")
+    if namespace in (None, procfs.STUCK) or namespace == os.readlink("/proc/self/ns/pid"):
+        return [init]  # the host's pid namespace (or no answer): only init is known to be the container's
+    pids = procfs.all_pids()
+    links = procfs.each(procfs.readlink, [f"/proc/{pid}/ns/pid" for pid in pids])
+    return sorted(pid for pid, link in zip(pids, links) if link == namespace)
 
 
 def cmd_kill(args, root: str, log: Log) -> None:

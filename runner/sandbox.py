@@ -41,8 +41,6 @@ from . import ocispec
 from . import syscalls as sc
 from .syscalls import MS_REC, MS_SLAVE
 
-DEVICES = container_spec.DEVICES
-
 
 def exit_code(wait_status: int) -> int:
     """A shell's view of how a process ended: its status, or 128 + the signal that killed it."""
@@ -121,7 +119,7 @@ def enter_container(spec: dict, sync_read: int, stdio: tuple[int, int, int], sta
         setup_pid1(spec, stdio)
         run_process(spec, status_write, program)
     except oci_init.InitError as e:
-        fail(oci_init.exit_code_for(e), str(e))
+        fail(e.code, str(e))
     except Exception as e:  # anything before exec is strata's failure: 125
         try:
             if os.environ.get("STRATA_DEBUG"):

@@ -21,6 +21,7 @@ from unionfs.storeview import make_view_factory
 from unionfs.view import UnionView
 
 from .protocol import EXIT, RESIZE, STDERR, STDIN, STDIN_CLOSED, STDOUT, frame, split_frames
+from . import container_spec
 from . import sandbox
 from . import terminal
 from .changes import container_base
@@ -29,7 +30,7 @@ from .logs import JsonLog, log_limits, log_path
 
 # the character devices a container's /dev holds, the only ones mknod makes in its root:
 # there is no device cgroup
-CONTAINER_DEVICES = frozenset(sandbox.DEVICES.values())
+CONTAINER_DEVICES = frozenset(container_spec.DEVICES.values())
 # and none in the root, or one from an image layer, reaches a host device (libfuse adds
 # nodev and nosuid by default; named here so that no default can drop them)
 ROOT_MOUNT_OPTIONS = ("nodev", "nosuid")

@@ -89,7 +89,8 @@ class Containerd:
                 continue
         return found
 
-    def stop(self) -> None:
+    def stop(self) -> list[int]:
+        """Stop the daemon and its containers; the shims that outlived it (killed here)."""
         for line in self.ctr("tasks", "ls", "-q", check=False).stdout.decode().split():
             self.ctr("tasks", "kill", "-s", "SIGKILL", line, check=False)
             self.ctr("tasks", "delete", "--force", line, check=False)
@@ -102,6 +103,8 @@ class Containerd:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        for pid in self.shims():  # none should be left; a stuck one is killed, and the test says so
+        left = self.shims()  # none should be: a stuck one is killed, and the caller says so
+        for pid in left:
             os.kill(pid, signal.SIGKILL)
         shutil.rmtree(f"/run/containerd/runc/{self.namespace}", ignore_errors=True)
+        return left

@@ -241,3 +241,21 @@ def on_a_terminal(argv: list[str], env: dict | None = None, seconds: float = 120
         if slave >= 0:
             os.close(slave)
     return output
+
+
+def supervisors_of(store_root: str) -> list[int]:
+    """Live supervisors started for this store: their environment names it (other tests,
+    and other test sessions on the machine, run their own)."""
+    marker = f"STRATA_ROOT={store_root}".encode()
+    pids = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"runner.supervisor" not in f.read():
+                    continue
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if marker in f.read().split(b"\0"):
+                    pids.append(int(pid))
+        except OSError:
+            continue
+    return pids

@@ -12,7 +12,7 @@ import pytest
 
 from store import Store
 
-from .helpers import build_tar, member, run_strata, snapshot
+from .helpers import build_tar, member, run_strata, snapshot, supervisors_of
 
 XFF = os.fsdecode(b"\xff")  # a lone non-UTF-8 byte, as a shell passes $'\xff'
 # every way a container is made; each bad value is tried on all of them
@@ -76,25 +76,6 @@ def ok(root, *args, env=None) -> str:
     proc = run_strata(root, *args, env=env)
     assert proc.returncode == 0, (args, proc.returncode, proc.stderr)
     return proc.stdout.decode(errors="backslashreplace")
-
-
-def supervisors_of(root) -> list[int]:
-    """Live supervisor processes started for this store (other tests run their own)."""
-    marker = f"STRATA_ROOT={root}".encode()
-    pids = []
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open(f"/proc/{name}/cmdline", "rb") as f:
-                if b"runner.supervisor" not in f.read():
-                    continue
-            with open(f"/proc/{name}/environ", "rb") as f:
-                if marker in f.read().split(b"\0"):
-                    pids.append(int(name))
-        except OSError:
-            continue
-    return pids
 
 
 def mounts_under(root) -> list[str]:

@@ -97,7 +97,10 @@ def test_create_waits_until_start_then_the_process_runs_and_hooks_see_the_state(
     assert state["status"] == "created" and state["id"] == "c1" and state["bundle"] == bundle
     assert int((tmp_path / "pid").read_text()) == state["pid"]
     assert state["annotations"] == {"org.example": "yes"}
-    time.sleep(0.2)
+    deadline = time.monotonic() + 10
+    while open(f"/proc/{state['pid']}/wchan").read() != "wait_for_partner":  # init opens the fifo
+        assert time.monotonic() < deadline, "init does not wait on the exec fifo"
+        time.sleep(0.01)
     assert out.read_bytes() == b"", "the process ran before start"
     runtime("start", "c1")
     wait_status(runtime, "c1", "stopped")

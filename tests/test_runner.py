@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from .helpers import REPO, run_strata
+from .helpers import REPO, run_strata, supervisors_of
 from .mounts import wait_for
 
 DOCKER_DEFAULT_CAPS = 0xA80425FB
@@ -212,22 +212,6 @@ def test_containment(strata_root):
     assert "Read-only file system" in out or "Permission denied" in out
 
 
-def supervisors_of(store_root: str) -> list[int]:
-    """Supervisors this test's CLI spawned: their environment names the test's store."""
-    pids = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"runner.supervisor" not in f.read():
-                    continue
-            with open(f"/proc/{pid}/environ", "rb") as f:
-                if f"STRATA_ROOT={store_root}".encode() in f.read().split(b"\0"):
-                    pids.append(int(pid))
-        except OSError:
-            pass
-    return pids
-
-
 def test_bad_input_leaves_nothing_behind(strata_root):
     proc = strata(strata_root, "run", "nosuchimage", "true")
     assert proc.returncode == 125 and "No such image: nosuchimage" in proc.stderr.decode()
@@ -301,7 +285,8 @@ def test_unprivileged_user(unprivileged_python):
         assert proc.stdout.split("\n") == three_runs + three_runs + ["A /f", "1000:1000", "ud running", "u1", "ud",
                                                                       "0", ""]
     finally:
-        subprocess.run(["pkill", "-KILL", "-u", "65534", "-f", "runner.supervisor"], capture_output=True)
+        for pid in supervisors_of(f"{work}/store"):  # this test's alone, by pid: not every user's
+            os.kill(pid, signal.SIGKILL)
         shutil.rmtree(work, ignore_errors=True)
 
 
