@@ -363,9 +363,6 @@ def inspect_container(store: Store, config: dict) -> dict:
             "Mounts": [], "LogPath": logs.log_path(cdir), "Runs": state.get("Runs", [])}
 
 
-NAMESPACES = ("user", "ipc", "uts", "net", "pid", "mnt")  # user first: it grants the rest
-
-
 def container_pid1(store: Store, config: dict) -> int:
     state = current_state(store, config["Id"])
     pid = lifecycle.container_init_pid(state.get("Pid") or 0) if state["Status"] == Status.RUNNING else None
@@ -374,77 +371,25 @@ def container_pid1(store: Store, config: dict) -> int:
     return pid
 
 
-class PinnedProcess:
-    """The container's pid 1 held by a pidfd and by its /proc directory's fd.
-
-    A pidfd does not keep the number from being reused once the process is reaped,
-    but lookups beneath an open /proc/<pid> directory fail from then on, whoever takes
-    the number: so everything exec needs (ns/*, root) is opened beneath `proc_fd`, and
-    `check_alive` after the last open proves the opens reached the container's pid 1
-    (a process that is alive, or a zombie, still owns its number)."""
-
-    __slots__ = ("pidfd", "proc_fd", "name")
-
-    def __init__(self, store: Store, config: dict, pid1: int):
-        self.name = config["Name"]
-        try:
-            self.pidfd = os.pidfd_open(pid1)
-        except ProcessLookupError:
-            raise StoreError(f"container {self.name} is not running") from None
-        try:
-            self.proc_fd = os.open(f"/proc/{pid1}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            relay = current_state(store, config["Id"]).get("Pid")
-            with open("status", opener=lambda path, flags: os.open(path, flags, dir_fd=self.proc_fd)) as f:
-                fields = dict(line.split(":", 1) for line in f if ":" in line)
-            if int(fields["PPid"]) != relay or fields["NSpid"].split()[-1] != "1":
-                raise ValueError("not the container's pid 1")
-            self.check_alive()
-        except (OSError, KeyError, ValueError):
-            self.close()
-            raise StoreError(f"container {self.name} is not running") from None
-
-    def open(self, name: str, flags: int) -> int:
-        return os.open(name, flags | os.O_CLOEXEC, dir_fd=self.proc_fd)
-
-    def check_alive(self) -> None:
-        signal.pidfd_send_signal(self.pidfd, 0)  # ProcessLookupError once it is reaped
-
-    def close(self) -> None:
-        for fd in (getattr(self, "proc_fd", -1), self.pidfd):
-            if fd >= 0:
-                os.close(fd)
-        self.proc_fd = self.pidfd = -1
+def is_pid1_of(store: Store, config: dict):
+    """nsenter's check that `pid` is the container's pid 1: pid 1 in its own namespace
+    and a child of the supervisor's relay (status never waits: runner/procfs.py)."""
+    def check(pid: int) -> bool:
+        fields = procfs.status(pid) or {}
+        relay = current_state(store, config["Id"]).get("Pid")
+        return fields.get("PPid") == str(relay) and fields.get("NSpid", "").split()[-1:] == ["1"]
+    return check
 
 
-def pin_container_pid1(store: Store, config: dict, pid1: int) -> PinnedProcess:
-    return PinnedProcess(store, config, pid1)
-
-
-def open_container_root(pid1: PinnedProcess) -> int:
-    """The container's root directory, as an O_PATH fd. A FUSE mount made in a user
-    namespace serves only processes in that namespace (allow_other or not); an O_PATH
-    open sends it no request, so it can be made before joining, and the fchdir through
-    it (which asks the mount) comes after the setns into the user namespace."""
-    return pid1.open("root", os.O_PATH | os.O_DIRECTORY)
-
-
-def open_namespaces_and_root(pid1: PinnedProcess) -> tuple[dict[str, int], int]:
-    """Fds of pid 1's namespaces that are not ours, and of its root, all opened beneath
-    its /proc directory and checked after (PinnedProcess). Each of these waits for pid 1's
-    exec lock (runner/procfs.py): cmd_exec gives them a deadline."""
-    fds = {}
+def pin_container_pid1(store: Store, config: dict, pid1: int) -> nsenter.Target:
+    from . import nsenter
     try:
-        for ns in NAMESPACES:
-            if os.readlink(f"ns/{ns}", dir_fd=pid1.proc_fd) != os.readlink(f"/proc/self/ns/{ns}"):
-                fds[ns] = pid1.open(f"ns/{ns}", os.O_RDONLY)
-        fds["root"] = open_container_root(pid1)
-        pid1.check_alive()
-    except BaseException:
-        for fd in fds.values():
-            os.close(fd)
-        raise
-    root = fds.pop("root")
-    return fds, root
+        return nsenter.open_target(pid1, is_pid1_of(store, config))
+    except nsenter.NotRunning:
+        raise StoreError(f"container {config['Name']} is not running") from None
+    except nsenter.Stuck:
+        raise StoreError(f"container {config['Name']} does not answer: its pid 1 is stuck in the kernel "
+                         f"(in an exec?) for over {procfs.DEADLINE:g} s") from None
 
 
 def cmd_exec(args, store: Store) -> int:
@@ -452,7 +397,7 @@ def cmd_exec(args, store: Store) -> int:
     from . import container_spec
     from . import oci_init
     from . import sandbox
-    from . import syscalls as sc
+    from . import nsenter
     from . import terminal
     lifecycle.check_env(args.env or [], "-e/--env")
     lifecycle.check_workdir(args.workdir, "-w/--workdir")
@@ -471,15 +416,7 @@ def cmd_exec(args, store: Store) -> int:
         spec["linux"] = {"seccomp": security["seccomp"]}
     if not args.command:
         raise StoreError("exec needs a command")
-    pinned = pin_container_pid1(store, config, pid1)
-    try:
-        opened = procfs.call(open_namespaces_and_root, pinned)
-    except OSError:
-        raise StoreError(f"container {config['Name']} is not running") from None
-    if opened is procfs.STUCK:  # (its fds stay open: the reader may still use them)
-        raise StoreError(f"container {config['Name']} does not answer: its pid 1 is stuck in the kernel "
-                         f"(in an exec?) for over {procfs.DEADLINE:g} s")
-    fds, root_fd = opened
+    pid1_held = pin_container_pid1(store, config, pid1)
     console_ours = console_theirs = None
     pipes = None
     if args.tty:  # a terminal from the container's devpts; its master comes back to relay
@@ -499,10 +436,11 @@ def cmd_exec(args, store: Store) -> int:
             prctl.set_dumpable(False)  # CVE-2019-5736: nothing in the container may open our memory
             prctl.set_pdeathsig(signal.SIGKILL)
             syscalls_allowed = sandbox.syscall_filter(spec)  # the host's libseccomp, before the chroot
-            for fd in fds.values():
-                sc.setns(fd)
-            os.fchdir(root_fd)  # as a member of the container's user namespace (see open_container_root)
-            os.chroot(".")
+            try:
+                nsenter.join(pid1_held)
+            except ProcessLookupError:  # its pid 1 was reaped since: the pidfd names no process
+                os.write(2, f"strata: error: container {config['Name']} is not running\n".encode())
+                os._exit(125)
             grandchild = os.fork()  # the pid namespace applies to children only
             if grandchild:
                 _, status = os.waitpid(grandchild, 0)
@@ -520,9 +458,7 @@ def cmd_exec(args, store: Store) -> int:
         except BaseException as e:
             os.write(2, f"strata: error: exec: {e}\n".encode())
             os._exit(125)
-    for fd in (*fds.values(), root_fd):
-        os.close(fd)
-    pinned.close()
+    pid1_held.close()
     if pipes is not None:
         os.close(pipes[0][0])
         os.close(pipes[1][1])

@@ -44,6 +44,7 @@ import prctl
 
 from . import capabilities
 from . import inroot
+from . import nsenter
 from . import oci_hooks
 from . import ocispec
 from . import oci_mounts
@@ -126,8 +127,7 @@ class Options(typing.NamedTuple):
     program: object = None          # the compiled syscall filter (runner.seccomp.Program)
     preserve_fds: int = 0           # --preserve-fds: fds 3.. passed on to the process
     no_pivot: bool = False          # --no-pivot: MS_MOVE and chroot (a root on a ramfs)
-    init_pidfd: int = -1            # exec: a pidfd of the container's init, its start time checked
-    init_root_fd: int = -1          # exec: an O_PATH fd of init's root (/proc/<pid>/root)
+    target: object = None           # exec: the container's init, held (runner.nsenter.Target)
 
 
 def channel_pair() -> tuple[Channel, Channel]:
@@ -224,24 +224,8 @@ def _unshare(flags: int) -> None:
 
 
 @_step("join the container")
-def join_namespaces_of(pidfd: int, kinds) -> None:
-    """All of the container's namespaces at once, through a pidfd of its init: no pid
-    that could have been reused, no /proc path (setns orders them, the user one first)."""
-    flags = 0
-    for kind in kinds:
-        flags |= ocispec.NAMESPACES[kind]
-    if flags:
-        sc.setns(pidfd, flags)
-    os.close(pidfd)
-
-
-@_step("the container's root")
-def enter_init_root(root_fd: int) -> None:
-    """Init's root, not only its mount namespace's: a --no-pivot container's is a chroot."""
-    os.fchdir(root_fd)
-    os.chroot(".")
-    os.chdir("/")
-    os.close(root_fd)
+def join_container(target: nsenter.Target) -> None:
+    nsenter.join(target)
 
 
 @_step("join namespaces")
@@ -396,12 +380,11 @@ def run_exec(spec: dict, process: dict, channel: Channel, options: Options) -> N
         # nothing in the container may open this process's memory or executable while it
         # is still the runtime (CVE-2019-5736): not dumpable until its exec
         prctl.set_dumpable(False)
-        close_other_fds({channel.read_fd, channel.write_fd, options.console_fd, options.init_pidfd,
-                         options.init_root_fd}, options.preserve_fds)
-        kinds = ocispec.namespaces(spec)
-        join_namespaces_of(options.init_pidfd, kinds)
-        enter_init_root(options.init_root_fd)
-        if "user" in kinds:
+        close_other_fds({channel.read_fd, channel.write_fd, options.console_fd, options.target.pidfd,
+                         options.target.root_fd}, options.preserve_fds)
+        in_user_namespace = bool(options.target.flags & ocispec.NAMESPACES["user"])
+        join_container(options.target)
+        if in_user_namespace:
             os.setresgid(0, 0, 0)
             os.setresuid(0, 0, 0)
         channel.send(SYNC_NAMESPACES, pid=os.getpid())

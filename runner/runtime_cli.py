@@ -26,6 +26,7 @@ import sys
 import time
 
 from . import cgroups
+from . import nsenter
 from . import oci_hooks
 from . import oci_init
 from . import ocispec
@@ -468,23 +469,15 @@ def exec_process(args, spec: dict) -> dict:
     return process
 
 
-def open_init(container: Container, state: dict) -> tuple[int, int]:
-    """(pidfd, root fd) of the container's init, checked to be it (a pid alone may have
-    been reused since state.json was written)."""
-    pidfd = os.pidfd_open(state["pid"])
-    try:  # (root waits for init's exec lock: runner.procfs gives it a deadline)
-        root_fd = procfs.call(os.open, f"/proc/{state['pid']}/root", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:
-        os.close(pidfd)
+def open_init(container: Container, state: dict) -> nsenter.Target:
+    """The container's init, held and checked to be it (a pid alone may have been
+    reused since state.json was written)."""
+    try:
+        return nsenter.open_target(state["pid"], nsenter.started_at(state.get("pid_start")))
+    except nsenter.NotRunning:
         raise StateError(f"container {container.id} is not running") from None
-    if root_fd is procfs.STUCK:
-        os.close(pidfd)
-        raise StateError(f"container {container.id} does not answer: its init is stuck in the kernel")
-    if start_time(state["pid"]) not in (state.get("pid_start"), -1):
-        os.close(pidfd)
-        os.close(root_fd)
-        raise StateError(f"container {container.id} is not running")
-    return pidfd, root_fd
+    except nsenter.Stuck:
+        raise StateError(f"container {container.id} does not answer: its init is stuck in the kernel") from None
 
 
 def cmd_exec(args, root: str, log: Log) -> int:
@@ -506,17 +499,16 @@ def cmd_exec(args, root: str, log: Log) -> int:
     if not args.detach:
         import prctl
         prctl.set_child_subreaper(True)  # the process, orphaned by its parent's exit, comes to us
-    init_pidfd, init_root_fd = open_init(container, state)
+    target = open_init(container, state)
     ours, theirs = oci_init.channel_pair()
     child = os.fork()
     if child == 0:
         ours.close()
         oci_init.run_exec(spec, process, theirs, oci_init.Options(
             console_fd=console.fileno() if console else None, program=program, preserve_fds=args.preserve_fds,
-            init_pidfd=init_pidfd, init_root_fd=init_root_fd))
+            target=target))
     theirs.close()
-    os.close(init_pidfd)
-    os.close(init_root_fd)
+    target.close()
     if console is not None:
         console.close()
     pid = None

@@ -326,15 +326,15 @@ def test_names_from_inside_reach_the_terminal_escaped(strata):
 
 
 PID_REUSED_DURING_EXEC = textwrap.dedent("""\
-    # `strata exec`, with the container's pid 1 killed right after exec found it and a
-    # host process given its number (as a container cycling the host's pids could arrange)
+    # `strata exec`, with the container's pid 1 killed and a host process given its
+    # number (as a container cycling the host's pids could arrange): either before exec
+    # holds it (argv[2] "before": exec read the pid, then it was reused) or after
+    # (argv[2] "after": held by a pidfd and its root opened, then reused)
     import os, signal, subprocess, sys, time
-    from runner import cli, containers_cli
-    found = containers_cli.pin_container_pid1
+    from runner import cli, containers_cli, nsenter
     holder = []
 
-    def reused(store, config, pid1):
-        pinned = found(store, config, pid1)
+    def reuse(pid1):
         os.kill(pid1, signal.SIGKILL)
         deadline = time.monotonic() + 20
         while os.path.exists(f"/proc/{pid1}") and time.monotonic() < deadline:
@@ -349,9 +349,20 @@ PID_REUSED_DURING_EXEC = textwrap.dedent("""\
             host.kill()
             host.wait()
         print("reused" if holder else "not reused", file=sys.stderr, flush=True)
-        return pinned
 
-    containers_cli.pin_container_pid1 = reused
+    held = containers_cli.pin_container_pid1
+    opened = nsenter.open_target
+    if sys.argv[2] == "after":
+        def pin(store, config, pid1):
+            target = held(store, config, pid1)
+            reuse(pid1)
+            return target
+        containers_cli.pin_container_pid1 = pin
+    else:
+        def open_target(pid, is_it):
+            reuse(pid)
+            return opened(pid, is_it)
+        nsenter.open_target = open_target
     try:
         code = cli.main(["exec", sys.argv[1], "hostname"])
     finally:
@@ -362,11 +373,12 @@ PID_REUSED_DURING_EXEC = textwrap.dedent("""\
     """)
 
 
-def test_exec_never_joins_a_process_that_took_the_containers_pid(tmp_path):
+@pytest.mark.parametrize("when", ["before", "after"])
+def test_exec_never_joins_a_process_that_took_the_containers_pid(tmp_path, when):
     cli = Strata(str(tmp_path / "store"))
     cli.ok("run", "-d", "--name", "victim", "--hostname", "inside", "busybox", "sleep", "600")
     try:
-        proc = subprocess.run([sys.executable, "-c", PID_REUSED_DURING_EXEC, "victim"], capture_output=True,
+        proc = subprocess.run([sys.executable, "-c", PID_REUSED_DURING_EXEC, "victim", when], capture_output=True,
                               text=True, env=cli.env, cwd=REPO, timeout=120)
         assert "reused" in proc.stderr.splitlines()[0], proc.stderr  # the premise
         assert proc.returncode == 125 and "container victim is not running" in proc.stderr, proc
