@@ -52,6 +52,8 @@ def parser(prog: str) -> Parser:
     p.add_argument("--cpus", help="run the suite, its servers and its workloads on these CPUs only, comma "
                    "separated (taskset: with one, a FUSE server shares its client's CPU; waking a process "
                    "on another CPU costs these VMs tens of microseconds per request)")
+    p.add_argument("--walk-files", type=int, default=100_000, metavar="N",
+                   help="files in the memory workload's image (a multiple of 100; default 100,000)")
     p.add_argument("--list", action="store_true", help="list the workloads and exit")
     return p
 
@@ -127,6 +129,8 @@ def main(argv: list[str] | None = None, prog: str = "benchmarks") -> int:
         if args.rounds < 1:
             raise BadInput("--rounds must be at least 1")
         cpus = parse_cpus(args.cpus)
+        if args.walk_files < 100 or args.walk_files % 100:
+            raise BadInput(f"bad --walk-files {args.walk_files}: a positive multiple of 100")
         if os.geteuid() != 0:
             raise BadInput("run as root: mount, kernel overlayfs and drop_caches need it")
     except BadInput as e:
@@ -139,7 +143,7 @@ def main(argv: list[str] | None = None, prog: str = "benchmarks") -> int:
     os.makedirs(work, exist_ok=True)
     started = time.time()
     try:
-        samples = harness.run_rounds(systems, depths, workloads, args.rounds, work)
+        samples = harness.run_rounds(systems, depths, workloads, args.rounds, work, args.walk_files)
     finally:
         if not args.keep:
             remove_scratch(work)

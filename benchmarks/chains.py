@@ -12,7 +12,8 @@ into one directory (the native system) and, in one store, an image of the chain 
 strata system: each depth's image is the parent of the next one's).
 
 The walk chain (the memory workload) has for bottom layer 100,000 files of a few bytes
-in 1,000 directories d000..d999 of f000..f099, and the same layers above it.
+(--walk-files) in 1,000 directories d000..d999 of f000..f099, and the same layers above
+it.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ SMALL_FILE = 1024
 BIG_MIB = 64
 VICTIM_DIRS, MOVED_DIRS, FILES_PER_SUBDIR = 10, 10, 100
 UNTAR_FILES = 10_000
-WALK_DIRS = 1000  # of FILES_PER_DIR files: the 100,000-file image of the memory workload
+WALK_FILES = 100_000  # the memory workload's image, in directories of FILES_PER_DIR files
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,8 +63,9 @@ def base_layer(path: str) -> None:
             f.write(block)
 
 
-def walk_bottom(path: str) -> None:
-    tree_of(path, WALK_DIRS, FILES_PER_DIR, b"w\n", "d{:03}", "f{:03}")
+def walk_bottom(files: int = WALK_FILES):
+    """The walk chain's bottom layer of `files` files (a multiple of FILES_PER_DIR)."""
+    return lambda path: tree_of(path, files // FILES_PER_DIR, FILES_PER_DIR, b"w\n", "d{:03}", "f{:03}")
 
 
 def upper_layer(path: str, k: int) -> None:

@@ -18,7 +18,8 @@ from .systems import Scratch, System, is_mounted
 from .workloads import Workload, on_mount
 
 
-def prepare(work: str, depths: list[int], workloads: list[Workload]) -> tuple[dict, dict]:
+def prepare(work: str, depths: list[int], workloads: list[Workload],
+            walk_files: int = chains.WALK_FILES) -> tuple[dict, dict]:
     """({dataset: {depth: Chain}}, inputs) for what the workloads need."""
     datasets: dict = {}
     inputs: dict = {}
@@ -31,8 +32,8 @@ def prepare(work: str, depths: list[int], workloads: list[Workload]) -> tuple[di
         note(f"built the tree chains (depths {','.join(map(str, depths))}) in {time.monotonic() - started:.0f} s")
     if "walk" in needed:
         started = time.monotonic()
-        datasets["walk"] = chains.build_chains(os.path.join(work, "walk"), depths, chains.walk_bottom)
-        note(f"built the walk chains ({chains.WALK_DIRS * chains.FILES_PER_DIR:,} files) in "
+        datasets["walk"] = chains.build_chains(os.path.join(work, "walk"), depths, chains.walk_bottom(walk_files))
+        note(f"built the walk chains ({walk_files:,} files) in "
              f"{time.monotonic() - started:.0f} s")
     if "debian" in needed:
         started = time.monotonic()
@@ -65,10 +66,10 @@ def one_line(e: BaseException) -> str:
 
 
 def run_rounds(systems: list[System], depths: list[int], workloads: list[Workload], rounds: int,
-               work: str) -> list[dict]:
+               work: str, walk_files: int = chains.WALK_FILES) -> list[dict]:
     """Every raw sample: round, position in the round's order, workload, system, depth,
     seconds and ops (or error), and what the workload adds."""
-    datasets, inputs = prepare(work, depths, workloads)
+    datasets, inputs = prepare(work, depths, workloads, walk_files)
     samples: list[dict] = []
     count = 0
     for r in range(rounds):

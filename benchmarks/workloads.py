@@ -270,7 +270,7 @@ def lstat_walk(mnt: str) -> int:
 
 
 def walk_memory(run: Run) -> Timed:
-    """WALKS walks of the 100,000-file chain, the dentries dropped before each and after the
+    """WALKS walks of the walk chain (100,000 files unless --walk-files), the dentries dropped before each and after the
     last; the server's VmHWM at the end and its VmRSS after each walk and each drop."""
     pid = run.mount.pid
     if pid is None:
