@@ -417,10 +417,23 @@ def write_data(src: BinaryIO, fd: int, size: int) -> int:
 
 class NameChecker:
     """A writer that makes nothing: apply_tar_stream through it checks a whole stream
-    (format, names) before anything of it is written."""
+    (format, names, no member under an earlier non-directory: a symlink then a file
+    through it) before anything of it is written."""
+
+    def __init__(self):
+        self.non_dirs: set[str] = set()
 
     def add(self, raw_name: str, entry: Entry, data=None) -> None:
-        normalize_member_name(raw_name)
+        path = normalize_member_name(raw_name)
+        head = path
+        while head:
+            head = head.rpartition("/")[0]
+            if head in self.non_dirs:
+                raise CopyError(f"archive member {raw_name!r} is under {head!r}, which is not a directory")
+        if entry.kind == "dir":
+            self.non_dirs.discard(path)
+        else:
+            self.non_dirs.add(path)
 
 
 def extract_stream(stream: BinaryIO, writer: TreeWriter) -> None:
@@ -594,24 +607,22 @@ def serve_until_exit(store: Store, config: dict, rootfs: str, child: int, sync_w
     except BaseException:
         os.kill(child, signal.SIGKILL)
         raise
-    result = []
+    exited = os.pidfd_open(child)
 
     async def serve() -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(serve_session, view)
-            os.write(sync_w, b"1")
+            os.write(sync_w, b"1")  # the root is served: the copier goes on
             os.close(sync_w)
-            pidfd = os.pidfd_open(child)
-            try:
-                await trio.lowlevel.wait_readable(pidfd)
-            finally:
-                os.close(pidfd)
-            result.append(os.waitpid(child, 0)[1])
+            await trio.lowlevel.wait_readable(exited)
             pyfuse3.terminate()
             nursery.cancel_scope.cancel()
-    with mounted(view, rootfs, fuse_options(f"strata:{config.get('Name')}", False, ROOT_MOUNT_OPTIONS)):
-        trio.run(serve)
-    return os.waitstatus_to_exitcode(result[0]) if result else 1
+    try:
+        with mounted(view, rootfs, fuse_options(f"strata:{config.get('Name')}", False, ROOT_MOUNT_OPTIONS)):
+            trio.run(serve)
+    finally:
+        os.close(exited)
+    return os.waitstatus_to_exitcode(os.waitpid(child, 0)[1])
 
 
 # -- the two directions -------------------------------------------------------------------
