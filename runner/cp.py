@@ -494,12 +494,16 @@ class Copier:
             serve_for_copier(store, config, work, keep, result_w, comm)
         return pid
 
-    def wait(self, ours: BaseException | None = None) -> None:
+    def wait(self, ours: BaseException | None = None, ours_first: bool = False) -> None:
         """Wait for the copier; raise its error, else `ours` (what failed on this side
-        while it ran), else one for a copier that died without a word."""
+        while it ran; before the copier's with `ours_first`, when this side produces the
+        stream and the copier's error can only be the cut it left), else one for a
+        copier that died without a word."""
         _, status = os.waitpid(self.pid, 0)
         with os.fdopen(self.result_r, "rb") as f:
             said = f.read().decode(errors="replace").strip()
+        if ours is not None and ours_first:
+            raise ours
         if said:
             raise CopyError(said.splitlines()[-1])
         if ours is not None:
@@ -512,6 +516,7 @@ def load_copier_modules() -> None:
     """What the copier imports, loaded before it chroots: the host's modules are out of
     its reach after that (the decompressors are imported on first use)."""
     import bz2  # noqa: F401
+    import traceback  # noqa: F401  (a bug's report)
     from zlib_ng import gzip_ng  # noqa: F401
     from store.layer import apply_tar_stream, decompression_errors  # noqa: F401
     from . import errors  # noqa: F401
@@ -538,8 +543,13 @@ def run_copier(enter: Callable[[], None], work: Callable[[], None], keep: tuple[
     except BrokenPipeError:  # the other side stopped reading: its error is the one to report
         pass
     except BaseException as e:  # the one line the CLI reports
-        from .errors import message
-        os.write(result_w, (message(e) + "\n").encode())
+        from .errors import EXPECTED, message
+        text = message(e)
+        if not isinstance(e, EXPECTED):  # a bug: its traceback is the report (stderr is the CLI's)
+            import traceback
+            traceback.print_exc()
+            text = f"copier: {type(e).__name__}: {text}"
+        os.write(result_w, (text + "\n").encode())
     finally:
         os._exit(code)
 
@@ -628,7 +638,7 @@ def serve_until_exit(store: Store, config: dict, rootfs: str, child: int, sync_w
 # -- the two directions -------------------------------------------------------------------
 
 def copy_tar_into(store: Store, config: dict, source, dest: str, owners=MINE, as_is: bool = True,
-                  contents_only: bool = False, comm: str = COPIER_NAME) -> None:
+                  contents_only: bool = False, comm: str = COPIER_NAME, make_dest: bool = False) -> None:
     """Extract a tar into container `config` (its config: store.containers.resolve_container),
     running or stopped, through the container's own view, so that its journal records
     every change as made by `comm`.
@@ -636,7 +646,8 @@ def copy_tar_into(store: Store, config: dict, source, dest: str, owners=MINE, as
     `source`: an fd the tar is read from (a file, or a pipe), or a function that writes
     the tar to the binary stream it is given (run here while the copier reads it).
     `dest`: a path in the container. `as_is` (a tar as given: `cp -`, COPY): every member
-    lands under `dest` as it is named, and `dest` must be a directory there. Otherwise
+    lands under `dest` as it is named, and `dest` must be a directory there (`make_dest`:
+    made, parents too, by the container's root, where missing: COPY's way). Otherwise
     the stream holds one path (its first member's name, as emit_path makes it) and
     docker cp's rules place it (`place`; `contents_only`: SRC ended in "/.").
     `owners`: MINE (the container's root: docker cp), KEEP (the tar's: cp -a) or
@@ -652,6 +663,8 @@ def copy_tar_into(store: Store, config: dict, source, dest: str, owners=MINE, as
     def work() -> None:  # (run_copier has closed every fd but read_end)
         if as_is:
             trimmed = path_flags(dest)[0]
+            if make_dest:
+                os.makedirs(trimmed, 0o755, exist_ok=True)
             if not os.path.isdir(trimmed):
                 raise CopyError(f"{dest}: no such directory in the container (a tar is copied into one)")
             writer = TreeWriter(Placement(trimmed, None), owners, as_is=True)
@@ -673,7 +686,7 @@ def copy_tar_into(store: Store, config: dict, source, dest: str, owners=MINE, as
             pass
         except BaseException as e:
             failure = e
-    copier.wait(failure)
+    copier.wait(failure, ours_first=True)
 
 
 def copy_path_out(store: Store, config: dict, src: str, follow: bool, consume: Callable[[BinaryIO], None],

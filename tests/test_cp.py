@@ -253,3 +253,25 @@ def test_symlinks_of_the_container_stay_inside_it(root_cli, state):
     assert files["abs#data"] == files["dangling#data"] == b"from the host\n"
     assert files["etc/shadow#data"] == b"container-shadow\n"
     assert files["tmp/in-tmp#data"] == b"t\n"
+
+
+def test_copy_tar_into_for_other_commands(root_cli):
+    """The function `strata build` reuses: a tar from a function, into a directory made
+    where missing, every owner (uid, gid), recorded under the name it is given."""
+    from runner.cp import CopyError, copy_tar_into
+    from store import Store
+    from store.containers import resolve_container
+    cli = root_cli
+    cli.ok("create", "--name", "box", "busybox", "true")
+    store = Store(cli.root)
+    config = resolve_container(store, "box")
+    stream = build_tar([member("f", data=b"built\n", uid=7), member("d", "dir"), member("d/g", data=b"g\n")])
+    with pytest.raises(CopyError, match="no such directory"):
+        copy_tar_into(store, config, lambda out: out.write(stream), "/app/new")
+    copy_tar_into(store, config, lambda out: out.write(stream), "/app/new", owners=(1000, 1001),
+                  comm="strata build", make_dest=True)
+    files = exported(cli, "box")
+    assert files["app/new/f#data"] == b"built\n" and files["app/new/d/g#data"] == b"g\n"
+    assert {(files[n].uid, files[n].gid) for n in ("app/new/f", "app/new/d", "app/new/d/g")} == {(1000, 1001)}
+    assert {r[3] + " " + r[4] for r in audit(cli, "box")} == {"strata build"}
+    assert copiers_left(cli) == []
