@@ -175,11 +175,13 @@ def emit_path(path: str, follow: bool, writer, name: str | None = None) -> None:
                     child_st = os.lstat(child, dir_fd=dir_fd)
                 except FileNotFoundError:  # removed since it was listed (a running container)
                     continue
-                if stat.S_ISDIR(child_st.st_mode):
-                    if child_st.st_dev == st.st_dev:
-                        writer.add(f"{name}/{child_rel}", entry_from_stat(child_st, "", {}))
+                if stat.S_ISDIR(child_st.st_mode):  # (a mount point's own, not its contents: walk_host_dirs)
+                    writer.add(f"{name}/{child_rel}", entry_from_stat(child_st, "", {}))
                     continue
-                emit_one(writer, f"{name}/{child_rel}", child_st, None, child, dir_fd, False, first_paths)
+                try:
+                    emit_one(writer, f"{name}/{child_rel}", child_st, None, child, dir_fd, False, first_paths)
+                except FileNotFoundError:
+                    continue
     finally:
         os.close(top)
 
@@ -307,20 +309,21 @@ class TreeWriter:
             finally:
                 os.close(source_fd)
             return
+        # made with their mode (the umask is 0): a chmod that does not follow symlinks needs
+        # /proc in glibc before Linux 6.6's fchmodat2, and the copier's root may have none
         if kind == "symlink":
             os.symlink(entry.target, name, dir_fd=parent_fd)
         elif kind == "fifo":
-            os.mkfifo(name, 0o600, dir_fd=parent_fd)
+            os.mkfifo(name, self.mode_of(entry) & 0o777, dir_fd=parent_fd)
         elif kind in ("char", "block"):
             if self.host:
                 self.skipped.append(target)  # never a device node on the host
                 return
-            os.mknod(name, 0o600 | (stat.S_IFCHR if kind == "char" else stat.S_IFBLK), entry.rdev, dir_fd=parent_fd)
+            os.mknod(name, self.mode_of(entry) & 0o777 | (stat.S_IFCHR if kind == "char" else stat.S_IFBLK),
+                     entry.rdev, dir_fd=parent_fd)
         else:
             return  # (whiteouts and sockets: nothing to make)
         self.set_owner(None, (parent_fd, name), entry)
-        if kind != "symlink":
-            os.chmod(name, self.mode_of(entry), dir_fd=parent_fd, follow_symlinks=False)
         os.utime(name, ns=(entry.mtime_ns, entry.mtime_ns), dir_fd=parent_fd, follow_symlinks=False)
 
     def parent_fd(self, parent: str) -> int:

@@ -142,7 +142,8 @@ def test_tar_streams_and_owners(cli):
     unprivileged), without it they are the container's root's."""
     cli.ok("create", "--name", "box", "busybox", "true")
     stream = build_tar([member("t", "dir", uid=1000, gid=1000), member("t/f", data=b"tar\n", uid=1000, gid=1001),
-                        member("t/l", "symlink", link="f", uid=1000, gid=1000)])
+                        member("t/l", "symlink", link="f", uid=1000, gid=1000),
+                        member("t/fifo", "fifo", mode=0o640)])
     cli.ok("cp", "-a", "-", "box:/tmp", input=stream)
     cli.ok("cp", "-", "box:/home", input=stream)
     files = exported(cli, "box")
@@ -154,6 +155,7 @@ def test_tar_streams_and_owners(cli):
         got = {m.name: m for m in tar}
         assert tar.extractfile(got["t/f"]).read() == b"tar\n"
     assert (got["t/f"].uid, got["t/f"].gid) == (1000, 1001) and got["t/l"].linkname == "f"
+    assert got["t/fifo"].isfifo() and got["t/fifo"].mode == 0o640  # (never opened: it would wait for a writer)
     if cli.mode == "root":  # -a out: the container's owners on the host (root may chown)
         out = os.path.join(cli.scratch, "owned")
         cli.ok("cp", "-a", "box:/tmp/t", out)
@@ -204,6 +206,14 @@ def test_bad_input_is_one_line_and_changes_nothing(root_cli):
         assert why in err, (args, err)
     assert audit(cli, "box") == before
     assert sorted(os.listdir(cli.scratch)) == host_before
+    mountpoint = os.path.join(cli.scratch, "mnt")
+    os.mkdir(mountpoint)
+    cli.ok("mount", "box", mountpoint)  # another server of its upper layer: the copy waits its turn
+    try:
+        assert "busy" in one_line_125(cli("cp", hostfile, "box:/x"))
+    finally:
+        cli.ok("umount", mountpoint)
+    assert audit(cli, "box") == before
     assert copiers_left(cli) == []
 
 
