@@ -21,6 +21,7 @@ COMMANDS = ("import", "images", "history", "tag", "rmi", "inspect", "run", "crea
             "pause", "unpause", "mount", "umount", "base", "diff", "commit", "squash", "fsck")
 COMMANDS += ("save", "load", "export")  # runner.images_cli
 COMMANDS += ("pull", "push", "login", "logout")  # runner.registry_cli
+COMMANDS += ("cp",)  # runner.cp_cli
 
 # argparse looks up a translation catalogue on disk for every help string it
 # stores (gettext); building the parser's 30 subcommands did ~80 such lookups,
@@ -528,6 +529,9 @@ def build_parser(only: str | None = None) -> CliParser:
     if only in (None, "pull", "push", "login", "logout"):
         from .registry_cli import add_parsers as add_registry_parsers
         add_registry_parsers(add_parser)
+    if only in (None, "cp"):
+        from .cp_cli import add_parser as add_cp_parser
+        add_cp_parser(add_parser)
     return parser
 
 
