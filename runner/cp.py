@@ -47,7 +47,13 @@ from store.containers import Status, container_dir
 from store.fsutil import open_dir_beneath, walk_host_dirs
 from store.layer import DirFds, Entry, SparseMember, entry_from_stat, normalize_member_name, tar_members
 
+from . import capabilities
+
 COPIER_NAME = "strata cp"  # the copier's comm: what the journal names as the maker of its changes
+# what the copier keeps of root's capabilities once in the container's root (Docker's
+# default set has them all): no CAP_SYS_CHROOT or CAP_SYS_ADMIN to leave the chroot by,
+# no CAP_SYS_PTRACE, whatever the caller was
+COPIER_CAPABILITIES = ("CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_FOWNER", "CAP_FSETID", "CAP_MKNOD")
 KEEP = "keep"  # owners: the tar's own (docker cp -a)
 MINE = "mine"  # owners: whoever makes the files (the container's root inside it; the caller on the host)
 PIPE_CHUNK = 1 << 16
@@ -540,6 +546,9 @@ def run_copier(enter: Callable[[], None], work: Callable[[], None], keep: tuple[
         os.dup2(null, 1)
         os.close(null)
         enter()
+        keep_mask = capabilities.mask_of(COPIER_CAPABILITIES)
+        capabilities.drop_bounding_and_ambient(keep_mask)
+        capabilities.limit_process_sets(keep_mask)
         close_fds_but(keep)
         work()
         code = 0

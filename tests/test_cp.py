@@ -263,6 +263,10 @@ def test_symlinks_of_the_container_stay_inside_it(root_cli, state):
     assert files["abs#data"] == files["dangling#data"] == b"from the host\n"
     assert files["etc/shadow#data"] == b"container-shadow\n"
     assert files["tmp/in-tmp#data"] == b"t\n"
+    from runner.capabilities import mask_of
+    from runner.cp import COPIER_CAPABILITIES
+    wanted = mask_of(COPIER_CAPABILITIES)
+    assert copier_capabilities(cli, "box") == (wanted, wanted, 0, 0)  # root, but no way out of the chroot
 
 
 def test_copy_tar_into_for_other_commands(root_cli):
@@ -285,3 +289,25 @@ def test_copy_tar_into_for_other_commands(root_cli):
     assert {(files[n].uid, files[n].gid) for n in ("app/new/f", "app/new/d", "app/new/d/g")} == {(1000, 1001)}
     assert {r[3] + " " + r[4] for r in audit(cli, "box")} == {"strata build"}
     assert copiers_left(cli) == []
+
+
+def copier_capabilities(cli, container: str) -> tuple[int, int, int, int]:
+    """(effective, permitted, inheritable, whether CAP_SYS_CHROOT is in the bounding set) of
+    a copier of `container`, as it reads them in the container's root."""
+    from runner import capabilities
+    from runner.cp import Copier
+    from store import Store
+    from store.containers import resolve_container
+    store = Store(cli.root)
+    read_end, write_end = os.pipe()
+
+    def work() -> None:
+        sets = capabilities.read_sets()
+        chroot = capabilities._libc.prctl(capabilities.PR_CAPBSET_READ, capabilities.NUMBERS["CAP_SYS_CHROOT"], 0, 0, 0)
+        os.write(write_end, " ".join(map(str, (*sets, chroot))).encode())
+    copier = Copier(store, resolve_container(store, container), work, (write_end,))
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as f:
+        said = f.read()
+    copier.wait()
+    return tuple(int(x) for x in said.split())
