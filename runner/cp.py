@@ -467,12 +467,13 @@ class Copier:
         from .state import current_state
         self.name = config.get("Name") or config["Id"][:12]
         self.result_r, result_w = os.pipe()
-        status = current_state(store, config["Id"])["Status"]
+        state = current_state(store, config["Id"])
+        status = state["Status"]
         load_copier_modules()
         keep = tuple(keep_fds) + (result_w,)
         try:
             if status in (Status.RUNNING, Status.PAUSED):
-                self.pid = self._start_joined(store, config, work, keep, result_w, comm)
+                self.pid = self._start_joined(store, config, state, work, keep, result_w, comm)
             elif status == Status.STARTING:
                 raise CopyError(f"container {self.name} is starting: try again once it runs")
             else:
@@ -480,11 +481,15 @@ class Copier:
         finally:
             os.close(result_w)
 
-    def _start_joined(self, store, config, work, keep, result_w, comm) -> int:
+    def _start_joined(self, store, config, state, work, keep, result_w, comm) -> int:
         from . import nsenter
         from . import syscalls as sc
-        from .containers_cli import container_pid1, pin_container_pid1
-        held = pin_container_pid1(store, config, container_pid1(store, config))
+        from .containers_cli import pin_container_pid1
+        from .lifecycle import container_init_pid
+        pid1 = container_init_pid(state.get("Pid") or 0)  # (paused too: its root is served)
+        if not pid1:
+            raise CopyError(f"container {self.name} is not running")
+        held = pin_container_pid1(store, config, pid1)
         held = held._replace(flags=held.flags & (sc.CLONE_NEWUSER | sc.CLONE_NEWNS))
         pid = os.fork()
         if pid == 0:

@@ -80,13 +80,10 @@ def copy_in(store: Store, args, container: str, dest: str) -> None:
             cp.copy_tar_into(store, config, fd, dest, owners, as_is=True)
         return
     trimmed, slash, contents_only = cp.path_flags(args.src)
-    try:
-        st = os.stat(trimmed) if args.follow_link or slash else os.lstat(trimmed)
-    except FileNotFoundError:
-        raise cp.CopyError(f"no such file or directory: {args.src}") from None
+    if not os.path.lexists(trimmed):  # (the rest of SRC's checks are emit_path's, before any member)
+        raise cp.CopyError(f"no such file or directory: {args.src}")
     if slash and not os.path.isdir(trimmed):
         raise cp.CopyError(f"{args.src}: not a directory")
-    del st
 
     def produce(out) -> None:
         emitter = cp.TarEmitter(out)

@@ -132,6 +132,11 @@ def test_copy_both_ways_through_the_containers_view(cli, state):
         assert os.stat(os.path.join(out, base, "hard")).st_ino == os.stat(os.path.join(out, base, "sub/data")).st_ino
     with open(os.path.join(out, "pw"), "rb") as f:
         assert f.read() == b"hello\n"
+    if state == "running":  # paused: its processes stopped, its root still served
+        cli.ok("pause", "box")
+        cli.ok("cp", os.path.join(cli.scratch, "file.txt"), "box:/paused.txt")
+        cli.ok("unpause", "box")
+        assert exported(cli, "box")["paused.txt#data"] == b"hello\n"
     caller = 0 if cli.mode == "root" else 65534
     assert os.stat(os.path.join(out, "pw")).st_uid == caller  # the caller's, as docker cp without -a
     assert copiers_left(cli) == []
