@@ -44,7 +44,7 @@ from typing import BinaryIO, Callable
 
 from store import Store, StoreError
 from store.containers import Status, container_dir
-from store.fsutil import open_dir_beneath, walk_host_dirs
+from store.fsutil import open_beneath, open_dir_beneath, walk_host_dirs
 from store.layer import DirFds, Entry, SparseMember, entry_from_stat, normalize_member_name, tar_members
 
 from . import capabilities
@@ -361,6 +361,7 @@ class TreeWriter:
                 raise CopyError(f"cannot overwrite directory {target} with a non-directory")
             return
         os.unlink(name, dir_fd=parent_fd)
+        self.made_files.discard(target)
 
     def mode_of(self, entry: Entry) -> int:
         if self.host and self.owners != KEEP:
@@ -401,6 +402,15 @@ class TreeWriter:
             finally:
                 os.close(fd)
         self.dir_meta = []
+        if not self.host and self.made_files:
+            # strata's journal stores the creates of regular files in batches, when the
+            # server is idle or with the next other record, and at an fsync: one here puts
+            # the whole copy on record (and on disk) before cp returns
+            fd = open_beneath(self.root_fd, next(iter(self.made_files)), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
 
 
 def write_data(src: BinaryIO, fd: int, size: int) -> int:

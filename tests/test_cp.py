@@ -99,6 +99,8 @@ def test_copy_both_ways_through_the_containers_view(cli, state):
     cli.ok("cp", top, "box:/tmp")                                            # a directory into one
     cli.ok("cp", top + "/.", "box:/srv")                                     # its contents, to a new one
     cli.ok("cp", os.path.join(cli.scratch, "file.txt"), "box:/etc/passwd")   # a file onto a file
+    records = audit(cli, "box")[before:]  # on record once cp returns, even its last create
+    assert any(r[6] == "create" and r[7].split()[0] == "/etc/passwd" for r in records), records
     files = exported(cli, "box")
     assert files["new.txt#data"] == files["etc/file.txt#data"] == files["etc/passwd#data"] == b"hello\n"
     for base in ("tmp/src", "srv"):
@@ -109,7 +111,6 @@ def test_copy_both_ways_through_the_containers_view(cli, state):
         assert files[f"{base}/hard"].islnk() or files[f"{base}/sub/data"].islnk()  # one inode, two names
         assert {(files[n].uid, files[n].gid) for n in files if n.startswith(base) and "#" not in n} == {(0, 0)}
     assert "srv/src" not in files
-    records = audit(cli, "box")[before:]
     assert records, "the copy left no record in the journal"
     assert {r[3] + " " + r[4] for r in records} == {"strata cp"}, records  # COMMAND is two words
     assert {r[5] for r in records} == {"0"}  # the container's root
