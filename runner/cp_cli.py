@@ -84,12 +84,37 @@ def copy_in(store: Store, args, container: str, dest: str) -> None:
         raise cp.CopyError(f"no such file or directory: {args.src}")
     if slash and not os.path.isdir(trimmed):
         raise cp.CopyError(f"{args.src}: not a directory")
+    check_readable(trimmed, args.follow_link or slash)
 
     def produce(out) -> None:
         emitter = cp.TarEmitter(out)
         cp.emit_path(args.src, args.follow_link, emitter)
         emitter.close()
     cp.copy_tar_into(store, config, produce, dest, owners, as_is=False, contents_only=contents_only)
+
+
+def check_readable(path: str, follow: bool) -> None:
+    """What of a host SRC this user cannot read, found before the container is touched
+    (a copy stopped half-way by it would leave the first half in the container)."""
+    from store.fsutil import walk_host_dirs
+    if not os.path.isdir(path) or not follow and os.path.islink(path):
+        if os.path.isfile(path) and not os.access(path, os.R_OK):
+            raise cp.CopyError(f"{path}: permission denied")
+        return
+    top = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        device = os.fstat(top).st_dev
+        for rel, dir_fd in walk_host_dirs(top, one_file_system=True):
+            with os.scandir(dir_fd) as entries:
+                for entry in entries:
+                    is_dir = entry.is_dir(follow_symlinks=False)
+                    if not (is_dir or entry.is_file(follow_symlinks=False)) or \
+                            entry.stat(follow_symlinks=False).st_dev != device:
+                        continue  # (what emit_path does not open)
+                    if not os.access(entry.name, os.R_OK | os.X_OK if is_dir else os.R_OK, dir_fd=dir_fd):
+                        raise cp.CopyError(f"{os.path.join(path, rel, entry.name)}: permission denied")
+    finally:
+        os.close(top)
 
 
 class spooled_stdin:

@@ -162,6 +162,12 @@ def test_tar_streams_and_owners(cli):
         assert tar.extractfile(got["t/f"]).read() == b"tar\n"
     assert (got["t/f"].uid, got["t/f"].gid) == (1000, 1001) and got["t/l"].linkname == "f"
     assert got["t/fifo"].isfifo() and got["t/fifo"].mode == 0o640  # (never opened: it would wait for a writer)
+    if cli.mode == "unprivileged":  # a file it cannot read: found before anything is copied
+        src = host_tree(cli, "unreadable")
+        os.chmod(os.path.join(src, "sub", "data"), 0)
+        before = audit(cli, "box")
+        assert "permission denied" in one_line_125(cli("cp", src, "box:/var"))
+        assert audit(cli, "box") == before
     if cli.mode == "root":  # -a out: the container's owners on the host (root may chown)
         out = os.path.join(cli.scratch, "owned")
         cli.ok("cp", "-a", "box:/tmp/t", out)
