@@ -488,6 +488,9 @@ class Copier:
                 raise CopyError(f"container {self.name} is starting: try again once it runs")
             else:
                 self.pid = self._start_served(store, config, work, keep, result_w, comm)
+        except BaseException:
+            os.close(self.result_r)
+            raise
         finally:
             os.close(result_w)
 
@@ -620,6 +623,9 @@ def serve_for_copier(store: Store, config: dict, work, keep, result_w: int, comm
                 os.chdir("/")
             run_copier(enter, work, keep, result_w, comm)
         os.close(sync_r)
+        for fd in keep:  # the copier's pipes are its alone: their ends see its EOF, not ours
+            if fd != result_w:
+                os.close(fd)
         code = serve_until_exit(store, config, rootfs, child, sync_w)
     except BaseException as e:
         from .errors import message
