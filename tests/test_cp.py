@@ -3,6 +3,7 @@ directions, tar streams, owners with -a, the journal's record of the copy, docke
 path rules, bad input, and symlinks of the container that point out of it."""
 from __future__ import annotations
 
+import gzip
 import hashlib
 import io
 import os
@@ -99,8 +100,10 @@ def test_copy_both_ways_through_the_containers_view(cli, state):
     cli.ok("cp", top, "box:/tmp")                                            # a directory into one
     cli.ok("cp", top + "/.", "box:/srv")                                     # its contents, to a new one
     cli.ok("cp", os.path.join(cli.scratch, "file.txt"), "box:/etc/passwd")   # a file onto a file
+    cli.ok("cp", os.path.join(top, "link"), "box:/asis")                     # a symlink as one
+    cli.ok("cp", "-L", os.path.join(top, "link"), "box:/followed")           # -L: what it names
     records = audit(cli, "box")[before:]  # on record once cp returns, even its last create
-    assert any(r[6] == "create" and r[7].split()[0] == "/etc/passwd" for r in records), records
+    assert any(r[6] == "create" and r[7].split()[0] == "/followed" for r in records), records
     files = exported(cli, "box")
     assert files["new.txt#data"] == files["etc/file.txt#data"] == files["etc/passwd#data"] == b"hello\n"
     for base in ("tmp/src", "srv"):
@@ -111,6 +114,7 @@ def test_copy_both_ways_through_the_containers_view(cli, state):
         assert files[f"{base}/hard"].islnk() or files[f"{base}/sub/data"].islnk()  # one inode, two names
         assert {(files[n].uid, files[n].gid) for n in files if n.startswith(base) and "#" not in n} == {(0, 0)}
     assert "srv/src" not in files
+    assert files["asis"].issym() and files["asis"].linkname == "sub/data" and files["followed#data"] == b"data\n"
     assert records, "the copy left no record in the journal"
     assert {r[3] + " " + r[4] for r in records} == {"strata cp"}, records  # COMMAND is two words
     assert {r[5] for r in records} == {"0"}  # the container's root
@@ -152,11 +156,13 @@ def test_tar_streams_and_owners(cli):
                         member("t/fifo", "fifo", mode=0o640)])
     cli.ok("cp", "-a", "-", "box:/tmp", input=stream)
     cli.ok("cp", "-", "box:/home", input=stream)
+    cli.ok("cp", "-", "box:/root", input=gzip.compress(stream))  # compressed, as docker's API takes it
     files = exported(cli, "box")
     assert files["tmp/t/f#data"] == b"tar\n"
     assert (files["tmp/t/f"].uid, files["tmp/t/f"].gid) == (1000, 1001)
     assert (files["tmp/t"].uid, files["tmp/t/l"].uid) == (1000, 1000)
     assert (files["home/t/f"].uid, files["home/t/f"].gid) == (0, 0)
+    assert files["root/t/f#data"] == b"tar\n"
     with tarfile.open(fileobj=io.BytesIO(cli("cp", "box:/tmp/t", "-").stdout), mode="r:") as tar:
         got = {m.name: m for m in tar}
         assert tar.extractfile(got["t/f"]).read() == b"tar\n"
