@@ -141,3 +141,43 @@ def set_oci_sets(effective, permitted, inheritable, ambient) -> None:
         if result < 0:
             err = ctypes.get_errno()
             raise CapabilityError(err, f"cannot raise ambient {name}: {os.strerror(err)}")
+
+
+# -- --cap-add, --cap-drop, --privileged: the set a container's process gets --------------
+
+def available() -> list[str]:
+    """Every capability this kernel has that this process's bounding set still holds (a
+    capability outside it can never be had again: capset would fail), in number order:
+    what ALL and --privileged mean."""
+    return [f"CAP_{name}" for number, name in enumerate(NAMES) if _libc.prctl(PR_CAPBSET_READ, number, 0, 0, 0) == 1]
+
+
+def normalize(names, flag: str) -> list[str]:
+    """Docker's spelling rules: case-insensitive, with or without CAP_; ALL kept as ALL.
+    ValueError names the first unknown one."""
+    out = []
+    for name in names or ():
+        upper = name.strip().upper()
+        if upper != "ALL" and not upper.startswith("CAP_"):
+            upper = "CAP_" + upper
+        if upper != "ALL" and upper not in NUMBERS:
+            raise ValueError(f"{flag}: unknown capability: {name!r}")
+        if upper not in out:
+            out.append(upper)
+    return out
+
+
+def tweak(basics: list[str], adds: list[str], drops: list[str], privileged: bool) -> list[str]:
+    """The set Docker gives (moby oci/caps.TweakCapabilities): privileged, everything; an
+    added ALL, everything but the drops; a dropped ALL, only the adds; else the defaults
+    without the drops, then the adds."""
+    if privileged:
+        return available()
+    if not adds and not drops:
+        return list(basics)
+    if "ALL" in adds:
+        return [name for name in available() if name not in drops]
+    if "ALL" in drops:
+        return [name for name in adds if name != "ALL"]
+    kept = [name for name in basics if name not in drops]
+    return kept + [name for name in adds if name not in kept]

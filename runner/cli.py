@@ -389,14 +389,15 @@ def build_parser(only: str | None = None) -> CliParser:
     p.add_argument("-a", "--all", action="store_true")
     p.add_argument("-q", "--quiet", action="store_true")
     p.add_argument("-n", "--last", type=int, metavar="N")
-    p.add_argument("--filter", action="append", metavar="KEY=VALUE", help="status=, name=, ancestor=")
+    p.add_argument("--filter", action="append", metavar="KEY=VALUE", help="status=, name=, ancestor=, label=")
     p.add_argument("--format", metavar="json|TEMPLATE")
     p.set_defaults(func=cc.cmd_ps)
 
     for name, helptext, func in (("stop", "stop containers (SIGTERM, then SIGKILL)", cc.cmd_stop),
                                  ("restart", "stop and start containers", cc.cmd_restart)):
         p = add_parser(name, help=helptext, description=helptext[0].upper() + helptext[1:] + ".")
-        p.add_argument("-t", "--time", type=float, default=10, metavar="SECONDS")
+        p.add_argument("-t", "--time", type=float, metavar="SECONDS",
+                       help="seconds to wait before SIGKILL (default: the container's --stop-timeout, else 10)")
         p.add_argument("containers", metavar="CONTAINER", nargs="+")
         p.set_defaults(func=func)
 

@@ -20,9 +20,11 @@ implementation of set-up. What is strata's own:
 from __future__ import annotations
 
 import os
+import stat
 
 from . import capabilities
 from . import ocispec
+from . import run_options
 from . import seccomp
 
 ANNOTATION_USER = "io.strata.user"
@@ -66,7 +68,7 @@ def security(config: dict, store_root: str) -> dict:
     """The syscall filter and no_new_privileges of a container's config, as spec parts
     ({"seccomp": profile or None, "noNewPrivileges": bool, "cache": dir})."""
     profile = config.get("SeccompProfile")
-    if profile == "unconfined":
+    if profile == "unconfined" or config.get("Privileged"):
         profile = None
     elif profile is None:
         profile = seccomp.load_default_profile()
@@ -74,9 +76,11 @@ def security(config: dict, store_root: str) -> dict:
             "cache": os.path.join(store_root, "cache", "seccomp")}
 
 
-def process(args: list[str], env: list[str], cwd: str | None, terminal: bool, no_new_privileges: bool) -> dict:
-    """A process with Docker's default capabilities, as root (until its user is resolved)."""
-    caps = list(capabilities.DOCKER_DEFAULT)
+def process(args: list[str], env: list[str], cwd: str | None, terminal: bool, no_new_privileges: bool,
+            caps: list[str] | None = None) -> dict:
+    """A process with `caps` (else Docker's default capabilities), as root (until its user
+    is resolved)."""
+    caps = list(capabilities.DOCKER_DEFAULT if caps is None else caps)
     return {"args": list(args), "env": list(env), "cwd": cwd or "/", "terminal": terminal,
             "user": {"uid": 0, "gid": 0}, "noNewPrivileges": no_new_privileges,
             "capabilities": {"bounding": caps, "effective": caps, "permitted": caps, "inheritable": [],
@@ -105,7 +109,67 @@ def build(config: dict, rootfs: str, runtime_dir: str, rootless: bool, store_roo
         spec["linux"]["seccomp"] = sec["seccomp"]
     if config.get("User"):
         spec["annotations"][ANNOTATION_USER] = config["User"]
+    apply_run_options(spec, config)
     return spec
+
+
+# -- --cap-add/--cap-drop, --privileged, --init (runner.run_options) --------------------
+
+def apply_run_options(spec: dict, config: dict) -> None:
+    """The spec parts of the run flags of runner.run_options that `config` holds."""
+    caps = run_options.process_capabilities(config)
+    spec["process"]["capabilities"].update({"bounding": caps, "effective": list(caps), "permitted": list(caps)})
+    if config.get("Privileged"):
+        make_privileged(spec)
+    if config.get("Init"):  # tini, bound read-only, runs the command as its child
+        spec["mounts"].append({"destination": run_options.INIT_PATH, "type": "bind",
+                               "source": run_options.INIT_BINARY, "options": ["bind", "ro", "nosuid", "nodev"]})
+        spec["process"]["args"] = [run_options.INIT_PATH, "--"] + spec["process"]["args"]
+
+
+def make_privileged(spec: dict) -> None:
+    """As Docker's --privileged (root only: runner.run_options refuses it otherwise): no
+    syscall filter, no masked or read-only paths, /sys writable, and the host's devices
+    made in the container's /dev (a tmpfs that then allows devices) instead of bound."""
+    linux = spec["linux"]  # (security() left the filter out)
+    linux["maskedPaths"], linux["readonlyPaths"] = [], []
+    bound = {f"/dev/{name}" for name in DEVICES}
+    mounts = []
+    for m in spec["mounts"]:
+        if m["destination"] in bound:
+            continue
+        if m["destination"] in ("/dev", "/sys"):
+            m = m | {"options": [o for o in m["options"] if o not in ("nodev", "ro")]}
+        mounts.append(m)
+    spec["mounts"] = mounts
+    linux["devices"] = host_devices()
+
+
+def host_devices(top: str = "/dev") -> list[dict]:
+    """The host's device nodes (Docker's HostDevices: pts, shm and mqueue aside), walked
+    iteratively, as OCI linux.devices entries."""
+    skip = {"/dev/pts", "/dev/shm", "/dev/mqueue", "/dev/hugepages", "/dev/fd", "/dev/ptmx"}
+    found, pending = [], [top]
+    while pending:
+        directory = pending.pop()
+        try:
+            entries = list(os.scandir(directory))
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.path in skip:
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                pending.append(entry.path)
+            elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
+                found.append({"path": entry.path, "type": "c" if stat.S_ISCHR(st.st_mode) else "b",
+                              "major": os.major(st.st_rdev), "minor": os.minor(st.st_rdev),
+                              "fileMode": stat.S_IMODE(st.st_mode), "uid": st.st_uid, "gid": st.st_gid})
+    return sorted(found, key=lambda d: d["path"])
 
 
 def resolve_process_user(process: dict, user: str | None, resolve) -> None:

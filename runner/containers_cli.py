@@ -11,7 +11,7 @@ import sys
 from store import Store, StoreError
 from store.containers import Status, container_dir, list_containers, resolve_container, update_config
 
-from . import fmt, lifecycle, logs, procfs
+from . import fmt, lifecycle, logs, procfs, run_options
 from .errors import EXIT_FAILURE, UsageError, for_each, print_error
 from .state import current_state
 
@@ -31,6 +31,7 @@ def add_create_flags(p) -> None:
     p.add_argument("--log-opt", action="append", metavar="OPT", help="max-size=10m, max-file=3")
     p.add_argument("--security-opt", action="append", metavar="OPT",
                    help=lifecycle.SECURITY_OPT_HELP)
+    run_options.add_flags(p)
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("command", metavar="COMMAND", nargs=argparse.REMAINDER)
 
@@ -212,16 +213,16 @@ def age(stamp: str | None) -> float:
 
 
 PS_FIELDS = ("ID", "Image", "Command", "CreatedAt", "RunningFor", "Status", "State", "Names", "Ports")
-PS_FILTERS = ("status", "name", "ancestor")
+PS_FILTERS = ("status", "name", "ancestor", "label")
 
 
 def cmd_ps(args, store: Store) -> int:
     for f in args.filter or []:  # checked even when no container is there to filter
         key, eq, _ = f.partition("=")
         if not eq:
-            raise StoreError(f"bad filter {f!r} (status=, name=, ancestor=)")
+            raise StoreError(f"bad filter {f!r} (status=, name=, ancestor=, label=)")
         if key not in PS_FILTERS:
-            raise StoreError(f"unsupported filter {key!r} (status, name, ancestor)")
+            raise StoreError(f"unsupported filter {key!r} (status, name, ancestor, label)")
     if args.format:
         fmt.check_template(args.format, PS_FIELDS)
     rows = []
@@ -259,6 +260,8 @@ def matches_filters(filters: list[str], config: dict, state: dict, store: Store)
             return False
         if key == "name" and value not in config.get("Name", ""):
             return False
+        if key == "label" and not has_label(config, value):
+            return False
         if key == "ancestor":
             try:
                 if store.resolve_image(value) != config["Image"]:
@@ -268,9 +271,17 @@ def matches_filters(filters: list[str], config: dict, state: dict, store: Store)
     return True
 
 
+def has_label(config: dict, wanted: str) -> bool:
+    """ps --filter label=KEY (any value) or label=KEY=VALUE."""
+    key, eq, value = wanted.partition("=")
+    labels = config.get("Labels") or {}
+    return key in labels and (not eq or labels[key] == value)
+
+
 def cmd_stop(args, store: Store) -> int:
     for ref in args.containers:
-        lifecycle.stop(store, resolve_container(store, ref), args.time)
+        config = resolve_container(store, ref)
+        lifecycle.stop(store, config, run_options.stop_timeout_of(config, args.time))
         print(ref)
     return 0
 
@@ -278,7 +289,7 @@ def cmd_stop(args, store: Store) -> int:
 def cmd_restart(args, store: Store) -> int:
     for ref in args.containers:
         config = resolve_container(store, ref)
-        lifecycle.stop(store, config, args.time)
+        lifecycle.stop(store, config, run_options.stop_timeout_of(config, args.time))
         lifecycle.start(store, config, wait_attach=False)
         print(ref)
     return 0
@@ -290,7 +301,9 @@ def cmd_kill(args, store: Store) -> int:
     if sig not in signal.valid_signals():  # (SIG_DFL is an attribute of signal too)
         raise UsageError(f"invalid signal: {args.signal}")
     for ref in args.containers:
-        lifecycle.signal_container(store, resolve_container(store, ref), sig)
+        config = resolve_container(store, ref)
+        lifecycle.mark_stopped_by_user(store, config)
+        lifecycle.signal_container(store, config, sig)
         print(ref)
     return 0
 
@@ -347,7 +360,7 @@ def cmd_update(args, store: Store) -> int:
 def inspect_container(store: Store, config: dict) -> dict:
     state = current_state(store, config["Id"])
     cdir = container_dir(store, config["Id"])
-    return {"Id": config["Id"], "Name": "/" + config.get("Name", ""), "Created": config.get("Created"),
+    return with_run_options(config, state, {"Id": config["Id"], "Name": "/" + config.get("Name", ""), "Created": config.get("Created"),
             "Image": config["Image"], "Path": (config.get("Cmd") or [""])[0], "Args": (config.get("Cmd") or [])[1:],
             "State": {"Status": state["Status"].value, "Running": state["Status"] == Status.RUNNING,
                       "Pid": lifecycle.container_init_pid(state["Pid"]) if state.get("Pid") else 0,
@@ -360,7 +373,19 @@ def inspect_container(store: Store, config: dict) -> dict:
                            "LogConfig": {"Type": "json-file", "Config": config.get("LogOpts", {})}},
             "GraphDriver": {"Name": "strata", "Data": {"UpperDir": os.path.join(cdir, "upper"),
                                                        "MergedDir": os.path.join(cdir, "rootfs")}},
-            "Mounts": [], "LogPath": logs.log_path(cdir), "Runs": state.get("Runs", [])}
+            "Mounts": [], "LogPath": logs.log_path(cdir), "Runs": state.get("Runs", [])})
+
+
+def with_run_options(config: dict, state: dict, obj: dict) -> dict:
+    """inspect's fields of runner.run_options's flags, where Docker shows them."""
+    entrypoint, cmd = run_options.split_command(config)
+    obj["Config"] |= {"Entrypoint": entrypoint or None, "Cmd": cmd, "Labels": config.get("Labels") or {},
+                      "StopSignal": config.get("StopSignal") or None, "StopTimeout": config.get("StopTimeout")}
+    obj["HostConfig"] |= {"CapAdd": config.get("CapAdd") or None, "CapDrop": config.get("CapDrop") or None,
+                          "Privileged": bool(config.get("Privileged")), "Init": bool(config.get("Init")),
+                          "RestartPolicy": config.get("RestartPolicy") or {"Name": "no", "MaximumRetryCount": 0}}
+    obj["RestartCount"] = state.get("RestartCount", 0)
+    return obj
 
 
 def container_pid1(store: Store, config: dict) -> int:
@@ -409,7 +434,8 @@ def cmd_exec(args, store: Store) -> int:
     security = container_spec.security(config, store.root)
     user = args.user if args.user is not None else config.get("User")
     spec = {"process": container_spec.process(args.command, env, args.workdir or config.get("WorkingDir") or "/",
-                                              bool(args.tty), security["noNewPrivileges"]),
+                                              bool(args.tty), security["noNewPrivileges"],
+                                              run_options.process_capabilities(config)),
             "annotations": {container_spec.ANNOTATION_SECCOMP_CACHE: security["cache"],
                             **({container_spec.ANNOTATION_USER: user} if user else {})}}
     if security["seccomp"] is not None:

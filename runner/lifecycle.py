@@ -15,6 +15,7 @@ from store.containers import (LIVE, Status, check_name, container_dir, create_co
                               printable, read_state, remove_container, transition)
 
 from . import procfs
+from . import run_options
 from .state import current_state
 from .logs import log_limits
 from .spawn import spawn_blank_supervisor, supervisor_env
@@ -40,19 +41,7 @@ def random_name(store: Store) -> str:
 
 def parse_env_file(path: str) -> list[str]:
     """Docker's env file: KEY=VALUE lines, # comments; a bare KEY passes the caller's value on."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except OSError as e:
-        raise StoreError(f"cannot read env file {path}: {e.strerror}") from None
-    out = []
-    for number, line in enumerate(raw.split(b"\n"), 1):
-        try:
-            text = line.decode("utf-8").strip()
-        except UnicodeDecodeError:
-            raise StoreError(f"--env-file {path}: line {number} is not valid UTF-8") from None
-        if text and not text.startswith("#"):
-            out.append(text)
+    out = run_options.read_lines_file(path, "env", "--env-file")
     check_env(out, f"--env-file {path}")
     return out
 
@@ -230,21 +219,22 @@ def create(store: Store, args) -> dict:
         raise StoreError(f"network {args.network!r} is not supported (host, none)")
     log_opts = parse_log_opts(args.log_opt or [])
     security = parse_security_opts(getattr(args, "security_opt", None) or [])
+    run_flags = run_options.flag_keys(args, os.geteuid() != 0)
+    check_command([run_options.flag(args, "entrypoint") or ""], "--entrypoint")
+    check_command([f"{key}={value}" for key, value in run_flags["Labels"].items()], "--label")
     image_id = resolve_with_base(store, args.image)
     image_config = store.image_config(image_id).get("config", {})
-    entrypoint = image_config.get("Entrypoint") or []
-    cmd = list(args.command) if args.command else (image_config.get("Cmd") or [])
-    if not entrypoint and not cmd:
-        raise StoreError("no command specified")
+    run_keys = run_options.image_keys(args, run_flags, image_config)
+    check_command(run_keys["Cmd"], "the image's command")
     user = args.user or image_config.get("User") or ""
     check_user(user, "the image's User")
     env = merge_env(merge_env(image_config.get("Env") or [PATH_ENV], env_from_files), args.env or [])
     name = args.name or random_name(store)
-    extra = {"Cmd": entrypoint + cmd, "Env": env, "WorkingDir": args.workdir or image_config.get("WorkingDir") or "",
+    extra = {"Env": env, "WorkingDir": args.workdir or image_config.get("WorkingDir") or "",
              "User": user, "Tty": args.tty,
              "OpenStdin": args.interactive, "NetworkMode": args.network, "AutoRemove": args.rm,
              "LogOpts": log_opts, "DetachKeys": args.detach_keys or "",
-             "ImageRef": args.image} | security
+             "ImageRef": args.image} | security | run_flags | run_keys
     extra["Hostname"] = args.hostname  # None: create_container names it after the id, as Docker does
     return create_container(store, image_id, name, extra)
 
@@ -378,6 +368,8 @@ def start(store: Store, config: dict, wait_attach: bool, supervisor: Handoff | N
         if supervisor is not None:
             supervisor.abandon()
         return
+    if state.get("StoppedByUser") or state.get("RestartCount"):  # a start of the user's: the policy counts anew
+        transition(store, config["Id"], lambda recorded: recorded | {"StoppedByUser": False, "RestartCount": 0})
     cdir = container_dir(store, config["Id"])
     sock = os.path.join(cdir, "attach.sock")
     if os.path.exists(sock):  # left by a supervisor that died
@@ -566,14 +558,17 @@ def set_paused(store: Store, config: dict, paused: bool) -> None:
                if recorded["Status"] in (Status.RUNNING, Status.PAUSED) else None)
 
 
-def stop(store: Store, config: dict, timeout: float) -> None:
+def stop(store: Store, config: dict, timeout: float | None) -> None:
+    """The container's stop signal (SIGTERM unless --stop-signal), then SIGKILL after
+    `timeout` seconds (None: no limit); a restart policy no longer restarts it."""
+    mark_stopped_by_user(store, config)
     state = current_state(store, config["Id"])
     if state["Status"] == Status.PAUSED:  # stopped processes hold SIGTERM until they go on
         set_paused(store, config, False)
     elif state["Status"] != Status.RUNNING:
         return
     try:
-        signal_container(store, config, signal.SIGTERM)
+        signal_container(store, config, run_options.stop_signal_of(config))
     except (StoreError, ProcessLookupError):
         pass
     if wait_exited(store, config["Id"], timeout) is None:
@@ -582,6 +577,15 @@ def stop(store: Store, config: dict, timeout: float) -> None:
         except (StoreError, ProcessLookupError):
             pass
         wait_exited(store, config["Id"], 30)
+
+
+def mark_stopped_by_user(store: Store, config: dict) -> None:
+    """A stop or kill of the user's: the supervisor does not restart the container after it
+    (runner.supervisor, --restart); the next start clears it."""
+    if (config.get("RestartPolicy") or {}).get("Name", "no") == "no":
+        return
+    transition(store, config["Id"], lambda recorded: None if recorded["Status"] == Status.CREATED
+               else recorded | {"StoppedByUser": True})
 
 
 def remove(store: Store, config: dict, force: bool) -> None:

@@ -26,7 +26,7 @@ import subprocess
 import sys
 
 from store import Store, StoreError
-from store.containers import LIVE, Status, container_dir, remove_container, transition
+from store.containers import LIVE, Status, container_dir, read_state, remove_container, transition
 from store.store import now_rfc3339
 
 from . import container_spec
@@ -173,8 +173,16 @@ def main(root: str, container_id: str, wait_attach: bool) -> int:
         config = json.load(f)
     import prctl
     prctl.set_name(supervisor_name(container_id))
-    state = transition(store, container_id, lambda recorded: claimed(recorded, container_id))
-    run_number = len(state.get("Runs", [])) + 1
+    transition(store, container_id, lambda recorded: claimed(recorded, container_id))
+    if (config.get("RestartPolicy") or {}).get("Name", "no") != "no":
+        return run_with_restarts(store, config, container_id, wait_attach)
+    return run_once(store, config, container_id, wait_attach)
+
+
+def run_once(store: Store, config: dict, container_id: str, wait_attach: bool) -> int:
+    """One run of the container's command, from namespaces to the recorded exit."""
+    cdir = container_dir(store, container_id)
+    run_number = len(read_state(store, container_id).get("Runs", [])) + 1
     rootfs = os.path.join(cdir, "rootfs")
     os.makedirs(rootfs, mode=0o700, exist_ok=True)
     runtime = os.path.join(cdir, "runtime")
@@ -249,6 +257,58 @@ def main(root: str, container_id: str, wait_attach: bool) -> int:
     if config.get("AutoRemove"):  # --rm: removed here, as dockerd does, also when detached
         remove_container(store, container_id)
     return 0
+
+
+def run_with_restarts(store: Store, config: dict, container_id: str, wait_attach: bool) -> int:
+    """--restart (runner.run_options): each run in a fork of this process, which has entered
+    no namespace and started no thread or event loop (safe to fork, as the zygote does);
+    between runs the policy and Docker's back-off. A stop or kill of the user's
+    (StoppedByUser), a start by another supervisor or the container's removal ends it."""
+    import signal
+    import time
+    import traceback
+    import prctl
+    from .run_options import restart_delay, should_restart
+    from .state import died
+    policy, delay = config["RestartPolicy"], 0.0
+    while True:
+        began = time.monotonic()
+        worker = os.fork()
+        if worker == 0:
+            code = 125
+            try:
+                prctl.set_pdeathsig(signal.SIGKILL)  # the container goes with its supervisor
+                code = run_once(store, config, container_id, wait_attach)
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                sys.stdout.flush()
+                sys.stderr.flush()
+                os._exit(code)
+        os.waitpid(worker, 0)
+        wait_attach = False  # (the client of the first run has had it)
+        try:
+            state = transition(store, container_id, lambda recorded: died(recorded)
+                               if recorded["Status"] in LIVE and recorded.get("SupervisorPid") == os.getpid() else None)
+            if not should_restart(policy, state.get("ExitCode", 0), state.get("RestartCount", 0),
+                                  bool(state.get("StoppedByUser"))):
+                return 0
+            delay = restart_delay(delay, time.monotonic() - began)
+            time.sleep(delay)
+            again = []
+
+            def restarted(recorded: dict) -> dict | None:
+                if recorded.get("StoppedByUser") or recorded["Status"] in LIVE or \
+                        recorded.get("SupervisorPid") != os.getpid():
+                    return None  # stopped meanwhile, or started by another supervisor
+                again.append(True)
+                return recorded | {"Status": Status.STARTING, "Pid": 0, "Error": "",
+                                   "RestartCount": recorded.get("RestartCount", 0) + 1}
+            transition(store, container_id, restarted)
+        except (OSError, StoreError):  # removed meanwhile
+            return 0
+        if not again:
+            return 0
 
 
 def claimed(recorded: dict, container_id: str) -> dict:
