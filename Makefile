@@ -19,7 +19,7 @@ APT_PACKAGES := fuse3 libfuse3-dev pkg-config libcap-dev busybox-static \
                 uidmap util-linux debootstrap \
                 fuse-overlayfs unionfs-fuse bubblewrap \
                 skopeo umoci docker-registry \
-                containerd podman
+                containerd podman tini
 STAMP        := $(VENV)/.installed
 
 .PHONY: all deps bytecode system-packages demo test clean

@@ -144,13 +144,22 @@ def print_audit(records: list[dict], out) -> None:
 # -- commit -----------------------------------------------------------------------------
 
 def committed_config(image_config: dict, container: dict) -> dict:
-    """The new image's config: the image's, with the container's command, env, workdir and user."""
+    """The new image's config: the image's, with the container's entrypoint, command, env,
+    workdir, user, labels and stop signal (as docker commit)."""
+    from .run_options import split_command
     cc = dict(image_config)
-    entrypoint = image_config.get("Entrypoint") or []
-    cmd = list(container["Cmd"])
-    if entrypoint and cmd[:len(entrypoint)] == entrypoint:
-        cmd = cmd[len(entrypoint):]
+    # the container's entrypoint (--entrypoint's, else the image's); one made before
+    # entrypoints were recorded ran the image's
+    entrypoint, cmd = split_command(container, image_config.get("Entrypoint"))
+    if entrypoint:
+        cc["Entrypoint"] = entrypoint
+    else:
+        cc.pop("Entrypoint", None)
     cc["Cmd"] = cmd
+    if container.get("Labels"):
+        cc["Labels"] = dict(container["Labels"])
+    if container.get("StopSignal"):
+        cc["StopSignal"] = container["StopSignal"]
     cc["Env"] = list(container.get("Env") or cc.get("Env") or [])
     for key in ("WorkingDir", "User"):
         if container.get(key):

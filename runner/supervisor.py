@@ -294,7 +294,13 @@ def run_with_restarts(store: Store, config: dict, container_id: str, wait_attach
                                   bool(state.get("StoppedByUser"))):
                 return 0
             delay = restart_delay(delay, time.monotonic() - began)
-            time.sleep(delay)
+            until = time.monotonic() + delay
+            while time.monotonic() < until:  # a stop, a start or rm meanwhile ends the wait
+                time.sleep(min(0.1, max(0.0, until - time.monotonic())))
+                now = read_state(store, container_id)
+                if now.get("StoppedByUser") or now.get("SupervisorPid") != os.getpid() or \
+                        not os.path.exists(os.path.join(container_dir(store, container_id), "config.json")):
+                    return 0
             again = []
 
             def restarted(recorded: dict) -> dict | None:

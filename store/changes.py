@@ -48,6 +48,7 @@ def parse_pairs(instruction: str, text: str) -> list[tuple[str, str]]:
 def apply_changes(config: dict, changes: list[str]) -> dict:
     """Return a copy of the OCI `config` object with each instruction applied in order."""
     cfg = copy.deepcopy(config)
+    cmd_set = False  # ENTRYPOINT resets an inherited CMD, as in a Dockerfile (not one set here)
     for change in changes:
         instruction, _, rest = change.strip().partition(" ")
         instruction = instruction.upper()
@@ -59,8 +60,11 @@ def apply_changes(config: dict, changes: list[str]) -> dict:
             raise StoreError(f"{instruction} requires an argument")
         if instruction == "CMD":
             cfg["Cmd"] = parse_command_form(rest)
+            cmd_set = True
         elif instruction == "ENTRYPOINT":
             cfg["Entrypoint"] = parse_command_form(rest)
+            if not cmd_set:
+                cfg["Cmd"] = None
         elif instruction == "ENV":
             env = [e for e in cfg.get("Env") or []]
             for key, value in parse_pairs("ENV", rest):
