@@ -43,10 +43,16 @@ def add_flags(p) -> None:
 
 
 def parse_signal(text: str, what: str) -> int:
-    """A signal by name (KILL, SIGKILL, case-insensitive) or number."""
+    """A signal by name (KILL, SIGKILL, RTMIN+3, case-insensitive) or number."""
     name = text.strip().upper()
-    number = int(name) if name.isascii() and name.isdigit() else \
-        getattr(signal, name if name.startswith("SIG") else "SIG" + name, None)
+    name = name if name.isdigit() or name.startswith("SIG") else "SIG" + name
+    base, sign, offset = name.replace("-", "+-").partition("+")
+    if name.isascii() and name.isdigit():
+        number = int(name)
+    elif sign and base in ("SIGRTMIN", "SIGRTMAX") and offset.lstrip("-").isdigit():
+        number = getattr(signal, base) + int(offset)
+    else:
+        number = getattr(signal, name, None)
     if not isinstance(number, int) or number not in signal.valid_signals() or number == 0:
         raise StoreError(f"{what}: invalid signal: {printable(text)}")
     return int(number)

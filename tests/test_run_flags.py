@@ -110,14 +110,20 @@ def test_restart_policies(cli):
     assert cli.ok("logs", "flaky").split() == ["1", "2", "3"]
     assert inspect(cli, "flaky")["State"]["ExitCode"] == 3
     assert inspect(cli, "flaky")["HostConfig"]["RestartPolicy"] == {"Name": "on-failure", "MaximumRetryCount": 2}
-    cli.ok("run", "-d", "--name", "loop", "--restart", "always", "busybox", "sh", "-c", "sleep 0.2; exit 0")
+    cli.ok("run", "-d", "--name", "loop", "--restart", "always", "busybox", "sh", "-c", "sleep 1; exit 0")
     wait_for(lambda: inspect(cli, "loop")["RestartCount"] >= 2, what="restarts after clean exits")
     cli.ok("stop", "loop")
     wait_for(lambda: not supervisors_of(cli.root), what="the supervisor to leave after the stop")
     count = inspect(cli, "loop")["RestartCount"]
     assert inspect(cli, "loop")["State"]["Status"] == "exited"
-    time.sleep(0.5)  # longer than the back-off then due: a restart would have happened
+    time.sleep(1)  # longer than the back-off then due: a restart would have happened
     assert inspect(cli, "loop")["RestartCount"] == count and inspect(cli, "loop")["State"]["Status"] == "exited"
+    cli.ok("start", "loop")  # the policy holds again, until a kill of the user's
+    wait_for(lambda: inspect(cli, "loop")["RestartCount"] >= 1 and inspect(cli, "loop")["State"]["Running"],
+             what="a restart after the start")
+    cli.ok("kill", "loop")
+    wait_for(lambda: not supervisors_of(cli.root), what="the supervisor to leave after the kill")
+    assert inspect(cli, "loop")["State"]["ExitCode"] == 137
 
 
 def test_labels_and_ps_filter(cli):
