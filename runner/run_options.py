@@ -16,8 +16,6 @@ import signal
 from store import StoreError
 from store.containers import printable
 
-from . import capabilities
-
 # Debian's tini (Docker's docker-init is tini): static, so it runs in any image
 INIT_BINARY = "/usr/bin/tini-static"
 # where a container sees it: on the container's /dev tmpfs, a mount of the sandbox's own,
@@ -141,6 +139,7 @@ def flag_keys(args, rootless: bool) -> dict:
     (StoreError: one line); the caller checks their text (runner.lifecycle.check_text)."""
     init, privileged = bool(flag(args, "init")), bool(flag(args, "privileged"))
     stop_signal, stop_timeout = flag(args, "stop_signal"), flag(args, "stop_timeout")
+    from . import capabilities  # (ctypes: only when a container is made, not for every command's parser)
     if init and not os.access(INIT_BINARY, os.X_OK):
         raise StoreError(f"--init: {INIT_BINARY} is missing (Debian package tini)")
     try:
@@ -189,6 +188,7 @@ def stop_timeout_of(config: dict, flag: float | None) -> float | None:
 
 def process_capabilities(config: dict) -> list[str]:
     """The capability set of the container's processes (its pid 1 and exec's)."""
+    from . import capabilities
     return capabilities.tweak(capabilities.DOCKER_DEFAULT, config.get("CapAdd") or [], config.get("CapDrop") or [],
                               bool(config.get("Privileged")))
 
