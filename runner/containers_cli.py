@@ -302,7 +302,8 @@ def cmd_kill(args, store: Store) -> int:
         raise UsageError(f"invalid signal: {args.signal}")
     for ref in args.containers:
         config = resolve_container(store, ref)
-        lifecycle.mark_stopped_by_user(store, config)
+        if sig in (signal.SIGKILL, run_options.stop_signal_of(config)):  # (a HUP to reload is no stop)
+            lifecycle.mark_stopped_by_user(store, config)
         lifecycle.signal_container(store, config, sig)
         print(ref)
     return 0
