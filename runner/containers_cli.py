@@ -361,7 +361,7 @@ def cmd_update(args, store: Store) -> int:
 def inspect_container(store: Store, config: dict) -> dict:
     state = current_state(store, config["Id"])
     cdir = container_dir(store, config["Id"])
-    return with_run_options(config, state, {"Id": config["Id"], "Name": "/" + config.get("Name", ""), "Created": config.get("Created"),
+    inspected = {"Id": config["Id"], "Name": "/" + config.get("Name", ""), "Created": config.get("Created"),
             "Image": config["Image"], "Path": (config.get("Cmd") or [""])[0], "Args": (config.get("Cmd") or [])[1:],
             "State": {"Status": state["Status"].value, "Running": state["Status"] == Status.RUNNING,
                       "Pid": lifecycle.container_init_pid(state["Pid"]) if state.get("Pid") else 0,
@@ -374,7 +374,8 @@ def inspect_container(store: Store, config: dict) -> dict:
                            "LogConfig": {"Type": "json-file", "Config": config.get("LogOpts", {})}},
             "GraphDriver": {"Name": "strata", "Data": {"UpperDir": os.path.join(cdir, "upper"),
                                                        "MergedDir": os.path.join(cdir, "rootfs")}},
-            "Mounts": [], "LogPath": logs.log_path(cdir), "Runs": state.get("Runs", [])})
+            "Mounts": [], "LogPath": logs.log_path(cdir), "Runs": state.get("Runs", [])}
+    return with_run_options(config, state, inspected)
 
 
 def with_run_options(config: dict, state: dict, obj: dict) -> dict:
