@@ -5,8 +5,9 @@ and --restart.
 Each is checked here before anything is written (a bad value: one line, exit 125, nothing
 stored) and becomes keys of the container's config (runner.lifecycle.create stores them);
 runner.container_spec makes the OCI spec from those keys, runner.lifecycle's stop reads
-StopSignal and StopTimeout, the supervisor RestartPolicy. No trio, no pyfuse3: the CLI
-imports this on every create.
+StopSignal and StopTimeout, the supervisor RestartPolicy. Every command builds the run
+parser (add_flags), so this imports nothing costly at the top (capabilities, with ctypes,
+only when a container is made).
 """
 from __future__ import annotations
 
