@@ -13,7 +13,7 @@ from store.containers import Status, container_dir, list_containers, resolve_con
 
 from . import fmt, lifecycle, logs, procfs, run_options
 from .errors import EXIT_FAILURE, UsageError, for_each, print_error
-from .state import current_state
+from .state import current_state, supervisor_alive
 
 
 def add_create_flags(p) -> None:
@@ -387,6 +387,8 @@ def with_run_options(config: dict, state: dict, obj: dict) -> dict:
                           "Privileged": bool(config.get("Privileged")), "Init": bool(config.get("Init")),
                           "RestartPolicy": config.get("RestartPolicy") or {"Name": "no", "MaximumRetryCount": 0}}
     obj["RestartCount"] = state.get("RestartCount", 0)
+    obj["State"]["Restarting"] = bool(state.get("Restarting")) and state["Status"] == Status.EXITED and \
+        supervisor_alive(state)  # (between runs, its supervisor waiting out the back-off)
     return obj
 
 

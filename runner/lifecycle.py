@@ -368,8 +368,10 @@ def start(store: Store, config: dict, wait_attach: bool, supervisor: Handoff | N
         if supervisor is not None:
             supervisor.abandon()
         return
-    if state.get("StoppedByUser") or state.get("RestartCount"):  # a start of the user's: the policy counts anew
-        transition(store, config["Id"], lambda recorded: recorded | {"StoppedByUser": False, "RestartCount": 0})
+    if state.get("StoppedByUser") or state.get("RestartCount") or state.get("Restarting"):
+        # a start of the user's: the policy counts anew (a supervisor waiting to restart leaves)
+        transition(store, config["Id"], lambda recorded: recorded | {"StoppedByUser": False, "RestartCount": 0,
+                                                                     "Restarting": False})
     cdir = container_dir(store, config["Id"])
     sock = os.path.join(cdir, "attach.sock")
     if os.path.exists(sock):  # left by a supervisor that died

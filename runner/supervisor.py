@@ -262,59 +262,83 @@ def run_once(store: Store, config: dict, container_id: str, wait_attach: bool) -
 def run_with_restarts(store: Store, config: dict, container_id: str, wait_attach: bool) -> int:
     """--restart (runner.run_options): each run in a fork of this process, which has entered
     no namespace and started no thread or event loop (safe to fork, as the zygote does);
-    between runs the policy and Docker's back-off. A stop or kill of the user's
-    (StoppedByUser), a start by another supervisor or the container's removal ends it."""
-    import signal
+    between runs the policy and Docker's back-off, the state marked Restarting. A stop or
+    kill of the user's (StoppedByUser), a start by another supervisor or the container's
+    removal ends it."""
     import time
-    import traceback
-    import prctl
     from .run_options import restart_delay, should_restart
     from .state import died
     policy, delay = config["RestartPolicy"], 0.0
     while True:
         began = time.monotonic()
-        worker = os.fork()
-        if worker == 0:
-            code = 125
-            try:
-                prctl.set_pdeathsig(signal.SIGKILL)  # the container goes with its supervisor
-                code = run_once(store, config, container_id, wait_attach)
-            except BaseException:
-                traceback.print_exc()
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
-        os.waitpid(worker, 0)
+        run_in_worker(store, config, container_id, wait_attach)
         wait_attach = False  # (the client of the first run has had it)
         try:
             state = transition(store, container_id, lambda recorded: died(recorded)
-                               if recorded["Status"] in LIVE and recorded.get("SupervisorPid") == os.getpid() else None)
+                               if recorded["Status"] in LIVE and ours(recorded) else None)
             if not should_restart(policy, state.get("ExitCode", 0), state.get("RestartCount", 0),
                                   bool(state.get("StoppedByUser"))):
                 return 0
             delay = restart_delay(delay, time.monotonic() - began)
-            until = time.monotonic() + delay
-            while time.monotonic() < until:  # a stop, a start or rm meanwhile ends the wait
-                time.sleep(min(0.1, max(0.0, until - time.monotonic())))
-                now = read_state(store, container_id)
-                if now.get("StoppedByUser") or now.get("SupervisorPid") != os.getpid() or \
-                        not os.path.exists(os.path.join(container_dir(store, container_id), "config.json")):
-                    return 0
-            again = []
-
-            def restarted(recorded: dict) -> dict | None:
-                if recorded.get("StoppedByUser") or recorded["Status"] in LIVE or \
-                        recorded.get("SupervisorPid") != os.getpid():
-                    return None  # stopped meanwhile, or started by another supervisor
-                again.append(True)
-                return recorded | {"Status": Status.STARTING, "Pid": 0, "Error": "",
-                                   "RestartCount": recorded.get("RestartCount", 0) + 1}
-            transition(store, container_id, restarted)
+            if not wait_to_restart(store, container_id, delay):
+                return 0
         except (OSError, StoreError):  # removed meanwhile
             return 0
+
+
+def ours(recorded: dict) -> bool:
+    """Is this process the container's supervisor still (a start may have made another)?"""
+    return recorded.get("SupervisorPid") == os.getpid()
+
+
+def run_in_worker(store: Store, config: dict, container_id: str, wait_attach: bool) -> None:
+    """run_once in a child that dies with this process (and the container with it)."""
+    import signal
+    import traceback
+    import prctl
+    worker = os.fork()
+    if worker == 0:
+        code = 125
+        try:
+            prctl.set_pdeathsig(signal.SIGKILL)
+            code = run_once(store, config, container_id, wait_attach)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    os.waitpid(worker, 0)
+
+
+def wait_to_restart(store: Store, container_id: str, delay: float) -> bool:
+    """Marked Restarting for `delay` seconds, then starting again (RestartCount one more);
+    False when a stop, a start or rm came meanwhile."""
+    import time
+
+    def stays_ours(recorded: dict) -> bool:
+        return not recorded.get("StoppedByUser") and recorded["Status"] not in LIVE and ours(recorded)
+    transition(store, container_id, lambda recorded: recorded | {"Restarting": True} if stays_ours(recorded) else None)
+    until, again = time.monotonic() + delay, []
+    try:
+        while time.monotonic() < until:  # polled: a stop, a start or rm ends the wait at once
+            time.sleep(min(0.1, max(0.0, until - time.monotonic())))
+            if not stays_ours(read_state(store, container_id)) or \
+                    not os.path.exists(os.path.join(container_dir(store, container_id), "config.json")):
+                return False
+
+        def restarted(recorded: dict) -> dict | None:
+            if not stays_ours(recorded):
+                return None
+            again.append(True)
+            return recorded | {"Status": Status.STARTING, "Pid": 0, "Error": "", "Restarting": False,
+                               "RestartCount": recorded.get("RestartCount", 0) + 1}
+        transition(store, container_id, restarted)
+        return bool(again)
+    finally:
         if not again:
-            return 0
+            transition(store, container_id, lambda recorded: recorded | {"Restarting": False}
+                       if recorded.get("Restarting") and ours(recorded) else None)
 
 
 def claimed(recorded: dict, container_id: str) -> dict:

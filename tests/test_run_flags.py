@@ -112,10 +112,11 @@ def test_restart_policies(cli):
     assert inspect(cli, "flaky")["HostConfig"]["RestartPolicy"] == {"Name": "on-failure", "MaximumRetryCount": 2}
     cli.ok("run", "-d", "--name", "loop", "--restart", "always", "busybox", "sh", "-c", "sleep 1; exit 0")
     wait_for(lambda: inspect(cli, "loop")["RestartCount"] >= 2, what="restarts after clean exits")
+    wait_for(lambda: inspect(cli, "loop")["State"]["Restarting"], what="the back-off between runs (0.4 s and up)")
     cli.ok("stop", "loop")
     wait_for(lambda: not supervisors_of(cli.root), what="the supervisor to leave after the stop")
     count = inspect(cli, "loop")["RestartCount"]
-    assert inspect(cli, "loop")["State"]["Status"] == "exited"
+    assert inspect(cli, "loop")["State"]["Status"] == "exited" and not inspect(cli, "loop")["State"]["Restarting"]
     time.sleep(1)  # longer than the back-off then due: a restart would have happened
     assert inspect(cli, "loop")["RestartCount"] == count and inspect(cli, "loop")["State"]["Status"] == "exited"
     cli.ok("start", "loop")  # the policy holds again, until a kill of the user's
