@@ -15,7 +15,9 @@ implementation of set-up. What is strata's own:
   after pivot_root (ANNOTATION_USER), and a user other than root keeps no
   capability, as in Docker;
 - the syscall filter is compiled once per profile into the store's cache
-  (ANNOTATION_SECCOMP_CACHE).
+  (ANNOTATION_SECCOMP_CACHE);
+- the run flags of runner.run_options change the capabilities, and
+  --privileged and --init the mounts, devices and args (apply_run_options).
 """
 from __future__ import annotations
 
