@@ -6,7 +6,6 @@ one place that turns an exception into that line and status.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -22,6 +21,7 @@ COMMANDS = ("import", "images", "history", "tag", "rmi", "inspect", "run", "crea
 COMMANDS += ("save", "load", "export")  # runner.images_cli
 COMMANDS += ("pull", "push", "login", "logout")  # runner.registry_cli
 COMMANDS += ("cp",)  # runner.cp_cli
+COMMANDS += ("volume",)  # runner.volumes_cli
 
 # argparse looks up a translation catalogue on disk for every help string it
 # stores (gettext); building the parser's 30 subcommands did ~80 such lookups,
@@ -220,10 +220,7 @@ def cmd_inspect(args, store: Store) -> int:
                 raise
             raise StoreError(f"No such object: {ref}") from None
     status = for_each(args.objects, inspect)
-    if args.format:
-        fmt.print_formatted(args.format, objects, sys.stdout)
-    else:
-        print(json.dumps(objects, indent=4))
+    fmt.print_inspected(args.format, objects, sys.stdout)
     return status
 
 
@@ -412,6 +409,7 @@ def build_parser(only: str | None = None) -> CliParser:
 
     p = add_parser("rm", help="remove containers", description="Remove containers and their layers.")
     p.add_argument("-f", "--force", action="store_true", help="stop running containers first")
+    p.add_argument("-v", "--volumes", action="store_true", help="remove the containers' anonymous volumes too")
     p.add_argument("containers", metavar="CONTAINER", nargs="+")
     p.set_defaults(func=cc.cmd_rm)
 
@@ -533,6 +531,9 @@ def build_parser(only: str | None = None) -> CliParser:
     if only in (None, "cp"):
         from .cp_cli import add_parser as add_cp_parser
         add_cp_parser(add_parser)
+    if only in (None, "volume"):
+        from .volumes_cli import add_parsers as add_volume_parsers
+        add_volume_parsers(add_parser)
     return parser
 
 

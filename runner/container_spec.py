@@ -25,6 +25,7 @@ import os
 import stat
 
 from . import capabilities
+from . import oci_mounts
 from . import ocispec
 from . import run_options
 from . import seccomp
@@ -102,13 +103,16 @@ def build(config: dict, rootfs: str, runtime_dir: str, rootless: bool, store_roo
         "hostname": config["Hostname"],
         "process": process(config["Cmd"], config["Env"], config.get("WorkingDir"), bool(config.get("Tty")),
                            sec["noNewPrivileges"]),
-        "mounts": mounts(runtime_dir, network == "none" or not rootless),
+        "mounts": with_user_mounts(mounts(runtime_dir, network == "none" or not rootless),
+                                   user_mounts(config, store_root)),
         "linux": {"namespaces": namespaces, "maskedPaths": list(MASKED_PATHS),
                   "readonlyPaths": list(READONLY_PATHS)},
         "annotations": {ANNOTATION_SECCOMP_CACHE: sec["cache"]},
     }
     if sec["seccomp"] is not None:
         spec["linux"]["seccomp"] = sec["seccomp"]
+    if config.get("ReadonlyRootfs"):  # (after every mount: the mount points are made first)
+        spec["root"]["readonly"] = True
     if config.get("User"):
         spec["annotations"][ANNOTATION_USER] = config["User"]
     apply_run_options(spec, config)
@@ -172,6 +176,45 @@ def host_devices(top: str = "/dev") -> list[dict]:
                               "major": os.major(st.st_rdev), "minor": os.minor(st.st_rdev),
                               "fileMode": stat.S_IMODE(st.st_mode), "uid": st.st_uid, "gid": st.st_gid})
     return sorted(found, key=lambda d: d["path"])
+# -- the container's own mounts: -v, --mount, --tmpfs (runner.mounts stores them) -----------
+#
+# Binds and volumes are recursive binds, nosuid and nodev unless the mount point's Options
+# clear that (suid, dev); a volume's source is its directory in the store, with `copyup`
+# (runner.oci_mounts) unless nocopy was asked. tmpfs mounts are nosuid, nodev, noexec.
+# They join strata's own, parents before children (Docker sorts them by depth), and one
+# on a destination of strata's (/dev/shm, /etc/hosts) takes its place.
+BIND_DEFAULTS = ["nosuid", "nodev"]
+TMPFS_DEFAULTS = ["nosuid", "nodev", "noexec"]
+
+
+def user_mount(point: dict, store_root: str) -> dict:
+    access = "rw" if point.get("RW", True) else "ro"
+    options = list(point.get("Options") or ())
+    if point["Type"] == "tmpfs":
+        return {"destination": point["Destination"], "type": "tmpfs", "source": "tmpfs",
+                "options": TMPFS_DEFAULTS + [access] + options}
+    if point["Type"] == "volume":
+        source = os.path.join(store_root, "volumes", point["Name"], "_data")
+        extra = [oci_mounts.COPY_UP] if point.get("CopyUp", True) else []
+    else:
+        source, extra = point["Source"], []
+    bind = "bind" if point.get("NonRecursive") else "rbind"
+    return {"destination": point["Destination"], "type": "bind", "source": source,
+            "options": [bind] + BIND_DEFAULTS + [access] + options + [point.get("Propagation") or "rprivate"] + extra}
+
+
+def user_mounts(config: dict, store_root: str) -> list[dict]:
+    return [user_mount(p, store_root) for p in config.get("Mounts") or ()]
+
+
+def with_user_mounts(defaults: list[dict], own: list[dict]) -> list[dict]:
+    """All of them, parents before children (a stable sort by depth: a volume on /etc goes
+    under the /etc/hosts bind, not over it)."""
+    if not own:
+        return defaults
+    taken = {m["destination"] for m in own}
+    merged = [m for m in defaults if m["destination"] not in taken] + own
+    return sorted(merged, key=lambda m: m["destination"].rstrip("/").count("/"))
 
 
 def resolve_process_user(process: dict, user: str | None, resolve) -> None:

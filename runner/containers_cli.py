@@ -32,6 +32,8 @@ def add_create_flags(p) -> None:
     p.add_argument("--security-opt", action="append", metavar="OPT",
                    help=lifecycle.SECURITY_OPT_HELP)
     run_options.add_flags(p)
+    from .mounts import add_volume_flags
+    add_volume_flags(p)
     p.add_argument("image", metavar="IMAGE")
     p.add_argument("command", metavar="COMMAND", nargs=argparse.REMAINDER)
 
@@ -106,7 +108,7 @@ def cmd_run(args, store: Store) -> int:
     try:
         lifecycle.start(store, config, wait_attach=not args.detach, supervisor=supervisor)
     except StoreError:
-        lifecycle.remove(store, config, force=True)
+        lifecycle.remove(store, config, force=True, volumes=True)
         raise
     if args.detach:
         print(config["Id"])
@@ -121,7 +123,7 @@ def cmd_run(args, store: Store) -> int:
         print_error(error)
     if args.rm and not supervisor.alive() and os.path.exists(os.path.join(container_dir(store, config["Id"]),
                                                                           "config.json")):
-        lifecycle.remove(store, config, force=True)  # the supervisor failed before it could
+        lifecycle.remove(store, config, force=True, volumes=True)  # the supervisor failed before it could
     return code
 
 
@@ -319,7 +321,7 @@ def cmd_wait(args, store: Store) -> int:
 
 def cmd_rm(args, store: Store) -> int:
     def remove(ref: str) -> None:
-        lifecycle.remove(store, resolve_container(store, ref), args.force)
+        lifecycle.remove(store, resolve_container(store, ref), args.force, getattr(args, "volumes", False))
         print(ref)
     return for_each(args.containers, remove)
 
@@ -359,6 +361,7 @@ def cmd_update(args, store: Store) -> int:
 
 
 def inspect_container(store: Store, config: dict) -> dict:
+    from . import mounts
     state = current_state(store, config["Id"])
     cdir = container_dir(store, config["Id"])
     inspected = {"Id": config["Id"], "Name": "/" + config.get("Name", ""), "Created": config.get("Created"),
@@ -371,10 +374,12 @@ def inspect_container(store: Store, config: dict) -> dict:
                                                    "WorkingDir")} | {"Image": config.get("ImageRef")},
             "HostConfig": {"NetworkMode": config.get("NetworkMode"), "AutoRemove": config.get("AutoRemove"),
                            "SecurityOpt": config.get("SecurityOpt"),
-                           "LogConfig": {"Type": "json-file", "Config": config.get("LogOpts", {})}},
+                           "LogConfig": {"Type": "json-file", "Config": config.get("LogOpts", {})}}
+            | mounts.inspect_host_config(config),
             "GraphDriver": {"Name": "strata", "Data": {"UpperDir": os.path.join(cdir, "upper"),
                                                        "MergedDir": os.path.join(cdir, "rootfs")}},
-            "Mounts": [], "LogPath": logs.log_path(cdir), "Runs": state.get("Runs", [])}
+            "Mounts": mounts.inspect_mounts(store, config), "LogPath": logs.log_path(cdir),
+            "Runs": state.get("Runs", [])}
     return with_run_options(config, state, inspected)
 
 

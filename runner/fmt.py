@@ -198,3 +198,11 @@ def print_formatted(fmt: str, objects: list[dict], out, fields: tuple[str, ...] 
         print_table(rows[0], rows[1:], out)
         return
     out.write("".join(render_template(fmt, obj) + "\n" for obj in objects))
+
+
+def print_inspected(fmt: str | None, objects: list[dict], out) -> None:
+    """`inspect`'s output: the objects as one indented JSON array, or each by --format."""
+    if fmt:
+        print_formatted(fmt, objects, out)
+    else:
+        out.write(json.dumps(objects, indent=4) + "\n")

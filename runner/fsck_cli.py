@@ -88,6 +88,8 @@ def cmd_fsck(args, store: Store) -> int:
         images = StoreCheck(store)
         report.take(images.findings())
         report.take(container_findings(store, images.unusable, args.repair))
+        from store.volumes import fsck_findings as volume_findings
+        report.take(volume_findings(store))
     print(report.summary())
     return 0 if report.left == 0 else 1
 

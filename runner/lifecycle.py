@@ -222,6 +222,10 @@ def create(store: Store, args) -> dict:
     run_flags = run_options.flag_keys(args, os.geteuid() != 0)
     check_command([run_options.flag(args, "entrypoint") or ""], "--entrypoint")
     check_command([f"{key}={value}" for key, value in run_flags["Labels"].items()], "--label")
+    from . import mounts
+    for attribute, flag in mounts.FLAGS:
+        check_command(getattr(args, attribute, None) or [], flag)
+    mount_flags = mounts.parse_flags(args)
     image_id = resolve_with_base(store, args.image)
     image_config = store.image_config(image_id).get("config", {})
     run_keys = run_options.image_keys(args, run_flags, image_config)
@@ -236,7 +240,13 @@ def create(store: Store, args) -> dict:
              "LogOpts": log_opts, "DetachKeys": args.detach_keys or "",
              "ImageRef": args.image} | security | run_flags | run_keys
     extra["Hostname"] = args.hostname  # None: create_container names it after the id, as Docker does
-    return create_container(store, image_id, name, extra)
+    mount_flags = mounts.with_image_volumes(mount_flags, image_config)
+    made = mounts.prepare_sources(store, mount_flags.get("Mounts") or [])  # volumes get their names
+    try:
+        return create_container(store, image_id, name, extra | mount_flags)
+    except BaseException:
+        mounts.undo_volumes(store, made)
+        raise
 
 
 class Handoff:
@@ -372,6 +382,9 @@ def start(store: Store, config: dict, wait_attach: bool, supervisor: Handoff | N
         # a start of the user's: the policy counts anew (a supervisor waiting to restart leaves)
         transition(store, config["Id"], lambda recorded: recorded | {"StoppedByUser": False, "RestartCount": 0,
                                                                      "Restarting": False})
+    if config.get("Mounts"):
+        from .mounts import ensure_sources
+        ensure_sources(store, config)
     cdir = container_dir(store, config["Id"])
     sock = os.path.join(cdir, "attach.sock")
     if os.path.exists(sock):  # left by a supervisor that died
@@ -590,7 +603,8 @@ def mark_stopped_by_user(store: Store, config: dict) -> None:
                else recorded | {"StoppedByUser": True})
 
 
-def remove(store: Store, config: dict, force: bool) -> None:
+def remove(store: Store, config: dict, force: bool, volumes: bool = False) -> None:
+    """`volumes`: its anonymous volumes too (rm -v, --rm)."""
     state = current_state(store, config["Id"])
     if state["Status"] in (Status.RUNNING, Status.PAUSED):
         if not force:
@@ -603,6 +617,10 @@ def remove(store: Store, config: dict, force: bool) -> None:
         if any(line.split()[4] == rootfs for line in f):  # a dead supervisor's FUSE mount
             subprocess.run(["fusermount3", "-u", "-z", rootfs], capture_output=True)
     remove_container(store, config["Id"])
+    if volumes:
+        from store.volumes import remove_anonymous_volumes
+        from .mounts import remove_mapped
+        remove_anonymous_volumes(store, config, remove_mapped)
 
 
 def describe_command(cmd: list[str]) -> str:

@@ -12,6 +12,9 @@ symlinks never lead out) and every mount goes onto the resolved fd
   (what /proc/self/mountinfo of a runc container shows); on v2 it is cgroup2.
 - mknod is refused in a user namespace: devices are bind mounts of the host's
   there, as runc does.
+- A bind with strata's `copyup` option (a volume's: runner.container_spec) first gets
+  what the root has at the destination, when its source is empty, as Docker fills a
+  new volume; the copy reads the root by fd and never follows its symlinks.
 """
 from __future__ import annotations
 
@@ -32,6 +35,9 @@ DEFAULT_DEVICES = {"/dev/null": (1, 3), "/dev/zero": (1, 5), "/dev/full": (1, 7)
 DEV_LINKS = {"/dev/fd": "/proc/self/fd", "/dev/stdin": "/proc/self/fd/0", "/dev/stdout": "/proc/self/fd/1",
              "/dev/stderr": "/proc/self/fd/2", "/dev/ptmx": "pts/ptmx"}
 DEVICE_TYPES = {"c": stat.S_IFCHR, "u": stat.S_IFCHR, "b": stat.S_IFBLK, "p": stat.S_IFIFO}
+
+
+COPY_UP = "copyup"
 
 
 class MountError(OSError):
@@ -127,6 +133,8 @@ def mount_one(root_fd: int, m: dict, bundle: str) -> None:
     try:
         target = f"/proc/self/fd/{fd}"
         if bind:
+            if COPY_UP in data:
+                copy_up(fd, source)
             sc.mount(source, target, None, flags & (MS_BIND | MS_REC))
         elif kind == "cgroup":
             _mount_cgroup(root_fd, destination, target, flags)
@@ -147,6 +155,89 @@ def mount_one(root_fd: int, m: dict, bundle: str) -> None:
             sc.mount(None, f"/proc/self/fd/{mounted}", None, propagation)
         finally:
             os.close(mounted)
+
+
+def copy_up(target_fd: int, source: str) -> None:
+    """What the root has under the O_PATH fd `target_fd` copied into the directory
+    `source` when that is empty (a volume's first mount): directories, files and
+    symlinks with their owners (where this namespace maps them), modes without setuid
+    and setgid (invariant 4: no setuid file is made on the host), times; other kinds are
+    left out. Iterative, one directory fd on each side at a time."""
+    from store.fsutil import DIR_FLAGS, open_long_dir_beneath, walk_host_dirs
+    try:
+        into_top = os.open(source, DIR_FLAGS)
+    except NotADirectoryError:
+        return  # a file bound on a file: nothing to fill
+    try:
+        if os.listdir(into_top):
+            return
+        try:
+            from_top = os.open(f"/proc/self/fd/{target_fd}", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except NotADirectoryError:
+            return
+        try:
+            _copy_attributes(into_top, os.fstat(from_top))  # the mount point's own, as Docker's copy
+            for relpath, from_dir in walk_host_dirs(from_top, one_file_system=True):
+                into_dir = open_long_dir_beneath(into_top, os.fsencode(relpath)) if relpath else os.dup(into_top)
+                try:
+                    _copy_entries(from_dir, into_dir)
+                finally:
+                    os.close(into_dir)
+        finally:
+            os.close(from_top)
+    finally:
+        os.close(into_top)
+
+
+def _chown_if_mapped(target, uid: int, gid: int, **kw) -> None:
+    try:
+        os.chown(target, uid, gid, **kw)
+    except OSError as e:  # an id this user namespace does not map: it stays root's
+        if e.errno not in (errno.EINVAL, errno.EPERM):
+            raise
+
+
+def _copy_attributes(fd: int, st: os.stat_result) -> None:
+    """Owner, mode (no setuid, no setgid) and times of an open directory or file."""
+    _chown_if_mapped(fd, st.st_uid, st.st_gid)
+    os.chmod(fd, stat.S_IMODE(st.st_mode) & ~(stat.S_ISUID | stat.S_ISGID))
+    os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def _copy_entries(from_dir: int, into_dir: int) -> None:
+    with os.scandir(from_dir) as it:
+        entries = [(e.name, e.stat(follow_symlinks=False)) for e in it]
+    for name, st in entries:
+        if stat.S_ISDIR(st.st_mode):
+            os.mkdir(name, 0o700, dir_fd=into_dir)
+            fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=into_dir)
+            try:
+                _copy_attributes(fd, st)
+            finally:
+                os.close(fd)
+        elif stat.S_ISLNK(st.st_mode):
+            os.symlink(os.readlink(name, dir_fd=from_dir), name, dir_fd=into_dir)
+            _chown_if_mapped(name, st.st_uid, st.st_gid, dir_fd=into_dir, follow_symlinks=False)
+            os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=into_dir, follow_symlinks=False)
+        elif stat.S_ISREG(st.st_mode):
+            src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=from_dir)
+            try:
+                dst = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                              dir_fd=into_dir)
+                try:
+                    while True:
+                        chunk = os.read(src, 1 << 20)
+                        if not chunk:
+                            break
+                        view = memoryview(chunk)
+                        while view:
+                            view = view[os.write(dst, view):]
+                    _copy_attributes(dst, st)
+                finally:
+                    os.close(dst)
+            finally:
+                os.close(src)
+        # devices, fifos and sockets are not made on the host
 
 
 def cgroup_hierarchies() -> list[tuple[str, str]]:
