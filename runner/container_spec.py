@@ -17,7 +17,9 @@ implementation of set-up. What is strata's own:
 - the syscall filter is compiled once per profile into the store's cache
   (ANNOTATION_SECCOMP_CACHE);
 - the run flags of runner.run_options change the capabilities, and
-  --privileged and --init the mounts, devices and args (apply_run_options).
+  --privileged and --init the mounts, devices and args (apply_run_options);
+- -v, --mount and --tmpfs (runner.mounts) add binds, volumes and tmpfs
+  mounts (user_mounts), and --read-only makes the root read-only.
 """
 from __future__ import annotations
 
