@@ -150,14 +150,19 @@ def tighten_tree(path: str, keep=lambda relpath: False) -> None:
 def remove_tree(path: str) -> None:
     """Remove a directory tree we own, even where modes forbid it (e.g. 0555 dirs)."""
     import shutil
-    def make_writable_and_retry(func, p, _exc):
+    def make_writable_and_retry(func, p, exc_info):
         parent = os.path.dirname(p)
         with contextlib.suppress(OSError):
             os.chmod(parent, stat.S_IRWXU)
         with contextlib.suppress(OSError):
             if os.path.isdir(p) and not os.path.islink(p):
                 os.chmod(p, stat.S_IRWXU)
-        func(p)
+        if func in (os.unlink, os.rmdir):
+            func(p)
+        elif os.access(p, os.R_OK | os.W_OK | os.X_OK):  # a directory rmtree could not read (os.open,
+            shutil.rmtree(p, onerror=make_writable_and_retry)  # os.scandir), readable now
+        else:
+            raise exc_info[1]
 
     if not os.path.lexists(path):
         return

@@ -162,3 +162,37 @@ def test_changes():
                    "Labels": {"k": "v"}, "ExposedPorts": {"80/tcp": {}}}
     with pytest.raises(StoreError, match="unsupported change instruction 'RUN'"):
         apply_changes({}, ["RUN rm -rf /"])
+
+
+UNREADABLE_TREE = """
+import os, sys
+from store.fsutil import remove_tree
+top = sys.argv[1]
+os.makedirs(f"{top}/a/locked/deep")
+open(f"{top}/a/locked/deep/f", "w").close()
+os.makedirs(f"{top}/a/readonly")
+open(f"{top}/a/readonly/g", "w").close()
+os.chmod(f"{top}/a/locked/deep", 0)
+os.chmod(f"{top}/a/locked", 0)
+os.chmod(f"{top}/a/readonly", 0o555)
+remove_tree(f"{top}/a")
+print(os.listdir(top))
+"""
+
+
+def test_remove_tree_takes_directories_its_owner_made_unreadable(unprivileged_python, tmp_path):
+    """A user's tree with 0000 and 0555 directories in it (as a container leaves a volume or a
+    layer) goes whole: rmtree's open of an unreadable directory is retried once it is made
+    readable (it used to call os.open without flags: a TypeError). As nobody: root reads all."""
+    import subprocess
+    import tempfile
+    interpreter, pythonpath = unprivileged_python
+    top = tempfile.mkdtemp(prefix="strata-remove-", dir="/tmp")
+    try:
+        os.chown(top, 65534, 65534)
+        proc = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "env",
+                               f"PYTHONPATH={pythonpath}", interpreter, "-c", UNREADABLE_TREE, top],
+                              capture_output=True, text=True, cwd="/", timeout=60)
+        assert proc.returncode == 0 and proc.stdout == "[]\n", proc.stderr
+    finally:
+        subprocess.run(["rm", "-rf", top], check=True)
