@@ -619,6 +619,7 @@ def serve_for_copier(store: Store, config: dict, work, keep, result_w: int, comm
                 if os.read(sync_r, 1) != b"1":
                     os._exit(1)  # the server failed: it says why
                 os.close(sync_r)
+                mount_volumes(store.root, config, rootfs)
                 os.chroot(rootfs)
                 os.chdir("/")
             run_copier(enter, work, keep, result_w, comm)
@@ -635,6 +636,23 @@ def serve_for_copier(store: Store, config: dict, work, keep, result_w: int, comm
         os.write(result_w, (text + "\n").encode())
     finally:
         os._exit(code)
+
+
+def mount_volumes(store_root: str, config: dict, rootfs: str) -> None:
+    """The stopped container's binds and volumes on its view, where it has them when it
+    runs, so that a copy to or from them goes where docker cp's would (a --tmpfs path
+    holds nothing while the container is stopped: what is under it is the layer's). The
+    targets resolve inside the view (runner.inroot), as at a start."""
+    from . import container_spec, oci_mounts
+    binds = [m for m in container_spec.user_mounts(config, store_root) if m["type"] == "bind"]
+    if not binds:
+        return
+    root_fd = os.open(rootfs, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for m in sorted(binds, key=lambda m: m["destination"].rstrip("/").count("/")):
+            oci_mounts.mount_one(root_fd, m, "/")
+    finally:
+        os.close(root_fd)
 
 
 def serve_until_exit(store: Store, config: dict, rootfs: str, child: int, sync_w: int) -> int:

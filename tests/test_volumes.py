@@ -264,3 +264,29 @@ def test_volumes_that_other_users_of_the_container_filled_are_removed_whole(cli)
     cli.ok("volume", "rm", "owned")
     assert not {"owned", anonymous} & volume_names(cli)
     assert not [n for n in os.listdir(os.path.join(cli.root, "tmp")) if n.startswith("trash-")]
+
+
+def test_cp_reaches_a_containers_volumes_running_or_stopped(cli):
+    """strata cp to and from a volume path goes into the volume, as docker cp does, whether
+    the container runs or not (a stopped one's view has its volumes mounted for the copy),
+    and a read-only bind stays read-only to it."""
+    source = host_dir(cli, "cp-src", {"f": "copied\n"})
+    ro = host_dir(cli, "cp-ro", {"keep": "k\n"})
+    cli.ok("create", "--name", "cpvol", "-v", "cpvol:/data", "-v", f"{ro}:/ro:ro", "busybox", "sleep", "600")
+    cli.ok("cp", os.path.join(source, "f"), "cpvol:/data/stopped")
+    assert open(os.path.join(volume_data(cli, "cpvol"), "stopped")).read() == "copied\n"
+    refused = cli("cp", os.path.join(source, "f"), "cpvol:/ro/x")
+    assert refused.returncode == 125 and b"read-only" in refused.stderr.lower(), refused.stderr
+    assert not os.path.exists(os.path.join(ro, "x"))
+    out = host_dir(cli, "cp-out")
+    cli.ok("cp", "cpvol:/ro/keep", out)
+    assert open(os.path.join(out, "keep")).read() == "k\n"
+    cli.ok("start", "cpvol")
+    try:
+        cli.ok("cp", os.path.join(source, "f"), "cpvol:/data/running")
+        assert cli.ok("exec", "cpvol", "cat", "/data/stopped", "/data/running") == "copied\ncopied\n"
+        diff = cli.ok("diff", "cpvol").splitlines()
+        assert not [line for line in diff if line.startswith(("A /data/", "C /data/"))], diff
+    finally:
+        cli.ok("rm", "-f", "-v", "cpvol")
+    cli.ok("volume", "rm", "cpvol")
