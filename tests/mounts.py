@@ -29,12 +29,14 @@ def drop_caches(what: int = 3) -> None:
         f.write(f"{what}\n")
 
 
-def wait_for(predicate, timeout: float = 20.0, what: str = "condition") -> None:
+def wait_for(predicate, timeout: float = 20.0, what: str = "condition"):
+    """The predicate's first true value, polled until `timeout`."""
     deadline = time.monotonic() + timeout
-    while not predicate():
+    while not (value := predicate()):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.01)
+    return value
 
 
 @contextlib.contextmanager

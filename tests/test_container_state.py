@@ -47,8 +47,11 @@ def test_the_exit_record_and_a_concurrent_pause_do_not_lose_each_other(root):
     over the exit record, and ps reported the container dead of its supervisor: 255.)"""
     cid = ok(root, "run", "-d", "--name", "racing", "busybox", "sleep", "1000").strip()
     supervisor, relay = recorded(root, cid)["SupervisorPid"], recorded(root, cid)["Pid"]
-    with open(f"/proc/{relay}/task/{relay}/children") as f:
-        pid1 = int(f.read().split()[0])
+    def relays_child() -> int | None:  # (run -d may return before the relay has forked it)
+        with open(f"/proc/{relay}/task/{relay}/children") as f:
+            children = f.read().split()
+        return int(children[0]) if children else None
+    pid1 = wait_for(relays_child, what="the container's pid 1")
 
     def pause_that_takes_its_time(state: dict) -> dict:
         assert state["Status"] == "running"
