@@ -60,32 +60,55 @@ def attach(sock_path: str, with_stdin: bool, tty: bool, detach_keys: bytes, forw
         os.close(dir_fd)
     stdin_fd = sys.stdin.fileno() if with_stdin else None
     old_handlers = {}
+    resized_r = resized_w = -1
     try:
         with terminal.raw_mode(stdin_fd if tty else None) as raw:
             if tty:
+                # the handler only wakes the relay, which sends the size: a frame sent from
+                # the handler could land inside one the relay is sending. Installed before
+                # the first size is read, so no change falls between the two.
+                resized_r, resized_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+                old_handlers[signal.SIGWINCH] = signal.signal(signal.SIGWINCH, lambda *_: _wake(resized_w))
                 send_frame(sock, RESIZE, terminal_size())
-                old_handlers[signal.SIGWINCH] = signal.signal(
-                    signal.SIGWINCH, lambda *_: send_frame(sock, RESIZE, terminal_size()))
             if forward_signal is not None and not raw:
                 for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2):
                     old_handlers[sig] = signal.signal(sig, lambda s, _f: forward_signal(s))
-            return _relay(sock, stdin_fd, detach_keys if (with_stdin and tty) else b"")
+            return _relay(sock, stdin_fd, detach_keys if (with_stdin and tty) else b"", resized_r)
     finally:
         for sig, handler in old_handlers.items():
             signal.signal(sig, handler)
+        for fd in (resized_r, resized_w):
+            if fd >= 0:
+                os.close(fd)
         sock.close()
 
 
-def _relay(sock: socket.socket, stdin_fd: int | None, detach_keys: bytes):
+def _wake(fd: int) -> None:
+    try:
+        os.write(fd, b"w")
+    except BlockingIOError:  # already awake
+        pass
+
+
+def _relay(sock: socket.socket, stdin_fd: int | None, detach_keys: bytes, resized_fd: int = -1):
     sel = selectors.PollSelector()  # poll, not epoll: stdin may be a regular file
     sel.register(sock, selectors.EVENT_READ, "sock")
+    if resized_fd >= 0:
+        sel.register(resized_fd, selectors.EVENT_READ, "resized")
     if stdin_fd is not None:
         sel.register(stdin_fd, selectors.EVENT_READ, "stdin")
     buf = b""
     matched = 0
     while True:
         for key, _ in sel.select():
-            if key.data == "stdin":
+            if key.data == "resized":
+                while True:
+                    try:
+                        os.read(resized_fd, 64)
+                    except BlockingIOError:
+                        break
+                send_frame(sock, RESIZE, terminal_size())
+            elif key.data == "stdin":
                 data = os.read(stdin_fd, 65536)
                 if not data:
                     sel.unregister(stdin_fd)

@@ -584,8 +584,8 @@ def relay_terminal(master: int, child: int) -> None:
 
     def resize(*_):
         terminal.set_window_size(master, *terminal.window_size(1))
+    old = signal.signal(signal.SIGWINCH, resize)  # before the first size: no change falls between
     resize()
-    old = signal.signal(signal.SIGWINCH, resize)
     sel = selectors.DefaultSelector()
     sel.register(master, selectors.EVENT_READ)
     sel.register(0, selectors.EVENT_READ)
