@@ -210,6 +210,7 @@ class Stack:
             self.ready_fd = -1
         if not pid.strip():
             self.stop()
+            self.reap()
             raise NetworkError(f"pasta failed: {self.failure()}")
 
     def failure(self) -> str:
@@ -223,17 +224,21 @@ class Stack:
         return lines[-1] if lines else f"exit status {code}" if code is not None else "no answer"
 
     def stop(self) -> None:
-        """pasta gone (its namespace fd with it); called when the container has exited."""
+        """Tell pasta to go; called when the container has exited. Its exit takes ~15 ms
+        (the kernel unregistering the tap device), so it is reaped after the exit is
+        recorded: `run` then `start` at once would find the container still running."""
         if self.ready_fd >= 0:
             os.close(self.ready_fd)
             self.ready_fd = -1
         if self.process.poll() is None:
             self.process.terminate()
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+
+    def reap(self) -> None:
+        try:
+            self.process.wait(5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
 
 
 # -- strata port ------------------------------------------------------------------------
