@@ -267,14 +267,14 @@ def run_once(store: Store, config: dict, container_id: str, wait_attach: bool) -
             stack.stop()
     transition(store, container_id, lambda recorded: exited(recorded, run, exit_code, error) |
                {"SupervisorPeakRSSKiB": peak_rss_kib()})
-    if stack is not None:
-        stack.reap()
     if config.get("AutoRemove"):  # --rm: removed here, as dockerd does, also when detached
         remove_container(store, container_id)
         if config.get("Mounts"):  # and its anonymous volumes, as Docker's --rm (deleted as root
             # of the user namespace, which maps the ids the container's users left in them)
             from store.volumes import remove_anonymous_volumes
             remove_anonymous_volumes(store, config)
+    if stack is not None:
+        stack.reap()
     return 0
 
 
