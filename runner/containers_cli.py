@@ -239,7 +239,8 @@ def cmd_ps(args, store: Store) -> int:
                "Command": short_command(config.get("Cmd", [])),
                "CreatedAt": fmt.docker_time(config.get("Created", "")),
                "RunningFor": fmt.since(config.get("Created", "")), "Status": status_text(state),
-               "State": state["Status"].value, "Names": config.get("Name", ""), "Ports": ""}
+               "State": state["Status"].value, "Names": config.get("Name", ""),
+               "Ports": network.ps_ports(config, state["Status"] == Status.RUNNING)}
         if not matches_filters(args.filter or [], config, state, store):
             continue
         rows.append(obj)

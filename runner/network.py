@@ -132,6 +132,12 @@ def settings(mode: str, bindings: list[dict], running: bool) -> dict:
             "Gateway": GATEWAY if private else ""}
 
 
+def ps_ports(config: dict, running: bool) -> str:
+    """ps's PORTS column, as Docker's: 0.0.0.0:8080->80/tcp, ..."""
+    ports = settings(config.get("NetworkMode"), config.get("PortBindings") or [], running)["Ports"]
+    return ", ".join(f"{b['HostIp']}:{b['HostPort']}->{key}" for key, published in ports.items() for b in published)
+
+
 def runtime_files(mode: str, hostname: str, host_resolv: str) -> dict:
     """/etc/hosts and /etc/resolv.conf for a private network (none otherwise): the
     host's resolver is out of reach inside (it may be on the host's loopback), so the

@@ -157,6 +157,8 @@ def test_published_ports_inspect_port_and_pasta_lives_with_the_container(strata)
     assert strata.ok("port", "web").splitlines() == [f"8080/tcp -> 0.0.0.0:{tcp}", f"8081/tcp -> 127.0.0.1:{tcp_local}",
                                                      f"53/udp -> 0.0.0.0:{udp}"]
     assert strata.ok("port", "web", "8081") == f"127.0.0.1:{tcp_local}\n"
+    assert strata.ok("ps", "--format", "{{.Ports}}") == (f"0.0.0.0:{tcp}->8080/tcp, 127.0.0.1:{tcp_local}->8081/tcp, "
+                                                         f"0.0.0.0:{udp}->53/udp\n")
 
     pidfd = os.pidfd_open(pasta_of(strata.root))
     try:
@@ -198,3 +200,14 @@ def test_network_flags_and_a_missing_stack(root):
     assert json.loads(run_strata(root, "inspect", cid).stdout)[0]["HostConfig"]["NetworkMode"] == "host"
     cid = run_strata(root, "create", "busybox", "true", check=True).stdout.decode().strip()
     assert json.loads(run_strata(root, "inspect", cid).stdout)[0]["HostConfig"]["NetworkMode"] == "bridge"
+
+
+def test_resolv_conf_and_hosts_of_the_private_network():
+    """The host's nameservers (unreachable inside: 127.0.0.53, say) give way to pasta's
+    forwarder; its search and options lines stay; host and none keep the host's files."""
+    from runner import network
+    files = network.runtime_files("bridge", "box", "nameserver 127.0.0.53\nsearch example.org\noptions edns0\n")
+    assert files["resolv.conf"] == "nameserver 10.0.2.3\nsearch example.org\noptions edns0\n"
+    assert "10.0.2.100\tbox\n" in files["hosts"] and "127.0.0.1\tlocalhost\n" in files["hosts"]
+    assert network.runtime_files("host", "box", "nameserver 127.0.0.53\n") == {}
+    assert network.runtime_files("none", "box", "nameserver 127.0.0.53\n") == {}
