@@ -110,8 +110,19 @@ def parse_publish(value: str) -> dict:
             ipaddress.IPv4Address(ip)
         except ValueError:
             raise NetworkError(f"invalid host address {ip!r} in -p {value!r} (IPv4 only)") from None
-    return {"HostIp": ip, "HostPort": match["host"], "ContainerPort": match["ctr"],
+    return {"HostIp": ip, "HostPort": _spelled(host), "ContainerPort": _spelled(ctr),
             "Protocol": match["proto"] or "tcp"}
+
+
+def _spelled(ports: tuple[int, int]) -> str:
+    return str(ports[0]) if ports[0] == ports[1] else f"{ports[0]}-{ports[1]}"
+
+
+def _each_port(binding: dict):
+    """(container port, host port) of each port of a binding's range, as Docker lists them."""
+    host, ctr = (int(p.partition("-")[0]) for p in (binding["HostPort"], binding["ContainerPort"]))
+    last = int(binding["ContainerPort"].rpartition("-")[2])
+    return ((port, host + port - ctr) for port in range(ctr, last + 1))
 
 
 def port_bindings(bindings: list[dict], bound: bool = False) -> dict:
@@ -119,8 +130,9 @@ def port_bindings(bindings: list[dict], bound: bool = False) -> dict:
     or (`bound`) NetworkSettings.Ports, where no address is all of IPv4's (0.0.0.0)."""
     out: dict = {}
     for b in bindings:
-        out.setdefault(f"{b['ContainerPort']}/{b['Protocol']}", []).append(
-            {"HostIp": b["HostIp"] or ("0.0.0.0" if bound else ""), "HostPort": b["HostPort"]})
+        for ctr, host in _each_port(b):
+            out.setdefault(f"{ctr}/{b['Protocol']}", []).append(
+                {"HostIp": b["HostIp"] or ("0.0.0.0" if bound else ""), "HostPort": str(host)})
     return out
 
 

@@ -211,3 +211,17 @@ def test_resolv_conf_and_hosts_of_the_private_network():
     assert "10.0.2.100\tbox\n" in files["hosts"] and "127.0.0.1\tlocalhost\n" in files["hosts"]
     assert network.runtime_files("host", "box", "nameserver 127.0.0.53\n") == {}
     assert network.runtime_files("none", "box", "nameserver 127.0.0.53\n") == {}
+
+
+def test_port_ranges_as_docker_lists_them_and_as_pasta_takes_them():
+    from runner import network
+    bindings = [network.parse_publish("127.0.0.1:08000-8002:9000-9002/udp"), network.parse_publish("8080:80")]
+    assert network.port_bindings(bindings, bound=True) == {
+        "9000/udp": [{"HostIp": "127.0.0.1", "HostPort": "8000"}], "9001/udp": [{"HostIp": "127.0.0.1", "HostPort": "8001"}],
+        "9002/udp": [{"HostIp": "127.0.0.1", "HostPort": "8002"}], "80/tcp": [{"HostIp": "0.0.0.0", "HostPort": "8080"}]}
+    command = network.pasta_command(bindings, "/proc/self/fd/3", "/proc/self/fd/4")
+    assert command[command.index("-t") + 1] == "8080:80" and command[command.index("-u") + 1] == \
+        "127.0.0.1/8000-8002:9000-9002"
+    for flag in ("--no-map-gw", "--ipv4-only"):
+        assert flag in command
+    assert command[command.index("-T") + 1] == "none" and command[command.index("-U") + 1] == "none"
