@@ -97,7 +97,7 @@ def build(config: dict, rootfs: str, runtime_dir: str, rootless: bool, store_roo
     network = config.get("NetworkMode", "host")
     sec = security(config, store_root)
     namespaces = [{"type": kind} for kind in ("pid", "uts", "ipc", "mount")]
-    if network == "none":
+    if network != "host":  # none, or a private network (runner.network wires it up)
         namespaces.append({"type": "network"})
     spec = {
         "ociVersion": ocispec.SPEC_VERSION,
@@ -105,7 +105,7 @@ def build(config: dict, rootfs: str, runtime_dir: str, rootless: bool, store_roo
         "hostname": config["Hostname"],
         "process": process(config["Cmd"], config["Env"], config.get("WorkingDir"), bool(config.get("Tty")),
                            sec["noNewPrivileges"]),
-        "mounts": with_user_mounts(mounts(runtime_dir, network == "none" or not rootless),
+        "mounts": with_user_mounts(mounts(runtime_dir, network != "host" or not rootless),
                                    user_mounts(config, store_root)),
         "linux": {"namespaces": namespaces, "maskedPaths": list(MASKED_PATHS),
                   "readonlyPaths": list(READONLY_PATHS)},

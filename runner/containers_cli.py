@@ -11,7 +11,7 @@ import sys
 from store import Store, StoreError
 from store.containers import Status, container_dir, list_containers, resolve_container, update_config
 
-from . import fmt, lifecycle, logs, procfs, run_options
+from . import fmt, lifecycle, logs, network, procfs, run_options
 from .errors import EXIT_FAILURE, UsageError, for_each, print_error
 from .state import current_state, supervisor_alive
 
@@ -26,7 +26,10 @@ def add_create_flags(p) -> None:
     p.add_argument("-w", "--workdir", metavar="DIR", help="working directory inside the container")
     p.add_argument("-u", "--user", metavar="USER[:GROUP]", help="user to run the command as")
     p.add_argument("--hostname", metavar="H", help="container host name")
-    p.add_argument("--network", default="host", choices=["host", "none"], help="host (default) or none")
+    p.add_argument("--network", metavar="NETWORK",
+                   help="bridge (a private network through pasta: the default where it is installed), host or none")
+    p.add_argument("-p", "--publish", action="append", metavar="[IP:]HOSTPORT:CTRPORT[/PROTO]",
+                   help="publish a container's port on the host (bridge network)")
     p.add_argument("--detach-keys", metavar="KEYS", help="detach sequence (default ctrl-p,ctrl-q)")
     p.add_argument("--log-opt", action="append", metavar="OPT", help="max-size=10m, max-file=3")
     p.add_argument("--security-opt", action="append", metavar="OPT",
@@ -236,7 +239,8 @@ def cmd_ps(args, store: Store) -> int:
                "Command": short_command(config.get("Cmd", [])),
                "CreatedAt": fmt.docker_time(config.get("Created", "")),
                "RunningFor": fmt.since(config.get("Created", "")), "Status": status_text(state),
-               "State": state["Status"].value, "Names": config.get("Name", ""), "Ports": ""}
+               "State": state["Status"].value, "Names": config.get("Name", ""),
+               "Ports": network.ps_ports(config, state["Status"] == Status.RUNNING)}
         if not matches_filters(args.filter or [], config, state, store):
             continue
         rows.append(obj)
@@ -372,7 +376,10 @@ def inspect_container(store: Store, config: dict) -> dict:
                       "StartedAt": state.get("StartedAt", ""), "FinishedAt": state.get("FinishedAt", "")},
             "Config": {k: config.get(k) for k in ("Hostname", "User", "Tty", "OpenStdin", "Env", "Cmd",
                                                    "WorkingDir")} | {"Image": config.get("ImageRef")},
+            "NetworkSettings": network.settings(config.get("NetworkMode"), config.get("PortBindings") or [],
+                                                state["Status"] == Status.RUNNING),
             "HostConfig": {"NetworkMode": config.get("NetworkMode"), "AutoRemove": config.get("AutoRemove"),
+                           "PortBindings": network.port_bindings(config.get("PortBindings") or []),
                            "SecurityOpt": config.get("SecurityOpt"),
                            "LogConfig": {"Type": "json-file", "Config": config.get("LogOpts", {})}}
             | mounts.inspect_host_config(config),

@@ -201,6 +201,16 @@ def parse_log_opts(values: list[str]) -> dict:
     return opts
 
 
+def network_of(args) -> tuple[str, list[dict]]:
+    """--network and -p/--publish, checked (runner.network): the mode and the bindings."""
+    from . import network
+    try:
+        bindings = [network.parse_publish(value) for value in getattr(args, "publish", None) or []]
+        return network.choose_mode(args.network, bindings), bindings
+    except network.NetworkError as e:
+        raise StoreError(str(e)) from None
+
+
 def create(store: Store, args) -> dict:
     """`strata create`: everything stored, nothing started. Every flag is checked
     before anything is written (the embedded base image included), so a bad one
@@ -215,8 +225,7 @@ def create(store: Store, args) -> dict:
     check_user(args.user, "-u/--user")
     check_hostname(args.hostname)
     parse_detach_keys_flag(args.detach_keys)
-    if args.network not in ("host", "none"):
-        raise StoreError(f"network {args.network!r} is not supported (host, none)")
+    network_mode, port_bindings = network_of(args)
     log_opts = parse_log_opts(args.log_opt or [])
     security = parse_security_opts(getattr(args, "security_opt", None) or [])
     run_flags = run_options.flag_keys(args, os.geteuid() != 0)
@@ -236,9 +245,9 @@ def create(store: Store, args) -> dict:
     name = args.name or random_name(store)
     extra = {"Env": env, "WorkingDir": args.workdir or image_config.get("WorkingDir") or "",
              "User": user, "Tty": args.tty,
-             "OpenStdin": args.interactive, "NetworkMode": args.network, "AutoRemove": args.rm,
+             "OpenStdin": args.interactive, "NetworkMode": network_mode, "AutoRemove": args.rm,
              "LogOpts": log_opts, "DetachKeys": args.detach_keys or "",
-             "ImageRef": args.image} | security | run_flags | run_keys
+             "ImageRef": args.image, "PortBindings": port_bindings} | security | run_flags | run_keys
     extra["Hostname"] = args.hostname  # None: create_container names it after the id, as Docker does
     mount_flags = mounts.with_image_volumes(mount_flags, image_config)
     made = mounts.prepare_sources(store, mount_flags.get("Mounts") or [])  # volumes get their names

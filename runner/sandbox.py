@@ -81,12 +81,15 @@ def resolve_user(user: str) -> tuple[int, int]:
     return uid, gid
 
 
-def enter_container(spec: dict, sync_read: int, stdio: tuple[int, int, int], status_write: int) -> None:
+def enter_container(spec: dict, sync_read: int, stdio: tuple[int, int, int], status_write: int,
+                    netns_ready: int | None = None) -> None:
     """Runs in the supervisor's forked child; never returns (execs or _exits).
 
     spec: the container's OCI runtime spec (runner.container_spec.build); its set-up
     steps are runner.oci_init's, as for strata-runtime's containers.
     Errors before exec go to `status_write` as one line and exit 125/126/127.
+    netns_ready: given for a private network (runner.network), the network namespace is
+    made first and a byte written there, so the supervisor can start its stack meanwhile.
     """
     def fail(code: int, message: str) -> None:
         os.write(status_write, f"{code} {message}\n".encode())
@@ -95,6 +98,14 @@ def enter_container(spec: dict, sync_read: int, stdio: tuple[int, int, int], sta
     try:
         # step 1 (child, as the supervisor's user-namespace root): die with the supervisor
         prctl.set_pdeathsig(signal.SIGKILL)
+        # step 1a: a private network's namespace, at once: the supervisor wires it up
+        # (runner.network) while this compiles the filter and it mounts the root
+        made_early = 0
+        if netns_ready is not None:
+            made_early = ocispec.NAMESPACES["network"]
+            sc.unshare(made_early)
+            os.write(netns_ready, b"1")
+            os.close(netns_ready)
         # step 1b: the syscall filter, compiled while the supervisor mounts the FUSE root
         # (the host's libseccomp and profile are in reach; pid 1 inherits it)
         program = syscall_filter(spec)
@@ -106,7 +117,7 @@ def enter_container(spec: dict, sync_read: int, stdio: tuple[int, int, int], sta
         flags = 0
         for kind in ocispec.namespaces(spec):
             flags |= ocispec.NAMESPACES[kind]
-        sc.unshare(flags)
+        sc.unshare(flags & ~made_early)
         sc.mount(None, "/", None, MS_REC | MS_SLAVE)
         # step 4: fork pid 1 of the new pid namespace; this process only relays its status
         pid = os.fork()

@@ -30,6 +30,7 @@ from store.containers import LIVE, Status, container_dir, read_state, remove_con
 from store.store import now_rfc3339
 
 from . import container_spec
+from . import network
 from . import sandbox
 from . import syscalls as sc
 from .state import supervisor_alive, supervisor_identity, supervisor_name
@@ -110,7 +111,7 @@ def drop_other_fuse_mounts(store_root: str) -> None:
 
 # -- steps 2-4 ------------------------------------------------------------------------
 
-def write_runtime_files(runtime: str, hostname: str) -> None:
+def write_runtime_files(runtime: str, hostname: str, network_mode: str = "host") -> None:
     """/etc/hostname, /etc/hosts and /etc/resolv.conf, rewritten at every start.
 
     They stay readable by the container's users (0644; their directory is 0700, and a
@@ -123,7 +124,7 @@ def write_runtime_files(runtime: str, hostname: str) -> None:
         resolv = ""
     contents = {"hostname": hostname + "\n",
                 "hosts": f"127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{hostname}\n",
-                "resolv.conf": resolv}
+                "resolv.conf": resolv} | network.runtime_files(network_mode, hostname, resolv)
     for name, text in contents.items():
         fd = os.open(os.path.join(runtime, name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
                      0o644)
@@ -186,7 +187,7 @@ def run_once(store: Store, config: dict, container_id: str, wait_attach: bool) -
     rootfs = os.path.join(cdir, "rootfs")
     os.makedirs(rootfs, mode=0o700, exist_ok=True)
     runtime = os.path.join(cdir, "runtime")
-    write_runtime_files(runtime, config["Hostname"])
+    write_runtime_files(runtime, config["Hostname"], config.get("NetworkMode", "host"))
 
     # step 1 (supervisor): namespaces
     rootless = os.geteuid() != 0
@@ -218,15 +219,18 @@ def run_once(store: Store, config: dict, container_id: str, wait_attach: bool) -
     sync_r, sync_w = os.pipe()
     status_r, status_w = os.pipe()
     spec = container_spec.build(config, rootfs, runtime, rootless, store.root)
+    netns_r, netns_w = os.pipe() if network.uses_stack(config.get("NetworkMode")) else (None, None)
     child = os.fork()
     if child == 0:
         os.close(sync_w)
         os.close(status_r)
-        for fd in ours.values():
+        for fd in [*ours.values(), netns_r]:
             if fd is not None:
                 os.close(fd)
-        sandbox.enter_container(spec, sync_r, child_stdio, status_w)
+        sandbox.enter_container(spec, sync_r, child_stdio, status_w, netns_w)
         os._exit(125)  # not reached
+    if netns_w is not None:
+        os.close(netns_w)
     os.close(sync_r)
     os.close(status_w)
     for fd in set(child_stdio):
@@ -236,11 +240,17 @@ def run_once(store: Store, config: dict, container_id: str, wait_attach: bool) -
     from .serve import serve_container
     run = {"Run": run_number, "Cmd": config["Cmd"], "StartedAt": now_rfc3339()}
 
+    stack = None  # the private network's pasta, started below, stopped when the container exits
+
     def record_running() -> None:  # (serve: the root is served, the child is about to be released)
+        if stack is not None:  # the child runs its command only once its network is there
+            stack.wait_ready()
         transition(store, container_id, lambda recorded: recorded | {
             "Status": Status.RUNNING, "StartedAt": run["StartedAt"], "Pid": child,
             "Runs": recorded.get("Runs", []) + [run]})
     try:
+        if netns_r is not None:  # (no thread yet: pasta's pre-exec hook may run)
+            stack = network.Stack.start(child, netns_r, config.get("PortBindings") or [], cdir)
         exit_code, error = serve_container(store, config, rootfs, child, sync_w, status_r, ours, wait_attach,
                                            run_number, record_running, container_id)
     except BaseException as e:  # never leave "running" behind: ps must tell the truth
@@ -252,6 +262,9 @@ def run_once(store: Store, config: dict, container_id: str, wait_attach: bool) -
             pass
         transition(store, container_id, lambda recorded: exited(recorded, run, exit_code, error))
         raise
+    finally:
+        if stack is not None:
+            stack.stop()
     transition(store, container_id, lambda recorded: exited(recorded, run, exit_code, error) |
                {"SupervisorPeakRSSKiB": peak_rss_kib()})
     if config.get("AutoRemove"):  # --rm: removed here, as dockerd does, also when detached
@@ -260,6 +273,8 @@ def run_once(store: Store, config: dict, container_id: str, wait_attach: bool) -
             # of the user namespace, which maps the ids the container's users left in them)
             from store.volumes import remove_anonymous_volumes
             remove_anonymous_volumes(store, config)
+    if stack is not None:
+        stack.reap()
     return 0
 
 

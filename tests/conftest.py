@@ -50,6 +50,8 @@ def unprivileged_setup():
     assert os.geteuid() == 0, "setting up the unprivileged tests needs root (CI runs as root)"
     assert os.path.exists("/dev/fuse"), "/dev/fuse is missing"
     os.chmod("/dev/fuse", 0o666)
+    if os.path.exists("/dev/net/tun"):  # pasta's tap device (runner.network); also 0600 here
+        os.chmod("/dev/net/tun", 0o666)
     for path in ("/etc/subuid", "/etc/subgid"):
         lines = open(path).read().splitlines() if os.path.exists(path) else []
         if not any(line.split(":")[0] in (str(NOBODY), "nobody") for line in lines):
