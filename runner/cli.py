@@ -22,7 +22,7 @@ COMMANDS += ("save", "load", "export")  # runner.images_cli
 COMMANDS += ("pull", "push", "login", "logout")  # runner.registry_cli
 COMMANDS += ("cp",)  # runner.cp_cli
 COMMANDS += ("volume",)  # runner.volumes_cli
-COMMANDS += ("build",)  # runner.build.cli
+COMMANDS += ("build", "builder")  # runner.build.cli
 
 # argparse looks up a translation catalogue on disk for every help string it
 # stores (gettext); building the parser's 30 subcommands did ~80 such lookups,
@@ -535,7 +535,7 @@ def build_parser(only: str | None = None) -> CliParser:
     if only in (None, "volume"):
         from .volumes_cli import add_parsers as add_volume_parsers
         add_volume_parsers(add_parser)
-    if only in (None, "build"):
+    if only in (None, "build", "builder"):
         from .build.cli import add_parser as add_build_parser
         add_build_parser(add_parser)
     return parser

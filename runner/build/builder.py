@@ -47,7 +47,10 @@ class Cache:
     def __init__(self, store: Store):
         self.store = store
         self.dir = os.path.join(store.root, "cache", "build")
+        # every image a build made, by id (a --no-cache build's replace older ones in `dir`)
+        self.made_dir = os.path.join(store.root, "cache", "build-images")
         os.makedirs(self.dir, mode=0o700, exist_ok=True)
+        os.makedirs(self.made_dir, mode=0o700, exist_ok=True)
 
     def get(self, key: str) -> str | None:
         try:
@@ -59,6 +62,54 @@ class Cache:
 
     def put(self, key: str, image_id: str) -> None:
         write_atomic(os.path.join(self.dir, key), image_id.encode())
+
+    def made(self, image_id: str) -> None:
+        write_atomic(os.path.join(self.made_dir, image_id.removeprefix("sha256:")), b"")
+
+    def made_images(self) -> set[str]:
+        return {"sha256:" + n for n in os.listdir(self.made_dir) if not n.startswith(".")}
+
+    def entries(self) -> dict[str, str]:
+        """key -> image id, the stale ones too."""
+        out = {}
+        for key in os.listdir(self.dir):
+            if not key.startswith("."):
+                with contextlib.suppress(FileNotFoundError):
+                    with open(os.path.join(self.dir, key), "rb") as f:
+                        out[key] = f.read().decode().strip()
+        return out
+
+    def forget(self, key: str | None = None, image_id: str | None = None) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            if key is not None:
+                os.unlink(os.path.join(self.dir, key))
+            if image_id is not None:
+                os.unlink(os.path.join(self.made_dir, image_id.removeprefix("sha256:")))
+
+
+def prune_cache(store: Store) -> list[str]:
+    """Remove the build cache: the images builds made that no tag, container or other
+    image needs, from the leaves down (a chain of intermediates goes whole); then the
+    cache entries whose images are gone. Returns the removed images' ids."""
+    cache = Cache(store)
+    made = cache.made_images()
+    removed = []
+    while True:
+        tags = set(store.read_tags().values())
+        leaves = [i for i in store.image_ids() if i in made and i not in tags and not store.children_of(i)
+                  and not store.containers_using(i)]
+        if not leaves:
+            break
+        for image_id in leaves:
+            store.remove_image(image_id)
+            removed.append(image_id)
+    for key, image_id in cache.entries().items():
+        if not store.image_exists(image_id):
+            cache.forget(key=key)
+    for image_id in made:
+        if not store.image_exists(image_id):
+            cache.forget(image_id=image_id)
+    return removed
 
 
 class Progress:
@@ -135,8 +186,10 @@ class Builder:
         prefix = f"[{label} " if label else "["
         image_id = self.base_of(stage)
         number = self.progress.begin(f"{prefix}1/{total}] FROM {stage.from_text}")
-        self.progress.say(number, "DONE 0.0s")
         key = step_key("", {"from": image_id})
+        # CACHED once an earlier build started from this image, as BuildKit reports a resolved base
+        self.progress.say(number, "CACHED" if self.cache.get(key) == image_id and not self.no_cache else "DONE 0.0s")
+        self.cache.put(key, image_id)
         for position, step in enumerate(stage.steps, 2):
             number = self.progress.begin(f"{prefix}{position}/{total}] {step.instruction}")
             started = time.monotonic()
@@ -151,6 +204,7 @@ class Builder:
                 image_id = hit
                 continue
             image_id = self.run_step(stage, step, image_id, number)
+            self.cache.made(image_id)
             self.cache.put(key, image_id)
             self.ran += 1
             self.progress.say(number, f"DONE {time.monotonic() - started:.1f}s")
@@ -228,7 +282,7 @@ class Builder:
                 tree.close()
         verb = "ADD" if step.copy["add"] else "COPY"
         source = step.copy.get("from")
-        origin = f"--from={source[1] if source[0] == 'image' else source[1]} " if source else ""
+        origin = f"--from={source[2]} " if source else ""
         dest = posixpath.join(step.config.get("WorkingDir") or "/", step.copy["dest"])
         step.created_by = f"{verb} {origin}{kind}:{digest} in {dest}"
         return digest

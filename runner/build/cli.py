@@ -25,6 +25,7 @@ def add_parser(add) -> None:
                    help="keep each RUN's (and COPY's) container, for `strata diff --audit`")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress; print the image id only")
     p.set_defaults(func=cmd_build)
+    add_builder_parser(add)
 
 
 def read_dockerfile(args) -> str:
@@ -65,4 +66,20 @@ def cmd_build(args, store: Store) -> int:
     finally:
         builder.close()
     print(image_id)
+    return 0
+
+
+def add_builder_parser(add) -> None:
+    p = add("builder", help="manage the build cache (`builder prune`)",
+            description="The build cache is the store's intermediate images of earlier builds.")
+    p.add_argument("action", choices=["prune"], metavar="prune")
+    p.set_defaults(func=cmd_builder)
+
+
+def cmd_builder(args, store: Store) -> int:
+    from .builder import prune_cache
+    removed = prune_cache(store)
+    for image_id in removed:
+        print(f"Deleted: {image_id}")
+    print(f"Total: {len(removed)} build cache image{'s' if len(removed) != 1 else ''} removed")
     return 0

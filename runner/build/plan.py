@@ -159,6 +159,7 @@ class Planner:
             for word in command.value:
                 self.declare(command, word, self.meta, {k: v for k, v in self.meta.items() if v is not None})
         self.stages: list[Stage] = []
+        self.all_names = {c[0].value[2].lower() for c in stage_commands if len(c[0].value) == 3}
         for index, commands in enumerate(stage_commands):
             self.stages.append(self.plan_stage(index, commands))
 
@@ -350,13 +351,13 @@ class Planner:
             ref = ex(source_from)
             earlier = self.stage_named(ref, stage.index)
             if earlier is not None:
-                spec["from"] = ("stage", earlier.index)
+                spec["from"] = ("stage", earlier.index, earlier.name or str(earlier.index))
                 stage.depends.add(earlier.index)
-            elif self.stage_named(ref, len(self.stages) + 1) is not None or ref == str(stage.index):
+            elif ref.lower() in self.all_names or ref == str(stage.index):
                 fail(command, f"COPY --from={ref}: a stage can only copy from an earlier one")
             else:
                 try:
-                    spec["from"] = ("image", self.resolve_image(ref)[0])
+                    spec["from"] = ("image", self.resolve_image(ref)[0], ref)
                 except StoreError as e:
                     fail(command, f"COPY --from={ref}: {e}")
         step.copy = spec
