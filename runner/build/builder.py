@@ -227,51 +227,50 @@ class Builder:
             finally:
                 self.done_with(container, number)
         if step.kind == "copy" or (step.kind == "workdir" and not self.is_dir_in(parent_id, step.config["WorkingDir"])):
-            from .copying import ViewWriter, copy_into
+            from . import copying
             container = self.new_container(parent_id, ["/bin/sh"], [], step.config)
             try:
-                writer = ViewWriter(self.store, container)
-                try:
-                    if step.kind == "workdir":
-                        writer.make_dirs(step.config["WorkingDir"])
-                    else:
-                        tree, root = self.copy_source(step)
-                        try:
-                            copy_into(writer, tree, step.copy, step.config.get("WorkingDir") or "/", root)
-                        finally:
-                            if tree is not self.context:
-                                tree.close()
-                finally:
-                    writer.close()
+                if step.kind == "workdir":
+                    copying.make_dir(self.store, container, step.config["WorkingDir"])
+                else:
+                    tree = self.copy_source(step)
+                    image_tree = self.image_tree(parent_id)
+                    try:
+                        copying.copy_into(self.store, container, tree, image_tree, step.copy,
+                                          step.config.get("WorkingDir") or "/")
+                    finally:
+                        image_tree.close()
+                        if tree is not self.context:
+                            tree.close()
                 return self.commit(stage, step, parent_id, container, number)
             finally:
                 self.done_with(container, number)
         return self.new_image(stage, step, parent_id, None, {})
 
-    def is_dir_in(self, image_id: str, path: str) -> bool:
+    def image_tree(self, image_id: str):
         from unionfs.diff import ImageTree
         from unionfs.storeview import image_lower
-        tree = ImageTree(image_lower(self.store, image_id, point_lookups=True))
+        return ImageTree(image_lower(self.store, image_id, point_lookups=True))
+
+    def is_dir_in(self, image_id: str, path: str) -> bool:
+        from .copying import is_dir_in
+        tree = self.image_tree(image_id)
         try:
-            st = tree.stat(path)
-            return st is not None and st.is_dir()
+            return is_dir_in(tree, path)
         finally:
             tree.close()
 
     def copy_source(self, step: Step):
-        """(tree, root) COPY reads: the context, or an earlier stage's or an image's tree."""
+        """The tree COPY reads: the context, or an earlier stage's or an image's."""
         source = step.copy.get("from")
         if source is None:
-            return self.context, "/"
-        from unionfs.diff import ImageTree
-        from unionfs.storeview import image_lower
-        image_id = self.built[source[1]][0] if source[0] == "stage" else source[1]
-        return ImageTree(image_lower(self.store, image_id, point_lookups=True)), "/"
+            return self.context
+        return self.image_tree(self.built[source[1]][0] if source[0] == "stage" else source[1])
 
     def copy_digest(self, step: Step) -> str:
-        tree, root = self.copy_source(step)
+        tree = self.copy_source(step)
         try:
-            paths = [p for s in step.copy["sources"] for p in expand_sources(tree, s, root)]
+            paths = [p for s in step.copy["sources"] for p in expand_sources(tree, s)]
             digest = sources_digest(tree, paths)
             kind = "multi"
             if len(paths) == 1:

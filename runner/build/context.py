@@ -103,7 +103,8 @@ def ignored(rules: list[IgnoreRule], path: str) -> bool:
 
 def host_stat(st: os.stat_result, target: bytes | None) -> Stat:
     """A context file as COPY sees it: owned by root (Docker copies with 0:0 unless --chown)."""
-    return Stat(None, st.st_mode, 0, 0, st.st_size, st.st_mtime_ns, 0, target, {}, True, 1)
+    return Stat(("host", st.st_dev, st.st_ino), st.st_mode, 0, 0, st.st_size, st.st_mtime_ns, 0, target, {}, True,
+                st.st_nlink)
 
 
 class ContextTree:
