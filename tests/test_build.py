@@ -187,7 +187,9 @@ BAD = [
     ("FROM no-such-image\n", "Dockerfile:1: FROM no-such-image:"),
     ("FROM busybox\nCOPY --from=later /x /x\nFROM busybox AS later\n", "Dockerfile:2: COPY --from=later: a stage"),
     ("FROM busybox\nEXPOSE 99999\n", "Dockerfile:2: EXPOSE: invalid port"),
-    ("FROM busybox\nRUN true\nCOPY missing /x\n", "missing: no such file"),
+    ("FROM busybox\nRUN true\nCOPY missing /x\n", "Dockerfile:3: COPY: missing: no such file"),
+    ("FROM scratch\nRUN true\n", 'Dockerfile:2: process "/bin/sh -c true" did not complete successfully: '
+     "exit code: 127"),
     ("FROM busybox\nRUN echo partial > /p\nRUN exit 3\n", 'Dockerfile:3: process "/bin/sh -c exit 3" did not '
      "complete successfully: exit code: 3"),
 ]
@@ -205,7 +207,7 @@ def test_bad_dockerfiles_fail_with_one_line_and_leave_no_image(cli):
         assert message in err[-1], (text, err[-1])
         assert proc.stdout == b""
         assert cli("inspect", "bad").returncode != 0
-        if "RUN" not in text:  # failed before any step ran: nothing at all was made
+        if "exit 3" not in text and "scratch" not in text:  # failed before any step ran: nothing was made
             assert set(cli.ok("images", "-a", "-q").split()) == before, text
     assert cli.ok("ps", "-aq") == ""  # no build container is left behind
 
@@ -331,3 +333,73 @@ def test_buildah_builds_the_same_trees(tmp_path):
             mounts = [line.split()[4] for line in f if str(tmp_path) in line]
         for mount in mounts:
             subprocess.run(["umount", "-l", mount], capture_output=True)
+
+
+# BuildKit's own cases (frontend/dockerfile/shell/envVarTest), with PWD=/home SHELL=bash
+LEXER_CASES = r"""
+hello|hello
+he'll'o|hello
+he'llo|error
+he\'llo|he'llo
+he\\'llo|error
+abc\tdef|abctdef
+"abc\tdef"|abc\tdef
+"abc\\tdef"|abc\tdef
+'abc\tdef'|abc\tdef
+hello\|hello
+hello\\|hello\
+"hello|error
+"hello\"|error
+"hel'lo"|hel'lo
+'hello|error
+'hello\'|hello\
+"''"|''
+$.|$.
+he$1x|hex
+he$.x|he$.x
+he$pwd.|he.
+he$PWD|he/home
+he\$PWD|he$PWD
+he\\$PWD|he\/home
+"he\$PWD"|he$PWD
+"he\\$PWD"|he\/home
+\${}|${}
+he\${}xx|he${}xx
+${}|error
+he${}xx|error
+he${hi}xx|hexx
+he${PWD}|he/home
+he${.}|error
+he${XXX:-000}xx|he000xx
+he${PWD:-000}xx|he/homexx
+he${XXX:-$PWD}xx|he/homexx
+he${XXX:-${PWD:-yyy}}xx|he/homexx
+he${XXX:-${YYY:-yyy}}xx|heyyyxx
+he${XXX:YYY}|error
+he${XXX:+${PWD}}xx|hexx
+he${PWD:+${XXX}}xx|hexx
+he${PWD:+${SHELL}}xx|hebashxx
+he${XXX:+000}xx|hexx
+he${PWD:+000}xx|he000xx
+'ab'c|abc
+'a\b'c|a\bc
+"a\b"c|a\bc
+${EMPTY-set}|
+${EMPTY:-set}|set
+${XXX?}|error
+${PWD:?must be set}|/home
+"""
+
+
+def test_expansion_is_buildkits():
+    from runner.build.lexer import ExpansionError, Lexer
+    env = {"PWD": "/home", "SHELL": "bash", "EMPTY": ""}
+    lexer = Lexer()
+    for line in LEXER_CASES.strip().splitlines():
+        word, _, expected = line.rpartition("|")
+        if expected == "error":
+            with pytest.raises(ExpansionError):
+                lexer.expand(word, env)
+        else:
+            assert lexer.expand(word, env) == expected, word
+    assert Lexer("`").expand("a`$b`\\c", {"b": "x"}) == "a$b\\c"  # `# escape=``

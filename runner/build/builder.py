@@ -160,18 +160,31 @@ class Builder:
         self.cache = Cache(store)
         self.progress = Progress(quiet)
         self.built: dict[int, tuple[str, str]] = {}  # stage index -> (image id, key)
-        self.cached = self.ran = 0
 
     def close(self) -> None:
         self.context.close()
+        if self.progress.quiet:
+            self.progress.out.close()
 
     # -- stages --------------------------------------------------------------
 
     def build(self, stages: list[Stage], many: bool) -> str:
+        self.check_sources(stages)
         image_id = ""
         for stage in stages:
             image_id = self.build_stage(stage, many)
         return image_id
+
+    def check_sources(self, stages: list[Stage]) -> None:
+        """COPY and ADD sources in the context exist, before any step runs."""
+        for stage in stages:
+            for step in stage.steps:
+                if step.kind == "copy" and step.copy.get("from") is None:
+                    for source in step.copy["sources"]:
+                        try:
+                            expand_sources(self.context, source)
+                        except StoreError as e:
+                            raise BuildFailed(f"Dockerfile:{step.line}: {step.instruction.split()[0]}: {e}") from None
 
     def base_of(self, stage: Stage) -> str:
         if stage.base_kind == "stage":
@@ -193,20 +206,23 @@ class Builder:
         for position, step in enumerate(stage.steps, 2):
             number = self.progress.begin(f"{prefix}{position}/{total}] {step.instruction}")
             started = time.monotonic()
-            material = dict(step.key)
-            if step.kind == "copy":
-                material["sources"] = self.copy_digest(step)
-            key = step_key(key, material)
-            hit = None if self.no_cache else self.cache.get(key)
-            if hit is not None and self.store.image_parent(hit) == image_id:
-                self.progress.say(number, "CACHED")
-                self.cached += 1
-                image_id = hit
-                continue
-            image_id = self.run_step(stage, step, image_id, number)
+            try:
+                material = dict(step.key)
+                if step.kind == "copy":
+                    material["sources"] = self.copy_digest(step)
+                key = step_key(key, material)
+                hit = None if self.no_cache else self.cache.get(key)
+                if hit is not None and self.store.image_parent(hit) == image_id:
+                    self.progress.say(number, "CACHED")
+                    image_id = hit
+                    continue
+                image_id = self.run_step(stage, step, image_id, number)
+            except BuildFailed:
+                raise
+            except StoreError as e:  # (the copier's, a container's that would not start): the line says which step
+                raise BuildFailed(f"Dockerfile:{step.line}: {e}") from None
             self.cache.made(image_id)
             self.cache.put(key, image_id)
-            self.ran += 1
             self.progress.say(number, f"DONE {time.monotonic() - started:.1f}s")
         self.built[stage.index] = (image_id, key)
         return image_id
