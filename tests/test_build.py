@@ -239,6 +239,10 @@ FROM busybox
 COPY --from=one /w /w
 COPY --from=one /copied /copied
 RUN echo second > /second && rm -r /usr
+COPY --chown=5:6 tree /chowned/sub/
+COPY single.txt /new/dir/
+USER nobody
+WORKDIR /made/by/workdir
 """
 
 

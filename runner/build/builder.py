@@ -243,25 +243,30 @@ class Builder:
             finally:
                 self.done_with(container, number)
         if step.kind == "copy" or (step.kind == "workdir" and not self.is_dir_in(parent_id, step.config["WorkingDir"])):
-            from . import copying
             container = self.new_container(parent_id, ["/bin/sh"], [], step.config)
             try:
-                if step.kind == "workdir":
-                    copying.make_dir(self.store, container, step.config["WorkingDir"])
-                else:
-                    tree = self.copy_source(step)
-                    image_tree = self.image_tree(parent_id)
-                    try:
-                        copying.copy_into(self.store, container, tree, image_tree, step.copy,
-                                          step.config.get("WorkingDir") or "/")
-                    finally:
-                        image_tree.close()
-                        if tree is not self.context:
-                            tree.close()
+                self.copy_in(step, parent_id, container)
                 return self.commit(stage, step, parent_id, container, number)
             finally:
                 self.done_with(container, number)
         return self.new_image(stage, step, parent_id, None, {})
+
+    def copy_in(self, step: Step, parent_id: str, container: dict) -> None:
+        """COPY's or ADD's sources (or WORKDIR's directory) into the step's container."""
+        from . import copying
+        image_tree = self.image_tree(parent_id)
+        tree = None
+        try:
+            if step.kind == "workdir":
+                copying.make_dir(self.store, container, image_tree, step.config["WorkingDir"],
+                                 step.config.get("User") or "")
+                return
+            tree = self.copy_source(step)
+            copying.copy_into(self.store, container, tree, image_tree, step.copy, step.config.get("WorkingDir") or "/")
+        finally:
+            image_tree.close()
+            if tree is not None and tree is not self.context:
+                tree.close()
 
     def image_tree(self, image_id: str):
         from unionfs.diff import ImageTree

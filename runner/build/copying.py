@@ -17,6 +17,7 @@ import os
 import posixpath
 import stat
 import tarfile
+import time
 
 from store import Store, StoreError
 
@@ -55,6 +56,21 @@ def resolve_in(tree, path: str) -> str:
     return "/" + "/".join(done)
 
 
+def missing_below(tree, path: str) -> tuple[str, list[str]]:
+    """(the deepest directory on `path` the image has, its symlinks resolved; the names
+    below it still to make)."""
+    path = resolve_in(tree, path)
+    missing: list[str] = []
+    while True:
+        st = tree.stat(path)
+        if st is not None:
+            if not st.is_dir():
+                raise StoreError(f"{path} is not a directory in the image")
+            return path, missing
+        missing.insert(0, posixpath.basename(path))
+        path = posixpath.dirname(path)
+
+
 def is_dir_in(tree, path: str) -> bool:
     st = tree.stat(resolve_in(tree, path))
     return st is not None and st.is_dir()
@@ -75,9 +91,10 @@ def read_file(tree, path: str) -> bytes:
         reader.close()
 
 
-def parse_chown(tree, spec: str) -> tuple[int, int] | None:
-    """--chown USER[:GROUP], names looked up in the image's /etc/passwd and /etc/group;
-    a user alone: the user's group (a number alone: the same number), as BuildKit."""
+def parse_chown(tree, spec: str, unknown_is_root: bool = False) -> tuple[int, int] | None:
+    """--chown USER[:GROUP] (or USER's), names looked up in the image's /etc/passwd and
+    /etc/group; a user alone: the user's group (a number alone: the same number), as
+    BuildKit. A name the image lacks is an error, or root with `unknown_is_root`."""
     if not spec:
         return None
     user, colon, group = spec.partition(":")
@@ -87,6 +104,8 @@ def parse_chown(tree, spec: str) -> tuple[int, int] | None:
             fields = line.split(":")
             if len(fields) > 2 and fields[0] == name and fields[2].isdigit():
                 return int(fields[2]), int(fields[3]) if len(fields) > 3 and fields[3].isdigit() else -1
+        if unknown_is_root:
+            return 0, 0
         raise StoreError(f"--chown={spec}: no {'user' if 'passwd' in path else 'group'} {name!r} in the image")
     if user.isdigit():
         uid, primary = int(user), int(user)
@@ -117,12 +136,17 @@ class TreeReader:
 
 
 class Placed:
-    """What one stream holds: (tree path, member name) pairs, each path with what is below it."""
+    """What one stream into the directory `dest` holds: first the directories `made` (the
+    destination's missing parents, as one path), then (tree path, member name) pairs,
+    each path with what is below it."""
 
-    __slots__ = ("dest", "items")
+    __slots__ = ("dest", "made", "items")
 
-    def __init__(self, dest: str):
-        self.dest, self.items = dest, []
+    def __init__(self, dest: str, made: list[str]):
+        self.dest, self.made, self.items = dest, "/".join(made), []
+
+    def under(self, name: str) -> str:
+        return posixpath.join(self.made, name) if self.made and name else name or self.made
 
 
 def emit(tree, placed: Placed, chmod: int | None):
@@ -133,8 +157,10 @@ def emit(tree, placed: Placed, chmod: int | None):
 
     def produce(out) -> None:
         emitter = TarEmitter(out)
+        emit_made(emitter, placed.made)
         linked: dict = {}  # a hard-linked file's identity -> the member name it was first given
         for top, name in placed.items:
+            name = placed.under(name)
             for path in walk(tree, top):
                 st = tree.stat(path)
                 if st is None:
@@ -162,6 +188,15 @@ def emit(tree, placed: Placed, chmod: int | None):
     return produce
 
 
+def emit_made(emitter, made: str) -> None:
+    """The missing parents, as directories (0755; their owner the stream's, as BuildKit's)."""
+    from store.layer import Entry
+    now = time.time_ns()
+    parts = [p for p in made.split("/") if p]
+    for n in range(1, len(parts) + 1):
+        emitter.add("/".join(parts[:n]), Entry("", "dir", 0o755, mtime_ns=now))
+
+
 def is_archive(tree, path: str) -> bool:
     fd = tree.open(path)
     try:
@@ -187,14 +222,17 @@ def raw_file(tree, path: str):
     return produce
 
 
-def empty_tar(out) -> None:
-    tarfile.open(fileobj=out, mode="w|").close()
+def make_dir(store: Store, container: dict, image_tree, path: str, user: str) -> None:
+    """WORKDIR's directory and its missing parents, owned by USER (as BuildKit makes them)."""
+    from ..cp import TarEmitter, copy_tar_into
+    base, missing = missing_below(image_tree, path)
 
-
-def make_dir(store: Store, container: dict, path: str) -> None:
-    """WORKDIR's directory, made (with its parents) by the container's root."""
-    from ..cp import copy_tar_into
-    copy_tar_into(store, container, empty_tar, path, comm=BUILD_COPIER, make_dest=True)
+    def produce(out) -> None:
+        emitter = TarEmitter(out)
+        emit_made(emitter, "/".join(missing))
+        emitter.close()
+    owners = parse_chown(image_tree, user, unknown_is_root=True) or (0, 0)
+    copy_tar_into(store, container, produce, base, owners, comm=BUILD_COPIER)
 
 
 def copy_into(store: Store, container: dict, tree, image_tree, spec: dict, workdir: str) -> None:
@@ -209,20 +247,25 @@ def copy_into(store: Store, container: dict, tree, image_tree, spec: dict, workd
                          "the destination must be a directory and end with a /")
     owners = parse_chown(image_tree, spec.get("chown") or "") or KEEP
     streams: dict[str, Placed] = {}
+
+    def stream_into(directory: str) -> Placed:
+        if directory not in streams:
+            streams[directory] = Placed(*missing_below(image_tree, directory))
+        return streams[directory]
     archives = []
     for source in sources:
         st = tree.stat(source)
         if spec["add"] and st.fmt == stat.S_IFREG and is_archive(tree, source):
             archives.append(source)
         elif st.fmt == stat.S_IFDIR:
-            streams.setdefault(dest, Placed(dest)).items.append((source, ""))
+            stream_into(dest).items.append((source, ""))
         elif into_dir:
-            streams.setdefault(dest, Placed(dest)).items.append((source, posixpath.basename(source)))
+            stream_into(dest).items.append((source, posixpath.basename(source)))
         else:
             parent = posixpath.dirname(dest.rstrip("/")) or "/"
-            streams.setdefault(parent, Placed(parent)).items.append((source, posixpath.basename(dest.rstrip("/"))))
+            stream_into(parent).items.append((source, posixpath.basename(dest.rstrip("/"))))
     for placed in streams.values():
         copy_tar_into(store, container, emit(tree, placed, spec.get("chmod")), placed.dest, owners,
-                      comm=BUILD_COPIER, make_dest=True)
+                      comm=BUILD_COPIER)
     for source in archives:  # the tar's own owners, unless --chown
         copy_tar_into(store, container, raw_file(tree, source), dest, owners, comm=BUILD_COPIER, make_dest=True)
