@@ -238,6 +238,9 @@ ADD pkg.tar /unpacked/
 FROM busybox
 COPY --from=one /w /w
 COPY --from=one /copied /copied
+COPY --from=one /unpacked /unpacked
+COPY --from=one /etc/single /etc/motd /etc/
+COPY link.txt /etc/
 RUN echo second > /second && rm -r /usr
 COPY --chown=5:6 tree /chowned/sub/
 COPY single.txt /new/dir/
@@ -305,6 +308,8 @@ def test_buildah_builds_the_same_trees(tmp_path):
     context = write_context(str(tmp_path / "ctx"), {"Dockerfile": COMPARED, "tree/x": "x\n", "tree/sub/y": "y\n",
                                                     "single.txt": "single\n"})
     (tmp_path / "ctx" / "pkg.tar").write_bytes(pkg.getvalue())
+    os.symlink("single.txt", tmp_path / "ctx" / "link.txt")  # followed when named as a source
+    os.symlink("../single.txt", tmp_path / "ctx" / "tree" / "inner")  # copied as a link
     os.chmod(tmp_path / "ctx" / "tree" / "x", 0o600)
     os.chmod(tmp_path / "ctx" / "single.txt", 0o751)
     buildah = ["buildah", "--storage-driver", "vfs", "--root", str(tmp_path / "bh"), "--runroot",

@@ -27,7 +27,7 @@ from store import Store, StoreError
 from store.fsutil import write_atomic
 from store.store import canonical_json, new_image_config, now_rfc3339
 
-from .context import ContextTree, expand_sources, sources_digest
+from .context import ContextTree, expand_sources, resolve_in, sources_digest
 from .plan import Stage, Step
 
 SCRATCH_CREATED = "1970-01-01T00:00:00Z"  # the empty image is a constant: one id in every store
@@ -291,12 +291,12 @@ class Builder:
     def copy_digest(self, step: Step) -> str:
         tree = self.copy_source(step)
         try:
-            paths = [p for s in step.copy["sources"] for p in expand_sources(tree, s)]
+            paths = [resolve_in(tree, p) for s in step.copy["sources"] for p in expand_sources(tree, s)]
             digest = sources_digest(tree, paths)
             kind = "multi"
             if len(paths) == 1:
                 st = tree.stat(paths[0])
-                kind = "dir" if st.is_dir() else "file"
+                kind = "dir" if st is not None and st.is_dir() else "file"
         finally:
             if tree is not self.context:
                 tree.close()

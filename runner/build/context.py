@@ -18,6 +18,7 @@ from store import StoreError
 from unionfs.diff import Stat
 
 GLOB_CHARS = "*?["
+MAX_SYMLINKS = 40
 
 
 class IgnoreRule:
@@ -181,6 +182,32 @@ class ContextTree:
             os.close(data)
             raise StoreError(f"{path} in the build context is not a regular file")
         return data
+
+
+def resolve_in(tree, path: str) -> str:
+    """`path` with its symlinks followed inside the tree's root (lexically, as the
+    container's root would resolve it)."""
+    pending = [p for p in path.split("/") if p]
+    done: list[str] = []
+    links = 0
+    while pending:
+        name = pending.pop(0)
+        if name == ".":
+            continue
+        if name == "..":
+            if done:
+                done.pop()
+            continue
+        st = tree.stat("/" + "/".join(done + [name]))
+        if st is not None and stat.S_ISLNK(st.fmt) and links < MAX_SYMLINKS:
+            links += 1
+            target = os.fsdecode(bytes(st.target))
+            if target.startswith("/"):
+                done = []
+            pending[:0] = [p for p in target.split("/") if p]
+            continue
+        done.append(name)
+    return "/" + "/".join(done)
 
 
 def expand_sources(tree, pattern: str, workdir: str = "/") -> list[str]:

@@ -21,40 +21,13 @@ import time
 
 from store import Store, StoreError
 
-from .context import expand_sources, tree_close, walk
+from .context import expand_sources, resolve_in, tree_close, walk
 
 BUILD_COPIER = "strata build"  # what the journal names as the maker of COPY's files
-MAX_SYMLINKS = 40
 CHUNK = 1 << 20
 
 
 # -- the parent image, read path by path --------------------------------------------------
-
-def resolve_in(tree, path: str) -> str:
-    """`path` with its symlinks followed inside the tree's root (lexically, as the
-    container's root would resolve it)."""
-    pending = [p for p in path.split("/") if p]
-    done: list[str] = []
-    links = 0
-    while pending:
-        name = pending.pop(0)
-        if name == ".":
-            continue
-        if name == "..":
-            if done:
-                done.pop()
-            continue
-        st = tree.stat("/" + "/".join(done + [name]))
-        if st is not None and stat.S_ISLNK(st.fmt) and links < MAX_SYMLINKS:
-            links += 1
-            target = os.fsdecode(bytes(st.target))
-            if target.startswith("/"):
-                done = []
-            pending[:0] = [p for p in target.split("/") if p]
-            continue
-        done.append(name)
-    return "/" + "/".join(done)
-
 
 def missing_below(tree, path: str) -> tuple[str, list[str]]:
     """(the deepest directory on `path` the image has, its symlinks resolved; the names
@@ -253,14 +226,17 @@ def copy_into(store: Store, container: dict, tree, image_tree, spec: dict, workd
             streams[directory] = Placed(*missing_below(image_tree, directory))
         return streams[directory]
     archives = []
-    for source in sources:
+    for named in sources:
+        source = resolve_in(tree, named)  # a symlink named as a source is followed (in the tree), as BuildKit
         st = tree.stat(source)
+        if st is None:
+            raise StoreError(f"{named}: a symlink to {source}, which does not exist")
         if spec["add"] and st.fmt == stat.S_IFREG and is_archive(tree, source):
             archives.append(source)
         elif st.fmt == stat.S_IFDIR:
             stream_into(dest).items.append((source, ""))
         elif into_dir:
-            stream_into(dest).items.append((source, posixpath.basename(source)))
+            stream_into(dest).items.append((source, posixpath.basename(named)))
         else:
             parent = posixpath.dirname(dest.rstrip("/")) or "/"
             stream_into(parent).items.append((source, posixpath.basename(dest.rstrip("/"))))
