@@ -185,7 +185,8 @@ BAD = [
     ("FROM busybox\nCOPY --link a /a\n", "Dockerfile:2: COPY: unsupported flag --link"),
     ("FROM busybox\nSHELL sh -c\n", "Dockerfile:2: SHELL requires the arguments to be in JSON form"),
     ("FROM no-such-image\n", "Dockerfile:1: FROM no-such-image:"),
-    ("FROM busybox\nCOPY --from=later /x /x\nFROM busybox AS later\n", "Dockerfile:2: COPY --from=later: a stage"),
+    ("FROM busybox\nCOPY --from=later /x /x\nFROM busybox AS later\nCOPY --from=0 /x /x\n",
+     "Dockerfile:2: COPY --from=later: a stage"),
     ("FROM busybox\nEXPOSE 99999\n", "Dockerfile:2: EXPOSE: invalid port"),
     ("FROM busybox\nRUN true\nCOPY missing /x\n", "Dockerfile:3: COPY: missing: no such file"),
     ("FROM scratch\nRUN true\n", 'Dockerfile:2: process "/bin/sh -c true" did not complete successfully: '
@@ -210,6 +211,12 @@ def test_bad_dockerfiles_fail_with_one_line_and_leave_no_image(cli):
         if "exit 3" not in text and "scratch" not in text:  # failed before any step ran: nothing was made
             assert set(cli.ok("images", "-a", "-q").split()) == before, text
     assert cli.ok("ps", "-aq") == ""  # no build container is left behind
+    # a stage the target does not need may be broken (BuildKit builds only what the target needs)
+    context = write_context(os.path.join(cli.scratch, "partial"), {
+        "Dockerfile": "FROM busybox AS ok\nLABEL a=b\nFROM no-such-image\nCOPY missing /\n"})
+    cli.ok("build", "-q", "--target", "ok", context)
+    assert cli("build", "-q", context).stderr.decode().endswith("Dockerfile:3: FROM no-such-image: "
+                                                                "No such image: no-such-image\n")
 
 
 def test_kept_build_containers_answer_diff_audit(cli):

@@ -48,7 +48,7 @@ class Step:
 
 class Stage:
     __slots__ = ("index", "name", "base", "base_kind", "line", "commands", "steps", "from_text",
-                 "config", "depends", "author")
+                 "config", "depends", "author", "error")
 
     def __init__(self, index: int, name: str | None, line: int, from_text: str):
         self.index, self.name, self.line, self.from_text = index, name, line, from_text
@@ -59,6 +59,7 @@ class Stage:
         self.config: dict = {}
         self.depends: set[int] = set()
         self.author = ""
+        self.error: DockerfileError | None = None  # what planning it failed with (an error once it is needed)
 
     def label(self, many: bool) -> str:
         return (self.name or f"stage-{self.index}") if many else ""
@@ -159,9 +160,17 @@ class Planner:
             for word in command.value:
                 self.declare(command, word, self.meta, {k: v for k, v in self.meta.items() if v is not None})
         self.stages: list[Stage] = []
-        self.all_names = {c[0].value[2].lower() for c in stage_commands if len(c[0].value) == 3}
+        names = [stage_name(c[0]) for c in stage_commands]
+        self.all_names = set(filter(None, names))
         for index, commands in enumerate(stage_commands):
-            self.stages.append(self.plan_stage(index, commands))
+            if names[index] is not None and names[index] in names[:index]:
+                fail(commands[0], f"duplicate stage name {names[index]!r}")
+            try:
+                self.stages.append(self.plan_stage(index, commands))
+            except DockerfileError as e:  # as BuildKit, a stage the target does not need may be broken
+                stage = Stage(index, names[index], commands[0].start_line, "")
+                stage.error = e
+                self.stages.append(stage)
 
     # -- expansion -------------------------------------------------------------
 
@@ -195,15 +204,7 @@ class Planner:
         first = commands[0]
         words = list(first.value)
         meta_env = {k: v for k, v in self.meta.items() if v is not None}
-        if len(words) == 3 and words[1].lower() == "as":
-            name = words[2].lower()
-        elif len(words) == 1:
-            name = None
-        else:
-            fail(first, "FROM requires either one or three arguments (FROM IMAGE [AS NAME])")
-        if name is not None and (any(s.name == name for s in self.stages) or not name.replace("-", "").replace(
-                "_", "").replace(".", "").isalnum()):
-            fail(first, f"invalid or duplicate stage name {name!r}")
+        name = stage_name(first)
         base_ref = self.expand(first, words[0], meta_env)
         if not base_ref:
             fail(first, f"FROM {words[0]}: the base image name is empty")
@@ -367,6 +368,19 @@ class Planner:
         return sorted(set(self.build_args) - self.used_args - PROXY_ARGS)
 
 
+def stage_name(first) -> str | None:
+    """FROM IMAGE [AS NAME]'s NAME, lowercased, as Docker compares them."""
+    words = list(first.value)
+    if len(words) == 1:
+        return None
+    if len(words) != 3 or words[1].lower() != "as":
+        fail(first, "FROM requires either one or three arguments (FROM IMAGE [AS NAME])")
+    name = words[2].lower()
+    if not name[:1].isalpha() or not name.replace("-", "").replace("_", "").replace(".", "").isalnum():
+        fail(first, f"invalid stage name {words[2]!r}")
+    return name
+
+
 def check_port(command, word: str) -> str:
     port, _, proto = word.partition("/")
     proto = proto.lower() or "tcp"
@@ -404,4 +418,8 @@ def needed_stages(stages: list[Stage], target: str | None) -> list[Stage]:
             if index not in needed:
                 needed.add(index)
                 pending.append(stages[index])
-    return [s for s in stages if s.index in needed]
+    wanted = [s for s in stages if s.index in needed]
+    for stage in wanted:
+        if stage.error is not None:
+            raise stage.error
+    return wanted
