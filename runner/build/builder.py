@@ -323,8 +323,14 @@ class Builder:
         if config.get("User"):
             words += ["-u", config["User"]]
         created = lifecycle.create(self.store, parser.parse_args(words + [image_id] + argv))
-        # the step's own command: RUN never goes through the image's ENTRYPOINT
-        return update_config(self.store, created["Id"], {"Cmd": list(argv)})
+        # the step's own command: RUN never goes through the image's ENTRYPOINT; and no
+        # volumes for the image's VOLUMEs: what a step writes there is kept, as BuildKit keeps it
+        config = update_config(self.store, created["Id"], {"Cmd": list(argv), "Mounts": []})
+        if created.get("Mounts"):
+            from store.volumes import remove_anonymous_volumes
+            from ..mounts import remove_mapped
+            remove_anonymous_volumes(self.store, created, remove_mapped)
+        return config
 
     def run_container(self, container: dict, step: Step) -> None:
         from .. import lifecycle
