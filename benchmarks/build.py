@@ -125,17 +125,30 @@ def strata_build_layer(work: str, n: int) -> float:
     return float(found[2])
 
 
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line and 2, as the suite's own (benchmarks/__init__.py)
+        bad(message)
+
+
+def bad(message: str) -> None:
+    print(f"benchmarks.build: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
 def main() -> None:
-    p = argparse.ArgumentParser(prog="benchmarks.build", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="benchmarks.build", description=__doc__.split("\n\n")[0])
     p.add_argument("--files", default="1000,10000,100000", help="files in the base images, comma separated")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--work", help="scratch directory (default: a new one in /var/tmp)")
     args = p.parse_args()
-    sizes = [int(s) for s in args.files.split(",")]
+    try:
+        sizes = [int(s) for s in args.files.split(",")]
+    except ValueError:
+        bad(f"bad --files {args.files!r}: comma separated numbers")
     if any(n < 100 or n % 100 for n in sizes) or args.rounds < 1:
-        raise SystemExit("benchmarks.build: --files are multiples of 100, --rounds at least 1")
+        bad("--files are positive multiples of 100, --rounds at least 1")
     if os.geteuid() != 0 or shutil.which("buildah") is None:
-        raise SystemExit("benchmarks.build: run as root, with buildah installed (Debian's buildah)")
+        bad("run as root, with buildah installed (Debian's buildah)")
     work = args.work or tempfile.mkdtemp(prefix="strata-bench-build-", dir="/var/tmp")
     results: dict[int, dict[str, list[float]]] = {n: {"strata": [], "buildah": [], "build": []} for n in sizes}
     try:
