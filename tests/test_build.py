@@ -156,9 +156,16 @@ ENTRYPOINT ["/bin/echo"]
     assert config["ExposedPorts"] == {"80/tcp": {}, "53/udp": {}} and config["Volumes"] == {"/data": {}}
     assert config["User"] == "nobody" and config["WorkingDir"] == "/home/w" and config["StopSignal"] == "SIGINT"
     assert cli.ok("run", "--rm", "exp", "hi") == "hi\n"
-    show = build(cli, write_context(os.path.join(cli.scratch, "show"), {"Dockerfile": (
-        "FROM exp\nUSER 0\nENTRYPOINT []\nCMD out=$(cat /res /tmp/uid /tmp/pwd; ls -ln /txt /opt/pkg /opt/pkg/bin; "
-        "cat /opt/pkg/README; find /all | sort; test -d /sub && echo sub); echo \"$out\"\n")}), "-t", "show")[0]
+    # an ignored file's change is no change; the Dockerfile may come on stdin (-f -)
+    with open(os.path.join(context, "secret.txt"), "w") as f:
+        f.write("changed\n")
+    again = cli("build", "--build-arg", "V=vv", "-t", "exp", context)
+    assert set(steps(again.stderr.decode()).values()) == {"CACHED"}, again.stderr
+    shown = cli("build", "-q", "-f", "-", context, input=(
+        b"FROM exp\nUSER 0\nENTRYPOINT []\nCMD out=$(cat /res /tmp/uid /tmp/pwd; ls -ln /txt /opt/pkg /opt/pkg/bin; "
+        b"cat /opt/pkg/README; find /all | sort; test -d /sub && echo sub); echo \"$out\"\n"))
+    assert shown.returncode == 0 and shown.stderr == b"", shown.stderr  # -q: the id on stdout, nothing else
+    show = shown.stdout.decode().strip()
     out = cli.ok("run", "--rm", show)
     lines = out.splitlines()
     assert lines[:3] == ["vv|set|vv|$V|a$b|plain|plain", "65534", "/home/w"]
