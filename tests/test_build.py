@@ -255,6 +255,7 @@ COPY --from=one /copied /copied
 COPY --from=one /unpacked /unpacked
 COPY --from=one /etc/single /etc/motd /etc/
 COPY link.txt /etc/
+COPY treelink/sub/y /via-link
 VOLUME /vol
 RUN mkdir -p /vol && echo kept > /vol/file
 RUN echo second > /second && rm -r /usr
@@ -326,6 +327,7 @@ def test_buildah_builds_the_same_trees(tmp_path):
     (tmp_path / "ctx" / "pkg.tar").write_bytes(pkg.getvalue())
     os.symlink("single.txt", tmp_path / "ctx" / "link.txt")  # followed when named as a source
     os.symlink("../single.txt", tmp_path / "ctx" / "tree" / "inner")  # copied as a link
+    os.symlink("tree", tmp_path / "ctx" / "treelink")  # a directory on the way to a source
     os.chmod(tmp_path / "ctx" / "tree" / "x", 0o600)
     os.chmod(tmp_path / "ctx" / "single.txt", 0o751)
     buildah = ["buildah", "--storage-driver", "vfs", "--root", str(tmp_path / "bh"), "--runroot",

@@ -215,7 +215,7 @@ def expand_sources(tree, pattern: str, workdir: str = "/") -> list[str]:
     (within one component each, as filepath.Match); none is an error."""
     path = posixpath.normpath(posixpath.join(workdir, pattern))
     if not any(c in path for c in GLOB_CHARS):
-        if tree.stat(path) is None:
+        if tree.stat(resolve_in(tree, path)) is None:  # (through symlinks inside the tree)
             raise StoreError(f"{pattern}: no such file or directory in the build context "
                              "(or excluded by .dockerignore)")
         return [path]
