@@ -129,6 +129,12 @@ ARG V
 ARG DEFAULTED=plain
 ENV P=${V:+set} Q=${V:-unset} R='$V' S="a\\$b" T=${DEFAULTED}
 RUN ["sh", "-c", "echo \\"$V|$P|$Q|$R|$S|$T|$DEFAULTED\\" > /res"]
+RUN <<EOF
+echo "heredoc $V" > /heredoc
+EOF
+RUN cat <<EOF > /heredoc2
+two
+EOF
 ADD pkg.tgz /opt/
 COPY --chown=nobody --chmod=640 *.txt /txt/
 COPY . /all/
@@ -163,7 +169,8 @@ ENTRYPOINT ["/bin/echo"]
     assert set(steps(again.stderr.decode()).values()) == {"CACHED"}, again.stderr
     shown = cli("build", "-q", "-f", "-", context, input=(
         b"FROM exp\nUSER 0\nENTRYPOINT []\nCMD out=$(cat /res /tmp/uid /tmp/pwd; ls -ln /txt /opt/pkg /opt/pkg/bin; "
-        b"cat /opt/pkg/README; find /all | sort; test -d /sub && echo sub); echo \"$out\"\n"))
+        b"cat /opt/pkg/README; find /all | sort; cat /heredoc /heredoc2; test -d /sub && echo sub); "
+        b"echo \"$out\"\n"))
     assert shown.returncode == 0 and shown.stderr == b"", shown.stderr  # -q: the id on stdout, nothing else
     show = shown.stdout.decode().strip()
     out = cli.ok("run", "--rm", show)
@@ -177,13 +184,14 @@ ENTRYPOINT ["/bin/echo"]
     found = [l for l in lines if l.startswith("/all")]
     assert found == ["/all", "/all/.dockerignore", "/all/a.txt", "/all/b.txt", "/all/notes",
                      "/all/notes/keep.log", "/all/pkg.tgz"], out
-    assert lines[-1] == "sub"
+    assert lines[-3:] == ["heredoc vv", "two", "sub"]
     history = cli.ok("history", "--no-trunc", "--format", "{{.CreatedBy}}", "exp").splitlines()
     assert any(h.startswith("RUN |2 V=vv DEFAULTED=plain sh -c ") for h in history), history
     assert any(h.startswith("ADD file:") and h.endswith(" in /opt/") for h in history)
 
 
 BAD = [
+    ("FROM busybox\nCOPY <<EOF /f\nx\nEOF\n", "Dockerfile:2: heredocs are supported in a RUN's shell form only"),
     ("FROM busybox\nRUN true\nFOO bar\n", "Dockerfile:3: unknown instruction: FOO"),
     ("RUN true\n", "Dockerfile:1: RUN before the first FROM"),
     ("FROM busybox\nHEALTHCHECK CMD true\n", "Dockerfile:2: HEALTHCHECK is not supported"),

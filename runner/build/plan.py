@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import posixpath
+import re
 
 from store import StoreError
 
@@ -100,8 +101,8 @@ def check_command(command) -> None:
         fail(command, f"{cmd} is not supported by strata build")
     if cmd not in known:
         fail(command, f"unknown instruction: {command.original.split()[0] if command.original.split() else cmd}")
-    if command.heredocs:
-        fail(command, f"heredocs are not supported by strata build ({cmd})")
+    if command.heredocs and (cmd != "RUN" or command.json or command.flags):
+        fail(command, f"heredocs are supported in a RUN's shell form only, not here ({cmd})")
     for flag in command.flags:
         name = flag.removeprefix("--").partition("=")[0]
         if name not in FLAGS.get(cmd, ()):
@@ -320,7 +321,7 @@ class Planner:
         return step
 
     def plan_run(self, step: Step, command, shell: list[str], args: dict, env: dict) -> None:
-        step.argv = list(command.value) if command.json else shell + [command.value[0]]
+        step.argv = list(command.value) if command.json else shell + [run_script(command)]
         # the build args RUN sees (ENV wins), and the prefix Docker writes in history for them
         visible = {k: v for k, v in args.items() if k not in env}
         step.env = [f"{k}={v}" for k, v in visible.items()]
@@ -366,6 +367,24 @@ class Planner:
 
     def unused_args(self) -> list[str]:
         return sorted(set(self.build_args) - self.used_args - PROXY_ARGS)
+
+
+LONE_HEREDOC = re.compile(r"<<(-?)([\"']?)(\w+)\2")
+
+
+def run_script(command) -> str:
+    """A shell-form RUN's script. With heredocs, as BuildKit runs them: a RUN that is one
+    heredoc alone runs its body; otherwise the shell gets the line and the bodies, with
+    their terminators (`cat <<EOF > /f`)."""
+    if not command.heredocs:
+        return command.value[0]
+    lone = LONE_HEREDOC.fullmatch(command.value[0].strip())
+    if lone is not None and len(command.heredocs) == 1:
+        body = command.heredocs[0].content
+        if body.startswith("#!"):
+            fail(command, "RUN: a heredoc with a #! line is not supported by strata build")
+        return "".join(line.lstrip("\t") for line in body.splitlines(True)) if lone[1] else body
+    return command.original.split(None, 1)[1].rstrip("\n")
 
 
 def stage_name(first) -> str | None:
