@@ -14,14 +14,15 @@ SYSTEM_PY    := /usr/bin/python3
 # skopeo and umoci: the tools that check what strata save writes and make what load reads;
 # docker-registry: the CNCF registry the push/pull tests start on 127.0.0.1 (tests/registry.py;
 # never its packaged service, which policy-rc.d keeps from starting on these machines);
-# passt: pasta, the user-mode network stack of --network bridge (runner/network.py)
+# passt: pasta, the user-mode network stack of --network bridge (runner/network.py);
+# buildah: builds the strata build tests' Dockerfiles too, to compare the trees (and its benchmark)
 APT_PACKAGES := fuse3 libfuse3-dev pkg-config libcap-dev busybox-static \
                 python3 python3-venv python3-dev gcc libc6-dev zstd libseccomp2 \
                 uidmap util-linux debootstrap \
                 fuse-overlayfs unionfs-fuse bubblewrap \
                 skopeo umoci docker-registry \
-                containerd podman tini
-APT_PACKAGES += passt
+                containerd podman tini passt \
+                buildah
 STAMP        := $(VENV)/.installed
 
 .PHONY: all deps bytecode system-packages demo test clean

@@ -23,6 +23,7 @@ COMMANDS += ("pull", "push", "login", "logout")  # runner.registry_cli
 COMMANDS += ("cp",)  # runner.cp_cli
 COMMANDS += ("volume",)  # runner.volumes_cli
 COMMANDS += ("port",)  # runner.network
+COMMANDS += ("build", "builder")  # runner.build.cli
 
 # argparse looks up a translation catalogue on disk for every help string it
 # stores (gettext); building the parser's 30 subcommands did ~80 such lookups,
@@ -538,6 +539,9 @@ def build_parser(only: str | None = None) -> CliParser:
     if only in (None, "port"):
         from .network import add_parsers as add_network_parsers
         add_network_parsers(add_parser)
+    if only in (None, "build", "builder"):
+        from .build.cli import add_parser as add_build_parser
+        add_build_parser(add_parser)
     return parser
 
 

@@ -1,0 +1,1 @@
+"""`strata build`: Dockerfiles built on strata's containers and journal (see runner.build.builder)."""
