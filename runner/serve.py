@@ -25,6 +25,7 @@ from . import container_spec
 from . import sandbox
 from . import terminal
 from .changes import container_base
+from .pipe_stream import PipeStream
 from .stdin_relay import InputRelay
 from .logs import JsonLog, log_limits, log_path
 
@@ -132,8 +133,8 @@ async def _serve(config, cdir, child, sync_w, status_r, ours, wait_attach, recor
             client, _ = await listener.accept()
             nursery.start_soon(handle_client, client)
 
-    async def pump(fd: int, kind: int) -> None:
-        stream = trio.lowlevel.FdStream(fd)
+    async def pump(fd: int, kind: int, is_pty: bool = False) -> None:
+        stream = trio.lowlevel.FdStream(fd) if is_pty else PipeStream(fd)  # (runner/pipe_stream.py)
         try:
             while True:
                 try:
@@ -179,7 +180,9 @@ async def _serve(config, cdir, child, sync_w, status_r, ours, wait_attach, recor
             if fds:
                 ours["pty"] = fds[0]
         input_fd = ours.get("pty") or ours.get("stdin")
-        input_stream = trio.lowlevel.FdStream(os.dup(input_fd)) if input_fd is not None else None
+        input_stream = None
+        if input_fd is not None:
+            input_stream = (trio.lowlevel.FdStream if "pty" in ours else PipeStream)(os.dup(input_fd))
         if ours.get("stdin") is not None:
             os.close(ours["stdin"])  # the stream's dup is the only write end: closing it is EOF
         nursery.start_soon(container_input.feed, input_stream)  # ends with the nursery's cancel
@@ -187,7 +190,7 @@ async def _serve(config, cdir, child, sync_w, status_r, ours, wait_attach, recor
             terminal.set_window_size(ours["pty"], *pending_size[-1])
         async with trio.open_nursery() as pumps:
             if "pty" in ours:
-                pumps.start_soon(pump, os.dup(ours["pty"]), STDOUT)
+                pumps.start_soon(pump, os.dup(ours["pty"]), STDOUT, True)
             else:
                 pumps.start_soon(pump, ours["stdout"], STDOUT)
                 pumps.start_soon(pump, ours["stderr"], STDERR)
