@@ -60,19 +60,21 @@ def fd_limit_below_server(child: int) -> None:
 
 
 def serve_container(store, config, rootfs, child, sync_w, status_r, ours, wait_attach, run, record_running,
-                    container_id):
+                    container_id, record_exit):
     """Returns (exit code, error). `record_running()` is called once the root is served,
-    before the child is released. On an exception the supervisor kills the child."""
+    before the child is released; `record_exit(exit code, error)` once the child is gone,
+    before the attached clients hear of it (a `start` right after `run` returns must find
+    the exit on record). On an exception the supervisor kills the child."""
     cdir = container_dir(store, container_id)
     upper = os.path.join(cdir, "upper")
     view = container_view(store, config["Image"], upper, run, container_base(store, config, upper))
     with mounted(view, rootfs, fuse_options(f"strata:{config['Name']}", False, ROOT_MOUNT_OPTIONS)):
         fd_limit_below_server(child)
         return trio.run(functools.partial(_serve, config, cdir, child, sync_w, status_r, ours,
-                                          wait_attach, record_running, view))
+                                          wait_attach, record_running, record_exit, view))
 
 
-async def _serve(config, cdir, child, sync_w, status_r, ours, wait_attach, record_running, view):
+async def _serve(config, cdir, child, sync_w, status_r, ours, wait_attach, record_running, record_exit, view):
     max_bytes, max_files = log_limits(config.get("LogOpts") or {})
     log = JsonLog(log_path(cdir), max_bytes, max_files)
     clients: set = set()
@@ -203,6 +205,7 @@ async def _serve(config, cdir, child, sync_w, status_r, ours, wait_attach, recor
             _, status = os.waitpid(child, 0)
             exit_code = sandbox.exit_code(status)
         log.flush_partial()
+        record_exit(exit_code, "; ".join(errors))
         await broadcast(EXIT, str(exit_code).encode())
         for client in list(clients):
             client.close()

@@ -248,11 +248,17 @@ def run_once(store: Store, config: dict, container_id: str, wait_attach: bool) -
         transition(store, container_id, lambda recorded: recorded | {
             "Status": Status.RUNNING, "StartedAt": run["StartedAt"], "Pid": child,
             "Runs": recorded.get("Runs", []) + [run]})
+    recorded_exit = []
+
+    def record_exit(exit_code: int, error: str) -> None:  # (serve: before the clients hear of it)
+        transition(store, container_id, lambda recorded: exited(recorded, run, exit_code, error) |
+                   {"SupervisorPeakRSSKiB": peak_rss_kib()})
+        recorded_exit.append(exit_code)
     try:
         if netns_r is not None:  # (no thread yet: pasta's pre-exec hook may run)
             stack = network.Stack.start(child, netns_r, config.get("PortBindings") or [], cdir)
         exit_code, error = serve_container(store, config, rootfs, child, sync_w, status_r, ours, wait_attach,
-                                           run_number, record_running, container_id)
+                                           run_number, record_running, container_id, record_exit)
     except BaseException as e:  # never leave "running" behind: ps must tell the truth
         cause = first_cause(e)
         exit_code, error = 125, f"supervisor: {type(cause).__name__}: {cause}"
@@ -260,13 +266,14 @@ def run_once(store: Store, config: dict, container_id: str, wait_attach: bool) -
             os.kill(child, 9)
         except ProcessLookupError:
             pass
-        transition(store, container_id, lambda recorded: exited(recorded, run, exit_code, error))
+        if not recorded_exit:
+            transition(store, container_id, lambda recorded: exited(recorded, run, exit_code, error))
         raise
     finally:
         if stack is not None:
             stack.stop()
-    transition(store, container_id, lambda recorded: exited(recorded, run, exit_code, error) |
-               {"SupervisorPeakRSSKiB": peak_rss_kib()})
+    if not recorded_exit:
+        record_exit(exit_code, error)
     if config.get("AutoRemove"):  # --rm: removed here, as dockerd does, also when detached
         remove_container(store, container_id)
         if config.get("Mounts"):  # and its anonymous volumes, as Docker's --rm (deleted as root

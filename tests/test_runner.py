@@ -159,6 +159,39 @@ def test_run_three_times_with_start_and_logs(strata_root):
     assert ok(strata(strata_root, "start", "-a", "thrice")) == "changed\n"
 
 
+def test_the_exit_is_on_record_before_the_client_hears_of_it(strata_root):
+    """The supervisor records the container's exit before it sends EXIT to its clients, so
+    that `run` returns with the exit on record, as docker run does, and a `start` right
+    after cannot find it still running. Read raw here: the recorded state (not the one
+    derived from liveness) the moment the EXIT frame arrives. (Before, the record came
+    after the root was unmounted, milliseconds later.)"""
+    import socket
+    from runner import lifecycle
+    from runner.protocol import EXIT, split_frames
+    from store import Store
+    from store.containers import read_state, resolve_container
+    store = Store(strata_root)
+    for round in range(3):
+        ok(strata(strata_root, "create", "--name", f"quick{round}", "busybox", "sh", "-c", "exit 3"))
+        config = resolve_container(store, f"quick{round}")
+        lifecycle.start(store, config, wait_attach=True)  # the command waits for a client
+        client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        cdir = os.open(os.path.join(strata_root, "containers", config["Id"]), os.O_PATH)
+        try:  # (a store path can exceed AF_UNIX's 108 bytes)
+            client.connect(f"/proc/self/fd/{cdir}/attach.sock")
+        finally:
+            os.close(cdir)
+        buf, frames = b"", []
+        while not any(kind == EXIT for kind, _ in frames):
+            chunk = client.recv(65536)
+            assert chunk, "the supervisor closed without an EXIT frame"
+            more, buf = split_frames(buf + chunk)
+            frames += more
+        recorded = read_state(store, config["Id"])
+        client.close()
+        assert (recorded["Status"], recorded.get("ExitCode")) == ("exited", 3), recorded
+
+
 def test_detached_daemon_stop_and_rm(strata_root):
     cid = ok(strata(strata_root, "run", "-d", "--name", "ticker", "busybox", "sh", "-c",
                     "while true; do echo tick; sleep 0.1; done")).strip()
