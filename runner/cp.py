@@ -48,6 +48,8 @@ from store.fsutil import open_beneath, open_dir_beneath, walk_host_dirs
 from store.layer import DirFds, Entry, SparseMember, entry_from_stat, normalize_member_name, tar_members
 
 from . import capabilities
+from . import sealed_imports
+from .errors import EXPECTED, message
 
 COPIER_NAME = "strata cp"  # the copier's comm: what the journal names as the maker of its changes
 # what the copier keeps of root's capabilities once in the container's root (Docker's
@@ -540,10 +542,9 @@ class Copier:
 
 
 def load_copier_modules() -> None:
-    """What the copier imports, loaded before it chroots: the host's modules are out of
-    its reach after that (the decompressors are imported on first use)."""
+    """What the copier imports, loaded before it chroots: nothing is imported after that
+    (runner/sealed_imports.py; the decompressors are otherwise imported on first use)."""
     import bz2  # noqa: F401
-    import traceback  # noqa: F401  (a bug's report)
     from zlib_ng import gzip_ng  # noqa: F401
     from store.layer import apply_tar_stream, decompression_errors  # noqa: F401
     from . import errors  # noqa: F401
@@ -573,12 +574,9 @@ def run_copier(enter: Callable[[], None], work: Callable[[], None], keep: tuple[
     except BrokenPipeError:  # the other side stopped reading: its error is the one to report
         pass
     except BaseException as e:  # the one line the CLI reports
-        from .errors import EXPECTED, message
         text = message(e)
-        if not isinstance(e, EXPECTED):  # a bug: its traceback is the report (stderr is the CLI's)
-            import traceback
-            traceback.print_exc()
-            text = f"copier: {type(e).__name__}: {text}"
+        if not isinstance(e, EXPECTED):  # a bug: named, but no traceback: formatting one reads
+            text = f"copier: {type(e).__name__}: {text}"  # source files, the container's (sealed_imports)
         os.write(result_w, (text + "\n").encode())
     finally:
         os._exit(code)
@@ -620,6 +618,7 @@ def serve_for_copier(store: Store, config: dict, work, keep, result_w: int, comm
                     os._exit(1)  # the server failed: it says why
                 os.close(sync_r)
                 mount_volumes(store.root, config, rootfs)
+                sealed_imports.seal()  # (runner/sealed_imports.py)
                 os.chroot(rootfs)
                 os.chdir("/")
             run_copier(enter, work, keep, result_w, comm)

@@ -26,6 +26,7 @@ import signal
 from typing import Callable, NamedTuple
 
 from . import procfs
+from . import sealed_imports
 from . import syscalls as sc
 from .ocispec import NAMESPACES, NS_FILES
 
@@ -99,7 +100,9 @@ def started_at(expected: int | None) -> Callable[[int], bool]:
 
 def join(target: Target) -> None:
     """Enter the target's namespaces and root; closes its fds. The pid namespace applies
-    to the caller's children: fork after this."""
+    to the caller's children: fork after this. No module is imported from then on
+    (runner/sealed_imports.py)."""
+    sealed_imports.seal()
     if target.flags:
         sc.setns(target.pidfd, target.flags)
     os.fchdir(target.root_fd)  # as a member of the container's user namespace (see above)

@@ -49,6 +49,7 @@ from . import oci_hooks
 from . import ocispec
 from . import oci_mounts
 from . import procfs
+from . import sealed_imports
 from . import seccomp
 from . import syscalls as sc
 from . import terminal
@@ -295,6 +296,7 @@ def setup_root(root: str, spec: dict, bundle: str, own_mounts: bool, in_user_nam
 
 @_step("pivot_root")
 def enter_root(root: str, own_mounts: bool, propagation: str | None, no_pivot: bool = False) -> None:
+    sealed_imports.seal()  # from here on sys.path would name the container's files
     os.chdir(root)
     if not own_mounts:  # no mount namespace of its own: pivot_root would move the host's root
         os.chroot(".")

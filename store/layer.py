@@ -20,6 +20,7 @@ last one used (sorted entries are siblings or children of the previous one).
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -377,12 +378,33 @@ class BoundedTarInfo(tarfile.TarInfo):
     def _proc_gnulong(self, tar):
         if self.size > MAX_HEADER_BYTES:
             raise BadArchive(f"corrupt archive: GNU long name header of {self.size} bytes")
-        return super()._proc_gnulong(tar)
+        with _one_more_extended_header(tar):
+            return super()._proc_gnulong(tar)
 
     def _proc_pax(self, tar):
         if self.size > MAX_HEADER_BYTES:
             raise BadArchive(f"corrupt archive: PAX header of {self.size} bytes")
-        return super()._proc_pax(tar)
+        with _one_more_extended_header(tar):
+            return super()._proc_pax(tar)
+
+
+# tarfile reads the member after an extended header (PAX, GNU long name) by calling itself:
+# a chain of a few hundred overflows Python's stack (a RecursionError, not a one-line
+# error, and in strata cp's copier a traceback: runner/sealed_imports.py). Real archives
+# chain two or three (a global header, a PAX header, a long name and a long link).
+MAX_EXTENDED_CHAIN = 32
+
+
+@contextlib.contextmanager
+def _one_more_extended_header(tar):
+    depth = getattr(tar, "_strata_extended_depth", 0)
+    if depth >= MAX_EXTENDED_CHAIN:
+        raise BadArchive(f"corrupt archive: over {MAX_EXTENDED_CHAIN} extended headers in a row")
+    tar._strata_extended_depth = depth + 1
+    try:
+        yield
+    finally:
+        tar._strata_extended_depth = depth
 
 
 def open_decompressed(stream: BinaryIO):

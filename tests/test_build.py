@@ -438,3 +438,46 @@ def test_expansion_is_buildkits():
         else:
             assert lexer.expand(word, env) == expected, word
     assert Lexer("`").expand("a`$b`\\c", {"b": "x"}) == "a$b\\c"  # `# escape=``
+
+
+def extended_header_chain(count: int) -> bytes:
+    """A tar whose first member is plain and whose second comes after `count` PAX headers."""
+    def header(name: str, kind: bytes, size: int) -> bytes:
+        info = tarfile.TarInfo(name)
+        info.type, info.size, info.mode = kind, size, 0o644
+        return info.tobuf(tarfile.USTAR_FORMAT, "utf-8", "strict")
+    record = b"13 comment=x\n"
+    pax = header("././@PaxHeader", tarfile.XHDTYPE, len(record)) + record.ljust(512, b"\0")
+    return (header("first", tarfile.REGTYPE, 1) + b"x".ljust(512, b"\0") + pax * count
+            + header("second", tarfile.REGTYPE, 0) + b"\0" * 1024)
+
+
+def test_a_dockerfile_cannot_run_its_code_in_the_copier(cli):
+    """A security finding of review: a build plants tarfile.py with a `# coding:` line and the
+    codec it names, then ADDs a tar with 2,000 PAX headers in a row. tarfile recursed once
+    per header, the copier (host uid, host network) printed the RecursionError's traceback
+    after its chroot, and formatting it read the planted tarfile.py and imported the
+    planted codec: the container's code ran outside the sandbox and called the host's
+    loopback. Now the chain is refused (one line) and nothing is imported from a root."""
+    import socket
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        port = listener.getsockname()[1]
+        context = write_context(os.path.join(cli.scratch, "hostile"), {
+            "Dockerfile": "FROM busybox\nCOPY pwnenc.py /usr/lib/python3.11/encodings/pwnenc.py\n"
+                          "RUN printf '# coding: pwnenc\\n' > /usr/lib/python3.11/tarfile.py\nADD evil.tar /x/\n",
+            "pwnenc.py": f"import socket\nsocket.socket().connect(('127.0.0.1', {port}))\n"})  # (no resolver)
+        with open(os.path.join(context, "evil.tar"), "wb") as f:
+            f.write(extended_header_chain(2000))
+        os.chmod(os.path.join(context, "evil.tar"), 0o644)
+        proc = cli("build", "--no-cache", context)
+        listener.setblocking(False)
+        try:
+            connection, _ = listener.accept()
+            connection.close()
+            reached = True
+        except BlockingIOError:
+            reached = False
+    assert not reached, "the planted code ran in strata's copier and reached the host's loopback"
+    assert proc.returncode == 125 and proc.stderr.decode().endswith("extended headers in a row\n"), proc.stderr
