@@ -56,6 +56,9 @@ def clean_destination(path: str, what: str) -> str:
     clean = "/" + clean.lstrip("/")
     if clean == "/":
         raise StoreError(f"{what}: invalid mount config: destination can't be '/'")
+    if clean == "/proc" or clean.startswith("/proc/"):  # (as runc refuses them: a mount there hides or,
+        # with copy-up, copies the container's procfs, strata's own processes' before the pivot)
+        raise StoreError(f"{what}: invalid mount path {printable(clean)}: a mount inside /proc is refused")
     if len(clean.encode()) >= 4096:
         raise StoreError(f"{what}: the mount path {printable(path)} is longer than PATH_MAX")
     return clean
@@ -315,8 +318,8 @@ def with_image_volumes(flags: dict, image_config: dict) -> dict:
     for path in sorted(image_config.get("Volumes") or {}):
         if not isinstance(path, str) or not path.startswith("/"):
             continue
-        destination = "/" + posixpath.normpath(path).lstrip("/")
-        if destination != "/" and destination not in taken:
+        destination = clean_destination(path, "the image's VOLUME")
+        if destination not in taken:
             points.append(mount_point("volume", destination, mode=""))
             taken.add(destination)
     return flags | ({"Mounts": points} if points else {})

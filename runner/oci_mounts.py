@@ -134,7 +134,7 @@ def mount_one(root_fd: int, m: dict, bundle: str) -> None:
         target = f"/proc/self/fd/{fd}"
         if bind:
             if COPY_UP in data:
-                copy_up(fd, source)
+                copy_up(fd, source, os.fstat(root_fd).st_dev)
             sc.mount(source, target, None, flags & (MS_BIND | MS_REC))
         elif kind == "cgroup":
             _mount_cgroup(root_fd, destination, target, flags)
@@ -157,12 +157,14 @@ def mount_one(root_fd: int, m: dict, bundle: str) -> None:
             os.close(mounted)
 
 
-def copy_up(target_fd: int, source: str) -> None:
+def copy_up(target_fd: int, source: str, root_dev: int) -> None:
     """What the root has under the O_PATH fd `target_fd` copied into the directory
-    `source` when that is empty (a volume's first mount): directories, files and
-    symlinks with their owners (where this namespace maps them), modes without setuid
-    and setgid (invariant 4: no setuid file is made on the host), times; other kinds are
-    left out. Iterative, one directory fd on each side at a time."""
+    `source` when that is empty (a volume's first mount): directories, files (their
+    holes kept) and symlinks with their owners (where this namespace maps them), modes
+    without setuid and setgid (invariant 4: no setuid file is made on the host), times;
+    other kinds are left out. Only from the root's own file system (`root_dev`): not
+    from a mount made before it, as /proc or /dev are. Iterative, one directory fd on
+    each side at a time."""
     from store.fsutil import DIR_FLAGS, open_long_dir_beneath, walk_host_dirs
     try:
         into_top = os.open(source, DIR_FLAGS)
@@ -176,6 +178,8 @@ def copy_up(target_fd: int, source: str) -> None:
         except NotADirectoryError:
             return
         try:
+            if os.fstat(from_top).st_dev != root_dev:
+                return
             _copy_attributes(into_top, os.fstat(from_top))  # the mount point's own, as Docker's copy
             for relpath, from_dir in walk_host_dirs(from_top, one_file_system=True):
                 into_dir = open_long_dir_beneath(into_top, os.fsencode(relpath)) if relpath else os.dup(into_top)
@@ -187,6 +191,34 @@ def copy_up(target_fd: int, source: str) -> None:
             os.close(from_top)
     finally:
         os.close(into_top)
+
+
+def _copy_data(src: int, dst: int, size: int) -> None:
+    """The data of `src` into `dst`, its holes left holes (a sparse file of the image must
+    not fill the host's disk in a volume). Through the container's FUSE root, whose server
+    has no lseek, SEEK_DATA finds no hole: blocks of zeros are left unwritten instead."""
+    offset = 0
+    while offset < size:
+        try:
+            offset = os.lseek(src, offset, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # nothing but a hole to the end
+                break
+            raise
+        end = os.lseek(src, offset, os.SEEK_HOLE)
+        while offset < end:
+            chunk = os.pread(src, min(1 << 20, end - offset), offset)
+            if not chunk:
+                break
+            if chunk.count(0) == len(chunk):
+                offset += len(chunk)
+                continue
+            view = memoryview(chunk)
+            while view:
+                written = os.pwrite(dst, view, offset)
+                offset += written
+                view = view[written:]
+    os.ftruncate(dst, size)
 
 
 def _chown_if_mapped(target, uid: int, gid: int, **kw) -> None:
@@ -225,13 +257,7 @@ def _copy_entries(from_dir: int, into_dir: int) -> None:
                 dst = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
                               dir_fd=into_dir)
                 try:
-                    while True:
-                        chunk = os.read(src, 1 << 20)
-                        if not chunk:
-                            break
-                        view = memoryview(chunk)
-                        while view:
-                            view = view[os.write(dst, view):]
+                    _copy_data(src, dst, st.st_size)
                     _copy_attributes(dst, st)
                 finally:
                     os.close(dst)

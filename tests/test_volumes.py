@@ -290,3 +290,47 @@ def test_cp_reaches_a_containers_volumes_running_or_stopped(cli):
     finally:
         cli.ok("rm", "-f", "-v", "cpvol")
     cli.ok("volume", "rm", "cpvol")
+
+
+def test_a_volume_inside_proc_is_refused_and_copy_up_keeps_holes(cli):
+    """Security findings of review. An image's `VOLUME /proc/1` was mounted after the
+    container's /proc and filled by copy-up from it: strata's own init's environ (the
+    caller's environment) landed in the volume and was the container's to read at the next
+    start. A mount inside /proc is now refused, as runc refuses it, and copy-up reads only
+    the root's own file system. And copy-up wrote holes out: a small image with a sparse
+    file under a VOLUME filled the host's disk, one volume per container."""
+    image_tar = os.path.join(cli.scratch, "hostile.tar")
+    with open(image_tar, "wb") as f:
+        f.write(build_tar([member("bin", "dir")]))
+    if cli.mode == "unprivileged":
+        os.chown(image_tar, 65534, 65534)
+    cli.ok("import", "-c", 'VOLUME ["/proc/1"]', image_tar, "procvol:1")
+    before = store_objects(cli)
+    for flags in (["procvol:1"], ["-v", "/proc/self", "busybox"], ["--mount", "type=volume,dst=/proc/1", "busybox"]):
+        proc = cli("create", *flags, "true")
+        assert proc.returncode == 125 and proc.stderr.count(b"\n") == 1, proc.stderr
+        assert b"a mount inside /proc is refused" in proc.stderr, proc.stderr
+    assert store_objects(cli) == before
+    cli.ok("rmi", "procvol:1")
+
+    sparse = host_dir(cli, "sparse-src")
+    os.makedirs(os.path.join(sparse, "big"))
+    with open(os.path.join(sparse, "big", "hole"), "wb") as f:
+        f.truncate(256 << 20)
+        f.seek(1 << 20)
+        f.write(b"data")
+    if cli.mode == "unprivileged":
+        for path in (os.path.join(sparse, "big"), os.path.join(sparse, "big", "hole")):
+            os.chown(path, 65534, 65534)
+    cli.ok("import", "-c", 'VOLUME ["/big"]', sparse, "sparse:1")
+    proc = cli("run", "--name", "sparse", "-v", "holes:/big", "sparse:1", "/no-such-program")
+    assert proc.returncode == 127, proc.stderr
+    copied = os.path.join(volume_data(cli, "holes"), "hole")
+    st = os.stat(copied)
+    assert st.st_size == 256 << 20 and st.st_blocks * 512 < 4 << 20, (st.st_size, st.st_blocks)
+    with open(copied, "rb") as f:
+        f.seek(1 << 20)
+        assert f.read(4) == b"data"
+    cli.ok("rm", "sparse")
+    cli.ok("volume", "rm", "holes")
+    cli.ok("rmi", "sparse:1")
