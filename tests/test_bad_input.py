@@ -13,6 +13,7 @@ import pytest
 from store import Store
 
 from .helpers import build_tar, member, run_strata, snapshot, supervisors_of
+from .mounts import wait_for
 
 XFF = os.fsdecode(b"\xff")  # a lone non-UTF-8 byte, as a shell passes $'\xff'
 # every way a container is made; each bad value is tried on all of them
@@ -29,7 +30,9 @@ def clean_up(root: str) -> None:
     ids = ok(root, "ps", "-aq").split()
     if ids:
         run_strata(root, "rm", "-f", *ids)
-    assert not supervisors_of(root)
+    # (a supervisor spawned early for a `run` refused after the spawn leaves once it reads
+    # its closed pipe: polled, with a deadline)
+    wait_for(lambda: not supervisors_of(root), timeout=10, what="the store's supervisors to leave")
     assert not mounts_under(root)
 
 
