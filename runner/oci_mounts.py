@@ -77,6 +77,12 @@ def _attrs(flags: int) -> int:
     return attrs
 
 
+# what runc lets a spec mount inside /proc (lxcfs binds its files there); nothing else
+PROC_FILES_BOUND = frozenset(f"/proc/{name}" for name in (
+    "cpuinfo", "diskstats", "meminfo", "stat", "swaps", "uptime", "loadavg", "slabinfo", "net/dev",
+    "sys/kernel/ns_last_pid"))
+
+
 def mount_all(root_fd: int, spec: dict, bundle: str, in_user_namespace: bool) -> None:
     """The spec's mounts in order, then its devices and the default ones."""
     for m in spec.get("mounts") or ():
@@ -131,10 +137,13 @@ def mount_one(root_fd: int, m: dict, bundle: str) -> None:
     destination = m["destination"]
     fd = inroot.open_target(root_fd, destination, target_kind)
     try:
+        if (kind != "proc" and destination.rstrip("/") not in PROC_FILES_BOUND
+                and sc.fstatfs_type(fd) == sc.PROC_SUPER_MAGIC):  # (reached through a symlink too)
+            raise OSError(errno.EPERM, "a mount inside /proc is refused")
         target = f"/proc/self/fd/{fd}"
         if bind:
             if COPY_UP in data:
-                copy_up(fd, source, os.fstat(root_fd).st_dev)
+                copy_up(fd, source)
             sc.mount(source, target, None, flags & (MS_BIND | MS_REC))
         elif kind == "cgroup":
             _mount_cgroup(root_fd, destination, target, flags)
@@ -157,14 +166,14 @@ def mount_one(root_fd: int, m: dict, bundle: str) -> None:
             os.close(mounted)
 
 
-def copy_up(target_fd: int, source: str, root_dev: int) -> None:
+def copy_up(target_fd: int, source: str) -> None:
     """What the root has under the O_PATH fd `target_fd` copied into the directory
     `source` when that is empty (a volume's first mount): directories, files (their
     holes kept) and symlinks with their owners (where this namespace maps them), modes
     without setuid and setgid (invariant 4: no setuid file is made on the host), times;
-    other kinds are left out. Only from the root's own file system (`root_dev`): not
-    from a mount made before it, as /proc or /dev are. Iterative, one directory fd on
-    each side at a time."""
+    other kinds are left out. Never from procfs or sysfs (their files are the kernel's
+    and strata's own processes', not the image's). Iterative, one directory fd on each
+    side at a time."""
     from store.fsutil import DIR_FLAGS, open_long_dir_beneath, walk_host_dirs
     try:
         into_top = os.open(source, DIR_FLAGS)
@@ -178,7 +187,7 @@ def copy_up(target_fd: int, source: str, root_dev: int) -> None:
         except NotADirectoryError:
             return
         try:
-            if os.fstat(from_top).st_dev != root_dev:
+            if sc.fstatfs_type(from_top) in (sc.PROC_SUPER_MAGIC, sc.SYSFS_MAGIC):
                 return
             _copy_attributes(into_top, os.fstat(from_top))  # the mount point's own, as Docker's copy
             for relpath, from_dir in walk_host_dirs(from_top, one_file_system=True):

@@ -139,3 +139,16 @@ def set_no_new_privs() -> None:
 def syncfs(fd: int) -> None:
     """Write back the filesystem `fd` is on (a FUSE mount: the kernel's dirty pages reach the server)."""
     _check(_libc.syncfs(fd), "syncfs")
+
+
+PROC_SUPER_MAGIC = 0x9FA0
+SYSFS_MAGIC = 0x62656572
+
+
+def fstatfs_type(fd: int) -> int:
+    """The file system type (f_type, the *_MAGIC numbers) of what `fd` is on: statfs's
+    first field on every Linux ABI."""
+    buf = ctypes.create_string_buffer(256)  # (struct statfs is 120 bytes on 64-bit ABIs)
+    _libc.fstatfs.argtypes = [ctypes.c_int, ctypes.c_char_p]
+    _check(_libc.fstatfs(fd, buf), "fstatfs")
+    return ctypes.c_long.from_buffer(buf).value

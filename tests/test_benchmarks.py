@@ -101,28 +101,40 @@ def test_a_plot_per_workload(run):
         assert pixels.shape[0] > 100 and pixels.shape[1] > 100
 
 
-def test_cmd_template_mounts_fuse_overlayfs_from_its_command_line(tmp_path):
+CMD_TEMPLATE = "fuse-overlayfs -o lowerdir={lowers},upperdir={upper},workdir={work} {mnt}"
+
+
+@pytest.fixture(scope="module")
+def variants(tmp_path_factory):
+    """One run for the templates and the passthrough-off variant: one tree chain built for
+    both tests, not one each (the chain is most of such a run's time)."""
+    require_fuse()
+    root = tmp_path_factory.mktemp("bench-variants")
+    proc = bench("--systems", f"cmd:{CMD_TEMPLATE},cmd:true {{lowers}} {{mnt}},strata-fuse,strata-fuse-cached",
+                 "--depths", "1", "--workloads", "create,copy-up,cp-tree,write-small", "--rounds", "1",
+                 "--out", str(root / "out"), "--work", str(root / "work"))
+    assert proc.returncode == 0, proc.stderr
+    assert mounts_under(str(root)) == []
+    results = json.loads((root / "out" / "results.json").read_text())
+    return results, {(s["workload"], s["system"]): s for s in results["samples"]}, proc.stdout
+
+
+def test_cmd_template_mounts_fuse_overlayfs_from_its_command_line(variants):
     """fuse-overlayfs's own command line as a template (its commas stay in it), beside a
     template whose command never mounts: that one is a failed sample, not a crash."""
-    require_fuse()
-    template = "fuse-overlayfs -o lowerdir={lowers},upperdir={upper},workdir={work} {mnt}"
-    proc = bench("--systems", f"cmd:{template},cmd:true {{lowers}} {{mnt}}", "--depths", "1",
-                 "--workloads", "create,copy-up", "--rounds", "1",
-                 "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"))
-    assert proc.returncode == 0, proc.stderr
-    results = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert results["systems"][0] == {"name": "cmd:fuse-overlayfs", "description": template, "template": template}
+    results, samples, stdout = variants
+    assert results["systems"][0] == {"name": "cmd:fuse-overlayfs", "description": CMD_TEMPLATE,
+                                     "template": CMD_TEMPLATE}
     assert results["systems"][1]["name"] == "cmd:true"
-    samples = {(s["workload"], s["system"]): s for s in results["samples"]}
-    assert set(samples) == {(w, s) for w in ("create", "copy-up") for s in ("cmd:fuse-overlayfs", "cmd:true")}
+    assert {key for key in samples if key[1].startswith("cmd:")} == {
+        (w, s) for w in ("create", "copy-up", "cp-tree", "write-small") for s in ("cmd:fuse-overlayfs", "cmd:true")}
     for workload in ("create", "copy-up"):
         ok = samples[(workload, "cmd:fuse-overlayfs")]
         assert "error" not in ok, ok
         assert ok["mount_seconds"] > 0
         assert "did not mount" in samples[(workload, "cmd:true")]["error"]
     assert samples[("create", "cmd:fuse-overlayfs")]["ops"] == 2000
-    assert "| create | file | cmd:true | failed |" in proc.stdout
-    assert mounts_under(str(tmp_path)) == []
+    assert "| create | file | cmd:true | failed |" in stdout
 
 
 @pytest.mark.parametrize("args, message", [
@@ -160,23 +172,17 @@ def test_without_root_it_refuses_in_one_line(tmp_path):
                                         "need it"]
 
 
-def test_passthrough_off_variant_and_the_workloads_passthrough_py_had(tmp_path):
+def test_passthrough_off_variant_and_the_workloads_passthrough_py_had(variants):
     """strata-fuse-cached (passthrough off) runs beside strata-fuse on cp-tree and write-small,
     the workloads the old passthrough.py had and the suite lacked."""
-    require_fuse()
-    proc = bench("--systems", "strata-fuse,strata-fuse-cached", "--depths", "1", "--workloads", "cp-tree,write-small",
-                 "--rounds", "1", "--out", str(tmp_path / "out"), "--work", str(tmp_path / "work"))
-    assert proc.returncode == 0, proc.stderr
-    results = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert results["systems"][1] == {"name": "strata-fuse-cached",
+    results, samples, _ = variants
+    assert results["systems"][3] == {"name": "strata-fuse-cached",
                                      "description": "strata-fuse with FUSE passthrough off (STRATA_PASSTHROUGH=0)",
-                                     "template": results["systems"][0]["template"]}
-    samples = {(s["workload"], s["system"]): s for s in results["samples"]}
+                                     "template": results["systems"][2]["template"]}
     for system in ("strata-fuse", "strata-fuse-cached"):
         assert "error" not in samples[("cp-tree", system)], samples
         assert samples[("cp-tree", system)]["ops"] == 1000  # 10 directories of 100 files at depth 1
         assert samples[("write-small", system)]["ops"] == 16  # MiB
-    assert mounts_under(str(tmp_path)) == []
 
 
 def test_memory_is_in_mib_with_its_ratio_to_fuse_overlayfs(tmp_path):

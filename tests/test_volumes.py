@@ -312,6 +312,15 @@ def test_a_volume_inside_proc_is_refused_and_copy_up_keeps_holes(cli):
         assert b"a mount inside /proc is refused" in proc.stderr, proc.stderr
     assert store_objects(cli) == before
     cli.ok("rmi", "procvol:1")
+    with open(image_tar, "wb") as f:  # the same through a symlink: refused where it resolves
+        f.write(build_tar([member("x", "symlink", link="/proc/1")]))
+    cli.ok("import", "-c", 'VOLUME ["/x"]', image_tar, "proclink:1")
+    proc = cli("run", "--name", "proclink", "proclink:1", "/no-such-program")
+    assert proc.returncode == 125 and b"a mount inside /proc is refused" in proc.stderr, proc.stderr
+    volume = json.loads(cli.ok("inspect", "proclink"))[0]["Mounts"][0]["Name"]
+    assert os.listdir(volume_data(cli, volume)) == []  # nothing of /proc/1 copied
+    cli.ok("rm", "-v", "proclink")
+    cli.ok("rmi", "proclink:1")
 
     sparse = host_dir(cli, "sparse-src")
     os.makedirs(os.path.join(sparse, "big"))
