@@ -54,6 +54,9 @@ def parser(prog: str) -> Parser:
                    "on another CPU costs these VMs tens of microseconds per request)")
     p.add_argument("--walk-files", type=int, default=100_000, metavar="N",
                    help="files in the memory workload's image (a multiple of 100; default 100,000)")
+    p.add_argument("--settle", type=float, default=1.5, metavar="SECONDS",
+                   help="memory: the wait after each drop of the caches, for the server to act on the "
+                   "kernel's FORGETs (default 1.5)")
     p.add_argument("--list", action="store_true", help="list the workloads and exit")
     return p
 
@@ -131,6 +134,8 @@ def main(argv: list[str] | None = None, prog: str = "benchmarks") -> int:
         cpus = parse_cpus(args.cpus)
         if args.walk_files < 100 or args.walk_files % 100:
             raise BadInput(f"bad --walk-files {args.walk_files}: a positive multiple of 100")
+        if args.settle < 0:
+            raise BadInput(f"bad --settle {args.settle:g}: seconds, not negative")
         if os.geteuid() != 0:
             raise BadInput("run as root: mount, kernel overlayfs and drop_caches need it")
     except BadInput as e:
@@ -143,7 +148,7 @@ def main(argv: list[str] | None = None, prog: str = "benchmarks") -> int:
     os.makedirs(work, exist_ok=True)
     started = time.time()
     try:
-        samples = harness.run_rounds(systems, depths, workloads, args.rounds, work, args.walk_files)
+        samples = harness.run_rounds(systems, depths, workloads, args.rounds, work, args.walk_files, args.settle)
     finally:
         if not args.keep:
             remove_scratch(work)

@@ -66,10 +66,12 @@ def one_line(e: BaseException) -> str:
 
 
 def run_rounds(systems: list[System], depths: list[int], workloads: list[Workload], rounds: int,
-               work: str, walk_files: int = chains.WALK_FILES) -> list[dict]:
+               work: str, walk_files: int = chains.WALK_FILES, settle: float | None = None) -> list[dict]:
     """Every raw sample: round, position in the round's order, workload, system, depth,
     seconds and ops (or error), and what the workload adds."""
     datasets, inputs = prepare(work, depths, workloads, walk_files)
+    if settle is not None:
+        inputs["settle_seconds"] = settle
     samples: list[dict] = []
     count = 0
     for r in range(rounds):

@@ -279,7 +279,7 @@ def walk_memory(run: Run) -> Timed:
     after_walks, after_drops, seconds = [], [], []
     for k in range(WALKS + 1):
         drop_caches(2)
-        time.sleep(SETTLE_SECONDS)
+        time.sleep(run.inputs.get("settle_seconds", SETTLE_SECONDS))
         if k:
             after_drops.append(memory_mib(pid)["VmRSS"])
         if k == WALKS:

@@ -148,6 +148,7 @@ def test_cmd_template_mounts_fuse_overlayfs_from_its_command_line(variants):
     (["--rounds", "x"], "invalid int value"),
     (["--cpus", "0,4096"], "bad --cpus '0,4096': this process may use"),
     (["--walk-files", "150"], "bad --walk-files 150: a positive multiple of 100"),
+    (["--settle", "-1"], "bad --settle -1: seconds, not negative"),
 ])
 @pytest.mark.parametrize("module", ["benchmarks", "runner"])
 def test_bad_input_is_one_line_and_exit_2(args, message, module, tmp_path):
@@ -191,7 +192,7 @@ def test_memory_is_in_mib_with_its_ratio_to_fuse_overlayfs(tmp_path):
     chain (--walk-files): the 100,000 of the real figure take a minute to build and walk."""
     require_fuse()
     proc = bench("--systems", "overlay,fuse-overlayfs,strata-fuse", "--depths", "1", "--workloads", "memory",
-                 "--walk-files", "10000", "--rounds", "1", "--out", str(tmp_path / "out"),
+                 "--walk-files", "10000", "--settle", "0.2", "--rounds", "1", "--out", str(tmp_path / "out"),
                  "--work", str(tmp_path / "work"))
     assert proc.returncode == 0, proc.stderr
     results = json.loads((tmp_path / "out" / "results.json").read_text())

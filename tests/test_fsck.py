@@ -297,7 +297,7 @@ def synced(lines: list[str]) -> set[str]:
     return {line.split()[1] for line in lines if line.startswith("synced ")}
 
 
-ROUNDS = 12  # kill -9, fsck, start: each round a crash at a random point of the fsynced writes
+ROUNDS = 8  # kill -9, fsck, start: each round a crash at a random point of the fsynced writes
 
 
 def test_kill_9_of_the_supervisor_during_fsynced_writes(cli):
