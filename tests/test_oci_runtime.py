@@ -47,6 +47,11 @@ def runtime(tmp_path):
     yield run
     for name in os.listdir(root) if os.path.isdir(root) else ():
         run("delete", "--force", name, check=False)
+    for hierarchy in os.listdir("/sys/fs/cgroup"):  # the tests' parent cgroup (the runtime, as runc,
+        try:  # removes the container's own and leaves its parents)
+            os.rmdir(f"/sys/fs/cgroup/{hierarchy}/strata-test")
+        except (FileNotFoundError, NotADirectoryError):
+            pass
 
 
 def make_bundle(path, args, **changes) -> str:
