@@ -26,6 +26,8 @@ from __future__ import annotations
 import os
 import stat
 
+from store.volumes import data_path
+
 from . import capabilities
 from . import oci_mounts
 from . import ocispec
@@ -196,7 +198,7 @@ def user_mount(point: dict, store_root: str) -> dict:
         return {"destination": point["Destination"], "type": "tmpfs", "source": "tmpfs",
                 "options": TMPFS_DEFAULTS + [access] + options}
     if point["Type"] == "volume":
-        source = os.path.join(store_root, "volumes", point["Name"], "_data")
+        source = data_path(store_root, point["Name"])
         extra = [oci_mounts.COPY_UP] if point.get("CopyUp", True) else []
     else:
         source, extra = point["Source"], []

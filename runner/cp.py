@@ -547,7 +547,6 @@ def load_copier_modules() -> None:
     import bz2  # noqa: F401
     from zlib_ng import gzip_ng  # noqa: F401
     from store.layer import apply_tar_stream, decompression_errors  # noqa: F401
-    from . import errors  # noqa: F401
     decompression_errors()
 
 

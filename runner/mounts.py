@@ -399,7 +399,7 @@ def inspect_mounts(store: Store, config: dict) -> list[dict]:
             continue
         shown = {"Type": point["Type"]}
         if point["Type"] == "volume":
-            shown |= {"Name": point.get("Name"), "Source": vol.data_path(store, point.get("Name") or ""),
+            shown |= {"Name": point.get("Name"), "Source": vol.data_path(store.root, point.get("Name") or ""),
                       "Destination": point["Destination"], "Driver": "local"}
         else:
             shown |= {"Source": point.get("Source", ""), "Destination": point["Destination"]}

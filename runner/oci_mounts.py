@@ -206,15 +206,8 @@ def _copy_data(src: int, dst: int, size: int) -> None:
     """The data of `src` into `dst`, its holes left holes (a sparse file of the image must
     not fill the host's disk in a volume). Through the container's FUSE root, whose server
     has no lseek, SEEK_DATA finds no hole: blocks of zeros are left unwritten instead."""
-    offset = 0
-    while offset < size:
-        try:
-            offset = os.lseek(src, offset, os.SEEK_DATA)
-        except OSError as e:
-            if e.errno == errno.ENXIO:  # nothing but a hole to the end
-                break
-            raise
-        end = os.lseek(src, offset, os.SEEK_HOLE)
+    from store.fsutil import data_regions
+    for offset, end in data_regions(src, size):
         while offset < end:
             chunk = os.pread(src, min(1 << 20, end - offset), offset)
             if not chunk:

@@ -173,6 +173,21 @@ def remove_tree(path: str) -> None:
         subprocess.run(["rm", "-rf", "--", path], check=True)
 
 
+def data_regions(fd: int, size: int) -> Iterator[tuple[int, int]]:
+    """(start, end) of each run of data in the file `fd` of `size` bytes, by SEEK_DATA and
+    SEEK_HOLE (where a file system cannot tell, the whole file is one run)."""
+    offset = 0
+    while offset < size:
+        try:
+            start = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # only a hole remains
+                return
+            raise
+        offset = os.lseek(fd, start, os.SEEK_HOLE)
+        yield start, offset
+
+
 # openat2(2) with RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS resolves a whole path in
 # one syscall and refuses symlinks and `..` escapes; Python has no wrapper, so
 # it is called through libc.syscall (ctypes, loaded on first use: CLI start-up

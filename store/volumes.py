@@ -59,9 +59,10 @@ def volume_dir(store: Store, name: str) -> str:
     return os.path.join(store.root, "volumes", name)
 
 
-def data_path(store: Store, name: str) -> str:
-    """Where the volume's contents are on the host (inspect's Mountpoint)."""
-    return os.path.join(store.root, "volumes", name, DATA)
+def data_path(store_root: str, name: str) -> str:
+    """Where the volume's contents are on the host (inspect's Mountpoint), in the store
+    at `store_root`."""
+    return os.path.join(store_root, "volumes", name, DATA)
 
 
 def _read(store: Store, name: str) -> dict | None:
@@ -72,7 +73,7 @@ def _read(store: Store, name: str) -> dict | None:
         return None
     except ValueError as e:
         raise StoreError(f"volume {name}: volume.json is unreadable: {e}") from None
-    return info | {"Mountpoint": data_path(store, name)}
+    return info | {"Mountpoint": data_path(store.root, name)}
 
 
 def get_volume(store: Store, name: str) -> dict:
@@ -136,7 +137,7 @@ def _install(store: Store, info: dict) -> dict:
         write_atomic(os.path.join(stage, "volume.json"), canonical_json(info))
         os.rename(stage, volume_dir(store, name))
         fsync_dir(parent)
-    info["Mountpoint"] = data_path(store, name)
+    info["Mountpoint"] = data_path(store.root, name)
     return info
 
 
@@ -244,9 +245,9 @@ def fsck_findings(store: Store):
             info = _read(store, name)
         except StoreError:
             info = None
-        if info is None or not os.path.isdir(data_path(store, name)):
+        if info is None or not os.path.isdir(data_path(store.root, name)):
             def rewrite(name=name) -> None:
-                os.makedirs(data_path(store, name), 0o755, exist_ok=True)
+                os.makedirs(data_path(store.root, name), 0o755, exist_ok=True)
                 write_atomic(os.path.join(volume_dir(store, name), "volume.json"), canonical_json(new_record(name)))
             yield Finding(f"volume {name[:64]}", "its record (volume.json or _data) is missing or unreadable",
                           "record written again, contents kept", rewrite)

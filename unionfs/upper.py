@@ -39,7 +39,7 @@ import stat
 import urllib.parse
 from typing import NamedTuple
 
-from store.fsutil import DIR_FLAGS
+from store.fsutil import DIR_FLAGS, data_regions
 from store.index import decode_xattrs  # noqa: F401 (the same encoding: the view decodes rows with it)
 
 from .lower import HOST_DATA_FLAGS, checked_regular
@@ -73,17 +73,8 @@ def encode_xattrs(xattrs: dict) -> str | None:
 def copy_sparse(src_fd: int, dst_fd: int) -> int:
     """Copy a whole file in the kernel, keeping holes (SEEK_DATA/SEEK_HOLE + copy_file_range)."""
     size = os.fstat(src_fd).st_size
-    offset = 0
-    while offset < size:
-        try:
-            data = os.lseek(src_fd, offset, os.SEEK_DATA)
-        except OSError as e:
-            if e.errno == errno.ENXIO:  # only a hole remains
-                break
-            raise
-        hole = os.lseek(src_fd, data, os.SEEK_HOLE)
-        copy_region(src_fd, dst_fd, data, hole)
-        offset = hole
+    for start, end in data_regions(src_fd, size):
+        copy_region(src_fd, dst_fd, start, end)
     os.ftruncate(dst_fd, size)
     return size
 
